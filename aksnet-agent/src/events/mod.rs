@@ -1,0 +1,289 @@
+//! Events: what a capture source saw about one conntrack entry, decoded into addresses and ports.
+//!
+//! Both capture sources (eBPF and netlink) produce [`FlowEvent`]s, so everything downstream
+//! (flow table, classification, outputs) is independent of where an event came from.
+
+mod decode;
+
+pub use decode::{decode_conn_event, DecodeError};
+
+use serde::Serialize;
+use std::fmt;
+use std::net::IpAddr;
+use std::time::SystemTime;
+
+/// Transport protocol of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    Tcp,
+    Udp,
+    Icmp,
+    Icmpv6,
+    Sctp,
+    Other(u8),
+}
+
+impl Proto {
+    pub fn from_number(n: u8) -> Self {
+        match n {
+            6 => Proto::Tcp,
+            17 => Proto::Udp,
+            1 => Proto::Icmp,
+            58 => Proto::Icmpv6,
+            132 => Proto::Sctp,
+            n => Proto::Other(n),
+        }
+    }
+
+    /// Ports mean something only for these; ICMP's "ports" are the echo id and type/code.
+    pub fn has_ports(self) -> bool {
+        matches!(self, Proto::Tcp | Proto::Udp | Proto::Sctp)
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Proto::Tcp => f.write_str("tcp"),
+            Proto::Udp => f.write_str("udp"),
+            Proto::Icmp => f.write_str("icmp"),
+            Proto::Icmpv6 => f.write_str("icmpv6"),
+            Proto::Sctp => f.write_str("sctp"),
+            Proto::Other(n) => write!(f, "proto-{n}"),
+        }
+    }
+}
+
+impl Serialize for Proto {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// One direction of a connection: source and destination address and port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct Tuple {
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+}
+
+impl Tuple {
+    /// The same tuple seen from the other end.
+    pub fn reversed(&self) -> Tuple {
+        Tuple {
+            src: self.dst,
+            sport: self.dport,
+            dst: self.src,
+            dport: self.sport,
+        }
+    }
+}
+
+/// `addr:port`, with brackets around IPv6 addresses as in URLs.
+pub struct Endpoint(pub IpAddr, pub u16);
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            IpAddr::V4(a) => write!(f, "{a}:{}", self.1),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}", self.1),
+        }
+    }
+}
+
+impl fmt::Display for Tuple {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} -> {}",
+            Endpoint(self.src, self.sport),
+            Endpoint(self.dst, self.dport)
+        )
+    }
+}
+
+/// Which address translations conntrack applied to a connection, derived from its two tuples.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Nat {
+    /// The destination was rewritten (kube-proxy's DNAT to a pod, for example).
+    pub dnat: bool,
+    /// The source was rewritten (MASQUERADE to the node IP, for example).
+    pub snat: bool,
+}
+
+impl Nat {
+    /// Compares the original tuple with the reversed reply tuple: what differs was translated.
+    /// This holds for any NAT netfilter performs, whatever the status bits say.
+    pub fn between(orig: &Tuple, reply: &Tuple) -> Nat {
+        let after = reply.reversed();
+        Nat {
+            dnat: (orig.dst, orig.dport) != (after.dst, after.dport),
+            snat: (orig.src, orig.sport) != (after.src, after.sport),
+        }
+    }
+
+    /// `["dnat","snat"]`-style names, in that order.
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut names = Vec::with_capacity(2);
+        if self.dnat {
+            names.push("dnat");
+        }
+        if self.snat {
+            names.push("snat");
+        }
+        names
+    }
+}
+
+impl fmt::Display for Nat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match (self.dnat, self.snat) {
+            (true, true) => "both",
+            (true, false) => "dnat",
+            (false, true) => "snat",
+            (false, false) => "none",
+        })
+    }
+}
+
+/// What happened to the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    New,
+    NatChanged,
+    Destroy,
+}
+
+/// Which capture source produced an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    Ebpf,
+    Netlink,
+}
+
+impl fmt::Display for SourceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SourceKind::Ebpf => "ebpf",
+            SourceKind::Netlink => "netlink",
+        })
+    }
+}
+
+/// A conntrack entry's state as one capture source reported it at one moment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub kind: EventKind,
+    pub source: SourceKind,
+    pub ts: SystemTime,
+    pub proto: Proto,
+    /// The tuple of the first packet, before any NAT.
+    pub orig: Tuple,
+    /// The tuple replies carry, after NAT: its reverse is where the connection really goes.
+    pub reply: Tuple,
+    /// Raw `nf_conn.status` bits ([`aksnet_common::ct_status`]).
+    pub status: u64,
+    pub mark: u32,
+    pub zone: u16,
+    /// Network namespace inode of the conntrack table that holds the entry.
+    pub netns: u32,
+    /// Interface the packet came in on, where known.
+    pub in_ifindex: Option<u32>,
+    /// Interface the packet left on, where known.
+    pub out_ifindex: Option<u32>,
+    /// Packets and bytes counted so far, where the source counts them.
+    pub packets: Option<u64>,
+    pub bytes: Option<u64>,
+}
+
+impl FlowEvent {
+    pub fn nat(&self) -> Nat {
+        Nat::between(&self.orig, &self.reply)
+    }
+
+    /// The tuple after NAT, in the original direction (the reply tuple reversed).
+    pub fn translated(&self) -> Tuple {
+        self.reply.reversed()
+    }
+
+    /// Identity of the connection across events and sources: conntrack's own key is the
+    /// original tuple with protocol, zone and namespace.
+    pub fn key(&self) -> FlowKey {
+        FlowKey {
+            netns: self.netns,
+            zone: self.zone,
+            proto: self.proto,
+            orig: self.orig,
+        }
+    }
+}
+
+/// Identifies one conntrack entry across events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub netns: u32,
+    pub zone: u16,
+    pub proto: Proto,
+    pub orig: Tuple,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(src: &str, sport: u16, dst: &str, dport: u16) -> Tuple {
+        Tuple {
+            src: src.parse().unwrap(),
+            sport,
+            dst: dst.parse().unwrap(),
+            dport,
+        }
+    }
+
+    #[test]
+    fn dnat_only_when_destination_changes() {
+        let orig = t("203.0.113.10", 40000, "20.45.123.10", 80);
+        let reply = t("10.244.0.5", 8080, "203.0.113.10", 40000);
+        let nat = Nat::between(&orig, &reply);
+        assert_eq!(
+            nat,
+            Nat {
+                dnat: true,
+                snat: false
+            }
+        );
+        assert_eq!(nat.to_string(), "dnat");
+        assert_eq!(nat.names(), vec!["dnat"]);
+    }
+
+    #[test]
+    fn masquerade_changing_only_the_port_is_snat() {
+        let orig = t("10.244.0.5", 40000, "198.51.100.7", 443);
+        let reply = t("198.51.100.7", 443, "10.244.0.5", 40001);
+        assert_eq!(
+            Nat::between(&orig, &reply),
+            Nat {
+                dnat: false,
+                snat: true
+            }
+        );
+    }
+
+    #[test]
+    fn both_and_none() {
+        let orig = t("203.0.113.10", 40000, "20.45.123.10", 80);
+        assert_eq!(Nat::between(&orig, &orig.reversed()).to_string(), "none");
+        let reply = t("10.244.0.5", 8080, "10.244.0.1", 7000);
+        assert_eq!(Nat::between(&orig, &reply).to_string(), "both");
+    }
+
+    #[test]
+    fn ipv6_endpoints_are_bracketed() {
+        let tuple = t("fd00::1", 1, "2001:db8::2", 443);
+        assert_eq!(tuple.to_string(), "[fd00::1]:1 -> [2001:db8::2]:443");
+    }
+}

@@ -1,0 +1,8 @@
+//! aksnet's node agent. Data flows through the modules in this order:
+//!
+//! `capture` (kernel programs, netlink) → `events` (decoded conntrack entries) → `flows` (flow
+//! table) → `model` (classification against the AKS path models, using `topology`) → outputs
+//! (`output` for `--dump` and `explain`, `metrics` for Prometheus).
+
+pub mod capture;
+pub mod events;

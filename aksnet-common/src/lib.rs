@@ -1,0 +1,141 @@
+//! Types shared by aksnet's kernel programs (`aksnet-ebpf`) and its agent (`aksnet-agent`).
+//!
+//! Everything here is `#[repr(C)]` and `no_std`: the kernel writes these bytes and userspace reads
+//! them, so a layout change here is a protocol change between the two sides.
+#![no_std]
+
+/// What a [`ConnEvent`] reports about a connection.
+pub mod event_kind {
+    /// First packet of the connection seen by a hook.
+    pub const NEW: u8 = 1;
+    /// The connection's NAT status bits changed after it was first reported.
+    pub const NAT_CHANGED: u8 = 2;
+    /// conntrack removed the connection.
+    pub const DESTROY: u8 = 3;
+}
+
+/// Which kernel hook produced a [`ConnEvent`].
+pub mod hook {
+    /// `tp_btf/net_dev_start_xmit`: the packet is leaving an interface with its NAT applied.
+    pub const XMIT: u8 = 1;
+    /// `nf_nat_setup_info` (fentry or kprobe, where the kernel allows them).
+    pub const NAT_SETUP: u8 = 2;
+    /// `nf_ct_delete` (fentry or kprobe, where the kernel allows them).
+    pub const CT_DELETE: u8 = 3;
+}
+
+/// `enum ip_conntrack_status` bits from `include/uapi/linux/netfilter/nf_conntrack_common.h`.
+/// They are uapi, so stable across kernels.
+pub mod ct_status {
+    pub const EXPECTED: u64 = 1 << 0;
+    pub const SEEN_REPLY: u64 = 1 << 1;
+    pub const ASSURED: u64 = 1 << 2;
+    pub const CONFIRMED: u64 = 1 << 3;
+    pub const SRC_NAT: u64 = 1 << 4;
+    pub const DST_NAT: u64 = 1 << 5;
+    pub const SRC_NAT_DONE: u64 = 1 << 7;
+    pub const DST_NAT_DONE: u64 = 1 << 8;
+    pub const DYING: u64 = 1 << 9;
+    /// The bits whose change makes the kernel side report a connection again.
+    pub const NAT_MASK: u64 = SRC_NAT | DST_NAT | SRC_NAT_DONE | DST_NAT_DONE;
+}
+
+/// One direction of a conntrack entry, as `struct nf_conntrack_tuple` holds it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RawTuple {
+    /// `union nf_inet_addr`: an IPv4 address uses the first 4 bytes.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Network byte order, as the kernel stores them. ICMP: `sport` is the echo id,
+    /// `dport` is `type << 8 | code` read as the two bytes of `dst.u.icmp`.
+    pub sport: u16,
+    pub dport: u16,
+    /// `AF_INET` (2) or `AF_INET6` (10).
+    pub l3num: u16,
+    /// IANA protocol number (6 TCP, 17 UDP, 1 ICMP, 58 ICMPv6, ...).
+    pub protonum: u8,
+    pub _pad: u8,
+}
+
+/// One record on the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnEvent {
+    /// `bpf_ktime_get_boot_ns()` when the event was made.
+    pub ts_ns: u64,
+    /// Kernel address of the `nf_conn`: the connection's identity while it lives.
+    pub conn_id: u64,
+    /// `nf_conn.status` (see [`ct_status`]).
+    pub status: u64,
+    /// Packets and bytes the xmit hook counted for this connection (0 when unknown).
+    pub packets: u64,
+    pub bytes: u64,
+    pub orig: RawTuple,
+    pub reply: RawTuple,
+    /// Inode number of the connection's network namespace (`net->ns.inum`).
+    pub netns: u32,
+    /// `nf_conn.mark`, 0 where the kernel has no `CONFIG_NF_CONNTRACK_MARK`.
+    pub mark: u32,
+    /// `skb->skb_iif`: where the packet entered; 0 for locally generated traffic or unknown.
+    pub in_ifindex: u32,
+    /// Device the packet is being sent on; 0 when unknown.
+    pub out_ifindex: u32,
+    /// Conntrack zone id, 0 where the kernel has no `CONFIG_NF_CONNTRACK_ZONES`.
+    pub zone: u16,
+    /// One of [`event_kind`].
+    pub kind: u8,
+    /// One of [`hook`].
+    pub hook: u8,
+    pub _pad: [u8; 4],
+}
+
+/// Marks an offset that the running kernel does not have (the field is compiled out).
+pub const OFFSET_ABSENT: u32 = u32::MAX;
+
+/// Byte offsets of the kernel fields the programs read, resolved from the running kernel's BTF
+/// by the agent at start-up and written into the programs' `OFFSETS` global before load.
+/// Rust eBPF has no CO-RE relocations, so this is how one object runs on many kernels.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `sk_buff._nfct` (conntrack pointer | ctinfo in the low 3 bits).
+    pub skb_nfct: u32,
+    /// `sk_buff.skb_iif`.
+    pub skb_iif: u32,
+    /// `sk_buff.len`.
+    pub skb_len: u32,
+    /// `net_device.ifindex`.
+    pub netdev_ifindex: u32,
+    /// `nf_conn.tuplehash` (array of two `nf_conntrack_tuple_hash`).
+    pub ct_tuplehash: u32,
+    /// `sizeof(struct nf_conntrack_tuple_hash)`: stride from the original to the reply entry.
+    pub tuplehash_size: u32,
+    /// `nf_conntrack_tuple_hash.tuple`.
+    pub tuplehash_tuple: u32,
+    /// `nf_conn.status`.
+    pub ct_status: u32,
+    /// `nf_conn.zone.id`, or [`OFFSET_ABSENT`].
+    pub ct_zone_id: u32,
+    /// `nf_conn.mark`, or [`OFFSET_ABSENT`].
+    pub ct_mark: u32,
+    /// `nf_conn.ct_net.net` (the `struct net *` inside `possible_net_t`).
+    pub ct_net: u32,
+    /// `net.ns.inum`.
+    pub net_ns_inum: u32,
+    /// Inside `struct nf_conntrack_tuple`.
+    pub tuple_src_u3: u32,
+    pub tuple_src_port: u32,
+    pub tuple_src_l3num: u32,
+    pub tuple_dst_u3: u32,
+    pub tuple_dst_port: u32,
+    pub tuple_dst_protonum: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain `#[repr(C)]` data with explicit padding fields and no pointers.
+    unsafe impl aya::Pod for super::RawTuple {}
+    unsafe impl aya::Pod for super::ConnEvent {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
+}
