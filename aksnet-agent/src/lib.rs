@@ -5,4 +5,9 @@
 //! (`output` for `--dump` and `explain`, `metrics` for Prometheus).
 
 pub mod capture;
+pub mod enrich;
 pub mod events;
+pub mod metrics;
+pub mod flows;
+pub mod output;
+pub mod topology;

@@ -1,1 +1,13 @@
 //! Shared helpers of the end-to-end tests.
+
+pub mod conntrack;
+
+/// The lab and the agent need root (network namespaces, iptables, eBPF); CI runs as root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "these tests build network namespaces and need root (CI runs them as root)"
+    );
+}

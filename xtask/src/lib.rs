@@ -1,1 +1,6 @@
-pub fn _placeholder() {}
+//! aksnet's chores as a library, shared by the `xtask` binary and the end-to-end tests.
+
+pub mod check;
+pub mod cmd;
+pub mod lab;
+pub mod setup;

@@ -1,1 +1,53 @@
-fn main() {}
+//! `cargo xtask <command>`: aksnet's chores.
+
+use clap::{Parser, Subcommand};
+use std::path::Path;
+use xtask::lab::cli::LabCommand;
+use xtask::lab::{Cni, DEFAULT_STATE_DIR};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "aksnet's chores")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what is missing on this machine: Debian packages, nightly rust-src, bpf-linker,
+    /// Python packages. Idempotent.
+    Setup,
+    /// Set up, then run every check CI runs: formatting, clippy, all tests, manifest validation.
+    Test,
+    /// Set up, then show what aksnet sees on a lab AKS node while every documented path runs.
+    Demo {
+        #[arg(long, default_value = "kubenet")]
+        cni: Cni,
+        /// Seconds the agent dumps for.
+        #[arg(long, default_value_t = 20)]
+        duration: u64,
+    },
+    /// The node lab: a one-node AKS network in network namespaces.
+    #[command(subcommand)]
+    Lab(LabCommand),
+}
+
+fn main() -> anyhow::Result<()> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace");
+    match Cli::parse().command {
+        Command::Setup => xtask::setup::run()?,
+        Command::Test => xtask::check::run(workspace)?,
+        Command::Demo { cni, duration } => {
+            xtask::setup::run()?;
+            xtask::lab::cli::execute(LabCommand::Demo {
+                cni,
+                duration,
+                state_dir: DEFAULT_STATE_DIR.into(),
+            })?
+        }
+        Command::Lab(cmd) => xtask::lab::cli::execute(cmd)?,
+    }
+    Ok(())
+}

@@ -1,14 +1,21 @@
 //! Kernel capture: where conntrack's NAT decisions enter the agent.
 //!
-//! Two sources feed the same `FlowEvent` channel:
+//! Two sources feed the same [`FlowEvent`] channel:
 //! - [`ebpf`]: kernel programs reading `nf_conn` from packets as they leave an interface
 //!   (`tp_btf/net_dev_start_xmit`), plus optional hooks where the kernel allows them;
 //! - [`netlink`]: conntrack NEW/DESTROY events over `NETLINK_NETFILTER`, which needs no eBPF.
 //!
 //! `auto` tries eBPF first and falls back to netlink, saying which one it runs.
 
+pub mod btf;
+pub mod ebpf;
+pub mod netlink;
+pub mod netns;
+
+use crate::events::{EventKind, FlowEvent, SourceKind};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
 
 /// Which capture source the operator asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -55,5 +62,89 @@ impl CaptureHealth {
 
     pub fn count_lost(&self, n: u64) {
         self.lost.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Why no capture could start.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("eBPF capture: {0}")]
+    Ebpf(#[from] ebpf::EbpfError),
+    #[error("netlink capture: {0}")]
+    Netlink(#[from] netlink::NetlinkError),
+    #[error("no capture source works here. eBPF: {ebpf}. netlink: {netlink}")]
+    Neither { ebpf: ebpf::EbpfError, netlink: netlink::NetlinkError },
+}
+
+/// The running capture; dropping it detaches the programs and closes the sockets.
+pub struct Capture {
+    pub source: SourceKind,
+    _ebpf: Option<ebpf::EbpfCapture>,
+    _netlink: Option<netlink::NetlinkCapture>,
+}
+
+/// Hook whose absence the eBPF source makes up for with netlink DESTROY events.
+const CT_DELETE_HOOK: &str = "nf_ct_delete";
+
+/// Starts the source the operator chose, falling back from eBPF to netlink for `auto`.
+pub async fn start(
+    choice: SourceChoice,
+    netns: &netns::Netns,
+    tx: mpsc::Sender<FlowEvent>,
+    health: Arc<CaptureHealth>,
+) -> Result<Capture, CaptureError> {
+    let netlink_only = |tx| -> Result<Capture, netlink::NetlinkError> {
+        Ok(Capture {
+            source: SourceKind::Netlink,
+            _ebpf: None,
+            _netlink: Some(netlink::NetlinkCapture::start(netns, tx, Arc::clone(&health))?),
+        })
+    };
+    let ebpf = match choice {
+        SourceChoice::Netlink => return Ok(netlink_only(tx)?),
+        SourceChoice::Ebpf | SourceChoice::Auto => {
+            ebpf::EbpfCapture::start(Some(netns.inode()), tx.clone(), Arc::clone(&health)).await
+        }
+    };
+    let ebpf = match (ebpf, choice) {
+        (Ok(ebpf), _) => ebpf,
+        (Err(err), SourceChoice::Auto) => {
+            log::warn!("eBPF capture unavailable ({err}); using netlink conntrack events instead");
+            return netlink_only(tx).map_err(|netlink| CaptureError::Neither { ebpf: err, netlink });
+        }
+        (Err(err), _) => return Err(err.into()),
+    };
+    let ends_seen = health
+        .hooks()
+        .iter()
+        .any(|h| h.attached && h.name.contains(CT_DELETE_HOOK));
+    let ends = if ends_seen { None } else { connection_ends(netns, tx, &health) };
+    Ok(Capture { source: SourceKind::Ebpf, _ebpf: Some(ebpf), _netlink: ends })
+}
+
+/// Without an `nf_ct_delete` hook the eBPF source never sees a connection end; netlink's
+/// DESTROY events stand in, and only those are forwarded (NEW comes from eBPF, with interfaces).
+fn connection_ends(
+    netns: &netns::Netns,
+    tx: mpsc::Sender<FlowEvent>,
+    health: &Arc<CaptureHealth>,
+) -> Option<netlink::NetlinkCapture> {
+    let (ends_tx, mut ends_rx) = mpsc::channel::<FlowEvent>(4096);
+    match netlink::NetlinkCapture::start(netns, ends_tx, Arc::clone(health)) {
+        Ok(capture) => {
+            log::info!("connection ends come from netlink conntrack DESTROY events");
+            tokio::spawn(async move {
+                while let Some(event) = ends_rx.recv().await {
+                    if event.kind == EventKind::Destroy && tx.send(event).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            Some(capture)
+        }
+        Err(err) => {
+            log::warn!("no source of connection ends ({err}): flows end only when the flow table evicts them");
+            None
+        }
     }
 }

@@ -5,7 +5,7 @@
 
 mod decode;
 
-pub use decode::{decode_conn_event, DecodeError};
+pub use decode::{decode_conn_event, BootClock, DecodeError};
 
 use serde::Serialize;
 use std::fmt;
@@ -43,13 +43,14 @@ impl Proto {
 
 impl fmt::Display for Proto {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // `pad` so that width specifiers line up dump columns.
         match self {
-            Proto::Tcp => f.write_str("tcp"),
-            Proto::Udp => f.write_str("udp"),
-            Proto::Icmp => f.write_str("icmp"),
-            Proto::Icmpv6 => f.write_str("icmpv6"),
-            Proto::Sctp => f.write_str("sctp"),
-            Proto::Other(n) => write!(f, "proto-{n}"),
+            Proto::Tcp => f.pad("tcp"),
+            Proto::Udp => f.pad("udp"),
+            Proto::Icmp => f.pad("icmp"),
+            Proto::Icmpv6 => f.pad("icmpv6"),
+            Proto::Sctp => f.pad("sctp"),
+            Proto::Other(n) => f.pad(&format!("proto-{n}")),
         }
     }
 }
@@ -115,12 +116,17 @@ pub struct Nat {
 
 impl Nat {
     /// Compares the original tuple with the reversed reply tuple: what differs was translated.
-    /// This holds for any NAT netfilter performs, whatever the status bits say.
-    pub fn between(orig: &Tuple, reply: &Tuple) -> Nat {
+    /// This holds for any NAT netfilter performs, whatever the status bits say. Without ports
+    /// (ICMP) only addresses count: an echo's reply tuple carries another ICMP type by nature.
+    pub fn between(proto: Proto, orig: &Tuple, reply: &Tuple) -> Nat {
         let after = reply.reversed();
-        Nat {
-            dnat: (orig.dst, orig.dport) != (after.dst, after.dport),
-            snat: (orig.src, orig.sport) != (after.src, after.sport),
+        if proto.has_ports() {
+            Nat {
+                dnat: (orig.dst, orig.dport) != (after.dst, after.dport),
+                snat: (orig.src, orig.sport) != (after.src, after.sport),
+            }
+        } else {
+            Nat { dnat: orig.dst != after.dst, snat: orig.src != after.src }
         }
     }
 
@@ -139,7 +145,7 @@ impl Nat {
 
 impl fmt::Display for Nat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match (self.dnat, self.snat) {
+        f.pad(match (self.dnat, self.snat) {
             (true, true) => "both",
             (true, false) => "dnat",
             (false, true) => "snat",
@@ -202,7 +208,7 @@ pub struct FlowEvent {
 
 impl FlowEvent {
     pub fn nat(&self) -> Nat {
-        Nat::between(&self.orig, &self.reply)
+        Nat::between(self.proto, &self.orig, &self.reply)
     }
 
     /// The tuple after NAT, in the original direction (the reply tuple reversed).
@@ -248,7 +254,7 @@ mod tests {
     fn dnat_only_when_destination_changes() {
         let orig = t("203.0.113.10", 40000, "20.45.123.10", 80);
         let reply = t("10.244.0.5", 8080, "203.0.113.10", 40000);
-        let nat = Nat::between(&orig, &reply);
+        let nat = Nat::between(Proto::Tcp, &orig, &reply);
         assert_eq!(
             nat,
             Nat {
@@ -265,7 +271,7 @@ mod tests {
         let orig = t("10.244.0.5", 40000, "198.51.100.7", 443);
         let reply = t("198.51.100.7", 443, "10.244.0.5", 40001);
         assert_eq!(
-            Nat::between(&orig, &reply),
+            Nat::between(Proto::Tcp, &orig, &reply),
             Nat {
                 dnat: false,
                 snat: true
@@ -276,9 +282,19 @@ mod tests {
     #[test]
     fn both_and_none() {
         let orig = t("203.0.113.10", 40000, "20.45.123.10", 80);
-        assert_eq!(Nat::between(&orig, &orig.reversed()).to_string(), "none");
+        assert_eq!(Nat::between(Proto::Tcp, &orig, &orig.reversed()).to_string(), "none");
         let reply = t("10.244.0.5", 8080, "10.244.0.1", 7000);
-        assert_eq!(Nat::between(&orig, &reply).to_string(), "both");
+        assert_eq!(Nat::between(Proto::Tcp, &orig, &reply).to_string(), "both");
+    }
+
+    #[test]
+    fn icmp_echo_is_not_translated_by_its_reply_type() {
+        // Echo request type 8 / id 7; the reply tuple carries echo-reply type 0.
+        let orig = t("10.244.0.10", 7, "198.51.100.20", 8 << 8);
+        let reply = t("198.51.100.20", 7, "10.244.0.10", 0);
+        assert_eq!(Nat::between(Proto::Icmp, &orig, &reply).to_string(), "none");
+        let masqueraded = t("198.51.100.20", 7, "10.224.0.4", 0);
+        assert_eq!(Nat::between(Proto::Icmp, &orig, &masqueraded).to_string(), "snat");
     }
 
     #[test]

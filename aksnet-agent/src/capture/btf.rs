@@ -1,0 +1,488 @@
+//! A small BTF reader: just enough to find struct member offsets and struct sizes in the running
+//! kernel's type information, which is how the kernel programs learn where `nf_conn` keeps its
+//! tuples on this kernel (Rust eBPF has no CO-RE relocations).
+//!
+//! Supports split BTF: kernel modules (`/sys/kernel/btf/nf_conntrack`) describe their types on
+//! top of `vmlinux`, continuing its type ids and string offsets.
+
+use aksnet_common::{KernelOffsets, OFFSET_ABSENT};
+use std::path::{Path, PathBuf};
+
+const MAGIC: u16 = 0xeb9f;
+const HEADER_LEN: usize = 24;
+
+const KIND_INT: u8 = 1;
+const KIND_PTR: u8 = 2;
+const KIND_ARRAY: u8 = 3;
+const KIND_STRUCT: u8 = 4;
+const KIND_UNION: u8 = 5;
+const KIND_ENUM: u8 = 6;
+const KIND_FWD: u8 = 7;
+const KIND_TYPEDEF: u8 = 8;
+const KIND_VOLATILE: u8 = 9;
+const KIND_CONST: u8 = 10;
+const KIND_RESTRICT: u8 = 11;
+const KIND_FUNC: u8 = 12;
+const KIND_FUNC_PROTO: u8 = 13;
+const KIND_VAR: u8 = 14;
+const KIND_DATASEC: u8 = 15;
+const KIND_FLOAT: u8 = 16;
+const KIND_DECL_TAG: u8 = 17;
+const KIND_TYPE_TAG: u8 = 18;
+const KIND_ENUM64: u8 = 19;
+
+/// The blob itself is broken: which one and what is wrong with it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("malformed BTF in {source_name}: {detail}")]
+pub struct ParseError {
+    source_name: String,
+    detail: String,
+}
+
+/// A member path or struct cannot be resolved in otherwise valid BTF.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LookupError {
+    #[error("no struct {0} in the kernel's BTF")]
+    NoStruct(String),
+    #[error("struct {strukt} has no member {member}")]
+    NoMember { strukt: String, member: String },
+    #[error("{0} is a bitfield, which the kernel programs cannot read by byte offset")]
+    Bitfield(String),
+    #[error("{0} is not a struct or union, so it has no members")]
+    NotComposite(String),
+    #[error("type id {0} is out of range")]
+    BadTypeId(u32),
+    #[error("type chain at id {0} is too deep or cyclic")]
+    TooDeep(u32),
+}
+
+/// Why the agent cannot produce [`KernelOffsets`] for this kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    #[error("cannot read BTF {}: {source} (the kernel needs CONFIG_DEBUG_INFO_BTF=y; AKS kernels have it)", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Parse(#[from] ParseError),
+    #[error("kernel {kernel}: cannot resolve required field {field}: {cause}")]
+    MissingField {
+        kernel: String,
+        field: &'static str,
+        #[source]
+        cause: LookupError,
+    },
+    #[error("kernel {kernel}: optional field {field} is unusable: {cause}")]
+    BadOptionalField {
+        kernel: String,
+        field: &'static str,
+        #[source]
+        cause: LookupError,
+    },
+}
+
+/// One BTF type, with what the resolver needs of its kind-specific data.
+#[derive(Clone, Debug)]
+struct Type {
+    name_off: u32,
+    kind: u8,
+    /// Size for INT/STRUCT/UNION/ENUM/FLOAT/DATASEC, referenced type id for the others.
+    size_or_type: u32,
+    /// INT: bit width of the value.
+    int_bits: u32,
+    /// STRUCT/UNION members.
+    members: Vec<Member>,
+}
+
+#[derive(Clone, Debug)]
+struct Member {
+    name_off: u32,
+    type_id: u32,
+    bit_offset: u32,
+    /// Non-zero for a bitfield declared with `kind_flag`.
+    bitfield_size: u32,
+}
+
+/// Parsed BTF: `vmlinux`, or a module's split BTF merged onto its base.
+#[derive(Clone, Debug)]
+pub struct Btf {
+    /// Index 0 is `void`; type id N is `types[N]`.
+    types: Vec<Type>,
+    strings: Vec<u8>,
+}
+
+impl Btf {
+    /// Parses standalone BTF (such as `/sys/kernel/btf/vmlinux`). `source_name` names the blob
+    /// in errors.
+    pub fn parse(data: &[u8], source_name: &str) -> Result<Btf, ParseError> {
+        let empty = Btf {
+            types: vec![void()],
+            strings: Vec::new(),
+        };
+        empty.extend(data, source_name, false)
+    }
+
+    /// Parses a module's split BTF on top of `base`: its type ids and string offsets continue
+    /// where the base's end.
+    pub fn parse_split(base: &Btf, data: &[u8], source_name: &str) -> Result<Btf, ParseError> {
+        base.clone().extend(data, source_name, true)
+    }
+
+    fn extend(mut self, data: &[u8], source_name: &str, split: bool) -> Result<Btf, ParseError> {
+        let err = |detail: String| ParseError {
+            source_name: source_name.to_owned(),
+            detail,
+        };
+        if data.len() < HEADER_LEN {
+            return Err(err(format!(
+                "{} bytes, shorter than the {HEADER_LEN}-byte header",
+                data.len()
+            )));
+        }
+        let magic = u16::from_le_bytes([data[0], data[1]]);
+        if magic != MAGIC {
+            let hint = if magic == MAGIC.swap_bytes() {
+                " (big-endian BTF is not supported)"
+            } else {
+                ""
+            };
+            return Err(err(format!("bad magic {magic:#06x}{hint}")));
+        }
+        if data[2] != 1 {
+            return Err(err(format!("unsupported version {}", data[2])));
+        }
+        let u32_at = |off: usize| u32::from_le_bytes(data[off..off + 4].try_into().unwrap());
+        let hdr_len = u32_at(4) as usize;
+        let (type_off, type_len) = (u32_at(8) as usize, u32_at(12) as usize);
+        let (str_off, str_len) = (u32_at(16) as usize, u32_at(20) as usize);
+        let section = |name: &str, off: usize, len: usize| {
+            let start = hdr_len.checked_add(off);
+            let end = start.and_then(|s| s.checked_add(len));
+            match (start, end) {
+                (Some(start), Some(end)) if hdr_len >= HEADER_LEN && end <= data.len() => {
+                    Ok(&data[start..end])
+                }
+                _ => Err(err(format!(
+                    "{name} section ({len} bytes at {off} after a {hdr_len}-byte header) \
+                     lies outside the {}-byte blob",
+                    data.len()
+                ))),
+            }
+        };
+        let type_data = section("type", type_off, type_len)?;
+        let str_data = section("string", str_off, str_len)?;
+        // Offset 0 is the empty name; a split blob's offsets continue its base's, so its own
+        // section may be empty and need not start with NUL.
+        if (!split && str_data.first() != Some(&0)) || str_data.last().is_some_and(|&b| b != 0) {
+            return Err(err(
+                "string section must start (unless split) and end with a NUL byte".into(),
+            ));
+        }
+
+        let mut reader = Reader {
+            data: type_data,
+            pos: 0,
+        };
+        while reader.pos < type_data.len() {
+            let id = self.types.len();
+            let ty = read_type(&mut reader)
+                .map_err(|detail| err(format!("type id {id} (byte {}): {detail}", reader.pos)))?;
+            self.types.push(ty);
+        }
+        self.strings.extend_from_slice(str_data);
+        Ok(self)
+    }
+
+    /// Reads and parses a BTF file; `base` for a module's split BTF.
+    pub fn from_file(path: &Path, base: Option<&Btf>) -> Result<Btf, BtfError> {
+        let data = std::fs::read(path).map_err(|source| BtfError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let name = path.display().to_string();
+        Ok(match base {
+            Some(base) => Btf::parse_split(base, &data, &name)?,
+            None => Btf::parse(&data, &name)?,
+        })
+    }
+
+    fn name(&self, off: u32) -> &str {
+        let rest = self.strings.get(off as usize..).unwrap_or_default();
+        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+        std::str::from_utf8(&rest[..end]).unwrap_or("")
+    }
+
+    fn get(&self, id: u32) -> Result<&Type, LookupError> {
+        self.types
+            .get(id as usize)
+            .ok_or(LookupError::BadTypeId(id))
+    }
+
+    /// The complete struct (not a forward declaration) named `name`.
+    fn find_struct(&self, name: &str) -> Result<u32, LookupError> {
+        self.types
+            .iter()
+            .position(|t| t.kind == KIND_STRUCT && self.name(t.name_off) == name)
+            .map(|i| i as u32)
+            .ok_or_else(|| LookupError::NoStruct(name.to_owned()))
+    }
+
+    /// Follows typedefs and qualifiers to the underlying type.
+    fn strip(&self, mut id: u32) -> Result<u32, LookupError> {
+        for _ in 0..32 {
+            match self.get(id)?.kind {
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
+                    id = self.get(id)?.size_or_type;
+                }
+                _ => return Ok(id),
+            }
+        }
+        Err(LookupError::TooDeep(id))
+    }
+
+    /// `sizeof(struct name)`.
+    pub fn struct_size(&self, name: &str) -> Result<u32, LookupError> {
+        Ok(self.get(self.find_struct(name)?)?.size_or_type)
+    }
+
+    /// Byte offset of a member path such as `nf_conn.tuplehash` or `net.ns.inum` (the first
+    /// component is the struct). Members of anonymous structs and unions are found as if they
+    /// were direct members, as in C.
+    pub fn member_offset(&self, path: &str) -> Result<u32, LookupError> {
+        let mut parts = path.split('.');
+        let strukt = parts.next().unwrap_or_default();
+        let mut type_id = self.find_struct(strukt)?;
+        let mut walked = strukt.to_owned();
+        let mut bits = 0u32;
+        for member in parts {
+            let composite = self.strip(type_id)?;
+            if !matches!(self.get(composite)?.kind, KIND_STRUCT | KIND_UNION) {
+                return Err(LookupError::NotComposite(walked));
+            }
+            let (found, offset) =
+                self.find_member(composite, member, 0)?
+                    .ok_or_else(|| LookupError::NoMember {
+                        strukt: walked.clone(),
+                        member: member.to_owned(),
+                    })?;
+            walked = format!("{walked}.{member}");
+            if found.bitfield_size != 0 || self.is_int_bitfield(found.type_id)? {
+                return Err(LookupError::Bitfield(walked));
+            }
+            bits += offset;
+            type_id = found.type_id;
+        }
+        if !bits.is_multiple_of(8) {
+            return Err(LookupError::Bitfield(walked));
+        }
+        Ok(bits / 8)
+    }
+
+    /// Finds `name` in a struct/union, descending into anonymous members; returns the member and
+    /// its bit offset from the start of `composite`.
+    fn find_member(
+        &self,
+        composite: u32,
+        name: &str,
+        depth: u32,
+    ) -> Result<Option<(&Member, u32)>, LookupError> {
+        if depth > 16 {
+            return Err(LookupError::TooDeep(composite));
+        }
+        for m in &self.get(composite)?.members {
+            let member_name = self.name(m.name_off);
+            if member_name == name {
+                return Ok(Some((m, m.bit_offset)));
+            }
+            if member_name.is_empty() {
+                let inner = self.strip(m.type_id)?;
+                if matches!(self.get(inner)?.kind, KIND_STRUCT | KIND_UNION) {
+                    if let Some((found, off)) = self.find_member(inner, name, depth + 1)? {
+                        return Ok(Some((found, m.bit_offset + off)));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Bitfields described without `kind_flag` carry their width in the INT type.
+    fn is_int_bitfield(&self, type_id: u32) -> Result<bool, LookupError> {
+        let ty = self.get(self.strip(type_id)?)?;
+        Ok(ty.kind == KIND_INT && ty.int_bits != ty.size_or_type * 8)
+    }
+}
+
+fn void() -> Type {
+    Type {
+        name_off: 0,
+        kind: 0,
+        size_or_type: 0,
+        int_bits: 0,
+        members: Vec::new(),
+    }
+}
+
+struct Reader<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl Reader<'_> {
+    fn u32(&mut self) -> Result<u32, String> {
+        let bytes = self
+            .data
+            .get(self.pos..self.pos + 4)
+            .ok_or_else(|| format!("truncated: type section ends at byte {}", self.data.len()))?;
+        self.pos += 4;
+        Ok(u32::from_le_bytes(bytes.try_into().unwrap()))
+    }
+
+    fn skip(&mut self, records: u32, record_len: usize) -> Result<(), String> {
+        let len = records as usize * record_len;
+        if self.pos + len > self.data.len() {
+            return Err(format!(
+                "truncated: {records} records of {record_len} bytes overrun the type section"
+            ));
+        }
+        self.pos += len;
+        Ok(())
+    }
+}
+
+fn read_type(r: &mut Reader) -> Result<Type, String> {
+    let name_off = r.u32()?;
+    let info = r.u32()?;
+    let size_or_type = r.u32()?;
+    let vlen = info & 0xffff;
+    let kind = ((info >> 24) & 0x1f) as u8;
+    let kind_flag = info >> 31 == 1;
+    let mut ty = Type {
+        name_off,
+        kind,
+        size_or_type,
+        ..void()
+    };
+    match kind {
+        KIND_INT => ty.int_bits = r.u32()? & 0xff,
+        // struct btf_array: element type, index type, element count.
+        KIND_ARRAY => r.skip(1, 12)?,
+        KIND_STRUCT | KIND_UNION => {
+            for _ in 0..vlen {
+                let (name_off, type_id, offset) = (r.u32()?, r.u32()?, r.u32()?);
+                let (bit_offset, bitfield_size) = if kind_flag {
+                    (offset & 0xff_ffff, offset >> 24)
+                } else {
+                    (offset, 0)
+                };
+                ty.members.push(Member {
+                    name_off,
+                    type_id,
+                    bit_offset,
+                    bitfield_size,
+                });
+            }
+        }
+        KIND_ENUM | KIND_FUNC_PROTO => r.skip(vlen, 8)?,
+        KIND_DATASEC | KIND_ENUM64 => r.skip(vlen, 12)?,
+        KIND_VAR | KIND_DECL_TAG => r.skip(1, 4)?,
+        KIND_PTR | KIND_FWD | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT
+        | KIND_FUNC | KIND_FLOAT | KIND_TYPE_TAG => {}
+        other => return Err(format!("unknown kind {other}")),
+    }
+    Ok(ty)
+}
+
+/// Where the kernel's BTF lives: `vmlinux` and per-module split BTF files.
+#[derive(Clone, Debug)]
+pub struct BtfSource {
+    pub dir: PathBuf,
+    /// Names the kernel in errors (its release, normally).
+    pub kernel: String,
+}
+
+impl BtfSource {
+    /// `/sys/kernel/btf` of the running kernel.
+    pub fn running_kernel() -> BtfSource {
+        BtfSource {
+            dir: PathBuf::from("/sys/kernel/btf"),
+            kernel: kernel_release(),
+        }
+    }
+
+    /// Loads `vmlinux`, merged with the `nf_conntrack` module's split BTF when `nf_conn` is
+    /// not built into the kernel.
+    pub fn load(&self) -> Result<Btf, BtfError> {
+        let vmlinux = Btf::from_file(&self.dir.join("vmlinux"), None)?;
+        let module = self.dir.join("nf_conntrack");
+        if vmlinux.find_struct("nf_conn").is_err() && module.exists() {
+            return Btf::from_file(&module, Some(&vmlinux));
+        }
+        Ok(vmlinux)
+    }
+
+    /// Resolves every offset the kernel programs need.
+    pub fn kernel_offsets(&self) -> Result<KernelOffsets, BtfError> {
+        resolve_offsets(&self.load()?, &self.kernel)
+    }
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "(unknown release)".to_owned())
+}
+
+/// Fills [`KernelOffsets`] from `btf`. `kernel` names the kernel in errors.
+pub fn resolve_offsets(btf: &Btf, kernel: &str) -> Result<KernelOffsets, BtfError> {
+    let required = |field: &'static str| {
+        btf.member_offset(field)
+            .map_err(|cause| BtfError::MissingField {
+                kernel: kernel.to_owned(),
+                field,
+                cause,
+            })
+    };
+    // Compiled out by kernel config: absent is fine, but present-and-unreadable is not.
+    let optional = |field: &'static str| match btf.member_offset(field) {
+        Ok(off) => Ok(off),
+        Err(LookupError::NoMember { .. }) => Ok(OFFSET_ABSENT),
+        Err(cause) => Err(BtfError::BadOptionalField {
+            kernel: kernel.to_owned(),
+            field,
+            cause,
+        }),
+    };
+    let tuplehash_size = btf
+        .struct_size("nf_conntrack_tuple_hash")
+        .map_err(|cause| BtfError::MissingField {
+            kernel: kernel.to_owned(),
+            field: "sizeof(nf_conntrack_tuple_hash)",
+            cause,
+        })?;
+    Ok(KernelOffsets {
+        skb_nfct: required("sk_buff._nfct")?,
+        skb_iif: required("sk_buff.skb_iif")?,
+        skb_len: required("sk_buff.len")?,
+        netdev_ifindex: required("net_device.ifindex")?,
+        ct_tuplehash: required("nf_conn.tuplehash")?,
+        tuplehash_size,
+        tuplehash_tuple: required("nf_conntrack_tuple_hash.tuple")?,
+        ct_status: required("nf_conn.status")?,
+        ct_zone_id: optional("nf_conn.zone.id")?,
+        ct_mark: optional("nf_conn.mark")?,
+        ct_net: required("nf_conn.ct_net.net")?,
+        net_ns_inum: required("net.ns.inum")?,
+        tuple_src_u3: required("nf_conntrack_tuple.src.u3")?,
+        tuple_src_port: required("nf_conntrack_tuple.src.u.all")?,
+        tuple_src_l3num: required("nf_conntrack_tuple.src.l3num")?,
+        tuple_dst_u3: required("nf_conntrack_tuple.dst.u3")?,
+        tuple_dst_port: required("nf_conntrack_tuple.dst.u.all")?,
+        tuple_dst_protonum: required("nf_conntrack_tuple.dst.protonum")?,
+    })
+}
+
+#[cfg(test)]
+mod tests;

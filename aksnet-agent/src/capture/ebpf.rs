@@ -1,0 +1,391 @@
+//! Loads aksnet's kernel programs, attaches them, and turns their ring-buffer records into
+//! [`FlowEvent`]s.
+//!
+//! `tp_btf/net_dev_start_xmit` is required. The `nf_nat_setup_info` and `nf_ct_delete` hooks are
+//! optional: each is tried as fentry/fexit first, kprobe second, and its absence is logged once
+//! and recorded in [`CaptureHealth`].
+
+use super::btf::{BtfError, BtfSource};
+use super::{CaptureHealth, HookStatus};
+use crate::events::{decode_conn_event, BootClock, FlowEvent};
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError};
+use aya::{Btf, Ebpf, EbpfLoader};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// The kernel programs, built by build.rs from `aksnet-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/aksnet-ebpf.o"));
+
+const XMIT_HOOK: &str = "tp_btf/net_dev_start_xmit";
+/// How often the kernel's lost-event counter is read.
+const LOST_POLL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("the kernel refused to create BPF map {map} ({source}): run the agent as root, or grant CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN")]
+    NotPermitted {
+        map: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no kernel BTF: {0}; use --source netlink on this kernel")]
+    NoBtf(#[source] BtfError),
+    #[error("cannot resolve kernel struct offsets: {0}; use --source netlink on this kernel")]
+    Offsets(#[source] BtfError),
+    #[error("cannot load the eBPF object: {0}")]
+    Object(String),
+    #[error("the kernel refused {hook}: {errno}; verifier says: {verifier}. This kernel cannot run the eBPF capture (tp_btf needs 5.5+ with BTF); use --source netlink")]
+    Refused {
+        hook: &'static str,
+        errno: std::io::Error,
+        verifier: String,
+    },
+    #[error("cannot attach {hook}: {detail}; use --source netlink")]
+    Attach { hook: &'static str, detail: String },
+    #[error("cannot watch the EVENTS ring buffer: {0}")]
+    RingBuf(#[source] std::io::Error),
+}
+
+/// The running eBPF capture; the programs stay attached while this value lives.
+pub struct EbpfCapture {
+    /// Owns the programs and their links: dropping it detaches everything.
+    _ebpf: Ebpf,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for EbpfCapture {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl EbpfCapture {
+    /// Loads and attaches the programs, reporting the connections of network namespace
+    /// `netns_inode` (all namespaces when `None`) on `tx`. Must run inside a tokio runtime.
+    pub async fn start(
+        netns_inode: Option<u32>,
+        tx: mpsc::Sender<FlowEvent>,
+        health: Arc<CaptureHealth>,
+    ) -> Result<EbpfCapture, EbpfError> {
+        let source = BtfSource::running_kernel();
+        let offsets = source.kernel_offsets().map_err(|err| match err {
+            BtfError::Read { .. } => EbpfError::NoBtf(err),
+            other => EbpfError::Offsets(other),
+        })?;
+        let btf = Btf::from_sys_fs().map_err(|err| EbpfError::Object(chain(&err)))?;
+        let netns_filter = netns_inode.unwrap_or(0);
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .override_global("OFFSETS", &offsets, true)
+            .override_global("NETNS_FILTER", &netns_filter, true)
+            .load(OBJECT)
+            .map_err(object_error)?;
+
+        attach_xmit(&mut ebpf, &btf)?;
+        health.record_hook(HookStatus {
+            name: XMIT_HOOK.to_owned(),
+            attached: true,
+            detail: String::new(),
+        });
+        log::info!(
+            "eBPF capture attached to {XMIT_HOOK} (netns filter: {})",
+            netns_inode.map_or("all".to_owned(), |n| n.to_string())
+        );
+        for hook in OPTIONAL_HOOKS {
+            health.record_hook(hook.attach(&mut ebpf, &btf));
+        }
+
+        let events = take_map(&mut ebpf, "EVENTS")?;
+        let events = RingBuf::try_from(events).map_err(|err| EbpfError::Object(chain(&err)))?;
+        // SAFETY: the RingBuf owns its map fd until it is dropped with the AsyncFd, and
+        // as_raw_fd always returns that fd.
+        let events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+            .map_err(|err| EbpfError::RingBuf(err.into()))?;
+        let lost = take_map(&mut ebpf, "LOST")?;
+        let lost: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(lost).map_err(|err| EbpfError::Object(chain(&err)))?;
+
+        let tasks = vec![
+            tokio::spawn(read_events(events, tx, Arc::clone(&health))),
+            tokio::spawn(poll_lost(lost, health)),
+        ];
+        Ok(EbpfCapture { _ebpf: ebpf, tasks })
+    }
+}
+
+fn attach_xmit(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), EbpfError> {
+    let prog: &mut BtfTracePoint = program(ebpf, "net_dev_start_xmit")?;
+    prog.load("net_dev_start_xmit", btf)
+        .map_err(|err| match err {
+            ProgramError::LoadError {
+                io_error,
+                verifier_log,
+            } => EbpfError::Refused {
+                hook: XMIT_HOOK,
+                errno: io_error,
+                verifier: log_tail(&verifier_log.to_string()),
+            },
+            other => EbpfError::Attach {
+                hook: XMIT_HOOK,
+                detail: chain(&other),
+            },
+        })?;
+    prog.attach().map_err(|err| EbpfError::Attach {
+        hook: XMIT_HOOK,
+        detail: chain(&err),
+    })?;
+    Ok(())
+}
+
+/// An optional kernel function hook: its programs in both flavours and what covers for it.
+struct OptionalHook {
+    function: &'static str,
+    /// fentry (`exit == false`) or fexit program name.
+    tracing_prog: &'static str,
+    exit: bool,
+    /// kprobe program, and the kretprobe program when the return value is needed.
+    kprobe_prog: &'static str,
+    kretprobe_prog: Option<&'static str>,
+    /// What the agent relies on when neither flavour attaches.
+    fallback: &'static str,
+}
+
+const OPTIONAL_HOOKS: [OptionalHook; 2] = [
+    OptionalHook {
+        function: "nf_nat_setup_info",
+        tracing_prog: "nf_nat_setup_info_exit",
+        exit: true,
+        kprobe_prog: "nf_nat_setup_info_entry",
+        kretprobe_prog: Some("nf_nat_setup_info_ret"),
+        fallback: "NAT decisions are reported when the connection's first packet leaves an interface (tp_btf/net_dev_start_xmit)",
+    },
+    OptionalHook {
+        function: "nf_ct_delete",
+        tracing_prog: "nf_ct_delete_entry",
+        exit: false,
+        kprobe_prog: "nf_ct_delete_kprobe",
+        kretprobe_prog: None,
+        fallback: "no DESTROY events from eBPF: connection ends are not reported and flows end by idle timeout",
+    },
+];
+
+impl OptionalHook {
+    /// Tries fentry/fexit, then kprobe; logs one line either way.
+    fn attach(&self, ebpf: &mut Ebpf, btf: &Btf) -> HookStatus {
+        let tracing_name = format!(
+            "{}/{}",
+            if self.exit { "fexit" } else { "fentry" },
+            self.function
+        );
+        let tracing_err = match self.attach_tracing(ebpf, btf) {
+            Ok(()) => return self.attached(tracing_name),
+            Err(err) => err,
+        };
+        let kprobe_name = format!("kprobe/{}", self.function);
+        let kprobe_err = match self.attach_kprobes(ebpf) {
+            Ok(()) => return self.attached(kprobe_name),
+            Err(err) => err,
+        };
+        let detail = format!(
+            "{tracing_name}: {tracing_err}; {kprobe_name}: {kprobe_err}; instead: {}",
+            self.fallback
+        );
+        log::warn!("optional hook {} unavailable: {detail}", self.function);
+        HookStatus {
+            name: self.function.to_owned(),
+            attached: false,
+            detail,
+        }
+    }
+
+    fn attached(&self, name: String) -> HookStatus {
+        log::info!("optional hook attached: {name}");
+        HookStatus {
+            name,
+            attached: true,
+            detail: String::new(),
+        }
+    }
+
+    fn attach_tracing(&self, ebpf: &mut Ebpf, btf: &Btf) -> Result<(), String> {
+        if self.exit {
+            let prog: &mut FExit = program(ebpf, self.tracing_prog).map_err(|e| e.to_string())?;
+            prog.load(self.function, btf).map_err(|e| short(&e))?;
+            prog.attach().map_err(|e| short(&e))?;
+        } else {
+            let prog: &mut FEntry = program(ebpf, self.tracing_prog).map_err(|e| e.to_string())?;
+            prog.load(self.function, btf).map_err(|e| short(&e))?;
+            prog.attach().map_err(|e| short(&e))?;
+        }
+        Ok(())
+    }
+
+    /// Loads every program first (so the verifier checks them all, even where the kernel has
+    /// no kprobes), then attaches; on any failure, unloads them all: a kprobe without its
+    /// kretprobe would only fill the call map.
+    fn attach_kprobes(&self, ebpf: &mut Ebpf) -> Result<(), String> {
+        let names: Vec<&str> = std::iter::once(self.kprobe_prog)
+            .chain(self.kretprobe_prog)
+            .collect();
+        let mut result = Ok(());
+        for name in &names {
+            result = result.and_then(|()| {
+                let prog: &mut KProbe = program(ebpf, name).map_err(|e| e.to_string())?;
+                prog.load().map_err(|e| format!("{name}: {}", short(&e)))
+            });
+        }
+        for name in &names {
+            result = result.and_then(|()| {
+                let prog: &mut KProbe = program(ebpf, name).map_err(|e| e.to_string())?;
+                prog.attach(self.function, 0)
+                    .map(drop)
+                    .map_err(|e| short(&e))
+            });
+        }
+        if result.is_err() {
+            for name in &names {
+                if let Ok(prog) = program::<KProbe>(ebpf, name) {
+                    let _ = prog.unload();
+                }
+            }
+        }
+        result
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, EbpfError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or_else(|| {
+        EbpfError::Object(format!(
+            "program {name} is missing (aksnet-ebpf and the agent are out of step: rebuild)"
+        ))
+    })?;
+    prog.try_into()
+        .map_err(|err: ProgramError| EbpfError::Object(format!("program {name}: {err}")))
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map, EbpfError> {
+    ebpf.take_map(name).ok_or_else(|| {
+        EbpfError::Object(format!(
+            "map {name} is missing (aksnet-ebpf and the agent are out of step: rebuild)"
+        ))
+    })
+}
+
+/// EPERM on map creation means missing privileges; anything else is reported as is.
+fn object_error(err: aya::EbpfError) -> EbpfError {
+    if let aya::EbpfError::MapError(aya::maps::MapError::CreateError { name, io_error }) = &err {
+        if io_error.raw_os_error() == Some(libc::EPERM) {
+            return EbpfError::NotPermitted {
+                map: name.clone(),
+                source: std::io::Error::from_raw_os_error(libc::EPERM),
+            };
+        }
+    }
+    EbpfError::Object(chain(&err))
+}
+
+/// An error and its causes on one line.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// A load error without its (long) verifier log, for the one-line optional-hook messages.
+fn short(err: &ProgramError) -> String {
+    match err {
+        ProgramError::LoadError { io_error, .. } => format!("load refused: {io_error}"),
+        other => chain(other),
+    }
+}
+
+/// The end of a verifier log, where the reason is, on one line.
+fn log_tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        return "(no log)".to_owned();
+    }
+    lines[lines.len().saturating_sub(4)..].join(" | ")
+}
+
+/// Drains the ring buffer whenever the kernel signals it, decoding and forwarding each record.
+async fn read_events(
+    mut ring: AsyncFd<RingBuf<MapData>>,
+    tx: mpsc::Sender<FlowEvent>,
+    health: Arc<CaptureHealth>,
+) {
+    let clock = BootClock::now();
+    loop {
+        let mut guard = match ring.readable_mut().await {
+            Ok(guard) => guard,
+            Err(err) => {
+                log::error!("eBPF capture stopped: polling the EVENTS ring buffer failed: {err}");
+                return;
+            }
+        };
+        let mut batch = Vec::new();
+        while let Some(record) = guard.get_inner_mut().next() {
+            match decode_conn_event(&record, &clock) {
+                Ok(event) => batch.push(event),
+                Err(err) => {
+                    let before = health.decode_errors.fetch_add(1, Ordering::Relaxed);
+                    if before == 0 {
+                        log::warn!("undecodable eBPF event (counted in decode errors): {err}");
+                    }
+                }
+            }
+        }
+        guard.clear_ready();
+        for event in batch {
+            if tx.send(event).await.is_err() {
+                // The pipeline is gone: nobody wants events any more.
+                return;
+            }
+            health.count_event();
+        }
+    }
+}
+
+/// Adds the kernel's per-CPU lost-event counts to `health`, warning once per burst of losses.
+async fn poll_lost(lost: PerCpuArray<MapData, u64>, health: Arc<CaptureHealth>) {
+    let mut seen = 0u64;
+    let mut in_burst = false;
+    let mut interval = tokio::time::interval(LOST_POLL);
+    loop {
+        interval.tick().await;
+        let total = match lost.get(&0, 0) {
+            Ok(per_cpu) => per_cpu.iter().sum::<u64>(),
+            Err(err) => {
+                log::error!("cannot read the eBPF LOST counter: {err}");
+                return;
+            }
+        };
+        let delta = total.saturating_sub(seen);
+        seen = total;
+        if delta > 0 {
+            health.count_lost(delta);
+            if !in_burst {
+                log::warn!(
+                    "eBPF ring buffer full: {delta} events lost in the last {LOST_POLL:?} (the agent falls behind the kernel)"
+                );
+            }
+        }
+        in_burst = delta > 0;
+    }
+}

@@ -1,0 +1,810 @@
+//! Prometheus metrics: flows per AKS path, NAT hops, model deviations, SNAT port usage and
+//! pressure, and the capture's health, served over HTTP by [`serve`].
+//!
+//! Counters are updated as flows are classified ([`Metrics::observe_new`]) and end
+//! ([`Metrics::observe_end`]); gauges are computed from the live SNAT table and the capture's
+//! counters at scrape time ([`Metrics::render`]). Every label comes from a fixed set or is bounded
+//! by top-N folding into `other`.
+
+mod config;
+mod http;
+pub mod snat;
+
+pub use config::{MetricsConfig, DEFAULT_PORT};
+pub use http::{bind, serve, Readiness};
+
+use crate::capture::CaptureHealth;
+use crate::events::{FlowKey, SourceKind, Tuple};
+use prometheus::core::Collector;
+use prometheus::{
+    Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use snat::{top_n, Destination, Opened, SnatTable, SourceDestination};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+/// Label value of the series that sums everything beyond the top N.
+const OTHER: &str = "other";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("metrics configuration: {0}")]
+    Config(String),
+    #[error("registering metric {name}: {source} (two metrics with one name?)")]
+    Register {
+        name: String,
+        source: prometheus::Error,
+    },
+    #[error("encoding the metrics text exposition: {0}")]
+    Encode(prometheus::Error),
+    #[error(
+        "metrics endpoint cannot listen on {addr}: {source}; is another agent running? \
+         choose another metrics listen address"
+    )]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A NAT hop on a flow's path, as the metrics count it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NatHop {
+    /// kube-proxy rewrote the destination to a pod (seen on the node).
+    KubeProxyDnat,
+    /// The node rewrote the source: MASQUERADE by kube-proxy or ip-masq-agent (seen on the node).
+    NodeSnat,
+    /// The Azure LB's outbound rule SNATs the flow to its public IP (inferred, off the node): the
+    /// flow holds one of the node's LB SNAT ports.
+    LbSnatInferred,
+}
+
+impl NatHop {
+    /// The `hop` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            NatHop::KubeProxyDnat => "kube_proxy_dnat",
+            NatHop::NodeSnat => "node_snat",
+            NatHop::LbSnatInferred => "lb_snat_inferred",
+        }
+    }
+
+    fn is_snat(self) -> bool {
+        matches!(self, NatHop::NodeSnat | NatHop::LbSnatInferred)
+    }
+}
+
+/// One classified connection, as the metrics need it. Report each connection once, when it is
+/// classified; report its end with [`Metrics::observe_end`] and the same key.
+///
+/// `path`, `cni`, `verdict` and `deviation` become label values: they must come from the
+/// classifier's fixed vocabulary, never from addresses or free text.
+#[derive(Clone, Copy, Debug)]
+pub struct FlowObservation<'a> {
+    /// The connection's conntrack identity (protocol and original tuple included).
+    pub key: FlowKey,
+    /// The tuple after the node's NAT, in the original direction (`FlowEvent::translated`).
+    pub translated: Tuple,
+    /// The AKS path it was classified as, e.g. `pod-to-internet`, `unclassified`.
+    pub path: &'a str,
+    /// The network mode it was classified under, e.g. `kubenet`, `azure-cni`.
+    pub cni: &'a str,
+    /// The classifier's verdict, e.g. `matches`, `deviates`.
+    pub verdict: &'a str,
+    /// Short class of the reason it deviates from the model, `None` when it does not.
+    pub deviation: Option<&'a str>,
+    /// The NAT hops on its path, seen or inferred; empty when nothing translates it.
+    pub hops: &'a [NatHop],
+    /// `namespace/pod` owning the original source, where known.
+    pub pod: Option<&'a str>,
+}
+
+/// The agent's metrics. Share it behind an `Arc`: every method takes `&self`.
+pub struct Metrics {
+    registry: Registry,
+    allocated_ports: u32,
+    top_n: usize,
+    flows: IntCounterVec,
+    translations: IntCounterVec,
+    deviations: IntCounterVec,
+    snat_conflicts: IntCounter,
+    snat_connections: IntGaugeVec,
+    snat_ports_in_use: IntGaugeVec,
+    lb_snat_flows: IntGaugeVec,
+    lb_snat_pressure: Gauge,
+    capture_events: IntCounter,
+    capture_lost: IntCounter,
+    capture_decode_errors: IntCounter,
+    capture_source: IntGaugeVec,
+    capture_hooks: IntGaugeVec,
+    /// Also serialises scrapes, which rewrite the gauges before encoding them.
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    snat: SnatTable,
+    capture: Option<(Arc<CaptureHealth>, SourceKind)>,
+}
+
+impl Metrics {
+    pub fn new(config: &MetricsConfig) -> Result<Metrics, MetricsError> {
+        let allocated_ports = config.snat_ports_per_node()?;
+        let registry = Registry::new();
+        let reg = Registrar(&registry);
+        let allocated = reg.int_gauge(
+            "aksnet_lb_snat_ports_allocated",
+            "SNAT ports the Azure Load Balancer allocates to this node per destination \
+             (allocated_outbound_ports, or Azure's default for the node pool size).",
+        )?;
+        allocated.set(i64::from(allocated_ports));
+        Ok(Metrics {
+            allocated_ports,
+            top_n: config.top_destinations,
+            flows: reg.int_counter_vec(
+                "aksnet_flows_observed_total",
+                "Connections classified, by AKS path, network mode and verdict.",
+                &["path", "cni", "verdict"],
+            )?,
+            translations: reg.int_counter_vec(
+                "aksnet_nat_translations_total",
+                "NAT hops on classified connections, seen on the node or inferred off it \
+                 (hop=none: a connection nothing translates), by hop and protocol.",
+                &["hop", "proto"],
+            )?,
+            deviations: reg.int_counter_vec(
+                "aksnet_model_deviations_total",
+                "Connections that deviate from their AKS path model, by path and reason class.",
+                &["path", "reason_class"],
+            )?,
+            snat_conflicts: reg.int_counter(
+                "aksnet_snat_port_conflicts_total",
+                "New SNAT'ed connections whose translated tuple was still held by a live one: \
+                 conntrack forbids this, so the older connection's end event was missed.",
+            )?,
+            snat_connections: reg.int_gauge_vec(
+                "aksnet_snat_connections",
+                "Live SNAT'ed connections by translated source, destination and owning pod \
+                 (top N; the rest summed under label value other).",
+                &["src_ip", "dst_ip", "dst_port", "proto", "pod"],
+            )?,
+            snat_ports_in_use: reg.int_gauge_vec(
+                "aksnet_snat_ports_in_use",
+                "Distinct translated source ports held by live SNAT'ed connections, by \
+                 translated source and destination (top N; the rest summed under other).",
+                &["src_ip", "dst_ip", "dst_port", "proto"],
+            )?,
+            lb_snat_flows: reg.int_gauge_vec(
+                "aksnet_lb_snat_destination_flows",
+                "Live connections through the Azure Load Balancer's SNAT by destination; \
+                 each holds one of the node's SNAT ports for that destination (top N; the \
+                 rest summed under other).",
+                &["dst_ip", "dst_port", "proto"],
+            )?,
+            lb_snat_pressure: reg.gauge(
+                "aksnet_lb_snat_port_pressure_ratio",
+                "Busiest destination's live LB-SNAT'ed connections over the SNAT ports \
+                 allocated to the node: at 1 new connections to it fail.",
+            )?,
+            capture_events: reg.int_counter(
+                "aksnet_capture_events_total",
+                "Conntrack events the capture delivered to the agent.",
+            )?,
+            capture_lost: reg.int_counter(
+                "aksnet_capture_events_lost_total",
+                "Conntrack events the kernel could not deliver (ring buffer full, netlink \
+                 ENOBUFS).",
+            )?,
+            capture_decode_errors: reg.int_counter(
+                "aksnet_capture_decode_errors_total",
+                "Capture records that could not be decoded.",
+            )?,
+            capture_source: reg.int_gauge_vec(
+                "aksnet_capture_source_info",
+                "The capture source in use (value 1): ebpf or netlink.",
+                &["source"],
+            )?,
+            capture_hooks: reg.int_gauge_vec(
+                "aksnet_capture_hook_attached",
+                "Whether each kernel hook of the capture is attached (1) or not (0).",
+                &["hook"],
+            )?,
+            state: Mutex::new(State::default()),
+            registry,
+        })
+    }
+
+    /// Counts a newly classified connection and, when it is SNAT'ed, accounts its port.
+    pub fn observe_new(&self, flow: &FlowObservation<'_>) {
+        self.flows
+            .with_label_values(&[flow.path, flow.cni, flow.verdict])
+            .inc();
+        if let Some(reason) = flow.deviation {
+            self.deviations
+                .with_label_values(&[flow.path, reason])
+                .inc();
+        }
+        let proto = flow.key.proto.to_string();
+        if flow.hops.is_empty() {
+            self.translations.with_label_values(&["none", &proto]).inc();
+        }
+        for hop in flow.hops {
+            self.translations
+                .with_label_values(&[hop.label(), &proto])
+                .inc();
+        }
+        if !flow.hops.iter().any(|hop| hop.is_snat()) {
+            return;
+        }
+        let through_lb = flow.hops.contains(&NatHop::LbSnatInferred);
+        let opened = self
+            .lock()
+            .snat
+            .open(flow.key, flow.translated, through_lb, flow.pod);
+        if let Some(Opened::Conflict { stale }) = opened {
+            self.snat_conflicts.inc();
+            log::debug!(
+                "SNAT tuple {} ({}) still held by {} ({}): its end was missed, dropped it",
+                flow.translated,
+                flow.key.proto,
+                stale.orig,
+                stale.proto
+            );
+        }
+    }
+
+    /// A connection ended: it no longer holds a SNAT port.
+    pub fn observe_end(&self, key: &FlowKey) {
+        self.lock().snat.close(key);
+    }
+
+    /// Reads the capture's counters and hooks at every scrape from now on. Call again when the
+    /// capture falls back to another source.
+    pub fn set_capture(&self, health: Arc<CaptureHealth>, source: SourceKind) {
+        self.lock().capture = Some((health, source));
+    }
+
+    /// The text exposition (format 0.0.4) of every metric, as of now.
+    pub fn render(&self) -> Result<String, MetricsError> {
+        let state = self.lock();
+        self.refresh_snat(&state.snat);
+        if let Some((health, source)) = &state.capture {
+            self.refresh_capture(health, *source);
+        }
+        let mut text = String::new();
+        TextEncoder::new()
+            .encode_utf8(&self.registry.gather(), &mut text)
+            .map_err(MetricsError::Encode)?;
+        Ok(text)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // The state stays consistent across a panic elsewhere: every update is one call.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn refresh_snat(&self, table: &SnatTable) {
+        let usage = table.usage();
+        self.lb_snat_pressure
+            .set(usage.pressure(self.allocated_ports));
+        let top = self.top_n;
+        publish(
+            &self.snat_connections,
+            usage.connections,
+            top,
+            |(sd, pod)| {
+                let mut labels = source_destination_labels(sd);
+                labels.push(pod.clone().unwrap_or_default());
+                labels
+            },
+        );
+        publish(
+            &self.snat_ports_in_use,
+            usage.ports_in_use,
+            top,
+            source_destination_labels,
+        );
+        publish(&self.lb_snat_flows, usage.lb_flows, top, destination_labels);
+    }
+
+    fn refresh_capture(&self, health: &CaptureHealth, source: SourceKind) {
+        mirror(&self.capture_events, &health.events);
+        mirror(&self.capture_lost, &health.lost);
+        mirror(&self.capture_decode_errors, &health.decode_errors);
+        self.capture_source.reset();
+        self.capture_source
+            .with_label_values(&[&source.to_string()])
+            .set(1);
+        self.capture_hooks.reset();
+        for hook in health.hooks() {
+            self.capture_hooks
+                .with_label_values(&[&hook.name])
+                .set(i64::from(hook.attached));
+        }
+    }
+}
+
+/// Replaces a gauge's series with the `n` largest `values` and the sum of the rest under `other`.
+fn publish<K: Ord>(
+    gauge: &IntGaugeVec,
+    values: HashMap<K, u64>,
+    n: usize,
+    labels: impl Fn(&K) -> Vec<String>,
+) {
+    let count = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    gauge.reset();
+    let folded = top_n(values, n);
+    for (key, v) in &folded.top {
+        gauge.with_label_values(&labels(key)).set(count(*v));
+    }
+    if let Some(v) = folded.other {
+        let arity = gauge.desc()[0].variable_labels.len();
+        gauge.with_label_values(&vec![OTHER; arity]).set(count(v));
+    }
+}
+
+/// `dst_ip`, `dst_port`, `proto`.
+fn destination_labels(dest: &Destination) -> Vec<String> {
+    vec![
+        dest.ip.to_string(),
+        dest.port.to_string(),
+        dest.proto.to_string(),
+    ]
+}
+
+/// `src_ip`, then [`destination_labels`].
+fn source_destination_labels(sd: &SourceDestination) -> Vec<String> {
+    let mut labels = vec![sd.src.to_string()];
+    labels.extend(destination_labels(&sd.dest));
+    labels
+}
+
+/// Makes a registered counter show a count kept elsewhere.
+fn mirror(counter: &IntCounter, source: &std::sync::atomic::AtomicU64) {
+    counter.reset();
+    counter.inc_by(source.load(Ordering::Relaxed));
+}
+
+/// Creates and registers metrics, naming the one that failed.
+struct Registrar<'r>(&'r Registry);
+
+impl Registrar<'_> {
+    fn int_counter(&self, name: &str, help: &str) -> Result<IntCounter, MetricsError> {
+        self.add(name, IntCounter::with_opts(Opts::new(name, help)))
+    }
+
+    fn int_counter_vec(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<IntCounterVec, MetricsError> {
+        self.add(name, IntCounterVec::new(Opts::new(name, help), labels))
+    }
+
+    fn int_gauge(&self, name: &str, help: &str) -> Result<IntGauge, MetricsError> {
+        self.add(name, IntGauge::with_opts(Opts::new(name, help)))
+    }
+
+    fn int_gauge_vec(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<IntGaugeVec, MetricsError> {
+        self.add(name, IntGaugeVec::new(Opts::new(name, help), labels))
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> Result<Gauge, MetricsError> {
+        self.add(name, Gauge::with_opts(Opts::new(name, help)))
+    }
+
+    fn add<C>(&self, name: &str, made: prometheus::Result<C>) -> Result<C, MetricsError>
+    where
+        C: Collector + Clone + 'static,
+    {
+        let failed = |source| MetricsError::Register {
+            name: name.to_owned(),
+            source,
+        };
+        let collector = made.map_err(failed)?;
+        self.0
+            .register(Box::new(collector.clone()))
+            .map_err(failed)?;
+        Ok(collector)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::HookStatus;
+    use crate::events::Proto;
+    use std::collections::BTreeMap;
+
+    /// One sample of the text exposition.
+    #[derive(Debug)]
+    struct Sample {
+        name: String,
+        labels: BTreeMap<String, String>,
+        value: f64,
+    }
+
+    /// Parses the samples of a text exposition (label values here never hold quotes or commas).
+    fn parse(text: &str) -> Vec<Sample> {
+        text.lines()
+            .filter(|line| !line.starts_with('#') && !line.is_empty())
+            .map(|line| {
+                let (series, value) = line.rsplit_once(' ').expect("sample has a value");
+                let (name, labels) = match series.split_once('{') {
+                    Some((name, rest)) => {
+                        let body = rest.strip_suffix('}').expect("labels end with }");
+                        let labels = body
+                            .split(',')
+                            .filter(|pair| !pair.is_empty())
+                            .map(|pair| {
+                                let (k, v) = pair.split_once('=').expect("label has =");
+                                (k.to_owned(), v.trim_matches('"').to_owned())
+                            })
+                            .collect();
+                        (name, labels)
+                    }
+                    None => (series, BTreeMap::new()),
+                };
+                Sample {
+                    name: name.to_owned(),
+                    labels,
+                    value: value.parse().expect("value is a number"),
+                }
+            })
+            .collect()
+    }
+
+    /// The value of the one sample of `name` whose labels include `labels`.
+    fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let found: Vec<&Sample> = samples
+            .iter()
+            .filter(|s| s.name == name)
+            .filter(|s| {
+                labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .collect();
+        assert!(found.len() <= 1, "{name} {labels:?} matches {found:?}");
+        found.first().map(|s| s.value)
+    }
+
+    fn series(samples: &[Sample], name: &str) -> usize {
+        samples.iter().filter(|s| s.name == name).count()
+    }
+
+    fn tuple(src: &str, sport: u16, dst: &str, dport: u16) -> Tuple {
+        Tuple {
+            src: src.parse().unwrap(),
+            sport,
+            dst: dst.parse().unwrap(),
+            dport,
+        }
+    }
+
+    const NODE_IP: &str = "10.224.0.4";
+    const OUT: [NatHop; 2] = [NatHop::NodeSnat, NatHop::LbSnatInferred];
+
+    /// kubenet pod → internet: MASQUERADEd to the node IP on `node_port`, then the LB's SNAT.
+    fn outbound(pod_port: u16, node_port: u16, dst: &str, dport: u16) -> (FlowKey, Tuple) {
+        let key = FlowKey {
+            netns: 4026531840,
+            zone: 0,
+            proto: Proto::Tcp,
+            orig: tuple("10.244.0.5", pod_port, dst, dport),
+        };
+        (key, tuple(NODE_IP, node_port, dst, dport))
+    }
+
+    fn observation<'a>(
+        key: FlowKey,
+        translated: Tuple,
+        hops: &'a [NatHop],
+        pod: Option<&'a str>,
+    ) -> FlowObservation<'a> {
+        FlowObservation {
+            key,
+            translated,
+            path: "pod-to-internet",
+            cni: "kubenet",
+            verdict: "matches",
+            deviation: None,
+            hops,
+            pod,
+        }
+    }
+
+    fn metrics(top_destinations: usize) -> Metrics {
+        Metrics::new(&MetricsConfig {
+            allocated_outbound_ports: Some(8),
+            top_destinations,
+            ..MetricsConfig::default()
+        })
+        .unwrap()
+    }
+
+    fn scrape(metrics: &Metrics) -> Vec<Sample> {
+        parse(&metrics.render().unwrap())
+    }
+
+    #[test]
+    fn counts_flows_hops_and_deviations() {
+        let m = metrics(20);
+        let (k, t) = outbound(40000, 50000, "198.51.100.7", 443);
+        m.observe_new(&observation(k, t, &OUT, Some("web/a")));
+        let inbound_key = FlowKey {
+            orig: tuple("203.0.113.10", 40000, "192.0.2.10", 80),
+            ..k
+        };
+        m.observe_new(&FlowObservation {
+            path: "lb-to-pod",
+            verdict: "deviates",
+            deviation: Some("unexpected_snat"),
+            ..observation(
+                inbound_key,
+                tuple("10.244.0.1", 61000, "10.244.0.7", 8080),
+                &[NatHop::KubeProxyDnat, NatHop::NodeSnat],
+                None,
+            )
+        });
+        let direct_key = FlowKey {
+            proto: Proto::Udp,
+            orig: tuple("10.244.0.5", 53000, "10.244.0.9", 53),
+            ..k
+        };
+        m.observe_new(&FlowObservation {
+            path: "pod-to-pod",
+            ..observation(direct_key, direct_key.orig, &[], None)
+        });
+
+        let s = scrape(&m);
+        let flows = "aksnet_flows_observed_total";
+        let labels = [("path", "pod-to-internet"), ("cni", "kubenet")];
+        assert_eq!(value(&s, flows, &labels), Some(1.0));
+        let labels = [("path", "lb-to-pod"), ("verdict", "deviates")];
+        assert_eq!(value(&s, flows, &labels), Some(1.0));
+        assert_eq!(series(&s, flows), 3);
+
+        let hops = "aksnet_nat_translations_total";
+        let node_snat = [("hop", "node_snat"), ("proto", "tcp")];
+        assert_eq!(value(&s, hops, &node_snat), Some(2.0));
+        let lb_snat = [("hop", "lb_snat_inferred"), ("proto", "tcp")];
+        assert_eq!(value(&s, hops, &lb_snat), Some(1.0));
+        let dnat = [("hop", "kube_proxy_dnat"), ("proto", "tcp")];
+        assert_eq!(value(&s, hops, &dnat), Some(1.0));
+        let none = [("hop", "none"), ("proto", "udp")];
+        assert_eq!(value(&s, hops, &none), Some(1.0));
+
+        let deviations = "aksnet_model_deviations_total";
+        let labels = [("path", "lb-to-pod"), ("reason_class", "unexpected_snat")];
+        assert_eq!(value(&s, deviations, &labels), Some(1.0));
+        assert_eq!(series(&s, deviations), 1);
+    }
+
+    #[test]
+    fn snat_gauges_follow_live_connections() {
+        let m = metrics(20);
+        let (k1, t1) = outbound(40000, 50000, "198.51.100.7", 443);
+        let (k2, t2) = outbound(40001, 50001, "198.51.100.7", 443);
+        let (k3, t3) = outbound(40002, 50000, "203.0.113.9", 443);
+        m.observe_new(&observation(k1, t1, &OUT, Some("web/a")));
+        m.observe_new(&observation(k2, t2, &OUT, Some("web/a")));
+        m.observe_new(&observation(k3, t3, &OUT, None));
+
+        let s = scrape(&m);
+        let to_7 = [("src_ip", NODE_IP), ("dst_ip", "198.51.100.7")];
+        let conns = "aksnet_snat_connections";
+        let web_a = [to_7[0], to_7[1], ("dst_port", "443"), ("pod", "web/a")];
+        assert_eq!(value(&s, conns, &web_a), Some(2.0));
+        let unknown_pod = [("dst_ip", "203.0.113.9"), ("pod", "")];
+        assert_eq!(value(&s, conns, &unknown_pod), Some(1.0));
+        assert_eq!(value(&s, "aksnet_snat_ports_in_use", &to_7), Some(2.0));
+        let lb = "aksnet_lb_snat_destination_flows";
+        let labels = [("dst_ip", "198.51.100.7"), ("proto", "tcp")];
+        assert_eq!(value(&s, lb, &labels), Some(2.0));
+        let pressure = "aksnet_lb_snat_port_pressure_ratio";
+        assert_eq!(value(&s, pressure, &[]), Some(2.0 / 8.0));
+        assert_eq!(value(&s, "aksnet_lb_snat_ports_allocated", &[]), Some(8.0));
+
+        m.observe_end(&k1);
+        m.observe_end(&k3);
+        let s = scrape(&m);
+        assert_eq!(value(&s, conns, &web_a), Some(1.0));
+        assert_eq!(value(&s, conns, &unknown_pod), None, "ended series go away");
+        assert_eq!(value(&s, pressure, &[]), Some(1.0 / 8.0));
+        m.observe_end(&k2);
+        let s = scrape(&m);
+        assert_eq!(series(&s, conns), 0);
+        assert_eq!(series(&s, lb), 0);
+        assert_eq!(value(&s, pressure, &[]), Some(0.0));
+    }
+
+    #[test]
+    fn dnat_only_and_node_only_snat_hold_no_lb_port() {
+        let m = metrics(20);
+        let (k, _) = outbound(40000, 50000, "10.0.0.10", 53);
+        let dnat_only = tuple("10.244.0.5", 40000, "10.244.1.3", 53);
+        m.observe_new(&observation(k, dnat_only, &[NatHop::KubeProxyDnat], None));
+        let (k2, t2) = outbound(40001, 50001, "10.224.0.9", 443);
+        m.observe_new(&observation(k2, t2, &[NatHop::NodeSnat], Some("web/a")));
+        let s = scrape(&m);
+        assert_eq!(series(&s, "aksnet_snat_connections"), 1);
+        assert_eq!(series(&s, "aksnet_lb_snat_destination_flows"), 0);
+        let pressure = "aksnet_lb_snat_port_pressure_ratio";
+        assert_eq!(value(&s, pressure, &[]), Some(0.0));
+    }
+
+    #[test]
+    fn destinations_beyond_top_n_fold_into_other() {
+        let m = metrics(2);
+        let destinations = [
+            ("198.51.100.1", 3),
+            ("198.51.100.2", 2),
+            ("198.51.100.3", 1),
+        ];
+        let mut port = 50000;
+        for (dst, flows) in destinations {
+            for _ in 0..flows {
+                let (k, t) = outbound(port - 10000, port, dst, 443);
+                m.observe_new(&observation(k, t, &OUT, None));
+                port += 1;
+            }
+        }
+        let s = scrape(&m);
+        let lb = "aksnet_lb_snat_destination_flows";
+        assert_eq!(series(&s, lb), 3);
+        assert_eq!(value(&s, lb, &[("dst_ip", "198.51.100.1")]), Some(3.0));
+        assert_eq!(value(&s, lb, &[("dst_ip", "198.51.100.2")]), Some(2.0));
+        let other = [
+            ("dst_ip", "other"),
+            ("dst_port", "other"),
+            ("proto", "other"),
+        ];
+        assert_eq!(value(&s, lb, &other), Some(1.0));
+        assert_eq!(series(&s, "aksnet_snat_connections"), 3);
+        assert_eq!(series(&s, "aksnet_snat_ports_in_use"), 3);
+        // Pressure looks at every destination, folded or not.
+        let pressure = "aksnet_lb_snat_port_pressure_ratio";
+        assert_eq!(value(&s, pressure, &[]), Some(3.0 / 8.0));
+    }
+
+    #[test]
+    fn a_reused_live_snat_tuple_counts_a_conflict() {
+        let m = metrics(20);
+        let (old, t) = outbound(40000, 50000, "198.51.100.7", 443);
+        let (new, _) = outbound(40001, 50000, "198.51.100.7", 443);
+        let (elsewhere, t_elsewhere) = outbound(40002, 50000, "203.0.113.9", 443);
+        m.observe_new(&observation(old, t, &OUT, None));
+        m.observe_new(&observation(elsewhere, t_elsewhere, &OUT, None));
+        let conflicts = "aksnet_snat_port_conflicts_total";
+        assert_eq!(value(&scrape(&m), conflicts, &[]), Some(0.0));
+        m.observe_new(&observation(new, t, &OUT, None));
+        let s = scrape(&m);
+        assert_eq!(value(&s, conflicts, &[]), Some(1.0));
+        let lb = [("dst_ip", "198.51.100.7")];
+        assert_eq!(
+            value(&s, "aksnet_lb_snat_destination_flows", &lb),
+            Some(1.0)
+        );
+    }
+
+    #[test]
+    fn capture_health_is_read_at_scrape_time() {
+        let m = metrics(20);
+        let s = scrape(&m);
+        assert_eq!(value(&s, "aksnet_capture_events_total", &[]), Some(0.0));
+        assert_eq!(series(&s, "aksnet_capture_source_info"), 0);
+
+        let health = Arc::new(CaptureHealth::default());
+        health.record_hook(HookStatus {
+            name: "tp_btf/net_dev_start_xmit".into(),
+            attached: true,
+            detail: String::new(),
+        });
+        health.record_hook(HookStatus {
+            name: "fentry/nf_ct_delete".into(),
+            attached: false,
+            detail: "EPERM".into(),
+        });
+        m.set_capture(health.clone(), SourceKind::Ebpf);
+        for _ in 0..5 {
+            health.count_event();
+        }
+        health.count_lost(3);
+        health.decode_errors.fetch_add(2, Ordering::Relaxed);
+        let s = scrape(&m);
+        assert_eq!(value(&s, "aksnet_capture_events_total", &[]), Some(5.0));
+        assert_eq!(
+            value(&s, "aksnet_capture_events_lost_total", &[]),
+            Some(3.0)
+        );
+        assert_eq!(
+            value(&s, "aksnet_capture_decode_errors_total", &[]),
+            Some(2.0)
+        );
+        let source = "aksnet_capture_source_info";
+        assert_eq!(value(&s, source, &[("source", "ebpf")]), Some(1.0));
+        let hooks = "aksnet_capture_hook_attached";
+        let xmit = [("hook", "tp_btf/net_dev_start_xmit")];
+        assert_eq!(value(&s, hooks, &xmit), Some(1.0));
+        let delete = [("hook", "fentry/nf_ct_delete")];
+        assert_eq!(value(&s, hooks, &delete), Some(0.0));
+
+        health.count_event();
+        m.set_capture(health, SourceKind::Netlink);
+        let s = scrape(&m);
+        assert_eq!(value(&s, "aksnet_capture_events_total", &[]), Some(6.0));
+        assert_eq!(series(&s, source), 1, "only the source in use");
+        assert_eq!(value(&s, source, &[("source", "netlink")]), Some(1.0));
+    }
+
+    #[test]
+    fn exposes_every_family_with_its_type_and_help() {
+        let m = metrics(20);
+        let (k, t) = outbound(40000, 50000, "198.51.100.7", 443);
+        m.observe_new(&FlowObservation {
+            deviation: Some("missing_hop"),
+            ..observation(k, t, &OUT, Some("web/a"))
+        });
+        let health = Arc::new(CaptureHealth::default());
+        health.record_hook(HookStatus {
+            name: "tp_btf/net_dev_start_xmit".into(),
+            attached: true,
+            detail: String::new(),
+        });
+        m.set_capture(health, SourceKind::Netlink);
+        let text = m.render().unwrap();
+        let types: BTreeMap<&str, &str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| l.split_once(' ').unwrap())
+            .collect();
+        let expected: BTreeMap<&str, &str> = [
+            ("aksnet_capture_decode_errors_total", "counter"),
+            ("aksnet_capture_events_lost_total", "counter"),
+            ("aksnet_capture_events_total", "counter"),
+            ("aksnet_capture_hook_attached", "gauge"),
+            ("aksnet_capture_source_info", "gauge"),
+            ("aksnet_flows_observed_total", "counter"),
+            ("aksnet_lb_snat_destination_flows", "gauge"),
+            ("aksnet_lb_snat_port_pressure_ratio", "gauge"),
+            ("aksnet_lb_snat_ports_allocated", "gauge"),
+            ("aksnet_model_deviations_total", "counter"),
+            ("aksnet_nat_translations_total", "counter"),
+            ("aksnet_snat_connections", "gauge"),
+            ("aksnet_snat_port_conflicts_total", "counter"),
+            ("aksnet_snat_ports_in_use", "gauge"),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(types, expected);
+        for name in expected.keys() {
+            let help = format!("# HELP {name} ");
+            assert!(
+                text.lines()
+                    .any(|l| l.len() > help.len() + 10 && l.starts_with(&help)),
+                "{name} has no help text"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_configuration_is_refused() {
+        let config = MetricsConfig {
+            node_pool_size: 5000,
+            ..MetricsConfig::default()
+        };
+        let err = Metrics::new(&config).err().expect("refused").to_string();
+        assert!(err.contains("node_pool_size = 5000"), "{err}");
+    }
+}

@@ -1,0 +1,389 @@
+//! SNAT accounting: which SNAT'ed connections are live, towards which destinations, and how close
+//! the node is to running out of the Azure Load Balancer's SNAT ports.
+//!
+//! Pure bookkeeping (no metrics, no I/O) so that its rules are tested on their own:
+//! - a connection is identified by its conntrack key; reporting it again updates it;
+//! - one translated source port may serve many destinations at once (the LB reuses a SNAT port
+//!   across destinations), but conntrack never holds two live entries with the same translated
+//!   tuple in one table: such a collision means the older entry's end was missed, so it is dropped
+//!   and reported as a conflict;
+//! - what runs out at the LB is the number of concurrent flows from one node to the same
+//!   destination IP, port and protocol, whatever the node-side source address.
+
+use crate::events::{FlowKey, Proto, Tuple};
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+
+/// A destination as the LB's SNAT port allocation counts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Destination {
+    pub proto: Proto,
+    pub ip: IpAddr,
+    pub port: u16,
+}
+
+/// A translated source address together with a destination: the unit of node-side port usage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceDestination {
+    pub src: IpAddr,
+    pub dest: Destination,
+}
+
+/// What [`SnatTable::open`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Opened {
+    /// A connection not seen before.
+    New,
+    /// The connection was already live; its entry now holds the latest translation.
+    Updated,
+    /// Another live connection held the same translated tuple. conntrack cannot hold both, so
+    /// `stale`'s end was missed: it was dropped in favour of the new one.
+    Conflict { stale: FlowKey },
+}
+
+/// Live SNAT'ed connections of one node.
+#[derive(Debug, Default)]
+pub struct SnatTable {
+    live: HashMap<FlowKey, Entry>,
+    /// Who holds each translated tuple: conntrack keeps these unique per table (netns, zone).
+    holders: HashMap<TranslatedKey, FlowKey>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    translated: Tuple,
+    /// The Azure LB SNATs this connection too, so it holds one of the node's LB SNAT ports.
+    through_lb: bool,
+    pod: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct TranslatedKey {
+    netns: u32,
+    zone: u16,
+    proto: Proto,
+    translated: Tuple,
+}
+
+impl TranslatedKey {
+    fn new(key: &FlowKey, translated: &Tuple) -> Self {
+        TranslatedKey {
+            netns: key.netns,
+            zone: key.zone,
+            proto: key.proto,
+            translated: *translated,
+        }
+    }
+}
+
+/// Current usage, aggregated from the live connections.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Usage {
+    /// Live SNAT'ed connections per translated source, destination and owning pod.
+    pub connections: HashMap<(SourceDestination, Option<String>), u64>,
+    /// Distinct translated source ports in use per translated source and destination.
+    pub ports_in_use: HashMap<SourceDestination, u64>,
+    /// Concurrent flows through the LB's SNAT per destination: each holds one LB SNAT port.
+    pub lb_flows: HashMap<Destination, u64>,
+}
+
+impl Usage {
+    /// The busiest destination's share of the ports the LB allocated to the node: the node runs
+    /// out of SNAT ports for a destination when this reaches 1.
+    pub fn pressure(&self, allocated_ports: u32) -> f64 {
+        let busiest = self.lb_flows.values().copied().max().unwrap_or(0);
+        busiest as f64 / f64::from(allocated_ports)
+    }
+}
+
+impl SnatTable {
+    /// Records a live SNAT'ed connection. `translated` is its tuple after NAT in the original
+    /// direction; `through_lb` says whether the Azure LB SNATs it as well; `pod` owns the original
+    /// source, where known. Protocols without ports (ICMP) hold no SNAT port and are ignored.
+    pub fn open(
+        &mut self,
+        key: FlowKey,
+        translated: Tuple,
+        through_lb: bool,
+        pod: Option<&str>,
+    ) -> Option<Opened> {
+        if !key.proto.has_ports() {
+            return None;
+        }
+        let was_live = self.close(&key);
+        let slot = TranslatedKey::new(&key, &translated);
+        let stale = self.holders.get(&slot).copied();
+        if let Some(stale) = stale {
+            self.close(&stale);
+        }
+        self.holders.insert(slot, key);
+        self.live.insert(
+            key,
+            Entry {
+                translated,
+                through_lb,
+                pod: pod.map(str::to_owned),
+            },
+        );
+        Some(match (stale, was_live) {
+            (Some(stale), _) => Opened::Conflict { stale },
+            (None, true) => Opened::Updated,
+            (None, false) => Opened::New,
+        })
+    }
+
+    /// Forgets a connection that ended. Returns whether it was live here.
+    pub fn close(&mut self, key: &FlowKey) -> bool {
+        let Some(entry) = self.live.remove(key) else {
+            return false;
+        };
+        let slot = TranslatedKey::new(key, &entry.translated);
+        if self.holders.get(&slot) == Some(key) {
+            self.holders.remove(&slot);
+        }
+        true
+    }
+
+    /// Number of live SNAT'ed connections.
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
+    /// Aggregates the live connections. Linear in their number: meant for scrape time.
+    pub fn usage(&self) -> Usage {
+        let mut usage = Usage::default();
+        let mut ports: HashMap<SourceDestination, HashSet<u16>> = HashMap::new();
+        for (key, entry) in &self.live {
+            let t = &entry.translated;
+            let dest = Destination {
+                proto: key.proto,
+                ip: t.dst,
+                port: t.dport,
+            };
+            let sd = SourceDestination { src: t.src, dest };
+            *usage
+                .connections
+                .entry((sd, entry.pod.clone()))
+                .or_default() += 1;
+            ports.entry(sd).or_default().insert(t.sport);
+            if entry.through_lb {
+                *usage.lb_flows.entry(dest).or_default() += 1;
+            }
+        }
+        usage.ports_in_use = ports
+            .into_iter()
+            .map(|(sd, set)| (sd, set.len() as u64))
+            .collect();
+        usage
+    }
+}
+
+/// The largest `n` values by usage, and the sum of the rest: bounds a gauge's label cardinality.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopN<K> {
+    /// Largest first; ties in key order, so that scrapes are stable.
+    pub top: Vec<(K, u64)>,
+    /// Sum of the values folded away, `None` when nothing was folded.
+    pub other: Option<u64>,
+}
+
+/// Keeps the `n` largest values of `values` and folds the rest into one sum.
+pub fn top_n<K: Ord>(values: HashMap<K, u64>, n: usize) -> TopN<K> {
+    let mut rows: Vec<(K, u64)> = values.into_iter().collect();
+    rows.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let rest = if rows.len() > n {
+        Some(rows.split_off(n).into_iter().map(|(_, v)| v).sum())
+    } else {
+        None
+    };
+    TopN {
+        top: rows,
+        other: rest,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tuple(src: &str, sport: u16, dst: &str, dport: u16) -> Tuple {
+        Tuple {
+            src: src.parse().unwrap(),
+            sport,
+            dst: dst.parse().unwrap(),
+            dport,
+        }
+    }
+
+    /// A pod's connection to `dst:dport`, SNATed to the node IP 10.224.0.4 with `node_port`.
+    fn pod_conn(pod_port: u16, node_port: u16, dst: &str, dport: u16) -> (FlowKey, Tuple) {
+        let key = FlowKey {
+            netns: 4026531840,
+            zone: 0,
+            proto: Proto::Tcp,
+            orig: tuple("10.244.0.5", pod_port, dst, dport),
+        };
+        (key, tuple("10.224.0.4", node_port, dst, dport))
+    }
+
+    fn dest(ip: &str, port: u16) -> Destination {
+        Destination {
+            proto: Proto::Tcp,
+            ip: ip.parse().unwrap(),
+            port,
+        }
+    }
+
+    #[test]
+    fn opening_counts_connections_ports_and_lb_flows() {
+        let mut table = SnatTable::default();
+        let (k1, t1) = pod_conn(40000, 50000, "198.51.100.7", 443);
+        let (k2, t2) = pod_conn(40001, 50001, "198.51.100.7", 443);
+        assert_eq!(table.open(k1, t1, true, Some("web/a")), Some(Opened::New));
+        assert_eq!(table.open(k2, t2, true, Some("web/b")), Some(Opened::New));
+        let usage = table.usage();
+        let sd = SourceDestination {
+            src: "10.224.0.4".parse().unwrap(),
+            dest: dest("198.51.100.7", 443),
+        };
+        assert_eq!(usage.connections[&(sd, Some("web/a".to_owned()))], 1);
+        assert_eq!(usage.connections[&(sd, Some("web/b".to_owned()))], 1);
+        assert_eq!(usage.ports_in_use[&sd], 2);
+        assert_eq!(usage.lb_flows[&dest("198.51.100.7", 443)], 2);
+        assert_eq!(usage.pressure(1024), 2.0 / 1024.0);
+    }
+
+    #[test]
+    fn one_port_reused_across_destinations_is_not_a_conflict() {
+        let mut table = SnatTable::default();
+        let (k1, t1) = pod_conn(40000, 50000, "198.51.100.7", 443);
+        let (k2, t2) = pod_conn(40001, 50000, "203.0.113.9", 443);
+        let (k3, t3) = pod_conn(40002, 50000, "198.51.100.7", 80);
+        assert_eq!(table.open(k1, t1, true, None), Some(Opened::New));
+        assert_eq!(table.open(k2, t2, true, None), Some(Opened::New));
+        assert_eq!(table.open(k3, t3, true, None), Some(Opened::New));
+        assert_eq!(table.len(), 3);
+        let usage = table.usage();
+        // Three destinations, one flow each: the busiest uses one port of the allocation.
+        assert_eq!(usage.lb_flows.len(), 3);
+        assert_eq!(usage.pressure(64), 1.0 / 64.0);
+    }
+
+    #[test]
+    fn pressure_is_the_busiest_destination_not_the_total() {
+        let mut table = SnatTable::default();
+        for i in 0..6u16 {
+            let (k, t) = pod_conn(40000 + i, 50000 + i, "198.51.100.7", 443);
+            table.open(k, t, true, None);
+        }
+        for i in 0..3u16 {
+            let (k, t) = pod_conn(41000 + i, 51000 + i, "203.0.113.9", 443);
+            table.open(k, t, true, None);
+        }
+        assert_eq!(table.usage().pressure(8), 6.0 / 8.0);
+    }
+
+    #[test]
+    fn only_connections_through_the_lb_count_towards_pressure() {
+        let mut table = SnatTable::default();
+        // kubenet pod → vnet: MASQUERADEd on the node, never through the LB.
+        let (k, t) = pod_conn(40000, 50000, "10.224.0.9", 443);
+        table.open(k, t, false, Some("web/a"));
+        let usage = table.usage();
+        assert_eq!(usage.connections.values().sum::<u64>(), 1);
+        assert!(usage.lb_flows.is_empty());
+        assert_eq!(usage.pressure(1024), 0.0);
+    }
+
+    #[test]
+    fn colliding_translated_tuple_evicts_the_stale_connection() {
+        let mut table = SnatTable::default();
+        let (old, t) = pod_conn(40000, 50000, "198.51.100.7", 443);
+        let (new, t_new) = pod_conn(40001, 50000, "198.51.100.7", 443);
+        assert_eq!(t, t_new);
+        table.open(old, t, true, Some("web/a"));
+        assert_eq!(
+            table.open(new, t_new, true, Some("web/b")),
+            Some(Opened::Conflict { stale: old })
+        );
+        assert_eq!(table.len(), 1);
+        assert!(!table.close(&old), "the stale entry is gone");
+        let usage = table.usage();
+        assert_eq!(usage.lb_flows[&dest("198.51.100.7", 443)], 1);
+        assert_eq!(
+            usage.connections.keys().next().unwrap().1.as_deref(),
+            Some("web/b")
+        );
+    }
+
+    #[test]
+    fn same_translated_tuple_in_another_namespace_is_no_conflict() {
+        let mut table = SnatTable::default();
+        let (k1, t) = pod_conn(40000, 50000, "198.51.100.7", 443);
+        let k2 = FlowKey { netns: 1, ..k1 };
+        table.open(k1, t, false, None);
+        assert_eq!(table.open(k2, t, false, None), Some(Opened::New));
+        // One translated source port, held in two conntrack tables.
+        let usage = table.usage();
+        assert_eq!(
+            usage.ports_in_use.values().copied().collect::<Vec<_>>(),
+            vec![1]
+        );
+        assert_eq!(usage.connections.values().sum::<u64>(), 2);
+    }
+
+    #[test]
+    fn reporting_a_live_connection_again_updates_it() {
+        let mut table = SnatTable::default();
+        let (k, t) = pod_conn(40000, 50000, "198.51.100.7", 443);
+        table.open(k, t, false, None);
+        let moved = Tuple { sport: 50001, ..t };
+        assert_eq!(table.open(k, moved, true, None), Some(Opened::Updated));
+        assert_eq!(table.len(), 1);
+        let usage = table.usage();
+        assert_eq!(usage.lb_flows.values().sum::<u64>(), 1);
+        // The old translated tuple is free again: another connection may take it.
+        let (other, _) = pod_conn(40001, 50000, "198.51.100.7", 443);
+        assert_eq!(table.open(other, t, true, None), Some(Opened::New));
+    }
+
+    #[test]
+    fn closing_releases_the_connection() {
+        let mut table = SnatTable::default();
+        let (k, t) = pod_conn(40000, 50000, "198.51.100.7", 443);
+        table.open(k, t, true, None);
+        assert!(table.close(&k));
+        assert!(!table.close(&k), "a second end changes nothing");
+        assert!(table.is_empty());
+        assert_eq!(table.usage(), Usage::default());
+    }
+
+    #[test]
+    fn protocols_without_ports_hold_no_snat_port() {
+        let mut table = SnatTable::default();
+        let (mut k, t) = pod_conn(7, 7, "198.51.100.7", 0x0800);
+        k.proto = Proto::Icmp;
+        assert_eq!(table.open(k, t, true, None), None);
+        assert!(table.is_empty());
+    }
+
+    #[test]
+    fn top_n_keeps_the_largest_and_folds_the_rest() {
+        let values: HashMap<&str, u64> = [("a", 5), ("b", 9), ("c", 1), ("d", 5), ("e", 2)]
+            .into_iter()
+            .collect();
+        let folded = top_n(values.clone(), 3);
+        assert_eq!(folded.top, vec![("b", 9), ("a", 5), ("d", 5)]);
+        assert_eq!(folded.other, Some(3));
+        let all = top_n(values.clone(), 5);
+        assert_eq!(all.top.len(), 5);
+        assert_eq!(all.other, None);
+        let none = top_n(values, 0);
+        assert!(none.top.is_empty());
+        assert_eq!(none.other, Some(22));
+    }
+}

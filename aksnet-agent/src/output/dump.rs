@@ -1,0 +1,181 @@
+//! `--dump`: one line per flow as it is seen, as text for a person or JSON for a program.
+
+use crate::events::{EventKind, FlowEvent, Proto, SourceKind, Tuple};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::net::IpAddr;
+
+/// How `--dump` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// Everything one dump line shows about a flow.
+pub struct FlowView<'a> {
+    /// What happened: opened, NAT changed, ended.
+    pub kind: EventKind,
+    pub event: &'a FlowEvent,
+    pub in_iface: Option<String>,
+    pub out_iface: Option<String>,
+    /// `namespace/pod` or `namespace/service` for the addresses the enrichment knows.
+    pub names: BTreeMap<IpAddr, String>,
+}
+
+#[derive(Serialize)]
+struct JsonLine<'a> {
+    ts: String,
+    event: EventKind,
+    source: SourceKind,
+    proto: Proto,
+    orig: &'a Tuple,
+    reply: &'a Tuple,
+    translated: Tuple,
+    nat: Vec<&'static str>,
+    in_iface: Option<&'a str>,
+    out_iface: Option<&'a str>,
+    netns: u32,
+    zone: u16,
+    mark: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    packets: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes: Option<u64>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    names: &'a BTreeMap<IpAddr, String>,
+}
+
+/// Writes dump lines to a writer, flushing each so that a pipe reader sees flows live.
+pub struct Dump<W: Write> {
+    format: Format,
+    out: W,
+}
+
+impl<W: Write> Dump<W> {
+    pub fn new(format: Format, out: W) -> Self {
+        Dump { format, out }
+    }
+
+    pub fn write(&mut self, view: &FlowView<'_>) -> io::Result<()> {
+        let line = match self.format {
+            Format::Text => text_line(view),
+            Format::Json => json_line(view),
+        };
+        writeln!(self.out, "{line}")?;
+        self.out.flush()
+    }
+}
+
+fn rfc3339(ts: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_millis(ts).to_string()
+}
+
+fn json_line(view: &FlowView<'_>) -> String {
+    let ev = view.event;
+    let line = JsonLine {
+        ts: rfc3339(ev.ts),
+        event: view.kind,
+        source: ev.source,
+        proto: ev.proto,
+        orig: &ev.orig,
+        reply: &ev.reply,
+        translated: ev.translated(),
+        nat: ev.nat().names(),
+        in_iface: view.in_iface.as_deref(),
+        out_iface: view.out_iface.as_deref(),
+        netns: ev.netns,
+        zone: ev.zone,
+        mark: ev.mark,
+        packets: ev.packets,
+        bytes: ev.bytes,
+        names: &view.names,
+    };
+    serde_json::to_string(&line).expect("dump lines hold only serialisable plain data")
+}
+
+fn text_line(view: &FlowView<'_>) -> String {
+    let ev = view.event;
+    let kind = match view.kind {
+        EventKind::New => "new",
+        EventKind::NatChanged => "nat-changed",
+        EventKind::Destroy => "end",
+    };
+    let iface = |name: &Option<String>| name.clone().unwrap_or_else(|| "-".into());
+    let mut line = format!(
+        "{} {kind:<5} {:<4} {} => {} {:<4} in={} out={}",
+        rfc3339(ev.ts),
+        ev.proto,
+        ev.orig,
+        ev.translated(),
+        ev.nat(),
+        iface(&view.in_iface),
+        iface(&view.out_iface),
+    );
+    for (addr, name) in &view.names {
+        line.push_str(&format!(" {addr}={name}"));
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    fn lb_event() -> FlowEvent {
+        FlowEvent {
+            kind: EventKind::New,
+            source: SourceKind::Ebpf,
+            ts: SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_000_000_123),
+            proto: Proto::Tcp,
+            orig: Tuple { src: "203.0.113.10".parse().unwrap(), sport: 40000, dst: "192.0.2.10".parse().unwrap(), dport: 80 },
+            reply: Tuple { src: "10.244.0.10".parse().unwrap(), sport: 8080, dst: "10.244.0.1".parse().unwrap(), dport: 61000 },
+            status: 0,
+            mark: 0x4000,
+            zone: 0,
+            netns: 4026532000,
+            in_ifindex: Some(2),
+            out_ifindex: Some(5),
+            packets: None,
+            bytes: None,
+        }
+    }
+
+    fn view(ev: &FlowEvent) -> FlowView<'_> {
+        FlowView {
+            kind: EventKind::New,
+            event: ev,
+            in_iface: Some("eth0".into()),
+            out_iface: Some("cbr0".into()),
+            names: BTreeMap::from([("10.244.0.10".parse().unwrap(), "default/app-7d4b9c-x2x9z".into())]),
+        }
+    }
+
+    #[test]
+    fn text_line_shows_both_tuples_nat_and_interfaces() {
+        let ev = lb_event();
+        assert_eq!(
+            text_line(&view(&ev)),
+            "2026-11-18T11:06:40.123Z new   tcp  203.0.113.10:40000 -> 192.0.2.10:80 => \
+             10.244.0.1:61000 -> 10.244.0.10:8080 both in=eth0 out=cbr0 10.244.0.10=default/app-7d4b9c-x2x9z"
+        );
+    }
+
+    #[test]
+    fn json_line_has_the_documented_fields_with_numeric_ports() {
+        let ev = lb_event();
+        let v: serde_json::Value = serde_json::from_str(&json_line(&view(&ev))).unwrap();
+        assert_eq!(v["ts"], "2026-11-18T11:06:40.123Z");
+        assert_eq!(v["proto"], "tcp");
+        assert_eq!(v["orig"], serde_json::json!({"src": "203.0.113.10", "sport": 40000, "dst": "192.0.2.10", "dport": 80}));
+        assert_eq!(v["reply"]["src"], "10.244.0.10");
+        assert_eq!(v["reply"]["sport"], 8080);
+        assert_eq!(v["nat"], serde_json::json!(["dnat", "snat"]));
+        assert_eq!((v["in_iface"].as_str(), v["out_iface"].as_str()), (Some("eth0"), Some("cbr0")));
+        assert_eq!(v["netns"], 4026532000u64);
+        assert_eq!(v["names"]["10.244.0.10"], "default/app-7d4b9c-x2x9z");
+        assert!(v.get("packets").is_none());
+    }
+}

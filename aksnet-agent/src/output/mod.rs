@@ -1,0 +1,3 @@
+//! Outputs: what a person reads (`--dump`, `explain`). Metrics live in `crate::metrics`.
+
+pub mod dump;

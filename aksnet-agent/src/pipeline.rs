@@ -1,0 +1,380 @@
+//! The agent's pipeline, wired end to end: capture → flow table → classification → outputs
+//! (dump, metrics). `main.rs` parses flags into [`RunOptions`] and calls [`run`] or [`explain`].
+
+use crate::capture::netns::{IfNames, Netns, NetnsError, NetnsTarget};
+use crate::capture::{self, CaptureError, CaptureHealth, SourceChoice};
+use crate::enrich::{EnrichConfig, Enricher, OwnerKind};
+use crate::events::{EventKind, FlowEvent, Proto};
+use crate::flows::{FlowTable, Update};
+use crate::metrics::{self, FlowObservation, Metrics, MetricsConfig, MetricsError, NatHop, Readiness};
+use crate::model::{Classification, Classifier, CniMismatch, Evidence, Hop, HopKind, Model, Verdict};
+use crate::output::dump::{Dump, FlowView, Format};
+use crate::topology::{self, CniMode, LoadError, Topology, TopologyError, TopologyLayer};
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// Events waiting between the capture and the pipeline; beyond this the capture's own buffers
+/// (ring buffer, netlink socket) absorb bursts and count what they lose.
+const EVENT_QUEUE: usize = 65_536;
+/// Live flows the table holds before it evicts the oldest.
+const MAX_FLOWS: usize = 1_000_000;
+
+/// What the operator asked for on the command line.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Print flows in this format (`--dump`); `None` runs as a daemon.
+    pub dump: Option<Format>,
+    pub netns: Option<String>,
+    pub duration: Option<Duration>,
+    pub count: Option<u64>,
+    pub source: Option<SourceChoice>,
+    pub config: Option<PathBuf>,
+    pub cni: Option<CniMode>,
+    pub model: Option<PathBuf>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub allocated_outbound_ports: Option<u32>,
+    pub node_pool_size: Option<u32>,
+    pub show_ends: bool,
+}
+
+/// What stopped the agent, with the way out.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    #[error(transparent)]
+    Model(#[from] LoadError),
+    #[error(transparent)]
+    Cni(#[from] CniMismatch),
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error("cannot write flows to standard output: {0}")]
+    Output(#[source] std::io::Error),
+    #[error("cannot read flows from {}: {source}", path.display())]
+    ReadDump { path: PathBuf, source: std::io::Error },
+    #[error("{}:{line}: not a `--dump --output json` line: {reason}", path.display())]
+    DumpLine { path: PathBuf, line: usize, reason: String },
+    #[error("--match {0}: expected an IP address or ADDRESS:PORT")]
+    Match(String),
+}
+
+/// Runs the agent until `--duration`, `--count`, SIGINT or SIGTERM.
+pub fn run(options: RunOptions) -> Result<(), AgentError> {
+    runtime()?.block_on(Agent::start(&options)?.run(&options))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, AgentError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(AgentError::Runtime)
+}
+
+/// Merges discovery in the observed namespace, the config file and flags, in that precedence.
+fn classifier(options: &RunOptions, netns: &Netns) -> Result<Classifier, AgentError> {
+    let discovery = netns.run_in(topology::discover)?;
+    for note in &discovery.notes {
+        log::debug!("discovery: {note}");
+    }
+    let mut layers = vec![discovery.layer];
+    if let Some(path) = &options.config {
+        layers.push(TopologyLayer::from_file(path)?);
+    }
+    layers.push(TopologyLayer { cni: options.cni, ..TopologyLayer::default() });
+    let topology = Topology::from_layers(layers)?;
+    let model = match &options.model {
+        Some(path) => Model::from_file(path)?,
+        None => Model::load_builtin(topology.cni).map_err(LoadError::from)?,
+    };
+    Ok(Classifier::new(model, topology)?)
+}
+
+/// Everything the pipeline holds between start-up and the first event.
+struct Agent {
+    netns: Netns,
+    classifier: Classifier,
+}
+
+impl Agent {
+    fn start(options: &RunOptions) -> Result<Agent, AgentError> {
+        let netns = options.netns.as_deref().map_or(Ok(NetnsTarget::Own), str::parse)?.open()?;
+        let classifier = classifier(options, &netns)?;
+        Ok(Agent { netns, classifier })
+    }
+
+    async fn run(self, options: &RunOptions) -> Result<(), AgentError> {
+        let health = Arc::new(CaptureHealth::default());
+        let readiness = Readiness::default();
+        let metrics = self.metrics(options, &readiness).await?;
+        let enricher = match Enricher::start(EnrichConfig::from_env()).await {
+            Ok(enricher) => enricher,
+            Err(err) => {
+                log::warn!("Kubernetes enrichment off: {err}; flows show bare addresses");
+                Enricher::disabled()
+            }
+        };
+        let (tx, mut rx) = mpsc::channel(EVENT_QUEUE);
+        let source = options.source.unwrap_or(SourceChoice::Auto);
+        let capture = capture::start(source, &self.netns, tx, Arc::clone(&health)).await?;
+        log::info!(
+            "capturing conntrack NAT in network namespace {} (inode {}) with {}; {} model",
+            self.netns,
+            self.netns.inode(),
+            capture.source,
+            self.classifier.topology().cni.as_str()
+        );
+        if let Some(metrics) = &metrics {
+            metrics.set_capture(Arc::clone(&health), capture.source);
+        }
+        readiness.set_ready(true);
+
+        let mut pipeline = Pipeline {
+            table: FlowTable::new(MAX_FLOWS),
+            ifnames: IfNames::new(&self.netns)?,
+            classifier: self.classifier,
+            enricher,
+            metrics,
+            dump: options.dump.map(|format| Dump::new(format, std::io::stdout().lock())),
+            show_ends: options.show_ends,
+            shown: 0,
+        };
+        let deadline = options.duration.map(|d| Instant::now() + d);
+        let mut stop = Stop::new().map_err(AgentError::Runtime)?;
+        loop {
+            tokio::select! {
+                event = rx.recv() => match event {
+                    Some(event) => pipeline.handle(event)?,
+                    None => break,
+                },
+                _ = sleep_until(deadline) => break,
+                _ = stop.signalled() => break,
+            }
+            if options.count.is_some_and(|n| pipeline.shown >= n) {
+                break;
+            }
+        }
+        let lost = health.lost.load(std::sync::atomic::Ordering::Relaxed);
+        if lost > 0 {
+            log::warn!("{lost} capture event(s) were lost to full kernel buffers during this run");
+        }
+        drop(capture);
+        Ok(())
+    }
+
+    async fn metrics(
+        &self,
+        options: &RunOptions,
+        readiness: &Readiness,
+    ) -> Result<Option<Arc<Metrics>>, AgentError> {
+        // A dump is for a person at a terminal: no listener unless asked for.
+        let listen = match (options.metrics_listen, options.dump) {
+            (Some(addr), _) => addr,
+            (None, None) => MetricsConfig::default().listen,
+            (None, Some(_)) => return Ok(None),
+        };
+        let defaults = MetricsConfig::default();
+        let config = MetricsConfig {
+            listen,
+            allocated_outbound_ports: options.allocated_outbound_ports,
+            node_pool_size: options.node_pool_size.unwrap_or(defaults.node_pool_size),
+            ..defaults
+        };
+        let metrics = Arc::new(Metrics::new(&config)?);
+        let listener = metrics::bind(config.listen).await?;
+        log::info!("serving /metrics, /healthz and /readyz on {}", config.listen);
+        tokio::spawn(metrics::serve(listener, Arc::clone(&metrics), readiness.clone()));
+        Ok(Some(metrics))
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// SIGINT (Ctrl-C) and SIGTERM (how Kubernetes stops a pod) both end the run cleanly.
+struct Stop {
+    term: tokio::signal::unix::Signal,
+}
+
+impl Stop {
+    fn new() -> std::io::Result<Stop> {
+        Ok(Stop { term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())? })
+    }
+
+    async fn signalled(&mut self) {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = self.term.recv() => {}
+        }
+    }
+}
+
+/// The per-event work: table, classification, outputs.
+struct Pipeline<W: Write> {
+    table: FlowTable,
+    ifnames: IfNames,
+    classifier: Classifier,
+    enricher: Enricher,
+    metrics: Option<Arc<Metrics>>,
+    dump: Option<Dump<W>>,
+    show_ends: bool,
+    /// Dump lines written so far, for `--count`.
+    shown: u64,
+}
+
+impl<W: Write> Pipeline<W> {
+    fn handle(&mut self, event: FlowEvent) -> Result<(), AgentError> {
+        match self.table.apply(event) {
+            Update::Opened(flow) => self.report(EventKind::New, &flow.event),
+            Update::NatChanged(flow) => self.report(EventKind::NatChanged, &flow.event),
+            Update::Closed(flow) => {
+                if let Some(metrics) = &self.metrics {
+                    metrics.observe_end(&flow.event.key());
+                }
+                if self.show_ends {
+                    let view = self.view(EventKind::Destroy, &flow.event, None);
+                    self.write(&view)?;
+                }
+                Ok(())
+            }
+            Update::Unchanged => Ok(()),
+        }
+    }
+
+    fn report(&mut self, kind: EventKind, event: &FlowEvent) -> Result<(), AgentError> {
+        let mut view = self.view(kind, event, None);
+        let class = self.classifier.classify_with_interfaces(
+            event,
+            view.in_iface.as_deref(),
+            view.out_iface.as_deref(),
+        );
+        if let (Some(metrics), EventKind::New) = (&self.metrics, kind) {
+            let pod = self
+                .enricher
+                .lookup(event.orig.src)
+                .filter(|owner| owner.kind == OwnerKind::Pod)
+                .map(|owner| owner.to_string());
+            let hops = nat_hops(&class);
+            metrics.observe_new(&observation(event, &class, &hops, pod.as_deref()));
+        }
+        view.classification = Some(&class);
+        self.write(&view)
+    }
+
+    fn view<'a>(
+        &self,
+        kind: EventKind,
+        event: &'a FlowEvent,
+        classification: Option<&'a Classification>,
+    ) -> FlowView<'a> {
+        let name = |index: Option<u32>| index.and_then(|i| self.ifnames.name(i).ok().flatten());
+        FlowView {
+            kind,
+            event,
+            in_iface: name(event.in_ifindex),
+            out_iface: name(event.out_ifindex),
+            names: names(&self.enricher, event),
+            classification,
+        }
+    }
+
+    fn write(&mut self, view: &FlowView<'_>) -> Result<(), AgentError> {
+        if let Some(dump) = &mut self.dump {
+            dump.write(view).map_err(AgentError::Output)?;
+            self.shown += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Pod and Service names of the flow's addresses, where the enrichment knows them.
+fn names(enricher: &Enricher, event: &FlowEvent) -> BTreeMap<IpAddr, String> {
+    if !enricher.is_enabled() {
+        return BTreeMap::new();
+    }
+    let translated = event.translated();
+    [
+        enricher.lookup(event.orig.src).map(|o| (event.orig.src, o)),
+        enricher
+            .lookup_port(event.orig.dst, event.proto, event.orig.dport)
+            .map(|o| (event.orig.dst, o)),
+        enricher.lookup(translated.dst).map(|o| (translated.dst, o)),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|(ip, owner)| (ip, owner.to_string()))
+    .collect()
+}
+
+/// The metrics' view of a classified flow: its path, verdict and NAT hops.
+fn observation<'a>(
+    event: &FlowEvent,
+    class: &'a Classification,
+    hops: &'a [NatHop],
+    pod: Option<&'a str>,
+) -> FlowObservation<'a> {
+    FlowObservation {
+        key: event.key(),
+        translated: event.translated(),
+        path: class.path.as_ref().map_or("unclassified", |p| p.0.as_str()),
+        cni: class.cni.as_str(),
+        verdict: verdict_label(class.verdict),
+        deviation: deviation_class(class),
+        hops,
+        pod,
+    }
+}
+
+fn verdict_label(verdict: Verdict) -> &'static str {
+    match verdict {
+        Verdict::Conforms => "conforms",
+        Verdict::Deviates => "deviates",
+        Verdict::Unclassified => "unclassified",
+    }
+}
+
+/// The NAT hops the metrics count: those the node applied and the LB's inferred outbound SNAT.
+fn nat_hops(class: &Classification) -> Vec<NatHop> {
+    class
+        .hops
+        .iter()
+        .filter(|hop| hop.evidence != Evidence::ExpectedNotSeen)
+        .filter_map(|hop| match hop.kind {
+            HopKind::NodeDnat => Some(NatHop::KubeProxyDnat),
+            HopKind::NodeSnat => Some(NatHop::NodeSnat),
+            HopKind::OutboundSnat => Some(NatHop::LbSnatInferred),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A short, bounded label for why a flow deviates: which node NAT was unexpected or missing.
+fn deviation_class(class: &Classification) -> Option<&'static str> {
+    if class.verdict != Verdict::Deviates {
+        return None;
+    }
+    let class_of = |hop: &Hop| match (hop.kind, hop.evidence, hop.in_model) {
+        (HopKind::NodeSnat, Evidence::ExpectedNotSeen, _) => Some("missing-node-snat"),
+        (HopKind::NodeDnat, Evidence::ExpectedNotSeen, _) => Some("missing-node-dnat"),
+        (HopKind::NodeSnat, _, false) => Some("unexpected-node-snat"),
+        (HopKind::NodeDnat, _, false) => Some("unexpected-node-dnat"),
+        _ => None,
+    };
+    Some(class.hops.iter().find_map(class_of).unwrap_or("other"))
+}

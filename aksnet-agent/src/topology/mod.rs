@@ -1,0 +1,526 @@
+//! What the agent knows about the cluster around the node: address ranges, the node's own
+//! addresses, the LB's frontends and outbound IPs, kube-proxy's Services, and the network mode.
+//!
+//! Three layers feed it, lowest precedence first: on-node [`discover`]y, the `--config` file
+//! ([`TopologyLayer::from_file`]) and command-line flags (a [`TopologyLayer`] the CLI fills).
+//! [`Topology::from_layers`] merges them and refuses to produce a half-configured topology.
+
+mod cidr;
+mod config;
+mod discover;
+mod iptables;
+
+pub use cidr::{Cidr, CidrError};
+pub use config::{FileError, LoadError};
+pub(crate) use config::parse_toml;
+pub use discover::{discover, Discovery};
+pub use iptables::{parse_iptables_save, KubeProxyRules};
+
+use crate::events::Proto;
+use serde::{Deserialize, Deserializer, Serialize};
+use std::fmt;
+use std::net::IpAddr;
+use std::path::Path;
+use std::str::FromStr;
+
+/// The AKS network plug-in mode; one model file per mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CniMode {
+    Kubenet,
+    AzureCni,
+    AzureCniOverlay,
+}
+
+impl CniMode {
+    pub const ALL: [CniMode; 3] = [CniMode::Kubenet, CniMode::AzureCni, CniMode::AzureCniOverlay];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CniMode::Kubenet => "kubenet",
+            CniMode::AzureCni => "azure-cni",
+            CniMode::AzureCniOverlay => "azure-cni-overlay",
+        }
+    }
+}
+
+impl fmt::Display for CniMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for CniMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        CniMode::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| format!("unknown CNI mode `{s}`: use kubenet, azure-cni or azure-cni-overlay"))
+    }
+}
+
+/// Where service NAT happens: netfilter (kube-proxy iptables, visible in conntrack) or Cilium's
+/// eBPF programs (not visible to conntrack).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Dataplane {
+    #[default]
+    Iptables,
+    Cilium,
+}
+
+/// A Service's `externalTrafficPolicy`, spelled as in Kubernetes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Etp {
+    Cluster,
+    Local,
+}
+
+impl fmt::Display for Etp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Etp::Cluster => "Cluster",
+            Etp::Local => "Local",
+        })
+    }
+}
+
+/// The cluster's `outboundType`, spelled as in AKS: it decides who SNATs traffic leaving the vnet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum OutboundType {
+    #[default]
+    #[serde(rename = "loadBalancer")]
+    LoadBalancer,
+    #[serde(rename = "managedNATGateway")]
+    ManagedNatGateway,
+    #[serde(rename = "userAssignedNATGateway")]
+    UserAssignedNatGateway,
+    #[serde(rename = "userDefinedRouting")]
+    UserDefinedRouting,
+    #[serde(rename = "none")]
+    None,
+}
+
+impl OutboundType {
+    /// Who performs the off-node outbound SNAT, in operator words.
+    pub fn snat_device(self) -> &'static str {
+        match self {
+            OutboundType::LoadBalancer => "Azure Load Balancer outbound SNAT",
+            OutboundType::ManagedNatGateway | OutboundType::UserAssignedNatGateway => {
+                "NAT gateway SNAT"
+            }
+            OutboundType::UserDefinedRouting => "firewall / NVA SNAT (user-defined routing)",
+            OutboundType::None => "no outbound SNAT (outboundType none)",
+        }
+    }
+}
+
+/// An Azure LB frontend IP and the Service behind it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LbFrontend {
+    pub ip: IpAddr,
+    /// `namespace/name`.
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub external_traffic_policy: Option<Etp>,
+}
+
+/// How a Service port is reached, as kube-proxy's rule comments name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServiceKind {
+    ClusterIp,
+    LoadBalancer,
+    ExternalIp,
+    NodePort,
+}
+
+/// One Service port kube-proxy programs on the node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    /// `namespace/name:port-name` as in the rule comment.
+    pub name: String,
+    pub kind: ServiceKind,
+    /// `None` for a NodePort (it matches every local address).
+    pub ip: Option<IpAddr>,
+    pub proto: Proto,
+    pub port: u16,
+    /// Known for external kinds (LoadBalancer, NodePort, external IP).
+    pub etp: Option<Etp>,
+}
+
+impl ServicePort {
+    /// `namespace/name` without the port name.
+    pub fn service(&self) -> &str {
+        self.name.split(':').next().unwrap_or(&self.name)
+    }
+}
+
+/// A pod endpoint of a Service, from a `KUBE-SEP-*` DNAT rule.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceEndpoint {
+    /// `namespace/name:port-name`.
+    pub name: String,
+    pub ip: IpAddr,
+    pub port: u16,
+    pub proto: Proto,
+}
+
+/// A network interface of the observed namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Interface {
+    pub index: u32,
+    pub name: String,
+}
+
+/// Whether an interface name is a pod-side interface of any supported mode.
+pub fn is_pod_interface(name: &str) -> bool {
+    name == "cbr0"
+        || name == "azure0"
+        || name.starts_with("veth")
+        || name.starts_with("azv")
+        || name.starts_with("lxc")
+}
+
+/// One source of topology facts. Every field is optional: a layer says only what it knows.
+/// The config file deserializes into this type (unknown keys are errors, so a typo cannot
+/// silently leave a field unset).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopologyLayer {
+    pub cni: Option<CniMode>,
+    pub dataplane: Option<Dataplane>,
+    pub node_name: Option<String>,
+    pub node_ips: Option<Vec<IpAddr>>,
+    pub vnet_cidrs: Option<Vec<Cidr>>,
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub node_subnet: Option<Vec<Cidr>>,
+    /// kubenet / Overlay: the cluster pod CIDR(s); azure-cni with a pod subnet: that subnet.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub pod_cidr: Option<Vec<Cidr>>,
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub service_cidr: Option<Vec<Cidr>>,
+    pub appgw_subnets: Option<Vec<Cidr>>,
+    pub agc_subnets: Option<Vec<Cidr>>,
+    pub private_endpoints: Option<Vec<IpAddr>>,
+    pub health_probe_sources: Option<Vec<IpAddr>>,
+    pub lb_outbound_ips: Option<Vec<IpAddr>>,
+    pub outbound_type: Option<OutboundType>,
+    pub lb_frontends: Option<Vec<LbFrontend>>,
+    /// kubenet: `cbr0`'s addresses, the source MASQUERADE picks toward local pods.
+    pub bridge_gateways: Option<Vec<IpAddr>>,
+    /// Pods on this node (azure-cni: their /32 host routes).
+    pub local_pods: Option<Vec<IpAddr>>,
+    /// kube-proxy's Service ports and endpoints (discovery only).
+    #[serde(skip)]
+    pub services: Option<Vec<ServicePort>>,
+    #[serde(skip)]
+    pub endpoints: Option<Vec<ServiceEndpoint>>,
+    #[serde(skip)]
+    pub interfaces: Option<Vec<Interface>>,
+}
+
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Cidr>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let items = match OneOrMany::deserialize(d)
+        .map_err(|_| serde::de::Error::custom("expected a CIDR string or an array of them"))?
+    {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    };
+    items
+        .iter()
+        .map(|s| s.parse().map_err(serde::de::Error::custom))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+impl TopologyLayer {
+    /// Reads a topology config file (the format in the lab plan).
+    pub fn from_file(path: &Path) -> Result<TopologyLayer, LoadError> {
+        config::read_toml(path).map(|(layer, _)| layer)
+    }
+
+    /// `self` over `lower`: every field `self` sets wins; LB frontends merge by IP.
+    pub fn over(self, lower: TopologyLayer) -> TopologyLayer {
+        let lb_frontends = match (self.lb_frontends, lower.lb_frontends) {
+            (Some(mine), Some(theirs)) => {
+                let mut merged = mine.clone();
+                merged.extend(theirs.into_iter().filter(|f| !mine.iter().any(|m| m.ip == f.ip)));
+                Some(merged)
+            }
+            (mine, theirs) => mine.or(theirs),
+        };
+        TopologyLayer {
+            cni: self.cni.or(lower.cni),
+            dataplane: self.dataplane.or(lower.dataplane),
+            node_name: self.node_name.or(lower.node_name),
+            node_ips: self.node_ips.or(lower.node_ips),
+            vnet_cidrs: self.vnet_cidrs.or(lower.vnet_cidrs),
+            node_subnet: self.node_subnet.or(lower.node_subnet),
+            pod_cidr: self.pod_cidr.or(lower.pod_cidr),
+            service_cidr: self.service_cidr.or(lower.service_cidr),
+            appgw_subnets: self.appgw_subnets.or(lower.appgw_subnets),
+            agc_subnets: self.agc_subnets.or(lower.agc_subnets),
+            private_endpoints: self.private_endpoints.or(lower.private_endpoints),
+            health_probe_sources: self.health_probe_sources.or(lower.health_probe_sources),
+            lb_outbound_ips: self.lb_outbound_ips.or(lower.lb_outbound_ips),
+            outbound_type: self.outbound_type.or(lower.outbound_type),
+            lb_frontends,
+            bridge_gateways: self.bridge_gateways.or(lower.bridge_gateways),
+            local_pods: self.local_pods.or(lower.local_pods),
+            services: self.services.or(lower.services),
+            endpoints: self.endpoints.or(lower.endpoints),
+            interfaces: self.interfaces.or(lower.interfaces),
+        }
+    }
+}
+
+/// The Azure wireserver: source of every LB health probe (and Azure DNS).
+pub const WIRESERVER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(168, 63, 129, 16));
+
+/// The merged, complete topology the classifier works with.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Topology {
+    pub cni: CniMode,
+    pub dataplane: Dataplane,
+    pub node_name: Option<String>,
+    pub node_ips: Vec<IpAddr>,
+    pub vnet_cidrs: Vec<Cidr>,
+    pub node_subnets: Vec<Cidr>,
+    pub pod_cidrs: Vec<Cidr>,
+    pub service_cidrs: Vec<Cidr>,
+    pub appgw_subnets: Vec<Cidr>,
+    pub agc_subnets: Vec<Cidr>,
+    pub private_endpoints: Vec<IpAddr>,
+    pub health_probe_sources: Vec<IpAddr>,
+    pub lb_outbound_ips: Vec<IpAddr>,
+    pub outbound_type: OutboundType,
+    pub lb_frontends: Vec<LbFrontend>,
+    pub bridge_gateways: Vec<IpAddr>,
+    pub local_pods: Vec<IpAddr>,
+    pub services: Vec<ServicePort>,
+    pub endpoints: Vec<ServiceEndpoint>,
+    pub interfaces: Vec<Interface>,
+}
+
+/// Why a topology could not be assembled.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(
+        "the topology is incomplete, the agent will not start half-configured: {}",
+        .0.join("; ")
+    )]
+    Incomplete(Vec<String>),
+}
+
+impl Topology {
+    /// Reads a complete topology from one config file, without discovery.
+    pub fn from_file(path: &Path) -> Result<Topology, TopologyError> {
+        Topology::from_layers([TopologyLayer::from_file(path)?])
+    }
+
+    /// Merges layers given lowest precedence first (discovery, config file, flags) and checks
+    /// that everything the classifier needs is there.
+    pub fn from_layers(
+        layers: impl IntoIterator<Item = TopologyLayer>,
+    ) -> Result<Topology, TopologyError> {
+        let l = layers
+            .into_iter()
+            .fold(TopologyLayer::default(), |lower, upper| upper.over(lower));
+        let mut missing = Vec::new();
+        let mut need = |what: &str, present: bool, how: &str| {
+            if !present {
+                missing.push(format!("`{what}` is not set ({how})"));
+            }
+        };
+        let non_empty = |v: &Option<Vec<_>>| v.as_ref().is_some_and(|v: &Vec<_>| !v.is_empty());
+        need("cni", l.cni.is_some(), "set cni = \"kubenet\" | \"azure-cni\" | \"azure-cni-overlay\" in the config or with --cni");
+        need("node_ips", l.node_ips.as_ref().is_some_and(|v| !v.is_empty()), "set node_ips in the config; discovery found no address on the default-route interface");
+        need("vnet_cidrs", l.vnet_cidrs.as_ref().is_some_and(|v| !v.is_empty()), "set vnet_cidrs in the config (AKS managed vnet default 10.224.0.0/12); a node cannot see the vnet's ranges");
+        need("service_cidr", non_empty(&l.service_cidr), "set service_cidr in the config (AKS default 10.0.0.0/16)");
+        if matches!(l.cni, Some(CniMode::Kubenet | CniMode::AzureCniOverlay)) {
+            need("pod_cidr", non_empty(&l.pod_cidr), "kubenet and Overlay need the cluster pod CIDR (AKS default 10.244.0.0/16); set pod_cidr");
+        }
+        let Some(cni) = l.cni.filter(|_| missing.is_empty()) else {
+            return Err(TopologyError::Incomplete(missing));
+        };
+        Ok(Topology {
+            cni,
+            dataplane: l.dataplane.unwrap_or_default(),
+            node_name: l.node_name,
+            node_ips: l.node_ips.unwrap_or_default(),
+            vnet_cidrs: l.vnet_cidrs.unwrap_or_default(),
+            node_subnets: l.node_subnet.unwrap_or_default(),
+            pod_cidrs: l.pod_cidr.unwrap_or_default(),
+            service_cidrs: l.service_cidr.unwrap_or_default(),
+            appgw_subnets: l.appgw_subnets.unwrap_or_default(),
+            agc_subnets: l.agc_subnets.unwrap_or_default(),
+            private_endpoints: l.private_endpoints.unwrap_or_default(),
+            health_probe_sources: l.health_probe_sources.unwrap_or_else(|| vec![WIRESERVER]),
+            lb_outbound_ips: l.lb_outbound_ips.unwrap_or_default(),
+            outbound_type: l.outbound_type.unwrap_or_default(),
+            lb_frontends: l.lb_frontends.unwrap_or_default(),
+            bridge_gateways: l.bridge_gateways.unwrap_or_default(),
+            local_pods: l.local_pods.unwrap_or_default(),
+            services: l.services.unwrap_or_default(),
+            endpoints: l.endpoints.unwrap_or_default(),
+            interfaces: l.interfaces.unwrap_or_default(),
+        })
+    }
+
+    /// The class of `ip`: the first that applies in [`AddrClass`]'s order. `pod_side` says the
+    /// packet crossed a pod interface on this side, which marks a pod the topology did not list.
+    pub fn class_of(&self, ip: IpAddr, pod_side: bool) -> AddrClass {
+        let in_any = |cidrs: &[Cidr]| cidrs.iter().any(|c| c.contains(ip));
+        if ip.is_loopback() {
+            AddrClass::Loopback
+        } else if self.health_probe_sources.contains(&ip) {
+            AddrClass::HealthProbe
+        } else if self.lb_frontends.iter().any(|f| f.ip == ip)
+            || self.services.iter().any(|s| {
+                s.ip == Some(ip) && matches!(s.kind, ServiceKind::LoadBalancer | ServiceKind::ExternalIp)
+            })
+        {
+            AddrClass::LbFrontend
+        } else if self.lb_outbound_ips.contains(&ip) {
+            AddrClass::LbOutbound
+        } else if self.node_ips.contains(&ip) {
+            AddrClass::NodeIp
+        } else if self.bridge_gateways.contains(&ip) {
+            AddrClass::BridgeGateway
+        } else if pod_side || in_any(&self.pod_cidrs) || self.local_pods.contains(&ip) {
+            AddrClass::Pod
+        } else if in_any(&self.service_cidrs)
+            || self.services.iter().any(|s| s.ip == Some(ip) && s.kind == ServiceKind::ClusterIp)
+        {
+            AddrClass::ServiceIp
+        } else if in_any(&self.appgw_subnets) {
+            AddrClass::AppgwSubnet
+        } else if in_any(&self.agc_subnets) {
+            AddrClass::AgcSubnet
+        } else if self.private_endpoints.contains(&ip) {
+            AddrClass::PrivateEndpoint
+        } else if in_any(&self.vnet_cidrs) {
+            AddrClass::Vnet
+        } else if is_link_local(ip) {
+            AddrClass::LinkLocal
+        } else {
+            AddrClass::Internet
+        }
+    }
+
+    /// The Service and policy a destination belongs to: an LB frontend, a NodePort on this
+    /// node, or a ClusterIP.
+    pub fn service_at(&self, proto: Proto, ip: IpAddr, port: u16) -> Option<ServiceRef> {
+        if let Some(f) = self.lb_frontends.iter().find(|f| f.ip == ip) {
+            let discovered = self.services.iter().find(|s| s.ip == Some(ip) && s.port == port);
+            return Some(ServiceRef {
+                name: f.service.clone().or_else(|| discovered.map(|s| s.service().to_string())),
+                etp: f.external_traffic_policy.or(discovered.and_then(|s| s.etp)),
+            });
+        }
+        let node_port = self.node_ips.contains(&ip) || self.bridge_gateways.contains(&ip);
+        self.services
+            .iter()
+            .find(|s| {
+                s.proto == proto
+                    && s.port == port
+                    && match s.ip {
+                        Some(sip) => sip == ip,
+                        None => node_port,
+                    }
+            })
+            .map(|s| ServiceRef {
+                name: Some(s.service().to_string()),
+                etp: s.etp,
+            })
+    }
+
+    /// The Service whose endpoint `ip` is, if kube-proxy lists it.
+    pub fn service_of_endpoint(&self, ip: IpAddr) -> Option<&str> {
+        self.endpoints
+            .iter()
+            .find(|e| e.ip == ip)
+            .map(|e| e.name.split(':').next().unwrap_or(&e.name))
+    }
+
+    pub fn interface_name(&self, index: u32) -> Option<&str> {
+        self.interfaces
+            .iter()
+            .find(|i| i.index == index)
+            .map(|i| i.name.as_str())
+    }
+}
+
+/// A destination's Service, as far as the topology knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceRef {
+    pub name: Option<String>,
+    pub etp: Option<Etp>,
+}
+
+fn is_link_local(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => a.is_link_local(),
+        IpAddr::V6(a) => (a.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
+/// What an address is, from the node's point of view. Declaration order is precedence: an
+/// address that is both (an Application Gateway in the vnet) gets the first class listed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AddrClass {
+    Loopback,
+    /// 168.63.129.16 (or the configured probe sources): LB health probes, Azure DNS.
+    HealthProbe,
+    LbFrontend,
+    LbOutbound,
+    NodeIp,
+    /// kubenet: `cbr0`'s address.
+    BridgeGateway,
+    Pod,
+    ServiceIp,
+    AppgwSubnet,
+    AgcSubnet,
+    PrivateEndpoint,
+    Vnet,
+    LinkLocal,
+    Internet,
+}
+
+impl AddrClass {
+    /// Operator words for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            AddrClass::Loopback => "loopback",
+            AddrClass::HealthProbe => "Azure wireserver / health-probe address",
+            AddrClass::LbFrontend => "LB frontend",
+            AddrClass::LbOutbound => "LB outbound IP",
+            AddrClass::NodeIp => "node IP",
+            AddrClass::BridgeGateway => "cbr0's gateway",
+            AddrClass::Pod => "pod",
+            AddrClass::ServiceIp => "ClusterIP",
+            AddrClass::AppgwSubnet => "Application Gateway subnet",
+            AddrClass::AgcSubnet => "AGC subnet",
+            AddrClass::PrivateEndpoint => "private endpoint",
+            AddrClass::Vnet => "vnet",
+            AddrClass::LinkLocal => "link-local",
+            AddrClass::Internet => "internet",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

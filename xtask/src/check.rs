@@ -1,0 +1,35 @@
+//! `cargo xtask test`: every check CI runs, in the order that fails fastest.
+
+use crate::cmd::Cmd;
+use crate::setup;
+use anyhow::{Context, Result};
+use std::path::Path;
+
+pub fn run(workspace: &Path) -> Result<()> {
+    setup::run()?;
+    let cargo = || Cmd::new("cargo").current_dir(workspace);
+    step("formatting", cargo().args(["fmt", "--all", "--check"]))?;
+    step(
+        "formatting of the kernel programs",
+        cargo().current_dir(workspace.join("aksnet-ebpf")).args(["+nightly", "fmt", "--check"]),
+    )?;
+    step(
+        "clippy",
+        cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+    )?;
+    step(
+        "tests (unit, kernel capture, lab end to end; needs root)",
+        cargo().args(["test", "--workspace", "--no-fail-fast"]),
+    )?;
+    step(
+        "Kubernetes manifests against the OpenAPI schemas",
+        Cmd::new("bash").arg(workspace.join("deploy/validate.sh")).current_dir(workspace),
+    )?;
+    println!("xtask test: all checks passed");
+    Ok(())
+}
+
+fn step(what: &str, cmd: Cmd) -> Result<()> {
+    println!("xtask test: {what}");
+    cmd.run_visible().with_context(|| format!("{what} failed"))
+}

@@ -1,0 +1,245 @@
+//! `cargo xtask lab ...`: up, run, down, list, demo.
+
+use crate::lab::{
+    clean_up, teardown_prefix, Cni, Lab, LabError, LabOptions, Scenario, DEFAULT_STATE_DIR,
+};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum LabCommand {
+    /// Build a lab and leave it up (state in --state-dir).
+    Up {
+        #[arg(long)]
+        cni: Cni,
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Run scenarios (all of them when none is named) on the lab that is up.
+    Run {
+        scenarios: Vec<String>,
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Tear down the lab that is up, and any lab a crashed run left behind.
+    Down {
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// List the scenarios and the conntrack entries each must produce on the node.
+    List {
+        #[arg(long, default_value = "kubenet")]
+        cni: Cni,
+    },
+    /// Bring a lab up, run the agent's dump on the node while all scenarios run, tear down.
+    Demo {
+        #[arg(long, default_value = "kubenet")]
+        cni: Cni,
+        /// Seconds the agent dumps for.
+        #[arg(long, default_value_t = 20)]
+        duration: u64,
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+}
+
+pub fn execute(cmd: LabCommand) -> Result<(), LabError> {
+    match cmd {
+        LabCommand::Up { cni, state_dir } => {
+            if Lab::persisted(&state_dir) {
+                return Err(LabError::AlreadyUp { path: state_dir });
+            }
+            let opts = LabOptions {
+                state_dir: state_dir.clone(),
+                ..LabOptions::new(cni)
+            };
+            teardown_on_signal(&state_dir, &opts.prefix);
+            let lab = Lab::up(opts)?;
+            println!(
+                "lab up: {cni}, node namespace {}, agent config {}",
+                lab.node_netns(),
+                lab.topology_path().display()
+            );
+            for host in crate::lab::Host::ALL {
+                println!("  {}", lab.netns(host));
+            }
+            lab.persist(&state_dir)?;
+            Ok(())
+        }
+        LabCommand::Run {
+            scenarios,
+            state_dir,
+        } => {
+            let lab = Lab::attach(&state_dir)?;
+            let selected = if scenarios.is_empty() {
+                Scenario::all(lab.cni())
+            } else {
+                scenarios
+                    .iter()
+                    .map(|n| Scenario::find(lab.cni(), n))
+                    .collect::<Result<_, _>>()?
+            };
+            run_scenarios(&lab, &selected)
+        }
+        LabCommand::Down { state_dir } => {
+            let removed = clean_up(&state_dir)?;
+            if removed.is_empty() {
+                println!("no lab to tear down");
+            }
+            for prefix in removed {
+                println!("torn down: {prefix}*");
+            }
+            Ok(())
+        }
+        LabCommand::List { cni } => {
+            for s in Scenario::all(cni) {
+                println!("{} — {}", s.name, s.summary);
+                for e in s.expected_on_node() {
+                    println!("    {e}");
+                }
+            }
+            Ok(())
+        }
+        LabCommand::Demo {
+            cni,
+            duration,
+            state_dir,
+        } => demo(cni, duration, &state_dir),
+    }
+}
+
+fn run_scenarios(lab: &Lab, scenarios: &[Scenario]) -> Result<(), LabError> {
+    for s in scenarios {
+        let report = lab.run(s)?;
+        println!("{}: ok", report.scenario);
+        for step in &report.steps {
+            let peer = step
+                .answer
+                .peer
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into());
+            println!(
+                "    {} → {} saw {peer}",
+                step.step,
+                step.answer.server.as_deref().unwrap_or("server")
+            );
+        }
+        for e in s.expected_on_node() {
+            println!("    node must show: {e}");
+        }
+    }
+    Ok(())
+}
+
+fn demo(cni: Cni, duration: u64, state_dir: &Path) -> Result<(), LabError> {
+    build_agent()?;
+    let opts = LabOptions {
+        state_dir: state_dir.to_path_buf(),
+        ..LabOptions::new(cni)
+    };
+    teardown_on_signal(state_dir, &opts.prefix);
+    let lab = Lab::up(opts)?;
+    let mut agent = spawn_agent_dump(&lab.node_netns(), &lab.topology_path(), duration)?;
+    // Let the agent attach before the first packet.
+    std::thread::sleep(Duration::from_secs(2));
+    let result = run_scenarios(&lab, &Scenario::all(cni));
+    let deadline = Instant::now() + Duration::from_secs(duration + 10);
+    while agent.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = agent.kill();
+    let _ = agent.wait();
+    drop(lab);
+    result
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn build_agent() -> Result<(), LabError> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(["build", "-p", "aksnet-agent"])
+        .current_dir(workspace_root())
+        .status()
+        .map_err(|source| LabError::Spawn {
+            command: format!("{cargo} build -p aksnet-agent"),
+            source,
+        })?;
+    if !status.success() {
+        return Err(LabError::Command {
+            command: "cargo build -p aksnet-agent".into(),
+            status: status.to_string(),
+            stderr: "see the compiler output above".into(),
+        });
+    }
+    Ok(())
+}
+
+/// The one place that knows the agent's command line.
+fn spawn_agent_dump(node_netns: &str, config: &Path, duration: u64) -> Result<Child, LabError> {
+    let agent = workspace_root().join("target/debug/aksnet-agent");
+    let mut cmd = Command::new(&agent);
+    cmd.args(["--dump", "--netns", node_netns, "--config"])
+        .arg(config)
+        .args(["--duration", &duration.to_string()]);
+    cmd.spawn().map_err(|source| LabError::Spawn {
+        command: format!("{cmd:?}"),
+        source,
+    })
+}
+
+/// Write end of the self-pipe the signal handler writes to.
+static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(signal: libc::c_int) {
+    let byte = signal as u8;
+    // SAFETY: write(2) is async-signal-safe; the fd was stored before the handler was installed.
+    unsafe {
+        libc::write(
+            SIGNAL_PIPE.load(Ordering::Relaxed),
+            (&byte as *const u8).cast(),
+            1,
+        )
+    };
+}
+
+/// On SIGINT/SIGTERM/SIGHUP, tear down the lab being built or demoed, then exit. The handler only
+/// writes to a pipe; a thread does the teardown outside signal context.
+fn teardown_on_signal(state_dir: &Path, prefix: &str) {
+    let mut fds = [0i32; 2];
+    // SAFETY: fds has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        eprintln!("warning: no signal pipe ({}); Ctrl-C will not tear the lab down, run `cargo xtask lab down`", std::io::Error::last_os_error());
+        return;
+    }
+    SIGNAL_PIPE.store(fds[1], Ordering::Relaxed);
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: a zeroed sigaction with a valid handler and empty mask is a valid argument.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as *const () as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+    }
+    let (state_dir, prefix, read_fd) = (state_dir.to_path_buf(), prefix.to_string(), fds[0]);
+    std::thread::spawn(move || {
+        let mut byte = 0u8;
+        // SAFETY: reads one byte into a valid buffer from our own pipe.
+        if unsafe { libc::read(read_fd, (&mut byte as *mut u8).cast(), 1) } == 1 {
+            eprintln!("signal {byte}: tearing down lab {prefix}*");
+            for failure in teardown_prefix(&state_dir, &prefix) {
+                eprintln!("lab teardown: {failure}");
+            }
+            std::process::exit(130);
+        }
+    });
+}

@@ -1,0 +1,60 @@
+//! The lab's error type: what failed, where, and what to do about it.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("`{command}` failed ({status}): {stderr}\n  the lab needs root and the tools `cargo xtask setup` installs (iproute2, iptables, conntrack, nginx-light, dnsmasq-base, socat, curl, openssl)")]
+    Command {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("could not start `{command}`: {source}; is it installed? (`cargo xtask setup`)")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("{what} ({path}): {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what} in namespace {netns} did not start within {seconds}s; its log: {log}")]
+    NotReady {
+        what: String,
+        netns: String,
+        seconds: u64,
+        log: String,
+    },
+    #[error("scenario {scenario}, step `{step}`: {detail}")]
+    Expectation {
+        scenario: String,
+        step: String,
+        detail: String,
+    },
+    #[error(
+        "scenario {scenario}, step `{step}`: no answer ({detail}); the client was `{command}`"
+    )]
+    NoAnswer {
+        scenario: String,
+        step: String,
+        command: String,
+        detail: String,
+    },
+    #[error("no lab state at {path}: run `cargo xtask lab up --cni kubenet|azure-cni` first")]
+    NoLab { path: PathBuf },
+    #[error("lab state {path} is unreadable ({detail}); run `cargo xtask lab down` to clean up")]
+    State { path: PathBuf, detail: String },
+    #[error("unknown scenario `{name}` for {cni}; known: {known}")]
+    UnknownScenario {
+        name: String,
+        cni: String,
+        known: String,
+    },
+    #[error("teardown left things behind: {}; run `cargo xtask lab down` again", failures.join("; "))]
+    Teardown { failures: Vec<String> },
+    #[error("a lab is already up (state {path}); run `cargo xtask lab down` first")]
+    AlreadyUp { path: PathBuf },
+}

@@ -1,0 +1,275 @@
+//! The node lab: a one-node AKS network (kubenet or azure-cni) in network namespaces, with the
+//! Azure Load Balancer, the vnet, an Application Gateway, a private endpoint and the internet
+//! around it, and every documented traffic path as a named [`Scenario`].
+//!
+//! ```no_run
+//! use xtask::lab::{Cni, Lab, LabOptions, Scenario};
+//! let lab = Lab::up(LabOptions::new(Cni::Kubenet))?;
+//! for scenario in Scenario::all(lab.cni()) {
+//!     let report = lab.run(&scenario)?;
+//!     println!("{} ok, node must show {:?}", report.scenario, scenario.expected_on_node());
+//! }
+//! # Ok::<(), xtask::lab::LabError>(())
+//! ```
+//! Dropping the [`Lab`] tears it down (processes, namespaces, files).
+
+pub mod agent_config;
+mod build;
+pub mod cli;
+mod daemons;
+pub mod error;
+mod exec;
+mod hash;
+pub mod kubeproxy;
+pub mod netns;
+pub mod paths;
+pub mod scenario;
+mod state;
+pub mod topology;
+pub mod traffic;
+
+pub use error::LabError;
+pub use paths::PathId;
+pub use scenario::{
+    EndpointMatch, ExpectedConntrack, InferredHop, NatKind, PortMatch, Scenario, Traffic, Tuple,
+    TupleMatch, SCENARIO_NAMES,
+};
+pub use state::LabState;
+pub use topology::{Cni, Host, Proto, Topology};
+pub use traffic::{Answer, ScenarioReport, StepReport};
+
+use daemons::Daemon;
+use std::path::{Path, PathBuf};
+
+/// Where labs keep their files (configs, certificate, logs, topology.toml) and the CLI's state.
+pub const DEFAULT_STATE_DIR: &str = "/run/aksnet-lab";
+
+#[derive(Clone, Debug)]
+pub struct LabOptions {
+    pub cni: Cni,
+    pub state_dir: PathBuf,
+    /// Namespace-name prefix of this instance (`aksl-<pid>-<seq>-`); unique per process and lab.
+    pub prefix: String,
+}
+
+impl LabOptions {
+    pub fn new(cni: Cni) -> LabOptions {
+        LabOptions {
+            cni,
+            state_dir: DEFAULT_STATE_DIR.into(),
+            prefix: netns::new_prefix(),
+        }
+    }
+}
+
+pub struct Lab {
+    cni: Cni,
+    prefix: String,
+    work_dir: PathBuf,
+    topology: Topology,
+    daemons: Vec<Daemon>,
+    /// Whether dropping this handle tears the lab down (false once persisted or when attached).
+    owned: bool,
+}
+
+fn work_dir(state_dir: &Path, prefix: &str) -> PathBuf {
+    state_dir.join(prefix.trim_end_matches('-'))
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> LabError + 'a {
+    move |source| LabError::Io {
+        what,
+        path: path.into(),
+        source,
+    }
+}
+
+impl Lab {
+    /// Builds the lab. On any failure, what was built is torn down before the error returns.
+    pub fn up(opts: LabOptions) -> Result<Lab, LabError> {
+        let work_dir = work_dir(&opts.state_dir, &opts.prefix);
+        std::fs::create_dir_all(&work_dir)
+            .map_err(io("cannot create the lab directory", &work_dir))?;
+        let mut lab = Lab {
+            cni: opts.cni,
+            prefix: opts.prefix,
+            work_dir,
+            topology: Topology::new(opts.cni),
+            daemons: Vec::new(),
+            owned: true,
+        };
+        netns::create(&lab.prefix)?;
+        build::apply(&lab.prefix, &lab.topology)?;
+        daemons::start(&lab.prefix, &lab.work_dir, &lab.topology, &mut lab.daemons)?;
+        let path = lab.topology_path();
+        std::fs::write(&path, agent_config::render(&lab.topology))
+            .map_err(io("cannot write the agent config", &path))?;
+        Ok(lab)
+    }
+
+    /// Runs a scenario's traffic and checks every answer (who answered, the address the server
+    /// saw, X-Forwarded-For, the LB's SNAT port range).
+    pub fn run(&self, scenario: &Scenario) -> Result<ScenarioReport, LabError> {
+        if scenario.cni != self.cni {
+            return Err(LabError::UnknownScenario {
+                name: format!("{} (built for {})", scenario.name, scenario.cni),
+                cni: self.cni.to_string(),
+                known: Scenario::all(self.cni)
+                    .iter()
+                    .map(|s| s.name)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        traffic::run(&self.prefix, &self.work_dir, scenario)
+    }
+
+    pub fn cni(&self) -> Cni {
+        self.cni
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    pub fn netns(&self, host: Host) -> String {
+        netns::netns_name(&self.prefix, host)
+    }
+
+    /// The node's namespace: where the agent runs and conntrack is read.
+    pub fn node_netns(&self) -> String {
+        self.netns(Host::Node)
+    }
+
+    /// The agent's `--config` file for this lab.
+    pub fn topology_path(&self) -> PathBuf {
+        self.work_dir.join("topology.toml")
+    }
+
+    pub fn work_dir(&self) -> &Path {
+        &self.work_dir
+    }
+
+    /// Tears the lab down now and reports what could not be removed.
+    pub fn down(mut self) -> Result<(), LabError> {
+        let failures = self.teardown();
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(LabError::Teardown { failures })
+        }
+    }
+
+    /// Leaves the lab up after this process exits and records it for `attach`.
+    pub fn persist(mut self, state_dir: &Path) -> Result<LabState, LabError> {
+        let lab_state = LabState {
+            cni: self.cni.to_string(),
+            prefix: self.prefix.clone(),
+            work_dir: self.work_dir.clone(),
+            topology: self.topology_path(),
+            pids: self.daemons.iter().map(|d| d.child.id()).collect(),
+        };
+        state::write(&state::state_file(state_dir), &lab_state)?;
+        self.owned = false;
+        Ok(lab_state)
+    }
+
+    /// A handle on the lab a previous `persist` recorded; dropping it leaves the lab up.
+    pub fn attach(state_dir: &Path) -> Result<Lab, LabError> {
+        let path = state::state_file(state_dir);
+        let s = state::read(&path)?;
+        let cni: Cni = s.cni.parse().map_err(|detail| LabError::State {
+            path: path.clone(),
+            detail,
+        })?;
+        Ok(Lab {
+            cni,
+            prefix: s.prefix,
+            work_dir: s.work_dir,
+            topology: Topology::new(cni),
+            daemons: Vec::new(),
+            owned: false,
+        })
+    }
+
+    /// Whether a persisted lab is recorded in `state_dir`.
+    pub fn persisted(state_dir: &Path) -> bool {
+        state::state_file(state_dir).exists()
+    }
+
+    fn teardown(&mut self) -> Vec<String> {
+        let mut failures = netns::teardown(&self.prefix);
+        for d in &mut self.daemons {
+            // Killed with its namespace; reap it so no zombie outlives the lab.
+            let _ = d.child.kill();
+            let _ = d.child.wait();
+        }
+        self.daemons.clear();
+        if self.work_dir.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&self.work_dir) {
+                failures.push(format!("{}: {e}", self.work_dir.display()));
+            }
+        }
+        self.owned = false;
+        failures
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.owned {
+            for failure in self.teardown() {
+                eprintln!("lab teardown: {failure}");
+            }
+        }
+    }
+}
+
+/// Tears down the persisted lab (if any) and every lab whose creating process is gone (crashed
+/// runs); returns the prefixes removed. Labs of live processes (parallel tests) are left alone.
+pub fn clean_up(state_dir: &Path) -> Result<Vec<String>, LabError> {
+    let mut removed = Vec::new();
+    let mut failures = Vec::new();
+    let state_path = state::state_file(state_dir);
+    if state_path.exists() {
+        if let Ok(mut lab) = Lab::attach(state_dir) {
+            if netns::exists(&lab.prefix) {
+                removed.push(lab.prefix.clone());
+            }
+            failures.extend(lab.teardown());
+        }
+        std::fs::remove_file(&state_path)
+            .map_err(io("cannot remove the lab state", &state_path))?;
+    }
+    for prefix in netns::orphaned_prefixes() {
+        failures.extend(netns::teardown(&prefix));
+        let dir = work_dir(state_dir, &prefix);
+        if dir.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                failures.push(format!("{}: {e}", dir.display()));
+            }
+        }
+        removed.push(prefix);
+    }
+    if failures.is_empty() {
+        Ok(removed)
+    } else {
+        Err(LabError::Teardown { failures })
+    }
+}
+
+/// Tears down one instance by prefix (the CLI's signal handler, which has no `Lab` handle).
+pub fn teardown_prefix(state_dir: &Path, prefix: &str) -> Vec<String> {
+    let mut failures = netns::teardown(prefix);
+    let dir = work_dir(state_dir, prefix);
+    if dir.exists() {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            failures.push(format!("{}: {e}", dir.display()));
+        }
+    }
+    failures
+}

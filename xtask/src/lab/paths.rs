@@ -1,0 +1,72 @@
+//! The traffic-path names the lab expects the classifier to give each conntrack entry. One list,
+//! so it can be aligned with the classifier's path ids in one place.
+
+use std::fmt;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PathId {
+    /// Internet → Azure LB (floating IP) → node DNAT → pod, TCP.
+    LbInbound,
+    /// The same for UDP.
+    LbInboundUdp,
+    /// Azure LB health probe from 168.63.129.16 to a nodePort / healthCheckNodePort.
+    LbHealthProbe,
+    /// In-cluster L7 ingress: both the LB → ingress pod and the ingress pod → app pod legs.
+    L7Ingress,
+    /// Application Gateway (AGIC) → pod IP, no NAT on the node.
+    AgicInbound,
+    /// Application Gateway → node NodePort → DNAT (backend pool set up by hand, kubenet).
+    AgicNodePort,
+    /// A vnet client to a pod (azure-cni: pod IP; kubenet: node IP + NodePort).
+    VnetClientToPod,
+    /// Pod → internet: node MASQUERADE, then the LB's outbound SNAT off the node.
+    PodToInternet,
+    /// Pod → another vnet address.
+    PodToVnet,
+    /// Pod → private endpoint (resolved through the privatelink zone).
+    PodToPrivateEndpoint,
+    /// Pod → a ClusterIP Service (here: the pod's DNS query to kube-dns). Not in the list.
+    PodToService,
+    /// Pod (CoreDNS) → Azure DNS 168.63.129.16, masqueraded to the node IP. Not in the list.
+    PodToAzureDns,
+}
+
+impl PathId {
+    pub const ALL: [PathId; 12] = [
+        PathId::LbInbound,
+        PathId::LbInboundUdp,
+        PathId::LbHealthProbe,
+        PathId::L7Ingress,
+        PathId::AgicInbound,
+        PathId::AgicNodePort,
+        PathId::VnetClientToPod,
+        PathId::PodToInternet,
+        PathId::PodToVnet,
+        PathId::PodToPrivateEndpoint,
+        PathId::PodToService,
+        PathId::PodToAzureDns,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathId::LbInbound => "lb-inbound",
+            PathId::LbInboundUdp => "lb-inbound-udp",
+            PathId::LbHealthProbe => "lb-health-probe",
+            PathId::L7Ingress => "l7-ingress",
+            PathId::AgicInbound => "agic-inbound",
+            PathId::AgicNodePort => "agic-nodeport",
+            PathId::VnetClientToPod => "vnet-client-to-pod",
+            PathId::PodToInternet => "pod-to-internet",
+            PathId::PodToVnet => "pod-to-vnet",
+            PathId::PodToPrivateEndpoint => "pod-to-private-endpoint",
+            PathId::PodToService => "pod-to-service",
+            PathId::PodToAzureDns => "pod-to-azure-dns",
+        }
+    }
+}
+
+impl fmt::Display for PathId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
