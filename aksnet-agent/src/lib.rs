@@ -7,7 +7,9 @@
 pub mod capture;
 pub mod enrich;
 pub mod events;
-pub mod metrics;
 pub mod flows;
+pub mod metrics;
+pub mod model;
 pub mod output;
+pub mod pipeline;
 pub mod topology;

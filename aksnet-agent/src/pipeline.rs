@@ -4,16 +4,21 @@
 use crate::capture::netns::{IfNames, Netns, NetnsError, NetnsTarget};
 use crate::capture::{self, CaptureError, CaptureHealth, SourceChoice};
 use crate::enrich::{EnrichConfig, Enricher, OwnerKind};
-use crate::events::{EventKind, FlowEvent, Proto};
+use crate::events::{EventKind, FlowEvent};
 use crate::flows::{FlowTable, Update};
-use crate::metrics::{self, FlowObservation, Metrics, MetricsConfig, MetricsError, NatHop, Readiness};
-use crate::model::{Classification, Classifier, CniMismatch, Evidence, Hop, HopKind, Model, Verdict};
-use crate::output::dump::{Dump, FlowView, Format};
+use crate::metrics::{
+    self, FlowObservation, Metrics, MetricsConfig, MetricsError, NatHop, Readiness,
+};
+use crate::model::{
+    Classification, Classifier, CniMismatch, Evidence, Hop, HopKind, Model, Verdict,
+};
+use crate::output::dump::{self, Dump, FlowView, Format};
+use crate::output::explain;
 use crate::topology::{self, CniMode, LoadError, Topology, TopologyError, TopologyLayer};
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -30,6 +35,10 @@ const MAX_FLOWS: usize = 1_000_000;
 pub struct RunOptions {
     /// Print flows in this format (`--dump`); `None` runs as a daemon.
     pub dump: Option<Format>,
+    /// Draw matching flows' hop chains instead of dump lines (`explain`).
+    pub diagram: bool,
+    /// Show only flows that involve this address.
+    pub matching: Option<Matcher>,
     pub netns: Option<String>,
     pub duration: Option<Duration>,
     pub count: Option<u64>,
@@ -56,23 +65,131 @@ pub enum AgentError {
     Model(#[from] LoadError),
     #[error(transparent)]
     Cni(#[from] CniMismatch),
+    /// Boxed: the capture's errors carry both sources' reasons and are much larger than the rest.
     #[error(transparent)]
-    Capture(#[from] CaptureError),
+    Capture(Box<CaptureError>),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
     #[error("cannot write flows to standard output: {0}")]
     Output(#[source] std::io::Error),
     #[error("cannot read flows from {}: {source}", path.display())]
-    ReadDump { path: PathBuf, source: std::io::Error },
+    ReadDump {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{}:{line}: not a `--dump --output json` line: {reason}", path.display())]
-    DumpLine { path: PathBuf, line: usize, reason: String },
-    #[error("--match {0}: expected an IP address or ADDRESS:PORT")]
+    DumpLine {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    #[error("--match {0:?}: expected an IP address, IPv4:PORT or [IPv6]:PORT")]
     Match(String),
+}
+
+impl From<CaptureError> for AgentError {
+    fn from(err: CaptureError) -> AgentError {
+        AgentError::Capture(Box::new(err))
+    }
+}
+
+/// `--match`: an address, optionally with a port, that a flow must involve on either side,
+/// before or after NAT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Matcher {
+    addr: IpAddr,
+    port: Option<u16>,
+}
+
+impl std::str::FromStr for Matcher {
+    type Err = AgentError;
+
+    fn from_str(s: &str) -> Result<Matcher, AgentError> {
+        if let Ok(addr) = s.parse() {
+            return Ok(Matcher { addr, port: None });
+        }
+        s.parse::<SocketAddr>()
+            .map(|sa| Matcher {
+                addr: sa.ip(),
+                port: Some(sa.port()),
+            })
+            .map_err(|_| AgentError::Match(s.to_owned()))
+    }
+}
+
+impl Matcher {
+    pub fn matches(&self, event: &FlowEvent) -> bool {
+        let translated = event.translated();
+        [
+            (event.orig.src, event.orig.sport),
+            (event.orig.dst, event.orig.dport),
+            (translated.src, translated.sport),
+            (translated.dst, translated.dport),
+        ]
+        .iter()
+        .any(|&(addr, port)| addr == self.addr && self.port.is_none_or(|p| p == port))
+    }
 }
 
 /// Runs the agent until `--duration`, `--count`, SIGINT or SIGTERM.
 pub fn run(options: RunOptions) -> Result<(), AgentError> {
     runtime()?.block_on(Agent::start(&options)?.run(&options))
+}
+
+/// `explain`: hop diagrams of flows read from a JSON dump, or of the first live flow(s) that
+/// `--match` (one unless `--count` says otherwise).
+pub fn explain(options: RunOptions, from_dump: Option<PathBuf>) -> Result<(), AgentError> {
+    match from_dump {
+        None => run(RunOptions {
+            diagram: options.dump != Some(Format::Json),
+            dump: Some(options.dump.unwrap_or(Format::Text)),
+            count: options.count.or(Some(1)),
+            ..options
+        }),
+        Some(path) => explain_dump(&options, &path),
+    }
+}
+
+fn explain_dump(options: &RunOptions, path: &PathBuf) -> Result<(), AgentError> {
+    let netns = options
+        .netns
+        .as_deref()
+        .map_or(Ok(NetnsTarget::Own), str::parse)?
+        .open()?;
+    let classifier = classifier(options, &netns)?;
+    let read_err = |source| AgentError::ReadDump {
+        path: path.clone(),
+        source,
+    };
+    let input: Box<dyn BufRead> = if path.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::io::BufReader::new(
+            std::fs::File::open(path).map_err(read_err)?,
+        ))
+    };
+    let mut out = std::io::stdout().lock();
+    for (n, line) in input.lines().enumerate() {
+        let line = line.map_err(read_err)?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let flow = dump::read_line(&line).map_err(|reason| AgentError::DumpLine {
+            path: path.clone(),
+            line: n + 1,
+            reason,
+        })?;
+        if options.matching.is_some_and(|m| !m.matches(&flow.event)) {
+            continue;
+        }
+        let class = classifier.classify_with_interfaces(
+            &flow.event,
+            flow.in_iface.as_deref(),
+            flow.out_iface.as_deref(),
+        );
+        writeln!(out, "{}", explain::render(&flow.event, &class)).map_err(AgentError::Output)?;
+    }
+    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, AgentError> {
@@ -93,7 +210,10 @@ fn classifier(options: &RunOptions, netns: &Netns) -> Result<Classifier, AgentEr
     if let Some(path) = &options.config {
         layers.push(TopologyLayer::from_file(path)?);
     }
-    layers.push(TopologyLayer { cni: options.cni, ..TopologyLayer::default() });
+    layers.push(TopologyLayer {
+        cni: options.cni,
+        ..TopologyLayer::default()
+    });
     let topology = Topology::from_layers(layers)?;
     let model = match &options.model {
         Some(path) => Model::from_file(path)?,
@@ -110,7 +230,11 @@ struct Agent {
 
 impl Agent {
     fn start(options: &RunOptions) -> Result<Agent, AgentError> {
-        let netns = options.netns.as_deref().map_or(Ok(NetnsTarget::Own), str::parse)?.open()?;
+        let netns = options
+            .netns
+            .as_deref()
+            .map_or(Ok(NetnsTarget::Own), str::parse)?
+            .open()?;
         let classifier = classifier(options, &netns)?;
         Ok(Agent { netns, classifier })
     }
@@ -130,9 +254,8 @@ impl Agent {
         let source = options.source.unwrap_or(SourceChoice::Auto);
         let capture = capture::start(source, &self.netns, tx, Arc::clone(&health)).await?;
         log::info!(
-            "capturing conntrack NAT in network namespace {} (inode {}) with {}; {} model",
+            "capturing conntrack NAT in network namespace {} with {}; {} model",
             self.netns,
-            self.netns.inode(),
             capture.source,
             self.classifier.topology().cni.as_str()
         );
@@ -147,7 +270,11 @@ impl Agent {
             classifier: self.classifier,
             enricher,
             metrics,
-            dump: options.dump.map(|format| Dump::new(format, std::io::stdout().lock())),
+            dump: options
+                .dump
+                .map(|format| Dump::new(format, std::io::stdout().lock())),
+            diagram: options.diagram,
+            matching: options.matching,
             show_ends: options.show_ends,
             shown: 0,
         };
@@ -194,8 +321,15 @@ impl Agent {
         };
         let metrics = Arc::new(Metrics::new(&config)?);
         let listener = metrics::bind(config.listen).await?;
-        log::info!("serving /metrics, /healthz and /readyz on {}", config.listen);
-        tokio::spawn(metrics::serve(listener, Arc::clone(&metrics), readiness.clone()));
+        log::info!(
+            "serving /metrics, /healthz and /readyz on {}",
+            config.listen
+        );
+        tokio::spawn(metrics::serve(
+            listener,
+            Arc::clone(&metrics),
+            readiness.clone(),
+        ));
         Ok(Some(metrics))
     }
 }
@@ -214,7 +348,9 @@ struct Stop {
 
 impl Stop {
     fn new() -> std::io::Result<Stop> {
-        Ok(Stop { term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())? })
+        Ok(Stop {
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?,
+        })
     }
 
     async fn signalled(&mut self) {
@@ -233,6 +369,9 @@ struct Pipeline<W: Write> {
     enricher: Enricher,
     metrics: Option<Arc<Metrics>>,
     dump: Option<Dump<W>>,
+    /// Write hop diagrams instead of dump lines.
+    diagram: bool,
+    matching: Option<Matcher>,
     show_ends: bool,
     /// Dump lines written so far, for `--count`.
     shown: u64,
@@ -295,10 +434,19 @@ impl<W: Write> Pipeline<W> {
     }
 
     fn write(&mut self, view: &FlowView<'_>) -> Result<(), AgentError> {
-        if let Some(dump) = &mut self.dump {
-            dump.write(view).map_err(AgentError::Output)?;
-            self.shown += 1;
+        let Some(dump) = &mut self.dump else {
+            return Ok(());
+        };
+        if self.matching.is_some_and(|m| !m.matches(view.event)) {
+            return Ok(());
         }
+        match (self.diagram, view.classification) {
+            (true, Some(class)) => dump.write_raw(&explain::render(view.event, class)),
+            (true, None) => return Ok(()),
+            (false, _) => dump.write(view),
+        }
+        .map_err(AgentError::Output)?;
+        self.shown += 1;
         Ok(())
     }
 }

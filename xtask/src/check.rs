@@ -11,11 +11,20 @@ pub fn run(workspace: &Path) -> Result<()> {
     step("formatting", cargo().args(["fmt", "--all", "--check"]))?;
     step(
         "formatting of the kernel programs",
-        cargo().current_dir(workspace.join("aksnet-ebpf")).args(["+nightly", "fmt", "--check"]),
+        cargo()
+            .current_dir(workspace.join("aksnet-ebpf"))
+            .args(["+nightly", "fmt", "--check"]),
     )?;
     step(
         "clippy",
-        cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
     )?;
     step(
         "tests (unit, kernel capture, lab end to end; needs root)",
@@ -23,7 +32,9 @@ pub fn run(workspace: &Path) -> Result<()> {
     )?;
     step(
         "Kubernetes manifests against the OpenAPI schemas",
-        Cmd::new("bash").arg(workspace.join("deploy/validate.sh")).current_dir(workspace),
+        Cmd::new("bash")
+            .arg(workspace.join("deploy/validate.sh"))
+            .current_dir(workspace),
     )?;
     println!("xtask test: all checks passed");
     Ok(())

@@ -66,7 +66,10 @@ impl Cmd {
     /// Runs with the terminal attached, for long steps whose progress the user should see.
     pub fn run_visible(mut self) -> Result<()> {
         let line = self.describe();
-        let status = self.0.status().with_context(|| format!("cannot start `{line}`"))?;
+        let status = self
+            .0
+            .status()
+            .with_context(|| format!("cannot start `{line}`"))?;
         if !status.success() {
             bail!("`{line}` failed ({status})");
         }

@@ -9,15 +9,16 @@ use std::path::{Path, PathBuf};
 
 /// Debian packages the lab, the tests and the benchmarks run.
 const DEBIAN_PACKAGES: &[&str] = &[
-    "conntrack",     // conntrack -E / -L: the independent witness of NAT translations
-    "iptables",      // kube-proxy and ip-masq-agent rules in the lab
-    "nftables",      // iptables-nft's backend
-    "iproute2",      // ip netns, veth, bridges, routes
-    "nginx-light",   // Application Gateway and ingress-nginx stand-ins
-    "dnsmasq-base",  // Azure DNS stand-in answering the privatelink zone
-    "openssl",       // the Application Gateway's lab certificate
-    "curl",          // HTTPS client of the AGIC scenario
-    "prometheus",    // real Prometheus server and promtool for the metrics tests
+    "conntrack",    // conntrack -E / -L: the independent witness of NAT translations
+    "iptables",     // kube-proxy and ip-masq-agent rules in the lab
+    "nftables",     // iptables-nft's backend
+    "iproute2",     // ip netns, veth, bridges, routes
+    "nginx-light",  // Application Gateway and ingress-nginx stand-ins
+    "dnsmasq-base", // Azure DNS stand-in answering the privatelink zone
+    "openssl",      // the Application Gateway's lab certificate
+    "curl",         // HTTP(S) clients of the lab scenarios
+    "socat",        // the lab pods' HTTP and UDP echo servers
+    "prometheus",   // real Prometheus server and promtool for the metrics tests
 ];
 
 /// PyPI packages: the manifests' schema validator.
@@ -82,7 +83,8 @@ fn nightly_rust_src() -> Result<()> {
 fn bpf_linker() -> Result<()> {
     let llvm = nightly_libllvm()?;
     let prefix_lib = Path::new(LLVM_PREFIX).join("lib");
-    std::fs::create_dir_all(&prefix_lib).with_context(|| format!("creating {}", prefix_lib.display()))?;
+    std::fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("creating {}", prefix_lib.display()))?;
     let full_name = llvm.file_name().context("libLLVM path has no file name")?;
     for link in [prefix_lib.join("libLLVM.so"), prefix_lib.join(full_name)] {
         relink(&llvm, &link)?;
@@ -91,10 +93,18 @@ fn bpf_linker() -> Result<()> {
         println!("setup: bpf-linker present");
         return Ok(());
     }
-    println!("setup: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM (about a minute)");
+    println!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM (about a minute)"
+    );
     run_quiet(
         Cmd::new("cargo")
-            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--force"])
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--force",
+            ])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", LLVM_PREFIX),
     )?;
@@ -106,7 +116,9 @@ fn bpf_linker() -> Result<()> {
 
 /// nightly's `lib/libLLVM.so.<version>-rust-<version>-nightly`.
 fn nightly_libllvm() -> Result<PathBuf> {
-    let sysroot = Cmd::new("rustc").args(["+nightly", "--print", "sysroot"]).output_string()?;
+    let sysroot = Cmd::new("rustc")
+        .args(["+nightly", "--print", "sysroot"])
+        .output_string()?;
     let lib = Path::new(sysroot.trim()).join("lib");
     let entries = std::fs::read_dir(&lib).with_context(|| format!("reading {}", lib.display()))?;
     entries
@@ -116,7 +128,12 @@ fn nightly_libllvm() -> Result<PathBuf> {
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with("libLLVM.so.") && n.ends_with("-nightly"))
         })
-        .with_context(|| format!("no libLLVM.so.*-nightly in {}: bpf-linker needs nightly's LLVM", lib.display()))
+        .with_context(|| {
+            format!(
+                "no libLLVM.so.*-nightly in {}: bpf-linker needs nightly's LLVM",
+                lib.display()
+            )
+        })
 }
 
 fn relink(target: &Path, link: &Path) -> Result<()> {

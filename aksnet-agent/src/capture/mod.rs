@@ -73,7 +73,10 @@ pub enum CaptureError {
     #[error("netlink capture: {0}")]
     Netlink(#[from] netlink::NetlinkError),
     #[error("no capture source works here. eBPF: {ebpf}. netlink: {netlink}")]
-    Neither { ebpf: ebpf::EbpfError, netlink: netlink::NetlinkError },
+    Neither {
+        ebpf: ebpf::EbpfError,
+        netlink: netlink::NetlinkError,
+    },
 }
 
 /// The running capture; dropping it detaches the programs and closes the sockets.
@@ -97,7 +100,11 @@ pub async fn start(
         Ok(Capture {
             source: SourceKind::Netlink,
             _ebpf: None,
-            _netlink: Some(netlink::NetlinkCapture::start(netns, tx, Arc::clone(&health))?),
+            _netlink: Some(netlink::NetlinkCapture::start(
+                netns,
+                tx,
+                Arc::clone(&health),
+            )?),
         })
     };
     let ebpf = match choice {
@@ -110,7 +117,8 @@ pub async fn start(
         (Ok(ebpf), _) => ebpf,
         (Err(err), SourceChoice::Auto) => {
             log::warn!("eBPF capture unavailable ({err}); using netlink conntrack events instead");
-            return netlink_only(tx).map_err(|netlink| CaptureError::Neither { ebpf: err, netlink });
+            return netlink_only(tx)
+                .map_err(|netlink| CaptureError::Neither { ebpf: err, netlink });
         }
         (Err(err), _) => return Err(err.into()),
     };
@@ -118,8 +126,16 @@ pub async fn start(
         .hooks()
         .iter()
         .any(|h| h.attached && h.name.contains(CT_DELETE_HOOK));
-    let ends = if ends_seen { None } else { connection_ends(netns, tx, &health) };
-    Ok(Capture { source: SourceKind::Ebpf, _ebpf: Some(ebpf), _netlink: ends })
+    let ends = if ends_seen {
+        None
+    } else {
+        connection_ends(netns, tx, &health)
+    };
+    Ok(Capture {
+        source: SourceKind::Ebpf,
+        _ebpf: Some(ebpf),
+        _netlink: ends,
+    })
 }
 
 /// Without an `nf_ct_delete` hook the eBPF source never sees a connection end; netlink's

@@ -7,7 +7,7 @@ mod decode;
 
 pub use decode::{decode_conn_event, BootClock, DecodeError};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::IpAddr;
 use std::time::SystemTime;
@@ -55,6 +55,26 @@ impl fmt::Display for Proto {
     }
 }
 
+impl std::str::FromStr for Proto {
+    type Err = String;
+
+    /// The names [`Display`](fmt::Display) prints.
+    fn from_str(s: &str) -> Result<Proto, String> {
+        Ok(match s {
+            "tcp" => Proto::Tcp,
+            "udp" => Proto::Udp,
+            "icmp" => Proto::Icmp,
+            "icmpv6" => Proto::Icmpv6,
+            "sctp" => Proto::Sctp,
+            other => other
+                .strip_prefix("proto-")
+                .and_then(|n| n.parse().ok())
+                .map(Proto::Other)
+                .ok_or_else(|| format!("unknown protocol {other:?}"))?,
+        })
+    }
+}
+
 impl Serialize for Proto {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
@@ -62,7 +82,7 @@ impl Serialize for Proto {
 }
 
 /// One direction of a connection: source and destination address and port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Tuple {
     pub src: IpAddr,
     pub sport: u16,
@@ -126,7 +146,10 @@ impl Nat {
                 snat: (orig.src, orig.sport) != (after.src, after.sport),
             }
         } else {
-            Nat { dnat: orig.dst != after.dst, snat: orig.src != after.src }
+            Nat {
+                dnat: orig.dst != after.dst,
+                snat: orig.src != after.src,
+            }
         }
     }
 
@@ -155,7 +178,7 @@ impl fmt::Display for Nat {
 }
 
 /// What happened to the connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     New,
@@ -164,7 +187,7 @@ pub enum EventKind {
 }
 
 /// Which capture source produced an event.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SourceKind {
     Ebpf,
@@ -282,7 +305,10 @@ mod tests {
     #[test]
     fn both_and_none() {
         let orig = t("203.0.113.10", 40000, "20.45.123.10", 80);
-        assert_eq!(Nat::between(Proto::Tcp, &orig, &orig.reversed()).to_string(), "none");
+        assert_eq!(
+            Nat::between(Proto::Tcp, &orig, &orig.reversed()).to_string(),
+            "none"
+        );
         let reply = t("10.244.0.5", 8080, "10.244.0.1", 7000);
         assert_eq!(Nat::between(Proto::Tcp, &orig, &reply).to_string(), "both");
     }
@@ -294,7 +320,25 @@ mod tests {
         let reply = t("198.51.100.20", 7, "10.244.0.10", 0);
         assert_eq!(Nat::between(Proto::Icmp, &orig, &reply).to_string(), "none");
         let masqueraded = t("198.51.100.20", 7, "10.224.0.4", 0);
-        assert_eq!(Nat::between(Proto::Icmp, &orig, &masqueraded).to_string(), "snat");
+        assert_eq!(
+            Nat::between(Proto::Icmp, &orig, &masqueraded).to_string(),
+            "snat"
+        );
+    }
+
+    #[test]
+    fn protocol_names_round_trip() {
+        for proto in [
+            Proto::Tcp,
+            Proto::Udp,
+            Proto::Icmp,
+            Proto::Icmpv6,
+            Proto::Sctp,
+            Proto::Other(47),
+        ] {
+            assert_eq!(proto.to_string().parse::<Proto>(), Ok(proto));
+        }
+        assert!("gre".parse::<Proto>().is_err());
     }
 
     #[test]

@@ -98,7 +98,12 @@ impl FlowTable {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        let flow = Flow { first_seen: event.ts, last_seen: event.ts, event, seq };
+        let flow = Flow {
+            first_seen: event.ts,
+            last_seen: event.ts,
+            event,
+            seq,
+        };
         self.order.push_back((key, seq));
         self.flows.insert(key, flow.clone());
         self.compact_order();
@@ -120,7 +125,8 @@ impl FlowTable {
     fn compact_order(&mut self) {
         if self.order.len() > 2 * self.flows.len() + 64 {
             let flows = &self.flows;
-            self.order.retain(|(key, seq)| flows.get(key).is_some_and(|f| f.seq == *seq));
+            self.order
+                .retain(|(key, seq)| flows.get(key).is_some_and(|f| f.seq == *seq));
         }
     }
 
@@ -129,7 +135,10 @@ impl FlowTable {
     }
 
     pub fn stats(&self) -> TableStats {
-        TableStats { live: self.flows.len(), evicted: self.evicted }
+        TableStats {
+            live: self.flows.len(),
+            evicted: self.evicted,
+        }
     }
 }
 
@@ -183,7 +192,10 @@ mod tests {
     #[test]
     fn opens_once_and_ignores_repeats() {
         let mut table = FlowTable::new(10);
-        assert!(matches!(table.apply(event(EventKind::New, 1000, 5000)), Update::Opened(_)));
+        assert!(matches!(
+            table.apply(event(EventKind::New, 1000, 5000)),
+            Update::Opened(_)
+        ));
         let mut repeat = event(EventKind::New, 1000, 5000);
         repeat.in_ifindex = Some(2);
         assert_eq!(table.apply(repeat), Update::Unchanged);
@@ -209,10 +221,16 @@ mod tests {
         end.packets = Some(12);
         end.bytes = Some(3400);
         match table.apply(end) {
-            Update::Closed(flow) => assert_eq!((flow.event.packets, flow.event.bytes), (Some(12), Some(3400))),
+            Update::Closed(flow) => assert_eq!(
+                (flow.event.packets, flow.event.bytes),
+                (Some(12), Some(3400))
+            ),
             other => panic!("expected Closed, got {other:?}"),
         }
-        assert_eq!(table.apply(event(EventKind::Destroy, 1000, 5000)), Update::Unchanged);
+        assert_eq!(
+            table.apply(event(EventKind::Destroy, 1000, 5000)),
+            Update::Unchanged
+        );
         assert_eq!(table.stats().live, 0);
     }
 
@@ -224,8 +242,17 @@ mod tests {
         table.apply(event(EventKind::Destroy, 1, 5000));
         table.apply(event(EventKind::New, 3, 5000));
         table.apply(event(EventKind::New, 4, 5000));
-        assert_eq!(table.stats(), TableStats { live: 2, evicted: 1 });
-        assert!(table.get(&event(EventKind::New, 2, 5000).key()).is_none(), "2 was the oldest live flow");
+        assert_eq!(
+            table.stats(),
+            TableStats {
+                live: 2,
+                evicted: 1
+            }
+        );
+        assert!(
+            table.get(&event(EventKind::New, 2, 5000).key()).is_none(),
+            "2 was the oldest live flow"
+        );
         assert!(table.get(&event(EventKind::New, 4, 5000).key()).is_some());
     }
 
@@ -236,6 +263,10 @@ mod tests {
             table.apply(event(EventKind::New, port, 5000));
             table.apply(event(EventKind::Destroy, port, 5000));
         }
-        assert!(table.order.len() <= 64 + 2, "order queue grew to {}", table.order.len());
+        assert!(
+            table.order.len() <= 64 + 2,
+            "order queue grew to {}",
+            table.order.len()
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! Matches a flow against a model's rows and compares the NAT the node applied with the NAT the
 //! matched row expects.
 
-use super::{DnatExpect, Direction, HopKind, Model, ModelEvidence, PathRow, SnatSource};
+use super::{Direction, DnatExpect, HopKind, Model, ModelEvidence, PathRow, SnatSource};
 use crate::events::{Endpoint, FlowEvent, Tuple};
 use crate::topology::{is_pod_interface, AddrClass, CniMode, Dataplane, ServiceRef, Topology};
 use serde::Serialize;
@@ -165,7 +165,9 @@ impl Classifier {
                 Some(s) => format!(
                     ", destination Service {} (externalTrafficPolicy {})",
                     s.name.as_deref().unwrap_or("unknown"),
-                    s.etp.map_or("unknown: declare it in lb_frontends".into(), |e| e.to_string())
+                    s.etp
+                        .map_or("unknown: declare it in lb_frontends".into(), |e| e
+                            .to_string())
                 ),
                 None => String::new(),
             };
@@ -199,7 +201,12 @@ impl Classifier {
         }
     }
 
-    fn facts<'a>(&self, ev: &'a FlowEvent, in_iface: Option<&str>, out_iface: Option<&str>) -> Facts<'a> {
+    fn facts<'a>(
+        &self,
+        ev: &'a FlowEvent,
+        in_iface: Option<&str>,
+        out_iface: Option<&str>,
+    ) -> Facts<'a> {
         let t = &self.topology;
         let (orig, tr, nat) = (ev.orig, ev.translated(), ev.nat());
         let src_pod_side = in_iface.is_some_and(is_pod_interface);
@@ -209,7 +216,10 @@ impl Classifier {
         let dst_class = t.class_of(orig.dst, dst_pod_side);
         use AddrClass::*;
         let local_src = matches!(src_class, Pod | NodeIp | BridgeGateway | Loopback);
-        let local_dst = matches!(dst_class, Pod | NodeIp | BridgeGateway | Loopback | ServiceIp | LbFrontend);
+        let local_dst = matches!(
+            dst_class,
+            Pod | NodeIp | BridgeGateway | Loopback | ServiceIp | LbFrontend
+        );
         let direction = match (local_src, local_dst) {
             (true, true) => Direction::Internal,
             (true, false) => Direction::Outbound,
@@ -240,23 +250,46 @@ impl Classifier {
             ("nat_src", f.tr.src.to_string()),
             ("nat_dst", f.tr.dst.to_string()),
             ("src_service", f.src_service.clone().unwrap_or_else(unknown)),
-            ("dst_service", f.dst_service.as_ref().and_then(|s| s.name.clone()).unwrap_or_else(unknown)),
-            ("etp", f.dst_service.as_ref().and_then(|s| s.etp).map(|e| e.to_string()).unwrap_or_else(unknown)),
+            (
+                "dst_service",
+                f.dst_service
+                    .as_ref()
+                    .and_then(|s| s.name.clone())
+                    .unwrap_or_else(unknown),
+            ),
+            (
+                "etp",
+                f.dst_service
+                    .as_ref()
+                    .and_then(|s| s.etp)
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(unknown),
+            ),
             ("cni", t.cni.to_string()),
-            ("node_ip", join(same_family(&t.node_ips, f.orig.src)).unwrap_or_else(unknown)),
-            ("lb_outbound", join(&t.lb_outbound_ips).unwrap_or_else(|| "not configured".into())),
+            (
+                "node_ip",
+                join(same_family(&t.node_ips, f.orig.src)).unwrap_or_else(unknown),
+            ),
+            (
+                "lb_outbound",
+                join(&t.lb_outbound_ips).unwrap_or_else(|| "not configured".into()),
+            ),
             ("outbound", t.outbound_type.snat_device().to_string()),
             ("in_iface", f.in_iface.clone().unwrap_or_else(unknown)),
             ("out_iface", f.out_iface.clone().unwrap_or_else(unknown)),
         ];
-        values
-            .iter()
-            .fold(template.to_string(), |s, (k, v)| s.replace(&format!("{{{k}}}"), v))
+        values.iter().fold(template.to_string(), |s, (k, v)| {
+            s.replace(&format!("{{{k}}}"), v)
+        })
     }
 
     fn deviations(&self, row: &PathRow, f: &Facts) -> Vec<String> {
         let nat = f.ev.nat();
-        let subject = format!("{} {}", self.topology.cni, self.render(row.describe.get_ref(), f));
+        let subject = format!(
+            "{} {}",
+            self.topology.cni,
+            self.render(row.describe.get_ref(), f)
+        );
         let hint = |h: &Option<String>| h.as_ref().map(|h| format!("; {h}")).unwrap_or_default();
         let mut out = Vec::new();
         match (row.nat.dnat, nat.dnat) {
@@ -273,7 +306,9 @@ impl Classifier {
         }
         let observed = self.snat_source(f);
         let allowed = &row.nat.snat;
-        if observed.is_some_and(|o| allowed.contains(&o)) || (!nat.snat && allowed.contains(&SnatSource::Kept)) {
+        if observed.is_some_and(|o| allowed.contains(&o))
+            || (!nat.snat && allowed.contains(&SnatSource::Kept))
+        {
             return out;
         }
         let expected = allowed
@@ -282,7 +317,10 @@ impl Classifier {
             .map(|s| s.describe())
             .collect::<Vec<_>>()
             .join(" or ");
-        let keeps = row.keeps.as_deref().unwrap_or("the original source address");
+        let keeps = row
+            .keeps
+            .as_deref()
+            .unwrap_or("the original source address");
         let to = self.describe_snat(f);
         let upstream_rewrite = row
             .hops
@@ -420,18 +458,21 @@ impl Classifier {
             }
             HopKind::OutboundSnat => {
                 hop.before = ep(t.src, t.sport);
-                hop.after = Some(match same_family(&self.topology.lb_outbound_ips, t.src).first() {
-                    Some(IpAddr::V4(ip)) => format!("{ip}:*"),
-                    Some(IpAddr::V6(ip)) => format!("[{ip}]:*"),
-                    None => "an outbound public IP (lb_outbound_ips not configured)".into(),
-                });
+                hop.after = Some(
+                    match same_family(&self.topology.lb_outbound_ips, t.src).first() {
+                        Some(IpAddr::V4(ip)) => format!("{ip}:*"),
+                        Some(IpAddr::V6(ip)) => format!("[{ip}]:*"),
+                        None => "an outbound public IP (lb_outbound_ips not configured)".into(),
+                    },
+                );
             }
             HopKind::AzureLb => {
                 hop.before = ep(o.dst, o.dport);
                 hop.after = ep(o.dst, o.dport);
             }
             HopKind::AppgwProxy | HopKind::AgcProxy => {
-                hop.before = Some("client connection (client address only in X-Forwarded-For)".into());
+                hop.before =
+                    Some("client connection (client address only in X-Forwarded-For)".into());
                 hop.after = ep(o.src, o.sport);
             }
             HopKind::Node => {
@@ -445,7 +486,8 @@ impl Classifier {
                 };
                 hop.at = Some(format!(
                     "{}{ifaces}",
-                    join(same_family(&self.topology.node_ips, o.src)).unwrap_or_else(|| "node".into())
+                    join(same_family(&self.topology.node_ips, o.src))
+                        .unwrap_or_else(|| "node".into())
                 ));
             }
             HopKind::Client | HopKind::Pod | HopKind::Destination | HopKind::IngressProxy => {
@@ -474,7 +516,10 @@ fn matches(row: &PathRow, f: &Facts) -> bool {
         && row.dst.contains(&f.dst_class)
         && (row.proto.is_empty() || row.proto.iter().any(|p| p.matches(f.ev.proto)))
         && (row.dports.is_empty()
-            || row.dports.iter().any(|r| (r.0..=r.1).contains(&f.orig.dport)))
+            || row
+                .dports
+                .iter()
+                .any(|r| (r.0..=r.1).contains(&f.orig.dport)))
         && (row.etp.is_none() || row.etp == f.dst_service.as_ref().and_then(|s| s.etp))
         && glob_any(&row.src_service, f.src_service.as_deref())
         && glob_any(&row.dst_service, dst_service)
@@ -487,7 +532,10 @@ fn glob(pattern: &str, name: &str) -> bool {
         return pattern == name;
     }
     let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !name.starts_with(first) || !name[first.len()..].ends_with(last) || name.len() < first.len() + last.len() {
+    if !name.starts_with(first)
+        || !name[first.len()..].ends_with(last)
+        || name.len() < first.len() + last.len()
+    {
         return false;
     }
     let mut rest = &name[first.len()..name.len() - last.len()];
@@ -501,10 +549,18 @@ fn glob(pattern: &str, name: &str) -> bool {
 }
 
 fn same_family(ips: &[IpAddr], like: IpAddr) -> Vec<IpAddr> {
-    ips.iter().copied().filter(|ip| ip.is_ipv4() == like.is_ipv4()).collect()
+    ips.iter()
+        .copied()
+        .filter(|ip| ip.is_ipv4() == like.is_ipv4())
+        .collect()
 }
 
 fn join(ips: impl AsRef<[IpAddr]>) -> Option<String> {
     let ips = ips.as_ref();
-    (!ips.is_empty()).then(|| ips.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", "))
+    (!ips.is_empty()).then(|| {
+        ips.iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    })
 }

@@ -7,7 +7,7 @@
 
 mod classify;
 
-pub use classify::{Classification, Classifier, Evidence, Hop, PathId, Verdict};
+pub use classify::{Classification, Classifier, CniMismatch, Evidence, Hop, PathId, Verdict};
 
 use crate::events::Proto;
 use crate::topology::{AddrClass, CniMode, Etp, FileError, LoadError};
@@ -248,13 +248,33 @@ impl PathRow {
 
 /// Placeholders a template may use; see `classify::Facts`.
 const PLACEHOLDERS: &[&str] = &[
-    "src", "dst", "dport", "nat_src", "nat_dst", "src_service", "dst_service", "etp", "cni",
-    "node_ip", "lb_outbound", "outbound", "in_iface", "out_iface",
+    "src",
+    "dst",
+    "dport",
+    "nat_src",
+    "nat_dst",
+    "src_service",
+    "dst_service",
+    "etp",
+    "cni",
+    "node_ip",
+    "lb_outbound",
+    "outbound",
+    "in_iface",
+    "out_iface",
 ];
 
 const BUILTIN: [(CniMode, &str, &str); 3] = [
-    (CniMode::Kubenet, "models/kubenet.toml", include_str!("../../models/kubenet.toml")),
-    (CniMode::AzureCni, "models/azure-cni.toml", include_str!("../../models/azure-cni.toml")),
+    (
+        CniMode::Kubenet,
+        "models/kubenet.toml",
+        include_str!("../../models/kubenet.toml"),
+    ),
+    (
+        CniMode::AzureCni,
+        "models/azure-cni.toml",
+        include_str!("../../models/azure-cni.toml"),
+    ),
     (
         CniMode::AzureCniOverlay,
         "models/azure-cni-overlay.toml",
@@ -300,7 +320,11 @@ impl Model {
             FileError::at(file, text, span, field, msg)
         };
         if m.paths.is_empty() {
-            return Err(err(m.cni.span(), "path", "the model has no [[path]] rows".into()));
+            return Err(err(
+                m.cni.span(),
+                "path",
+                "the model has no [[path]] rows".into(),
+            ));
         }
         let mut seen: Vec<(&str, Option<&str>)> = Vec::new();
         for row in &m.paths {
@@ -309,24 +333,40 @@ impl Model {
                 return Err(err(
                     row.id.span(),
                     "path.id",
-                    format!("duplicate path `{}` variant {:?}: give each row its own variant", key.0, key.1),
+                    format!(
+                        "duplicate path `{}` variant {:?}: give each row its own variant",
+                        key.0, key.1
+                    ),
                 ));
             }
             seen.push(key);
-            let at_id = |field: &str, msg: String| err(row.id.span(), field, format!("path `{}`: {msg}", row.id()));
+            let at_id = |field: &str, msg: String| {
+                err(row.id.span(), field, format!("path `{}`: {msg}", row.id()))
+            };
             if row.seed.trim().is_empty() {
-                return Err(at_id("path.seed", "cite the seed sentence this row encodes".into()));
+                return Err(at_id(
+                    "path.seed",
+                    "cite the seed sentence this row encodes".into(),
+                ));
             }
             if row.src.is_empty() || row.dst.is_empty() {
-                return Err(at_id("path.src", "src and dst need at least one address class".into()));
+                return Err(at_id(
+                    "path.src",
+                    "src and dst need at least one address class".into(),
+                ));
             }
             if row.nat.snat.is_empty() {
                 return Err(at_id("path.nat.snat", "list the allowed sources after the node: \"kept\", \"node-ip\", \"bridge-gateway\"".into()));
             }
             if row.hops.len() < 2 {
-                return Err(at_id("path.hops", "a hop chain needs at least its two ends".into()));
+                return Err(at_id(
+                    "path.hops",
+                    "a hop chain needs at least its two ends".into(),
+                ));
             }
-            check_template(&row.describe, |m| err(row.describe.span(), "path.describe", m))?;
+            check_template(&row.describe, |m| {
+                err(row.describe.span(), "path.describe", m)
+            })?;
             // A required NAT needs its hop, a forbidden one must not have one; an optional one may.
             let has = |k: HopKind| row.hops.iter().any(|h| h.kind == k);
             let dnat_ok = match row.nat.dnat {
@@ -357,14 +397,26 @@ impl Model {
                             "path `{}`: a {:?} hop is {} by a node agent",
                             row.id(),
                             hop.kind,
-                            if hop.kind.is_node_nat() { "observed" } else { "only inferred" }
+                            if hop.kind.is_node_nat() {
+                                "observed"
+                            } else {
+                                "only inferred"
+                            }
                         ),
                     ));
                 }
                 match (&hop.from, ev) {
-                    (Some(from), _) => check_template(from, |m| err(from.span(), "path.hops.from", m))?,
+                    (Some(from), _) => {
+                        check_template(from, |m| err(from.span(), "path.hops.from", m))?
+                    }
                     (None, ModelEvidence::Inferred) => {
-                        return Err(at_id("path.hops.from", format!("the inferred hop `{}` must say what it is inferred from", hop.label)));
+                        return Err(at_id(
+                            "path.hops.from",
+                            format!(
+                                "the inferred hop `{}` must say what it is inferred from",
+                                hop.label
+                            ),
+                        ));
                     }
                     (None, ModelEvidence::Observed) => {}
                 }
@@ -384,7 +436,11 @@ fn check_template(t: &Spanned<String>, err: impl Fn(String) -> FileError) -> Res
         if !PLACEHOLDERS.contains(&name) {
             return Err(err(format!(
                 "unknown placeholder {{{name}}}; use one of {}",
-                PLACEHOLDERS.iter().map(|p| format!("{{{p}}}")).collect::<Vec<_>>().join(" ")
+                PLACEHOLDERS
+                    .iter()
+                    .map(|p| format!("{{{p}}}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
             )));
         }
     }
@@ -392,4 +448,4 @@ fn check_template(t: &Spanned<String>, err: impl Fn(String) -> FileError) -> Res
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,1 +1,478 @@
-// placeholder replaced below
+use super::*;
+use crate::events::{EventKind, FlowEvent, Proto, SourceKind, Tuple};
+use crate::topology::{
+    tests::LAB_CONFIG, Dataplane, ServiceEndpoint, ServiceKind, ServicePort, Topology,
+    TopologyLayer,
+};
+use std::net::{IpAddr, SocketAddr};
+use std::time::SystemTime;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// The lab's topology for `cni`, dual-stack, plus what discovery adds on the node (NodePorts,
+/// the ingress pod's endpoint, cbr0's addresses, azure-cni's local pods).
+pub(crate) fn lab_topology(cni: CniMode) -> Topology {
+    let pods = if cni == CniMode::AzureCni {
+        "10.224.0"
+    } else {
+        "10.244.0"
+    };
+    let mut config = LAB_CONFIG
+        .replace("cni = \"kubenet\"", &format!("cni = \"{cni}\""))
+        .replace(
+            "node_ips = [\"10.224.0.4\"]",
+            "node_ips = [\"10.224.0.4\", \"fd00:10:224::4\"]",
+        )
+        .replace(
+            "vnet_cidrs = [\"10.224.0.0/12\"]",
+            "vnet_cidrs = [\"10.224.0.0/12\", \"fd00:10:224::/48\"]",
+        )
+        .replace(
+            "service_cidr = \"10.0.0.0/16\"",
+            "service_cidr = [\"10.0.0.0/16\", \"fd00:10:96::/108\"]",
+        )
+        .replace("agc_subnets = []", "agc_subnets = [\"10.228.0.0/24\"]")
+        .replace(
+            "lb_outbound_ips = [\"192.0.2.100\"]",
+            "lb_outbound_ips = [\"192.0.2.100\", \"2001:db8:f::100\"]",
+        );
+    config = if cni == CniMode::AzureCni {
+        config.replace("pod_cidr = \"10.244.0.0/16\"", "")
+    } else {
+        config.replace(
+            "pod_cidr = \"10.244.0.0/16\"",
+            "pod_cidr = [\"10.244.0.0/16\", \"fd00:10:244::/56\"]",
+        )
+    };
+    config.push_str(
+        "\n[[lb_frontends]]\nip = \"2001:db8:f::10\"\nservice = \"default/app\"\nexternal_traffic_policy = \"Cluster\"\n\
+         \n[[lb_frontends]]\nip = \"192.0.2.12\"\nservice = \"default/web\"\nexternal_traffic_policy = \"Local\"\n",
+    );
+    let config: TopologyLayer =
+        crate::topology::parse_toml(std::path::Path::new("lab.toml"), &config).unwrap();
+    let node_port = |name: &str, port, etp| ServicePort {
+        name: name.into(),
+        kind: ServiceKind::NodePort,
+        ip: None,
+        proto: Proto::Tcp,
+        port,
+        etp: Some(etp),
+    };
+    let discovered = TopologyLayer {
+        services: Some(vec![
+            node_port("default/app:http", 30080, Etp::Cluster),
+            node_port(
+                "ingress-nginx/ingress-nginx-controller:http",
+                31080,
+                Etp::Local,
+            ),
+        ]),
+        endpoints: Some(vec![ServiceEndpoint {
+            name: "ingress-nginx/ingress-nginx-controller:http".into(),
+            ip: ip(&format!("{pods}.12")),
+            port: 80,
+            proto: Proto::Tcp,
+        }]),
+        bridge_gateways: (cni == CniMode::Kubenet)
+            .then(|| vec![ip("10.244.0.1"), ip("fd00:10:244::1")]),
+        local_pods: (cni == CniMode::AzureCni).then(|| {
+            ["10", "11", "12"]
+                .iter()
+                .map(|p| ip(&format!("10.224.0.{p}")))
+                .collect()
+        }),
+        ..Default::default()
+    };
+    Topology::from_layers([discovered, config]).unwrap()
+}
+
+fn classifier(cni: CniMode) -> Classifier {
+    Classifier::new(Model::load_builtin(cni).unwrap(), lab_topology(cni)).unwrap()
+}
+
+fn tuple(src: &str, dst: &str) -> Tuple {
+    let (s, d): (SocketAddr, SocketAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+    Tuple {
+        src: s.ip(),
+        sport: s.port(),
+        dst: d.ip(),
+        dport: d.port(),
+    }
+}
+
+/// A conntrack entry: the original tuple and the tuple after the node's NAT.
+pub(crate) fn flow(proto: Proto, src: &str, dst: &str, nat_src: &str, nat_dst: &str) -> FlowEvent {
+    let orig = tuple(src, dst);
+    FlowEvent {
+        kind: EventKind::New,
+        source: SourceKind::Netlink,
+        ts: SystemTime::UNIX_EPOCH,
+        proto,
+        orig,
+        reply: tuple(nat_src, nat_dst).reversed(),
+        status: 0,
+        mark: 0,
+        zone: 0,
+        netns: 4026531840,
+        in_ifindex: None,
+        out_ifindex: None,
+        packets: None,
+        bytes: None,
+    }
+}
+
+use Proto::{Tcp, Udp};
+
+/// (cni, proto, orig src, orig dst, src after NAT, dst after NAT, expected path).
+#[rustfmt::skip]
+const CONFORMING: &[(CniMode, Proto, &str, &str, &str, &str, &str)] = &[
+    (CniMode::Kubenet, Tcp, "203.0.113.10:40000", "192.0.2.10:80", "10.244.0.1:40000", "10.244.0.10:8080", "lb-inbound"),
+    (CniMode::Kubenet, Tcp, "203.0.113.10:40001", "192.0.2.12:80", "203.0.113.10:40001", "10.244.0.13:8080", "lb-inbound"),
+    (CniMode::Kubenet, Udp, "203.0.113.10:5000", "192.0.2.10:53", "10.244.0.1:5000", "10.244.0.11:5353", "lb-inbound-udp"),
+    (CniMode::Kubenet, Tcp, "168.63.129.16:60000", "10.224.0.4:32000", "168.63.129.16:60000", "10.224.0.4:32000", "lb-health-probe"),
+    (CniMode::Kubenet, Tcp, "168.63.129.16:60001", "10.224.0.4:30080", "10.244.0.1:60001", "10.244.0.10:8080", "lb-health-probe"),
+    (CniMode::Kubenet, Tcp, "203.0.113.11:41000", "192.0.2.11:80", "203.0.113.11:41000", "10.244.0.12:80", "l7-ingress"),
+    (CniMode::Kubenet, Tcp, "10.244.0.12:50000", "10.244.0.10:8080", "10.244.0.12:50000", "10.244.0.10:8080", "l7-ingress-upstream"),
+    (CniMode::Kubenet, Tcp, "10.226.0.4:50000", "10.244.0.10:8080", "10.226.0.4:50000", "10.244.0.10:8080", "agic-inbound"),
+    (CniMode::Kubenet, Tcp, "10.226.0.4:50001", "10.224.0.4:30080", "10.244.0.1:50001", "10.244.0.10:8080", "agic-nodeport"),
+    (CniMode::Kubenet, Tcp, "10.225.0.4:50000", "10.224.0.4:30080", "10.244.0.1:50000", "10.244.0.10:8080", "vnet-client-to-pod"),
+    (CniMode::Kubenet, Tcp, "10.244.0.10:40000", "198.51.100.20:80", "10.224.0.4:40000", "198.51.100.20:80", "pod-to-internet"),
+    (CniMode::Kubenet, Tcp, "10.244.0.10:40001", "10.225.0.4:80", "10.224.0.4:40001", "10.225.0.4:80", "pod-to-vnet"),
+    (CniMode::Kubenet, Tcp, "10.244.0.10:40002", "10.227.0.5:443", "10.224.0.4:40002", "10.227.0.5:443", "pod-to-private-endpoint"),
+    (CniMode::Kubenet, Tcp, "10.244.0.10:40003", "10.0.80.80:80", "10.244.0.10:40003", "10.244.0.12:80", "pod-to-service"),
+    (CniMode::Kubenet, Tcp, "[2001:db8::10]:40000", "[2001:db8:f::10]:80", "[fd00:10:244::1]:40000", "[fd00:10:244::10]:8080", "lb-inbound"),
+    (CniMode::Kubenet, Tcp, "[fd00:10:244::10]:40000", "[2001:db8::20]:443", "[fd00:10:224::4]:40000", "[2001:db8::20]:443", "pod-to-internet"),
+    (CniMode::AzureCni, Tcp, "203.0.113.10:40000", "192.0.2.10:80", "10.224.0.4:40000", "10.224.0.10:8080", "lb-inbound"),
+    (CniMode::AzureCni, Udp, "203.0.113.10:5000", "192.0.2.10:53", "10.224.0.4:5000", "10.224.0.11:5353", "lb-inbound-udp"),
+    (CniMode::AzureCni, Tcp, "168.63.129.16:60000", "10.224.0.4:32000", "168.63.129.16:60000", "10.224.0.4:32000", "lb-health-probe"),
+    (CniMode::AzureCni, Tcp, "203.0.113.11:41000", "192.0.2.11:80", "203.0.113.11:41000", "10.224.0.12:80", "l7-ingress"),
+    (CniMode::AzureCni, Tcp, "10.224.0.12:50000", "10.224.0.10:8080", "10.224.0.12:50000", "10.224.0.10:8080", "l7-ingress-upstream"),
+    (CniMode::AzureCni, Tcp, "10.226.0.4:50000", "10.224.0.10:8080", "10.226.0.4:50000", "10.224.0.10:8080", "agic-inbound"),
+    (CniMode::AzureCni, Tcp, "10.226.0.4:50001", "10.224.0.4:30080", "10.224.0.4:50001", "10.224.0.10:8080", "agic-nodeport"),
+    (CniMode::AzureCni, Tcp, "10.228.0.4:50000", "10.224.0.10:8080", "10.228.0.4:50000", "10.224.0.10:8080", "agc-inbound"),
+    (CniMode::AzureCni, Tcp, "10.225.0.4:50000", "10.224.0.10:8080", "10.225.0.4:50000", "10.224.0.10:8080", "vnet-client-to-pod"),
+    (CniMode::AzureCni, Tcp, "10.224.0.10:40000", "198.51.100.20:80", "10.224.0.4:40000", "198.51.100.20:80", "pod-to-internet"),
+    (CniMode::AzureCni, Tcp, "10.224.0.10:40001", "10.225.0.4:80", "10.224.0.10:40001", "10.225.0.4:80", "pod-to-vnet"),
+    (CniMode::AzureCni, Tcp, "10.224.0.10:40002", "10.227.0.5:443", "10.224.0.10:40002", "10.227.0.5:443", "pod-to-private-endpoint"),
+    (CniMode::AzureCni, Udp, "10.224.0.10:40003", "10.0.0.53:53", "10.224.0.10:40003", "10.224.0.11:5353", "pod-to-service"),
+    (CniMode::AzureCniOverlay, Tcp, "203.0.113.10:40000", "192.0.2.10:80", "10.224.0.4:40000", "10.244.0.10:8080", "lb-inbound"),
+    (CniMode::AzureCniOverlay, Tcp, "168.63.129.16:60000", "10.224.0.4:31080", "168.63.129.16:60000", "10.244.0.12:80", "lb-health-probe"),
+    (CniMode::AzureCniOverlay, Tcp, "10.228.0.4:50000", "10.244.0.10:8080", "10.228.0.4:50000", "10.244.0.10:8080", "agc-inbound"),
+    (CniMode::AzureCniOverlay, Tcp, "10.225.0.4:50000", "10.224.0.4:30080", "10.224.0.4:50000", "10.244.0.10:8080", "vnet-client-to-pod"),
+    (CniMode::AzureCniOverlay, Tcp, "10.244.0.10:40001", "10.225.0.4:80", "10.224.0.4:40001", "10.225.0.4:80", "pod-to-vnet"),
+    (CniMode::AzureCniOverlay, Tcp, "10.244.0.10:40002", "10.227.0.5:443", "10.224.0.4:40002", "10.227.0.5:443", "pod-to-private-endpoint"),
+    (CniMode::AzureCniOverlay, Tcp, "[fd00:10:244::10]:40000", "[2001:db8::20]:443", "[fd00:10:224::4]:40000", "[2001:db8::20]:443", "pod-to-internet"),
+];
+
+#[test]
+fn every_path_conforms_in_every_mode() {
+    for &(cni, proto, src, dst, nat_src, nat_dst, path) in CONFORMING {
+        let c = classifier(cni).classify(&flow(proto, src, dst, nat_src, nat_dst));
+        let row = format!("{cni} {proto} {src} -> {dst} (after NAT {nat_src} -> {nat_dst})");
+        assert_eq!(
+            c.path.as_ref().map(|p| p.0.as_str()),
+            Some(path),
+            "{row}: {c:?}"
+        );
+        assert_eq!(c.verdict, Verdict::Conforms, "{row}: {:?}", c.reason);
+        assert!(
+            c.hops
+                .iter()
+                .all(|h| h.in_model && h.evidence != Evidence::ExpectedNotSeen),
+            "{row}: {:?}",
+            c.hops
+        );
+    }
+}
+
+/// (cni, proto, flow, expected path, expected reason).
+#[rustfmt::skip]
+const DEVIATING: &[(CniMode, Proto, [&str; 4], &str, &str)] = &[
+    (CniMode::AzureCni, Tcp, ["10.224.0.10:40000", "10.224.0.8:80", "10.224.0.4:40000", "10.224.0.8:80"], "pod-to-vnet",
+     "azure-cni pod traffic to 10.224.0.8 inside the vnet was SNATed to the node IP 10.224.0.4: the pod IP is lost, the model expects it to be kept; check ip-masq-agent's nonMasqueradeCIDRs"),
+    (CniMode::Kubenet, Tcp, ["203.0.113.10:40000", "192.0.2.12:80", "10.244.0.1:40000", "10.244.0.13:8080"], "lb-inbound",
+     "kubenet lb-inbound to 192.0.2.12 (declared externalTrafficPolicy Local) was SNATed to cbr0's gateway 10.244.0.1: the client address is lost, the model expects it to be kept; check the Service's externalTrafficPolicy"),
+    (CniMode::AzureCni, Tcp, ["203.0.113.11:41000", "192.0.2.11:80", "10.224.0.4:41000", "10.224.0.12:80"], "l7-ingress",
+     "azure-cni l7-ingress to 192.0.2.11 (ingress-nginx/ingress-nginx-controller, declared externalTrafficPolicy Local) was SNATed to the node IP 10.224.0.4: the client address is lost"),
+    (CniMode::Kubenet, Tcp, ["10.226.0.4:50000", "10.244.0.10:8080", "10.244.0.1:50000", "10.244.0.10:8080"], "agic-inbound",
+     "double SNAT: kubenet agic-inbound from Application Gateway 10.226.0.4 to pod 10.244.0.10 already had its source replaced by the Application Gateway (AGIC - Layer 7) (inferred), and the node SNATed it again to cbr0's gateway 10.244.0.1; the model has one source rewrite"),
+    (CniMode::Kubenet, Tcp, ["10.244.0.10:40000", "198.51.100.20:80", "10.244.0.10:40000", "198.51.100.20:80"], "pod-to-internet",
+     "kubenet pod traffic to 198.51.100.20 on the internet kept its source 10.244.0.10 (no SNAT on the node); the model expects SNAT to the node IP; check ip-masq-agent"),
+    (CniMode::AzureCni, Tcp, ["203.0.113.10:40000", "192.0.2.10:80", "203.0.113.10:40000", "192.0.2.10:80"], "lb-inbound",
+     "azure-cni lb-inbound to 192.0.2.10 (declared externalTrafficPolicy Cluster) was not DNATed on the node; the model expects kube-proxy to DNAT it to a pod"),
+    (CniMode::AzureCniOverlay, Tcp, ["10.244.0.10:40002", "10.227.0.5:443", "10.244.0.10:40002", "10.227.0.5:443"], "pod-to-private-endpoint",
+     "azure-cni-overlay pod traffic to private endpoint 10.227.0.5 kept its source 10.244.0.10 (no SNAT on the node); the model expects SNAT to the node IP"),
+];
+
+#[test]
+fn misconfigurations_deviate_with_operator_reasons() {
+    for &(cni, proto, [src, dst, nat_src, nat_dst], path, reason) in DEVIATING {
+        let c = classifier(cni).classify(&flow(proto, src, dst, nat_src, nat_dst));
+        assert_eq!(c.path.as_ref().map(|p| p.0.as_str()), Some(path), "{c:?}");
+        assert_eq!(c.verdict, Verdict::Deviates, "{c:?}");
+        let got = c.reason.unwrap();
+        assert!(
+            got.starts_with(reason),
+            "expected: {reason}\n     got: {got}"
+        );
+    }
+}
+
+#[test]
+fn unexpected_nat_shows_as_a_hop_outside_the_model() {
+    let c = classifier(CniMode::AzureCni).classify(&flow(
+        Tcp,
+        "10.224.0.10:40000",
+        "10.224.0.8:80",
+        "10.224.0.4:40000",
+        "10.224.0.8:80",
+    ));
+    let extra: Vec<_> = c.hops.iter().filter(|h| !h.in_model).collect();
+    assert_eq!(extra.len(), 1, "{:?}", c.hops);
+    assert_eq!(
+        (extra[0].before.as_deref(), extra[0].after.as_deref()),
+        (Some("10.224.0.10:40000"), Some("10.224.0.4:40000"))
+    );
+    assert_eq!(c.hops.last().unwrap().kind, HopKind::Destination);
+    let missing = classifier(CniMode::Kubenet).classify(&flow(
+        Tcp,
+        "10.244.0.10:40000",
+        "198.51.100.20:80",
+        "10.244.0.10:40000",
+        "198.51.100.20:80",
+    ));
+    assert!(missing
+        .hops
+        .iter()
+        .any(|h| h.kind == HopKind::NodeSnat && h.evidence == Evidence::ExpectedNotSeen));
+}
+
+#[test]
+fn health_probes_are_never_client_paths() {
+    for cni in CniMode::ALL {
+        let c = classifier(cni).classify(&flow(
+            Tcp,
+            "168.63.129.16:61000",
+            "10.224.0.4:32000",
+            "168.63.129.16:61000",
+            "10.224.0.4:32000",
+        ));
+        assert_eq!(c.path, Some(PathId("lb-health-probe".into())), "{cni}");
+    }
+}
+
+#[test]
+fn unclassified_says_why() {
+    let c = classifier(CniMode::Kubenet).classify(&flow(
+        Tcp,
+        "203.0.113.10:40000",
+        "10.224.0.4:22",
+        "203.0.113.10:40000",
+        "10.224.0.4:22",
+    ));
+    assert_eq!((c.path.as_ref(), c.verdict), (None, Verdict::Unclassified));
+    assert_eq!(
+        c.reason.as_deref(),
+        Some("no kubenet model path for tcp 203.0.113.10:40000 (internet) -> 10.224.0.4:22 (node IP), inbound")
+    );
+    // AGC is not supported with kubenet: its model has no such path.
+    let c = classifier(CniMode::Kubenet).classify(&flow(
+        Tcp,
+        "10.228.0.4:50000",
+        "10.244.0.10:8080",
+        "10.228.0.4:50000",
+        "10.244.0.10:8080",
+    ));
+    assert_eq!(c.verdict, Verdict::Unclassified);
+
+    let mut t = lab_topology(CniMode::AzureCni);
+    t.dataplane = Dataplane::Cilium;
+    let c = Classifier::new(Model::load_builtin(CniMode::AzureCni).unwrap(), t)
+        .unwrap()
+        .classify(&flow(
+            Tcp,
+            "203.0.113.10:40000",
+            "192.0.2.10:80",
+            "203.0.113.10:40000",
+            "192.0.2.10:80",
+        ));
+    assert_eq!(c.verdict, Verdict::Unclassified);
+    assert!(c.reason.unwrap().contains("eBPF"));
+}
+
+#[test]
+fn pod_interface_marks_an_unlisted_pod() {
+    let cl = classifier(CniMode::AzureCni);
+    let ev = flow(
+        Tcp,
+        "10.225.0.4:50000",
+        "10.224.0.77:8080",
+        "10.225.0.4:50000",
+        "10.224.0.77:8080",
+    );
+    assert_eq!(
+        cl.classify_with_interfaces(&ev, Some("eth0"), Some("azv1234abcd"))
+            .path,
+        Some(PathId("vnet-client-to-pod".into()))
+    );
+    assert_eq!(
+        cl.classify_with_interfaces(&ev, Some("eth0"), Some("eth0"))
+            .verdict,
+        Verdict::Unclassified
+    );
+}
+
+#[test]
+fn json_field_names() {
+    let c = classifier(CniMode::Kubenet).classify(&flow(
+        Tcp,
+        "10.244.0.10:40000",
+        "198.51.100.20:80",
+        "10.224.0.4:40000",
+        "198.51.100.20:80",
+    ));
+    let v = serde_json::to_value(&c).unwrap();
+    assert_eq!(v["path"], "pod-to-internet");
+    assert_eq!(v["verdict"], "conforms");
+    assert_eq!(v["reason"], serde_json::Value::Null);
+    assert_eq!(v["hops"][3]["kind"], "outbound-snat");
+    assert_eq!(v["hops"][3]["evidence"], "inferred");
+    assert_eq!(v["hops"][3]["after"], "192.0.2.100:*");
+}
+
+#[test]
+fn builtin_models_cover_the_lab_paths_and_cite_the_seed() {
+    let lab_ids = [
+        "lb-inbound",
+        "lb-inbound-udp",
+        "lb-health-probe",
+        "l7-ingress",
+        "l7-ingress-upstream",
+        "agic-inbound",
+        "agic-nodeport",
+        "vnet-client-to-pod",
+        "pod-to-internet",
+        "pod-to-vnet",
+        "pod-to-private-endpoint",
+    ];
+    for cni in CniMode::ALL {
+        let m = Model::load_builtin(cni).unwrap();
+        assert_eq!(m.cni(), cni);
+        for id in lab_ids {
+            // AGIC's pod-IP backends are documented for kubenet and flat azure-cni only.
+            if cni == CniMode::AzureCniOverlay && id == "agic-inbound" {
+                continue;
+            }
+            assert!(m.paths().iter().any(|p| p.id() == id), "{cni} lacks {id}");
+        }
+        assert!(m.paths().iter().all(|p| !p.seed().is_empty()));
+    }
+    let cni_only = |cni| {
+        Model::load_builtin(cni)
+            .unwrap()
+            .paths()
+            .iter()
+            .any(|p| p.id() == "agc-inbound")
+    };
+    assert!(
+        !cni_only(CniMode::Kubenet)
+            && cni_only(CniMode::AzureCni)
+            && cni_only(CniMode::AzureCniOverlay)
+    );
+}
+
+fn model_err(text: &str) -> crate::topology::FileError {
+    Model::parse(std::path::Path::new("models/bad.toml"), text).unwrap_err()
+}
+
+const KUBENET: &str = include_str!("../../models/kubenet.toml");
+
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines().position(|l| l.contains(needle)).unwrap() + 1
+}
+
+#[test]
+fn malformed_models_name_file_line_and_field() {
+    let bad = KUBENET.replacen("src = [\"health-probe\"]", "src = [\"health-prob\"]", 1);
+    let e = model_err(&bad);
+    assert_eq!(
+        (e.line, e.field.as_str()),
+        (line_of(&bad, "health-prob\"]"), "path.src"),
+        "{e}"
+    );
+    assert!(e.to_string().starts_with("models/bad.toml:"), "{e}");
+
+    let bad = KUBENET.replacen(
+        "{ kind = \"node-dnat\", label = \"kube-proxy DNAT (nodePort)\"",
+        "{ kind = \"node-dnatt\", label = \"kube-proxy DNAT (nodePort)\"",
+        1,
+    );
+    let e = model_err(&bad);
+    assert_eq!(
+        (e.line, e.field.as_str()),
+        (line_of(&bad, "node-dnatt"), "path.hops.kind"),
+        "{e}"
+    );
+
+    let bad = KUBENET.replacen(
+        "describe = \"pod traffic to {dst} on the internet\"",
+        "describe = \"pod traffic to {dsst}\"",
+        1,
+    );
+    let e = model_err(&bad);
+    assert_eq!(
+        (e.line, e.field.as_str()),
+        (line_of(&bad, "{dsst}"), "path.describe"),
+        "{e}"
+    );
+
+    let bad = KUBENET.replacen("  { kind = \"node-snat\", label = \"NAT para IP do Node (ip-masq-agent)\", evidence = \"observed\" },\n", "", 1);
+    let e = model_err(&bad);
+    assert_eq!(e.field, "path.hops", "{e}");
+    assert!(
+        e.message.contains("pod-to-internet") && e.message.contains("node-snat"),
+        "{e}"
+    );
+
+    let bad = KUBENET.replacen("kind = \"node-snat\", label = \"NAT para IP do Node (ip-masq-agent)\", evidence = \"observed\"", "kind = \"node-snat\", label = \"NAT para IP do Node (ip-masq-agent)\", evidence = \"inferred\", from = \"x\"", 1);
+    let e = model_err(&bad);
+    assert_eq!(
+        (e.line, e.field.as_str()),
+        (
+            line_of(&bad, "evidence = \"inferred\", from = \"x\""),
+            "path.hops.evidence"
+        ),
+        "{e}"
+    );
+
+    let bad = KUBENET.replacen(
+        "variant = \"etp-cluster\"\ndirection = \"inbound\"\nsrc = [\"internet\", \"vnet\"]",
+        "variant = \"etp-local\"\ndirection = \"inbound\"\nsrc = [\"internet\", \"vnet\"]",
+        1,
+    );
+    let e = model_err(&bad);
+    assert!(e.message.contains("duplicate path `l7-ingress`"), "{e}");
+
+    let err = Model::from_file(std::path::Path::new("/nonexistent/model.toml")).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("cannot read /nonexistent/model.toml"),
+        "{err}"
+    );
+}
+
+#[test]
+fn model_for_another_cni_is_refused() {
+    let err = Classifier::new(
+        Model::load_builtin(CniMode::Kubenet).unwrap(),
+        lab_topology(CniMode::AzureCni),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("is for kubenet, but the topology says the cluster runs azure-cni"),
+        "{err}"
+    );
+}

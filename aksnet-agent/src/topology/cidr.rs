@@ -41,7 +41,7 @@ impl Cidr {
         self.addr
     }
 
-    pub fn len(&self) -> u8 {
+    pub fn prefix_len(&self) -> u8 {
         self.len
     }
 
@@ -59,7 +59,11 @@ fn mask(addr: IpAddr, len: u8) -> IpAddr {
         }
         IpAddr::V6(a) => {
             let bits = u128::from(a);
-            let m = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+            let m = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len)
+            };
             IpAddr::V6((bits & m).into())
         }
     }
@@ -123,6 +127,6 @@ mod tests {
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
         assert!("10.0.0.0".parse::<Cidr>().is_err());
         assert!("nope/8".parse::<Cidr>().is_err());
-        assert_eq!("0.0.0.0/0".parse::<Cidr>().unwrap().len(), 0);
+        assert_eq!("0.0.0.0/0".parse::<Cidr>().unwrap().prefix_len(), 0);
     }
 }

@@ -104,7 +104,8 @@ fn join_key(header: Option<&str>, key: &str) -> String {
 }
 
 /// The dotted key whose value contains byte `offset`: the nearest `key =` line at or above it
-/// (values may span lines, as arrays do), under the header in force there.
+/// (values may span lines, as arrays do), under the header in force there. Inside an inline
+/// table (`{ kind = "x" }`) the key before the offset on its line is appended.
 fn key_at(text: &str, offset: usize) -> String {
     let line = line_of(text, offset);
     let lines: Vec<&str> = text.lines().collect();
@@ -115,11 +116,26 @@ fn key_at(text: &str, offset: usize) -> String {
         .rev()
         .take_while(|l| !l.trim_start().starts_with('['))
         .find_map(|l| assignment_key(l));
-    match (key, header) {
-        (Some(k), h) => join_key(h, k),
-        (None, Some(h)) => h.to_string(),
-        (None, None) => "(document)".to_string(),
-    }
+    let line_start = text[..offset.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let inner = inline_key(&text[line_start..offset.min(text.len())]).filter(|k| Some(*k) != key);
+    let path = match (key, inner) {
+        (Some(k), Some(i)) => format!("{k}.{i}"),
+        (Some(k), None) => k.to_string(),
+        (None, _) => return header.unwrap_or("(document)").to_string(),
+    };
+    join_key(header, &path)
+}
+
+/// In `{ kind = "x", label = ` the key being assigned at the end: `label`.
+fn inline_key(before: &str) -> Option<&str> {
+    let before = before.trim_end().strip_suffix('=')?.trim_end();
+    let start = before
+        .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+        .map_or(0, |i| i + 1);
+    let key = &before[start..];
+    (!key.is_empty() && before[..start].trim_end().ends_with(['{', ','])).then_some(key)
 }
 
 fn assignment_key(line: &str) -> Option<&str> {
@@ -167,6 +183,8 @@ mod tests {
         assert_eq!((e.line, e.field.as_str()), (4, "item.ipp"), "{e}");
         let e = err("ports = []\n");
         assert_eq!(e.field, "name", "{e}");
-        assert!(e.to_string().starts_with("x.toml:1: field `name`: missing field"));
+        assert!(e
+            .to_string()
+            .starts_with("x.toml:1: field `name`: missing field"));
     }
 }

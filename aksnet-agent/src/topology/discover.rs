@@ -54,24 +54,34 @@ fn gather() -> Sources {
     let mut s = Sources::default();
     match interfaces_and_addrs() {
         Ok((ifs, addrs)) => (s.interfaces, s.addrs) = (ifs, addrs),
-        Err(e) => s.notes.push(format!("getifaddrs failed: {e}; interfaces and node addresses are unknown")),
+        Err(e) => s.notes.push(format!(
+            "getifaddrs failed: {e}; interfaces and node addresses are unknown"
+        )),
     }
     for (file, v6) in [("route", false), ("ipv6_route", true)] {
         let path = format!("/proc/thread-self/net/{file}");
         match std::fs::read_to_string(&path) {
-            Ok(text) => s.routes.extend(if v6 { parse_ipv6_route(&text) } else { parse_ipv4_route(&text) }),
+            Ok(text) => s.routes.extend(if v6 {
+                parse_ipv6_route(&text)
+            } else {
+                parse_ipv4_route(&text)
+            }),
             Err(e) => s.notes.push(format!("cannot read {path}: {e}")),
         }
     }
     for tool in ["iptables-save", "ip6tables-save"] {
         match Command::new(tool).args(["-t", "nat"]).output() {
-            Ok(out) if out.status.success() => s.nat_tables.push(String::from_utf8_lossy(&out.stdout).into_owned()),
+            Ok(out) if out.status.success() => s
+                .nat_tables
+                .push(String::from_utf8_lossy(&out.stdout).into_owned()),
             Ok(out) => s.notes.push(format!(
                 "`{tool} -t nat` failed ({}): {}; kube-proxy's Services are unknown",
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
             )),
-            Err(e) => s.notes.push(format!("cannot run `{tool}`: {e}; install iptables in the agent image")),
+            Err(e) => s.notes.push(format!(
+                "cannot run `{tool}`: {e}; install iptables in the agent image"
+            )),
         }
     }
     s
@@ -90,11 +100,16 @@ fn interfaces_and_addrs() -> std::io::Result<(Vec<Interface>, Vec<IfAddr>)> {
         let ifa = unsafe { &*cur };
         cur = ifa.ifa_next;
         // SAFETY: ifa_name is a NUL-terminated string owned by the list.
-        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
+        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
         if !ifs.iter().any(|i| i.name == name) {
             // SAFETY: ifa_name is a valid C string.
             let index = unsafe { libc::if_nametoindex(ifa.ifa_name) };
-            ifs.push(Interface { index, name: name.clone() });
+            ifs.push(Interface {
+                index,
+                name: name.clone(),
+            });
         }
         // SAFETY: the sockaddrs, when non-null, are of the family they declare.
         let (addr, mask) = unsafe { (sockaddr_ip(ifa.ifa_addr), sockaddr_ip(ifa.ifa_netmask)) };
@@ -104,7 +119,11 @@ fn interfaces_and_addrs() -> std::io::Result<(Vec<Interface>, Vec<IfAddr>)> {
                 IpAddr::V6(m) => u128::from(m).count_ones(),
             } as u8;
             if let Some(prefix) = Cidr::new(addr, len) {
-                addrs.push(IfAddr { iface: name, prefix, addr });
+                addrs.push(IfAddr {
+                    iface: name,
+                    prefix,
+                    addr,
+                });
             }
         }
     }
@@ -122,7 +141,9 @@ unsafe fn sockaddr_ip(sa: *const libc::sockaddr) -> Option<IpAddr> {
     match i32::from((*sa).sa_family) {
         libc::AF_INET => {
             let sin = &*(sa as *const libc::sockaddr_in);
-            Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))))
+            Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                sin.sin_addr.s_addr,
+            ))))
         }
         libc::AF_INET6 => {
             let sin6 = &*(sa as *const libc::sockaddr_in6);
@@ -143,7 +164,10 @@ fn parse_ipv4_route(text: &str) -> Vec<Route> {
             // The kernel prints the address's in-memory (network-order) bytes as a native u32.
             let dst = Ipv4Addr::from(dst.to_ne_bytes());
             let len = mask.count_ones() as u8;
-            Some(Route { dst: Cidr::new(IpAddr::V4(dst), len)?, iface: f[0].to_string() })
+            Some(Route {
+                dst: Cidr::new(IpAddr::V4(dst), len)?,
+                iface: f[0].to_string(),
+            })
         })
         .collect()
 }
@@ -156,17 +180,20 @@ fn parse_ipv6_route(text: &str) -> Vec<Route> {
             let dst = u128::from_str_radix(f.first()?, 16).ok()?;
             let len = u8::from_str_radix(f.get(1)?, 16).ok()?;
             let iface = f.get(9)?.to_string();
-            Some(Route { dst: Cidr::new(IpAddr::V6(Ipv6Addr::from(dst)), len)?, iface })
+            Some(Route {
+                dst: Cidr::new(IpAddr::V6(Ipv6Addr::from(dst)), len)?,
+                iface,
+            })
         })
         .collect()
 }
 
 fn is_default(c: &Cidr) -> bool {
-    c.len() == 0
+    c.prefix_len() == 0
 }
 
 fn is_host_route(c: &Cidr) -> bool {
-    c.len() == if c.addr().is_ipv4() { 32 } else { 128 }
+    c.prefix_len() == if c.addr().is_ipv4() { 32 } else { 128 }
 }
 
 /// Turns what the OS showed into a topology layer and notes.
@@ -177,7 +204,12 @@ pub(crate) fn derive(s: Sources) -> Discovery {
     let has = |p: &dyn Fn(&str) -> bool| names.iter().any(|n| p(n));
 
     // The node's addresses are those on the interface(s) holding the default route.
-    let uplinks: Vec<&str> = s.routes.iter().filter(|r| is_default(&r.dst)).map(|r| r.iface.as_str()).collect();
+    let uplinks: Vec<&str> = s
+        .routes
+        .iter()
+        .filter(|r| is_default(&r.dst))
+        .map(|r| r.iface.as_str())
+        .collect();
     let node_addrs: Vec<&IfAddr> = s
         .addrs
         .iter()
@@ -190,7 +222,12 @@ pub(crate) fn derive(s: Sources) -> Discovery {
         layer.node_subnet = Some(node_addrs.iter().map(|a| a.prefix).collect());
     }
 
-    let bridge: Vec<IpAddr> = s.addrs.iter().filter(|a| a.iface == "cbr0").map(|a| a.addr).collect();
+    let bridge: Vec<IpAddr> = s
+        .addrs
+        .iter()
+        .filter(|a| a.iface == "cbr0")
+        .map(|a| a.addr)
+        .collect();
     let pod_routes: Vec<IpAddr> = s
         .routes
         .iter()
@@ -221,7 +258,8 @@ pub(crate) fn derive(s: Sources) -> Discovery {
         }
         layer.local_pods = Some(pod_routes);
     } else {
-        notes.push("no cbr0, azv*, azure0 or cilium_host interface: the CNI mode is unknown".into());
+        notes
+            .push("no cbr0, azv*, azure0 or cilium_host interface: the CNI mode is unknown".into());
     }
 
     let mut rules = KubeProxyRules::default();
@@ -232,7 +270,10 @@ pub(crate) fn derive(s: Sources) -> Discovery {
         rules.endpoints.extend(r.endpoints);
         rules.cluster_cidrs.extend(r.cluster_cidrs);
     }
-    if !s.nat_tables.is_empty() && !rules.has_kube_services && layer.dataplane != Some(Dataplane::Cilium) {
+    if !s.nat_tables.is_empty()
+        && !rules.has_kube_services
+        && layer.dataplane != Some(Dataplane::Cilium)
+    {
         notes.push("no KUBE-SERVICES chain in the nat table: kube-proxy (iptables mode) is not running here".into());
     }
     let frontends: Vec<LbFrontend> = rules
@@ -276,16 +317,26 @@ mod tests {
     use super::*;
 
     fn iface(index: u32, name: &str) -> Interface {
-        Interface { index, name: name.into() }
+        Interface {
+            index,
+            name: name.into(),
+        }
     }
 
     fn addr(iface: &str, cidr: &str) -> IfAddr {
         let (a, _) = cidr.split_once('/').unwrap();
-        IfAddr { iface: iface.into(), prefix: cidr.parse().unwrap(), addr: a.parse().unwrap() }
+        IfAddr {
+            iface: iface.into(),
+            prefix: cidr.parse().unwrap(),
+            addr: a.parse().unwrap(),
+        }
     }
 
     fn route(dst: &str, iface: &str) -> Route {
-        Route { dst: dst.parse().unwrap(), iface: iface.into() }
+        Route {
+            dst: dst.parse().unwrap(),
+            iface: iface.into(),
+        }
     }
 
     #[test]
@@ -304,7 +355,10 @@ mod tests {
         assert_eq!(l.bridge_gateways, Some(vec!["10.244.0.1".parse().unwrap()]));
         assert_eq!(l.pod_cidr, Some(vec!["10.244.0.0/16".parse().unwrap()]));
         let f = &l.lb_frontends.unwrap()[0];
-        assert_eq!((f.ip.to_string(), f.external_traffic_policy), ("192.0.2.11".into(), Some(super::super::Etp::Local)));
+        assert_eq!(
+            (f.ip.to_string(), f.external_traffic_policy),
+            ("192.0.2.11".into(), Some(super::super::Etp::Local))
+        );
         assert!(d.notes.is_empty(), "{:?}", d.notes);
     }
 
@@ -313,12 +367,18 @@ mod tests {
         let base = Sources {
             interfaces: vec![iface(2, "eth0"), iface(5, "azv0011aabb")],
             addrs: vec![addr("eth0", "10.224.0.4/16")],
-            routes: vec![route("0.0.0.0/0", "eth0"), route("10.224.0.10/32", "azv0011aabb")],
+            routes: vec![
+                route("0.0.0.0/0", "eth0"),
+                route("10.224.0.10/32", "azv0011aabb"),
+            ],
             ..Default::default()
         };
         let d = derive(base.clone());
         assert_eq!(d.layer.cni, Some(CniMode::AzureCni));
-        assert_eq!(d.layer.local_pods, Some(vec!["10.224.0.10".parse().unwrap()]));
+        assert_eq!(
+            d.layer.local_pods,
+            Some(vec!["10.224.0.10".parse().unwrap()])
+        );
         let mut overlay = base;
         overlay.routes[1] = route("10.244.0.10/32", "azv0011aabb");
         let d = derive(overlay);
@@ -329,7 +389,11 @@ mod tests {
     #[test]
     fn cilium_is_reported_not_silent() {
         let d = derive(Sources {
-            interfaces: vec![iface(2, "eth0"), iface(3, "cilium_host"), iface(4, "lxc12ab")],
+            interfaces: vec![
+                iface(2, "eth0"),
+                iface(3, "cilium_host"),
+                iface(4, "lxc12ab"),
+            ],
             nat_tables: vec!["*nat\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n".into()],
             ..Default::default()
         });
@@ -339,13 +403,23 @@ mod tests {
 
     #[test]
     fn proc_route_formats() {
-        let v4 = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+        let v4 =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
                   eth0\t00000000\t0100E00A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
                   azv0011\t0A00E00A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n";
         let r = parse_ipv4_route(v4);
-        assert_eq!(r, vec![route("0.0.0.0/0", "eth0"), route("10.224.0.10/32", "azv0011")]);
+        assert_eq!(
+            r,
+            vec![
+                route("0.0.0.0/0", "eth0"),
+                route("10.224.0.10/32", "azv0011")
+            ]
+        );
         let v6 = "fd0000100244000000000000000000aa 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 00000001 azv0011\n";
-        assert_eq!(parse_ipv6_route(v6), vec![route("fd00:10:244::aa/128", "azv0011")]);
+        assert_eq!(
+            parse_ipv6_route(v6),
+            vec![route("fd00:10:244::aa/128", "azv0011")]
+        );
     }
 
     /// Runs the real thing in the test's own namespace: it must not fail, and what it reports

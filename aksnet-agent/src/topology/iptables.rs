@@ -142,7 +142,10 @@ pub fn parse_iptables_save(text: &str) -> KubeProxyRules {
         } else if let Some(rest) = line.strip_prefix("-A ") {
             let w = words(rest);
             if let Some((chain, args)) = w.split_first() {
-                chains.entry(chain.clone()).or_default().push(parse_rule(args));
+                chains
+                    .entry(chain.clone())
+                    .or_default()
+                    .push(parse_rule(args));
             }
         }
     }
@@ -231,8 +234,7 @@ pub fn parse_iptables_save(text: &str) -> KubeProxyRules {
             }
             // "! -s <cluster-cidr> ... cluster IP -j KUBE-MARK-MASQ" and "pod traffic for ..."
             // rules both name kube-proxy's cluster CIDR.
-            let cidr = if comment.ends_with(" cluster IP") && r.target() == Some("KUBE-MARK-MASQ")
-            {
+            let cidr = if comment.ends_with(" cluster IP") && r.target() == Some("KUBE-MARK-MASQ") {
                 r.get_negated("-s")
             } else if comment.starts_with("pod traffic for ") {
                 r.get("-s")
@@ -349,10 +351,14 @@ COMMIT
 # Completed on Wed Nov 26 13:00:00 2025
 "#;
 
-    fn find<'a>(r: &'a KubeProxyRules, kind: ServiceKind, port: u16) -> &'a ServicePort {
+    fn find(r: &KubeProxyRules, kind: ServiceKind, port: u16) -> &ServicePort {
         r.services
             .iter()
-            .find(|s| s.kind == kind && s.port == port && (kind != ServiceKind::LoadBalancer || s.proto == Proto::Tcp))
+            .find(|s| {
+                s.kind == kind
+                    && s.port == port
+                    && (kind != ServiceKind::LoadBalancer || s.proto == Proto::Tcp)
+            })
             .unwrap()
     }
 
@@ -364,25 +370,62 @@ COMMIT
             .services
             .iter()
             .filter(|s| s.kind == ServiceKind::LoadBalancer)
-            .map(|s| (s.ip.unwrap().to_string(), s.proto, s.port, s.service(), s.etp))
+            .map(|s| {
+                (
+                    s.ip.unwrap().to_string(),
+                    s.proto,
+                    s.port,
+                    s.service(),
+                    s.etp,
+                )
+            })
             .collect();
         assert_eq!(
             lb,
             vec![
-                ("192.0.2.10".into(), Proto::Tcp, 80, "default/app", Some(Etp::Cluster)),
-                ("192.0.2.10".into(), Proto::Udp, 53, "default/dns", Some(Etp::Cluster)),
-                ("192.0.2.11".into(), Proto::Tcp, 80, "ingress-nginx/ingress-nginx-controller", Some(Etp::Local)),
+                (
+                    "192.0.2.10".into(),
+                    Proto::Tcp,
+                    80,
+                    "default/app",
+                    Some(Etp::Cluster)
+                ),
+                (
+                    "192.0.2.10".into(),
+                    Proto::Udp,
+                    53,
+                    "default/dns",
+                    Some(Etp::Cluster)
+                ),
+                (
+                    "192.0.2.11".into(),
+                    Proto::Tcp,
+                    80,
+                    "ingress-nginx/ingress-nginx-controller",
+                    Some(Etp::Local)
+                ),
             ]
         );
         let cip = find(&r, ServiceKind::ClusterIp, 53);
-        assert_eq!((cip.name.as_str(), cip.ip, cip.proto, cip.etp), ("default/dns:dns", Some("10.0.0.53".parse().unwrap()), Proto::Udp, None));
+        assert_eq!(
+            (cip.name.as_str(), cip.ip, cip.proto, cip.etp),
+            (
+                "default/dns:dns",
+                Some("10.0.0.53".parse().unwrap()),
+                Proto::Udp,
+                None
+            )
+        );
         let np: Vec<_> = r
             .services
             .iter()
             .filter(|s| s.kind == ServiceKind::NodePort)
             .map(|s| (s.port, s.etp))
             .collect();
-        assert_eq!(np, vec![(30080, Some(Etp::Cluster)), (31080, Some(Etp::Local))]);
+        assert_eq!(
+            np,
+            vec![(30080, Some(Etp::Cluster)), (31080, Some(Etp::Local))]
+        );
         // The filter table's lookalike comment is ignored.
         assert_eq!(r.services.len(), 3 + 3 + 2);
     }
@@ -400,7 +443,12 @@ COMMIT
             vec![
                 ("default/app:http", "10.244.0.10".into(), 8080, Proto::Tcp),
                 ("default/dns:dns", "10.244.0.11".into(), 5353, Proto::Udp),
-                ("ingress-nginx/ingress-nginx-controller:http", "10.244.0.12".into(), 80, Proto::Tcp),
+                (
+                    "ingress-nginx/ingress-nginx-controller:http",
+                    "10.244.0.12".into(),
+                    80,
+                    Proto::Tcp
+                ),
             ]
         );
         assert_eq!(r.cluster_cidrs, vec!["10.244.0.0/16".parse().unwrap()]);
@@ -419,8 +467,14 @@ COMMIT
 "#;
         let r = parse_iptables_save(save);
         let lb = &r.services[1];
-        assert_eq!((lb.ip, lb.etp), (Some("2001:db8:f::10".parse().unwrap()), Some(Etp::Local)));
-        assert_eq!(r.endpoints[0].ip, "fd00:10:244::a".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            (lb.ip, lb.etp),
+            (Some("2001:db8:f::10".parse().unwrap()), Some(Etp::Local))
+        );
+        assert_eq!(
+            r.endpoints[0].ip,
+            "fd00:10:244::a".parse::<IpAddr>().unwrap()
+        );
         assert_eq!(r.endpoints[0].port, 8443);
     }
 
@@ -435,7 +489,15 @@ COMMIT
     fn quoted_words() {
         assert_eq!(
             words(r#"KUBE-X -m comment --comment "a \"b\" c" -j Y"#),
-            vec!["KUBE-X", "-m", "comment", "--comment", "a \"b\" c", "-j", "Y"]
+            vec![
+                "KUBE-X",
+                "-m",
+                "comment",
+                "--comment",
+                "a \"b\" c",
+                "-j",
+                "Y"
+            ]
         );
     }
 }

@@ -11,8 +11,8 @@ mod discover;
 mod iptables;
 
 pub use cidr::{Cidr, CidrError};
-pub use config::{FileError, LoadError};
 pub(crate) use config::parse_toml;
+pub use config::{FileError, LoadError};
 pub use discover::{discover, Discovery};
 pub use iptables::{parse_iptables_save, KubeProxyRules};
 
@@ -33,7 +33,11 @@ pub enum CniMode {
 }
 
 impl CniMode {
-    pub const ALL: [CniMode; 3] = [CniMode::Kubenet, CniMode::AzureCni, CniMode::AzureCniOverlay];
+    pub const ALL: [CniMode; 3] = [
+        CniMode::Kubenet,
+        CniMode::AzureCni,
+        CniMode::AzureCniOverlay,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -56,7 +60,9 @@ impl FromStr for CniMode {
         CniMode::ALL
             .into_iter()
             .find(|m| m.as_str() == s)
-            .ok_or_else(|| format!("unknown CNI mode `{s}`: use kubenet, azure-cni or azure-cni-overlay"))
+            .ok_or_else(|| {
+                format!("unknown CNI mode `{s}`: use kubenet, azure-cni or azure-cni-overlay")
+            })
     }
 }
 
@@ -254,7 +260,11 @@ impl TopologyLayer {
         let lb_frontends = match (self.lb_frontends, lower.lb_frontends) {
             (Some(mine), Some(theirs)) => {
                 let mut merged = mine.clone();
-                merged.extend(theirs.into_iter().filter(|f| !mine.iter().any(|m| m.ip == f.ip)));
+                merged.extend(
+                    theirs
+                        .into_iter()
+                        .filter(|f| !mine.iter().any(|m| m.ip == f.ip)),
+                );
                 Some(merged)
             }
             (mine, theirs) => mine.or(theirs),
@@ -346,9 +356,17 @@ impl Topology {
         };
         let non_empty = |v: &Option<Vec<_>>| v.as_ref().is_some_and(|v: &Vec<_>| !v.is_empty());
         need("cni", l.cni.is_some(), "set cni = \"kubenet\" | \"azure-cni\" | \"azure-cni-overlay\" in the config or with --cni");
-        need("node_ips", l.node_ips.as_ref().is_some_and(|v| !v.is_empty()), "set node_ips in the config; discovery found no address on the default-route interface");
+        need(
+            "node_ips",
+            l.node_ips.as_ref().is_some_and(|v| !v.is_empty()),
+            "set node_ips in the config; discovery found no address on the default-route interface",
+        );
         need("vnet_cidrs", l.vnet_cidrs.as_ref().is_some_and(|v| !v.is_empty()), "set vnet_cidrs in the config (AKS managed vnet default 10.224.0.0/12); a node cannot see the vnet's ranges");
-        need("service_cidr", non_empty(&l.service_cidr), "set service_cidr in the config (AKS default 10.0.0.0/16)");
+        need(
+            "service_cidr",
+            non_empty(&l.service_cidr),
+            "set service_cidr in the config (AKS default 10.0.0.0/16)",
+        );
         if matches!(l.cni, Some(CniMode::Kubenet | CniMode::AzureCniOverlay)) {
             need("pod_cidr", non_empty(&l.pod_cidr), "kubenet and Overlay need the cluster pod CIDR (AKS default 10.244.0.0/16); set pod_cidr");
         }
@@ -389,7 +407,8 @@ impl Topology {
             AddrClass::HealthProbe
         } else if self.lb_frontends.iter().any(|f| f.ip == ip)
             || self.services.iter().any(|s| {
-                s.ip == Some(ip) && matches!(s.kind, ServiceKind::LoadBalancer | ServiceKind::ExternalIp)
+                s.ip == Some(ip)
+                    && matches!(s.kind, ServiceKind::LoadBalancer | ServiceKind::ExternalIp)
             })
         {
             AddrClass::LbFrontend
@@ -402,7 +421,10 @@ impl Topology {
         } else if pod_side || in_any(&self.pod_cidrs) || self.local_pods.contains(&ip) {
             AddrClass::Pod
         } else if in_any(&self.service_cidrs)
-            || self.services.iter().any(|s| s.ip == Some(ip) && s.kind == ServiceKind::ClusterIp)
+            || self
+                .services
+                .iter()
+                .any(|s| s.ip == Some(ip) && s.kind == ServiceKind::ClusterIp)
         {
             AddrClass::ServiceIp
         } else if in_any(&self.appgw_subnets) {
@@ -424,9 +446,15 @@ impl Topology {
     /// node, or a ClusterIP.
     pub fn service_at(&self, proto: Proto, ip: IpAddr, port: u16) -> Option<ServiceRef> {
         if let Some(f) = self.lb_frontends.iter().find(|f| f.ip == ip) {
-            let discovered = self.services.iter().find(|s| s.ip == Some(ip) && s.port == port);
+            let discovered = self
+                .services
+                .iter()
+                .find(|s| s.ip == Some(ip) && s.port == port);
             return Some(ServiceRef {
-                name: f.service.clone().or_else(|| discovered.map(|s| s.service().to_string())),
+                name: f
+                    .service
+                    .clone()
+                    .or_else(|| discovered.map(|s| s.service().to_string())),
                 etp: f.external_traffic_policy.or(discovered.and_then(|s| s.etp)),
             });
         }
@@ -523,4 +551,4 @@ impl AddrClass {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

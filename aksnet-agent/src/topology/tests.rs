@@ -30,7 +30,10 @@ fn write_temp(name: &str, text: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("aksnet-topology-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
-    std::fs::File::create(&path).unwrap().write_all(text.as_bytes()).unwrap();
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     path
 }
 
@@ -45,8 +48,18 @@ fn lab_config_parses_and_classifies_addresses() {
     assert_eq!(t.cni, CniMode::Kubenet);
     assert_eq!(t.lb_frontends[1].external_traffic_policy, Some(Etp::Local));
     let classes: Vec<_> = [
-        "203.0.113.10", "192.0.2.10", "192.0.2.100", "10.224.0.4", "10.244.0.10", "10.0.12.34",
-        "10.226.0.4", "10.227.0.5", "10.225.0.4", "168.63.129.16", "169.254.169.254", "127.0.0.1",
+        "203.0.113.10",
+        "192.0.2.10",
+        "192.0.2.100",
+        "10.224.0.4",
+        "10.244.0.10",
+        "10.0.12.34",
+        "10.226.0.4",
+        "10.227.0.5",
+        "10.225.0.4",
+        "168.63.129.16",
+        "169.254.169.254",
+        "127.0.0.1",
     ]
     .iter()
     .map(|a| t.class_of(ip(a), false))
@@ -54,19 +67,43 @@ fn lab_config_parses_and_classifies_addresses() {
     use AddrClass::*;
     assert_eq!(
         classes,
-        vec![Internet, LbFrontend, LbOutbound, NodeIp, Pod, ServiceIp, AppgwSubnet, PrivateEndpoint, Vnet, HealthProbe, LinkLocal, Loopback]
+        vec![
+            Internet,
+            LbFrontend,
+            LbOutbound,
+            NodeIp,
+            Pod,
+            ServiceIp,
+            AppgwSubnet,
+            PrivateEndpoint,
+            Vnet,
+            HealthProbe,
+            LinkLocal,
+            Loopback
+        ]
     );
     // A pod interface on the path marks an address the topology did not list as a pod.
     assert_eq!(t.class_of(ip("10.224.0.10"), true), Pod);
-    assert_eq!(t.service_at(crate::events::Proto::Tcp, ip("192.0.2.11"), 80).unwrap().etp, Some(Etp::Local));
+    assert_eq!(
+        t.service_at(crate::events::Proto::Tcp, ip("192.0.2.11"), 80)
+            .unwrap()
+            .etp,
+        Some(Etp::Local)
+    );
 }
 
 #[test]
 fn malformed_config_names_file_line_and_field() {
-    let bad_etp = LAB_CONFIG.replace("external_traffic_policy = \"Local\"", "external_traffic_policy = \"local\"");
+    let bad_etp = LAB_CONFIG.replace(
+        "external_traffic_policy = \"Local\"",
+        "external_traffic_policy = \"local\"",
+    );
     let path = write_temp("bad-etp.toml", &bad_etp);
     let err = Topology::from_file(&path).unwrap_err().to_string();
-    assert!(err.contains("bad-etp.toml:22: field `lb_frontends.external_traffic_policy`"), "{err}");
+    assert!(
+        err.contains("bad-etp.toml:22: field `lb_frontends.external_traffic_policy`"),
+        "{err}"
+    );
 
     let bad_cidr = LAB_CONFIG.replace("\"10.224.0.0/12\"", "\"10.224.0.0/33\"");
     let path = write_temp("bad-cidr.toml", &bad_cidr);
@@ -77,10 +114,18 @@ fn malformed_config_names_file_line_and_field() {
     let typo = LAB_CONFIG.replace("lb_outbound_ips", "lb_outbound_ip");
     let path = write_temp("typo.toml", &typo);
     let err = Topology::from_file(&path).unwrap_err().to_string();
-    assert!(err.contains("typo.toml:12: field `lb_outbound_ip`: unknown field"), "{err}");
+    assert!(
+        err.contains("typo.toml:12: field `lb_outbound_ip`: unknown field"),
+        "{err}"
+    );
 
-    let err = Topology::from_file(Path::new("/nonexistent/aksnet.toml")).unwrap_err().to_string();
-    assert!(err.contains("cannot read /nonexistent/aksnet.toml"), "{err}");
+    let err = Topology::from_file(Path::new("/nonexistent/aksnet.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cannot read /nonexistent/aksnet.toml"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -89,19 +134,34 @@ fn flags_win_over_config_which_wins_over_discovery() {
         cni: Some(CniMode::AzureCni),
         node_ips: Some(vec![ip("10.224.0.99")]),
         lb_frontends: Some(vec![
-            LbFrontend { ip: ip("192.0.2.11"), service: None, external_traffic_policy: Some(Etp::Cluster) },
-            LbFrontend { ip: ip("192.0.2.12"), service: None, external_traffic_policy: Some(Etp::Cluster) },
+            LbFrontend {
+                ip: ip("192.0.2.11"),
+                service: None,
+                external_traffic_policy: Some(Etp::Cluster),
+            },
+            LbFrontend {
+                ip: ip("192.0.2.12"),
+                service: None,
+                external_traffic_policy: Some(Etp::Cluster),
+            },
         ]),
         local_pods: Some(vec![ip("10.224.0.10")]),
         ..Default::default()
     };
     let config: TopologyLayer = config::parse_toml(Path::new("lab.toml"), LAB_CONFIG).unwrap();
-    let flags = TopologyLayer { cni: Some(CniMode::AzureCniOverlay), ..Default::default() };
+    let flags = TopologyLayer {
+        cni: Some(CniMode::AzureCniOverlay),
+        ..Default::default()
+    };
     let t = Topology::from_layers([discovered, config, flags]).unwrap();
     assert_eq!(t.cni, CniMode::AzureCniOverlay);
     assert_eq!(t.node_ips, vec![ip("10.224.0.4")]);
     assert_eq!(t.local_pods, vec![ip("10.224.0.10")]);
-    let fe: Vec<_> = t.lb_frontends.iter().map(|f| (f.ip.to_string(), f.external_traffic_policy)).collect();
+    let fe: Vec<_> = t
+        .lb_frontends
+        .iter()
+        .map(|f| (f.ip.to_string(), f.external_traffic_policy))
+        .collect();
     assert_eq!(
         fe,
         vec![
@@ -114,7 +174,10 @@ fn flags_win_over_config_which_wins_over_discovery() {
 
 #[test]
 fn incomplete_topology_is_refused_with_every_missing_field() {
-    let layer = TopologyLayer { cni: Some(CniMode::Kubenet), ..Default::default() };
+    let layer = TopologyLayer {
+        cni: Some(CniMode::Kubenet),
+        ..Default::default()
+    };
     let err = Topology::from_layers([layer]).unwrap_err().to_string();
     for field in ["`node_ips`", "`vnet_cidrs`", "`service_cidr`", "`pod_cidr`"] {
         assert!(err.contains(field), "{field} missing from: {err}");

@@ -11,8 +11,11 @@ pub enum PathId {
     LbInboundUdp,
     /// Azure LB health probe from 168.63.129.16 to a nodePort / healthCheckNodePort.
     LbHealthProbe,
-    /// In-cluster L7 ingress: both the LB → ingress pod and the ingress pod → app pod legs.
+    /// In-cluster L7 ingress, first leg: LB → node DNAT → ingress pod.
     L7Ingress,
+    /// In-cluster L7 ingress, second leg: the ingress pod → the upstream pod's endpoint IP, a
+    /// connection of its own ("proxied by" the ingress pod, never one flow with the first).
+    L7IngressUpstream,
     /// Application Gateway (AGIC) → pod IP, no NAT on the node.
     AgicInbound,
     /// Application Gateway → node NodePort → DNAT (backend pool set up by hand, kubenet).
@@ -32,11 +35,12 @@ pub enum PathId {
 }
 
 impl PathId {
-    pub const ALL: [PathId; 12] = [
+    pub const ALL: [PathId; 13] = [
         PathId::LbInbound,
         PathId::LbInboundUdp,
         PathId::LbHealthProbe,
         PathId::L7Ingress,
+        PathId::L7IngressUpstream,
         PathId::AgicInbound,
         PathId::AgicNodePort,
         PathId::VnetClientToPod,
@@ -53,6 +57,7 @@ impl PathId {
             PathId::LbInboundUdp => "lb-inbound-udp",
             PathId::LbHealthProbe => "lb-health-probe",
             PathId::L7Ingress => "l7-ingress",
+            PathId::L7IngressUpstream => "l7-ingress-upstream",
             PathId::AgicInbound => "agic-inbound",
             PathId::AgicNodePort => "agic-nodeport",
             PathId::VnetClientToPod => "vnet-client-to-pod",

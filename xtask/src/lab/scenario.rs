@@ -446,7 +446,7 @@ fn build(cni: Cni, name: &'static str) -> Option<Scenario> {
             })],
             vec![
                 entry(L7Ingress, Tcp, (any(plan::CLIENT2), at(plan::FRONTEND_INGRESS, 80)), (at(ingress, 80), any(plan::CLIENT2))),
-                entry(L7Ingress, Tcp, (any(ingress), at(app, app_port)), (at(app, app_port), any(ingress))),
+                entry(L7IngressUpstream, Tcp, (any(ingress), at(app, app_port)), (at(app, app_port), any(ingress))),
             ],
             vec![
                 InferredHop::LbFloatingIp { frontend: SocketAddrV4::new(plan::FRONTEND_INGRESS, 80) },

@@ -1,0 +1,172 @@
+//! The bench's node lab: a kubenet lab whose app pod answers with the bench's own accept loop,
+//! and the agent started on its node, ready once it has shown a probe connection.
+
+use crate::bench::agent::{Agent, AgentArgs, Line};
+use crate::bench::error::BenchError;
+use crate::bench::load::{self, EchoServer};
+use crate::lab::topology::plan;
+use crate::lab::{Cni, Host, Lab, LabOptions};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Where the measured connections go: the LB frontend, DNATed by kube-proxy to the app pod.
+pub const FRONTEND: SocketAddrV4 = SocketAddrV4::new(plan::FRONTEND_APP, 80);
+/// The measured connections come from this internet client...
+pub const CLIENT: Ipv4Addr = plan::CLIENT;
+/// ...and the readiness probes from this one, so that counts can leave the probes out.
+pub const PROBE_CLIENT: Ipv4Addr = plan::CLIENT2;
+/// The bulk sink on the internet server, reached from the app pod through the node's SNAT.
+pub const BULK_SINK: SocketAddrV4 = SocketAddrV4::new(plan::INET_SERVER, 5201);
+/// Accept threads of the app pod's server: enough for the storm's concurrency.
+const SERVER_THREADS: usize = 16;
+/// Probes are this far apart while waiting for the agent's first line.
+const PROBE_EVERY: Duration = Duration::from_millis(10);
+
+pub struct Rig {
+    // Field order is drop order: the server's sockets go before the lab's namespaces.
+    server: Option<EchoServer>,
+    pub lab: Lab,
+    pub agent_binary: PathBuf,
+    config: PathBuf,
+}
+
+impl Rig {
+    pub fn up(agent_binary: &Path) -> Result<Rig, BenchError> {
+        let lab = Lab::up(LabOptions::new(Cni::Kubenet))?;
+        let pod = lab.netns(Host::PodApp);
+        // The lab's app server is socat forking a shell per connection: a few hundred
+        // connections a second, which would hide the datapath. The bench answers instead.
+        stop_lab_server(&pod)?;
+        let server = start_server(&pod)?;
+        let config = lab.topology_path();
+        Ok(Rig {
+            server: Some(server),
+            lab,
+            agent_binary: agent_binary.to_path_buf(),
+            config,
+        })
+    }
+
+    pub fn inet(&self) -> String {
+        self.lab.netns(Host::Inet)
+    }
+
+    pub fn pod(&self) -> String {
+        self.lab.netns(Host::PodApp)
+    }
+
+    pub fn node(&self) -> String {
+        self.lab.node_netns()
+    }
+
+    pub fn spawn_agent(
+        &self,
+        count: Option<u64>,
+        metrics: Option<SocketAddr>,
+    ) -> Result<Agent, BenchError> {
+        let node = self.node();
+        Agent::spawn(&AgentArgs {
+            binary: &self.agent_binary,
+            netns: &node,
+            config: &self.config,
+            count,
+            metrics,
+        })
+    }
+
+    /// Sends probe connections until the agent prints its first line; returns that line.
+    pub fn first_line(&self, agent: &mut Agent, timeout: Duration) -> Result<Line, BenchError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let prober = {
+            let (inet, stop) = (self.inet(), Arc::clone(&stop));
+            std::thread::spawn(move || -> Result<(), BenchError> {
+                load::enter(&inet)?;
+                let deadline = Instant::now() + timeout;
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    // A failed probe is simply followed by the next; the agent is what we wait for.
+                    let _ = load::connect_once(PROBE_CLIENT, FRONTEND);
+                    std::thread::sleep(PROBE_EVERY);
+                }
+                Ok(())
+            })
+        };
+        let deadline = Instant::now() + timeout;
+        let line = loop {
+            if let Some(line) = agent.next_line(Duration::from_millis(20)) {
+                break Some(line);
+            }
+            if agent.exited() || Instant::now() > deadline {
+                break None;
+            }
+        };
+        stop.store(true, Ordering::Relaxed);
+        let probed = prober.join().map_err(|_| BenchError::Failed {
+            what: "the readiness prober".into(),
+            detail: "it panicked".into(),
+        })?;
+        match line {
+            Some(line) => probed.map(|()| line),
+            None => Err(BenchError::Agent {
+                what: format!("showed no flow within {timeout:?} while probes went to {FRONTEND}"),
+                stderr: String::new(),
+            }),
+        }
+    }
+
+    /// Stops the bench's server, then tears the lab down.
+    pub fn down(mut self) -> Result<(), BenchError> {
+        if let Some(server) = self.server.take() {
+            server.stop()?;
+        }
+        self.lab.down()?;
+        Ok(())
+    }
+}
+
+/// Ends the lab's socat server in the pod: only a process this process started (the lab's
+/// daemon, a direct child), found by pid.
+fn stop_lab_server(pod_netns: &str) -> Result<(), BenchError> {
+    let out = Command::new("ip")
+        .args(["netns", "pids", pod_netns])
+        .output()
+        .map_err(|source| BenchError::Spawn {
+            command: format!("ip netns pids {pod_netns}"),
+            source,
+        })?;
+    let me = std::process::id().to_string();
+    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // `pid (comm) state ppid ...`
+        let Some((comm, rest)) = stat.split_once(") ") else {
+            continue;
+        };
+        let ppid = rest.split_whitespace().nth(1);
+        if comm.ends_with("(socat") && ppid == Some(me.as_str()) {
+            let pid: libc::pid_t = pid.parse().expect("ip netns pids prints numbers");
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
+    Ok(())
+}
+
+/// The app pod's server on its port; retried while the killed socat releases it.
+fn start_server(pod_netns: &str) -> Result<EchoServer, BenchError> {
+    let addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, plan::APP_PORT);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match EchoServer::start(pod_netns, addr, SERVER_THREADS) {
+            Ok(server) => return Ok(server),
+            Err(BenchError::Socket { source, .. })
+                if source.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
