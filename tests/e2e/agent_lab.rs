@@ -7,135 +7,12 @@
 //! Built as a test of aksnet-agent (see its Cargo.toml) so that cargo builds the agent binary
 //! fresh before it runs; the file lives here with the other end-to-end tests. Needs root.
 
+use aksnet_tests::agent::{dumped, Agent, Dumped};
 use aksnet_tests::conntrack::{Entry, Witness};
 use aksnet_tests::require_root;
-use serde_json::Value;
-use std::io::{BufRead, BufReader, Read};
-use std::net::SocketAddrV4;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::path::Path;
 use std::time::{Duration, Instant};
-use xtask::lab::{Cni, Lab, LabOptions, NatKind, Proto, Scenario, Tuple};
-
-/// The agent under test, stopped with SIGTERM when dropped.
-struct Agent {
-    child: Child,
-    stdout: Option<std::process::ChildStdout>,
-}
-
-impl Agent {
-    /// Starts the dump on the lab's node and waits for the capture to be attached.
-    fn start(lab: &Lab, source: &str) -> Agent {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_aksnet-agent"))
-            .args([
-                "--dump",
-                "--output",
-                "json",
-                "--source",
-                source,
-                "--show-ends",
-            ])
-            .args(["--netns", &lab.node_netns(), "--config"])
-            .arg(lab.topology_path())
-            // A bound on the run even if the test never stops it.
-            .args(["--duration", "120"])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("cannot start aksnet-agent");
-        let stderr = child.stderr.take().expect("piped");
-        let (ready_tx, ready_rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("agent: {line}");
-                if line.contains("capturing conntrack NAT") {
-                    let _ = ready_tx.send(());
-                }
-            }
-        });
-        let stdout = child.stdout.take();
-        let mut agent = Agent { child, stdout };
-        if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
-            let status = agent.child.try_wait().ok().flatten();
-            panic!("aksnet-agent --source {source} did not attach within 30 s (exit: {status:?})");
-        }
-        agent
-    }
-
-    /// Stops the agent and returns its dump lines.
-    fn finish(mut self) -> Vec<Value> {
-        // SAFETY: signalling our own child by its pid.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let mut out = String::new();
-        self.stdout
-            .take()
-            .expect("read once")
-            .read_to_string(&mut out)
-            .unwrap();
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "aksnet-agent exited with {status}");
-        out.lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad dump line {l:?}: {e}")))
-            .collect()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// One dump line, as the lab's types see it.
-struct Dumped {
-    proto: Proto,
-    original: Tuple,
-    reply: Tuple,
-    nat: Vec<String>,
-    path: Option<String>,
-    verdict: String,
-    reason: Option<String>,
-    line: String,
-}
-
-fn tuple(v: &Value) -> Tuple {
-    let addr = |ip: &str, port: &str| {
-        SocketAddrV4::new(
-            v[ip].as_str().unwrap().parse().unwrap(),
-            v[port].as_u64().unwrap() as u16,
-        )
-    };
-    Tuple {
-        src: addr("src", "sport"),
-        dst: addr("dst", "dport"),
-    }
-}
-
-fn dumped(v: &Value) -> Option<Dumped> {
-    let proto = match v["proto"].as_str()? {
-        "tcp" => Proto::Tcp,
-        "udp" => Proto::Udp,
-        _ => return None,
-    };
-    Some(Dumped {
-        proto,
-        original: tuple(&v["orig"]),
-        reply: tuple(&v["reply"]),
-        nat: v["nat"]
-            .as_array()?
-            .iter()
-            .map(|n| n.as_str().unwrap().to_owned())
-            .collect(),
-        path: v["path"].as_str().map(str::to_owned),
-        verdict: v["verdict"].as_str().unwrap_or("none").to_owned(),
-        reason: v["reason"].as_str().map(str::to_owned),
-        line: v.to_string(),
-    })
-}
+use xtask::lab::{Cni, Lab, LabOptions, NatKind, Scenario};
 
 fn nat_names(kind: NatKind) -> Vec<&'static str> {
     match kind {
@@ -151,7 +28,13 @@ fn end_to_end(cni: Cni, source: &str) {
     let lab = Lab::up(LabOptions::new(cni)).unwrap_or_else(|e| panic!("{cni} lab: {e}"));
     let node = lab.node_netns();
     let witness = Witness::start(&node).unwrap();
-    let agent = Agent::start(&lab, source);
+    let agent = Agent::start(
+        Path::new(env!("CARGO_BIN_EXE_aksnet-agent")),
+        &lab,
+        source,
+        &[],
+        &[],
+    );
     let scenarios = Scenario::all(cni);
     for scenario in &scenarios {
         lab.run(scenario)

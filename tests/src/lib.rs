@@ -1,5 +1,6 @@
 //! Shared helpers of the end-to-end tests.
 
+pub mod agent;
 pub mod conntrack;
 
 /// The lab and the agent need root (network namespaces, iptables, eBPF); CI runs as root.

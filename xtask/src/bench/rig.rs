@@ -78,8 +78,9 @@ impl Rig {
         })
     }
 
-    /// Sends probe connections until the agent prints its first line; returns that line.
-    pub fn first_line(&self, agent: &mut Agent, timeout: Duration) -> Result<Line, BenchError> {
+    /// Sends probe connections until the agent prints its first line; returns that line, or
+    /// `None` when the agent exited or stayed silent for `timeout`.
+    fn first_line(&self, agent: &mut Agent, timeout: Duration) -> Result<Option<Line>, BenchError> {
         let stop = Arc::new(AtomicBool::new(false));
         let prober = {
             let (inet, stop) = (self.inet(), Arc::clone(&stop));
@@ -108,12 +109,22 @@ impl Rig {
             what: "the readiness prober".into(),
             detail: "it panicked".into(),
         })?;
-        match line {
-            Some(line) => probed.map(|()| line),
-            None => Err(BenchError::Agent {
-                what: format!("showed no flow within {timeout:?} while probes went to {FRONTEND}"),
-                stderr: String::new(),
-            }),
+        probed.map(|()| line)
+    }
+
+    /// Starts the agent and waits until it shows a probe; returns it with that first line.
+    pub fn ready_agent(
+        &self,
+        count: Option<u64>,
+        metrics: Option<SocketAddr>,
+        timeout: Duration,
+    ) -> Result<(Agent, Line), BenchError> {
+        let mut agent = self.spawn_agent(count, metrics)?;
+        match self.first_line(&mut agent, timeout)? {
+            Some(line) => Ok((agent, line)),
+            None => Err(agent.fail(format!(
+                "showed no flow within {timeout:?} while probes went to {FRONTEND}"
+            ))),
         }
     }
 

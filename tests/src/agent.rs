@@ -1,0 +1,140 @@
+//! The agent binary under test on a lab node, and its dump lines in the lab's types.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddrV4;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+use xtask::lab::{Lab, Proto, Tuple};
+
+/// The agent under test, stopped with SIGTERM when dropped.
+pub struct Agent {
+    child: Child,
+    stdout: Option<std::process::ChildStdout>,
+}
+
+impl Agent {
+    /// Starts `binary --dump --output json` on the lab's node with `extra` arguments and
+    /// environment, and waits for the capture to be attached.
+    pub fn start(
+        binary: &Path,
+        lab: &Lab,
+        source: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
+        let mut child = Command::new(binary)
+            .args([
+                "--dump",
+                "--output",
+                "json",
+                "--source",
+                source,
+                "--show-ends",
+            ])
+            .args(["--netns", &lab.node_netns(), "--config"])
+            .arg(lab.topology_path())
+            // A bound on the run even if the test never stops it.
+            .args(["--duration", "120"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start aksnet-agent");
+        let stderr = child.stderr.take().expect("piped");
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("agent: {line}");
+                if line.contains("capturing conntrack NAT") {
+                    let _ = ready_tx.send(());
+                }
+            }
+        });
+        let stdout = child.stdout.take();
+        let mut agent = Agent { child, stdout };
+        if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            let status = agent.child.try_wait().ok().flatten();
+            panic!("aksnet-agent --source {source} did not attach within 30 s (exit: {status:?})");
+        }
+        agent
+    }
+
+    /// Stops the agent and returns its dump lines.
+    pub fn finish(mut self) -> Vec<Value> {
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let mut out = String::new();
+        self.stdout
+            .take()
+            .expect("read once")
+            .read_to_string(&mut out)
+            .unwrap();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "aksnet-agent exited with {status}");
+        out.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad dump line {l:?}: {e}")))
+            .collect()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// One dump line, as the lab's types see it.
+pub struct Dumped {
+    pub proto: Proto,
+    pub original: Tuple,
+    pub reply: Tuple,
+    pub nat: Vec<String>,
+    pub path: Option<String>,
+    pub verdict: String,
+    pub reason: Option<String>,
+    pub line: String,
+}
+
+fn tuple(v: &Value) -> Tuple {
+    let addr = |ip: &str, port: &str| {
+        SocketAddrV4::new(
+            v[ip].as_str().unwrap().parse().unwrap(),
+            v[port].as_u64().unwrap() as u16,
+        )
+    };
+    Tuple {
+        src: addr("src", "sport"),
+        dst: addr("dst", "dport"),
+    }
+}
+
+/// The TCP and UDP flows of dump lines; `None` for other protocols.
+pub fn dumped(v: &Value) -> Option<Dumped> {
+    let proto = match v["proto"].as_str()? {
+        "tcp" => Proto::Tcp,
+        "udp" => Proto::Udp,
+        _ => return None,
+    };
+    Some(Dumped {
+        proto,
+        original: tuple(&v["orig"]),
+        reply: tuple(&v["reply"]),
+        nat: v["nat"]
+            .as_array()?
+            .iter()
+            .map(|n| n.as_str().unwrap().to_owned())
+            .collect(),
+        path: v["path"].as_str().map(str::to_owned),
+        verdict: v["verdict"].as_str().unwrap_or("none").to_owned(),
+        reason: v["reason"].as_str().map(str::to_owned),
+        line: v.to_string(),
+    })
+}
