@@ -239,6 +239,7 @@ fn dump(c: &mut Criterion) {
         in_iface: Some("eth0".into()),
         out_iface: Some("cbr0".into()),
         names: BTreeMap::new(),
+        classification: None,
     };
     let mut out = Dump::new(Format::Json, std::io::sink());
     let mut g = c.benchmark_group("dump");

@@ -151,12 +151,7 @@ pub fn explain(options: RunOptions, from_dump: Option<PathBuf>) -> Result<(), Ag
 }
 
 fn explain_dump(options: &RunOptions, path: &PathBuf) -> Result<(), AgentError> {
-    let netns = options
-        .netns
-        .as_deref()
-        .map_or(Ok(NetnsTarget::Own), str::parse)?
-        .open()?;
-    let classifier = classifier(options, &netns)?;
+    let Agent { classifier, .. } = Agent::start(options)?;
     let read_err = |source| AgentError::ReadDump {
         path: path.clone(),
         source,

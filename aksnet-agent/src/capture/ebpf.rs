@@ -173,7 +173,7 @@ const OPTIONAL_HOOKS: [OptionalHook; 2] = [
         exit: false,
         kprobe_prog: "nf_ct_delete_kprobe",
         kretprobe_prog: None,
-        fallback: "no DESTROY events from eBPF: connection ends are not reported and flows end by idle timeout",
+        fallback: "connection ends come from netlink conntrack DESTROY events",
     },
 ];
 

@@ -148,7 +148,6 @@ fn connection_ends(
     let (ends_tx, mut ends_rx) = mpsc::channel::<FlowEvent>(4096);
     match netlink::NetlinkCapture::start(netns, ends_tx, Arc::clone(health)) {
         Ok(capture) => {
-            log::info!("connection ends come from netlink conntrack DESTROY events");
             tokio::spawn(async move {
                 while let Some(event) = ends_rx.recv().await {
                     if event.kind == EventKind::Destroy && tx.send(event).await.is_err() {

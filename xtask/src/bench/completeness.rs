@@ -1,0 +1,279 @@
+//! Capture completeness under load: as many new connections as the lab can take through the
+//! node's DNAT, counted three ways: by the traffic generator (ground truth), by the agent (plus
+//! what it says it lost), and by `conntrack -E` on the node.
+
+use crate::bench::agent::{scrape, tail};
+use crate::bench::datapath::READY_TIMEOUT;
+use crate::bench::error::BenchError;
+use crate::bench::load;
+use crate::bench::report::{median, thousands, Row};
+use crate::bench::rig::{Rig, CLIENT, FRONTEND};
+use std::collections::HashSet;
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+const STORM_DEADLINE: Duration = Duration::from_secs(120);
+/// The agent has caught up once it printed nothing for this long after the storm...
+const SETTLE_IDLE: Duration = Duration::from_secs(2);
+/// ...or after this long at most.
+const SETTLE_MAX: Duration = Duration::from_secs(30);
+const LOST_METRIC: &str = "aksnet_capture_events_lost_total";
+
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    pub runs: usize,
+    pub connections: u64,
+    pub workers: usize,
+}
+
+/// One run's three counts.
+#[derive(Clone, Debug)]
+struct Counts {
+    truth: u64,
+    rate: f64,
+    agent: u64,
+    /// The agent's lost-events counter, or why it could not be read.
+    lost: Result<u64, String>,
+    conntrack: u64,
+    conntrack_warned: bool,
+}
+
+pub fn run(rig: &Rig, plan: &Plan) -> Result<Vec<Row>, BenchError> {
+    let mut runs = Vec::new();
+    for i in 0..plan.runs {
+        let c = once(rig, plan)?;
+        println!(
+            "  run {}/{}: {} connections at {}/s; agent reported {}, lost {}; conntrack -E reported {}{}",
+            i + 1,
+            plan.runs,
+            c.truth,
+            thousands(c.rate),
+            c.agent,
+            c.lost.as_ref().map_or_else(|e| format!("unknown ({e})"), u64::to_string),
+            c.conntrack,
+            if c.conntrack_warned { " (it warned of ENOBUFS)" } else { "" }
+        );
+        runs.push(c);
+    }
+    let n = runs.len();
+    let med = |f: &dyn Fn(&Counts) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+    let agg = format!("median of {n} runs");
+    let truth = med(&|c| c.truth as f64);
+    let share = |count: f64| format!("{} ({:.2}% of the truth)", thousands(count), 100.0 * count / truth);
+    let accounted = runs
+        .iter()
+        .filter(|c| c.lost.as_ref().is_ok_and(|lost| c.agent + lost >= c.truth))
+        .count();
+    let lost_value = if runs.iter().all(|c| c.lost.is_ok()) {
+        thousands(med(&|c| *c.lost.as_ref().expect("checked above") as f64))
+    } else {
+        let why = runs.iter().find_map(|c| c.lost.clone().err()).unwrap_or_default();
+        format!("unreadable: {why}")
+    };
+    let warned = runs.iter().filter(|c| c.conntrack_warned).count();
+    let connections = format!("{} connections, {} clients", plan.connections, plan.workers);
+    Ok(vec![
+        Row::new("completeness", format!("connections completed (traffic generator, ground truth; {connections})"), thousands(truth), agg.clone()),
+        Row::new("completeness", "connection rate reached", format!("{}/s", thousands(med(&|c| c.rate))), agg.clone()),
+        Row::new("completeness", "DNAT translations the agent reported (`--source ebpf`)", share(med(&|c| c.agent as f64)), agg.clone()),
+        Row::new("completeness", format!("events the agent counted lost (`{LOST_METRIC}`)"), lost_value, agg.clone()),
+        Row::new("completeness", "runs where reported + lost ≥ ground truth", format!("{accounted} of {n}"), format!("all {n} runs")),
+        Row::new(
+            "completeness",
+            "DNAT translations `conntrack -E` reported on the node",
+            format!("{}{}", share(med(&|c| c.conntrack as f64)), if warned > 0 { format!(", ENOBUFS in {warned} of {n} runs") } else { String::new() }),
+            agg,
+        ),
+    ])
+}
+
+fn once(rig: &Rig, plan: &Plan) -> Result<Counts, BenchError> {
+    let watcher = ConntrackWatcher::start(&rig.node())?;
+    let metrics = free_local_port()?;
+    let (mut agent, _) = rig.ready_agent(None, Some(metrics), READY_TIMEOUT)?;
+    let storm = load::storm(&rig.inet(), CLIENT, FRONTEND, plan.connections, plan.workers, STORM_DEADLINE)?;
+    // Collect until the agent has been quiet for a while: it reports what the kernel queued.
+    let mut lines = Vec::new();
+    let began = Instant::now();
+    while began.elapsed() < SETTLE_MAX {
+        match agent.next_line(SETTLE_IDLE) {
+            Some(line) => lines.push(line.text),
+            None => break,
+        }
+    }
+    if agent.exited() {
+        return Err(agent.fail("exited before the storm was counted"));
+    }
+    let lost = scrape(metrics, LOST_METRIC)
+        .map(|v| v as u64)
+        .map_err(|e| e.to_string());
+    let out = agent.stop();
+    lines.extend(out.lines);
+    let agent_count = count_agent(&lines);
+    let (conntrack, conntrack_warned) = watcher.stop()?;
+    Ok(Counts {
+        truth: storm.ok,
+        rate: storm.per_second(),
+        agent: agent_count,
+        lost,
+        conntrack,
+        conntrack_warned,
+    })
+}
+
+/// Distinct measured connections (the client's source port) among the agent's `new` lines that
+/// show the frontend's DNAT.
+fn count_agent(lines: &[String]) -> u64 {
+    let client = CLIENT.to_string();
+    let frontend = FRONTEND.ip().to_string();
+    let mut seen = HashSet::new();
+    for line in lines {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let orig = &v["orig"];
+        let dnat = v["nat"]
+            .as_array()
+            .is_some_and(|n| n.iter().any(|x| x == "dnat"));
+        if v["event"] == "new"
+            && dnat
+            && orig["src"] == client.as_str()
+            && orig["dst"] == frontend.as_str()
+            && orig["dport"] == FRONTEND.port()
+        {
+            if let Some(sport) = orig["sport"].as_u64() {
+                seen.insert(sport);
+            }
+        }
+    }
+    seen.len() as u64
+}
+
+/// A port on 127.0.0.1 free right now, for the agent's metrics endpoint.
+fn free_local_port() -> Result<SocketAddr, BenchError> {
+    let probe = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|source| BenchError::Socket {
+        what: "cannot find a free port on",
+        addr: "127.0.0.1".into(),
+        source,
+    })?;
+    probe.local_addr().map_err(|source| BenchError::Socket {
+        what: "cannot read the address of",
+        addr: "127.0.0.1:0".into(),
+        source,
+    })
+}
+
+/// `conntrack -E -e NEW` on the node, counting the measured connections' DNAT entries.
+struct ConntrackWatcher {
+    child: Child,
+    stdout: JoinHandle<String>,
+    stderr: JoinHandle<String>,
+}
+
+impl ConntrackWatcher {
+    fn start(node_netns: &str) -> Result<ConntrackWatcher, BenchError> {
+        let args = ["netns", "exec", node_netns, "conntrack", "-E", "-e", "NEW", "-p", "tcp"];
+        let mut child = Command::new("ip")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| BenchError::Spawn {
+                command: format!("ip {}", args.join(" ")),
+                source,
+            })?;
+        let read_all = |mut r: Box<dyn Read + Send>| {
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                let _ = r.read_to_string(&mut text);
+                text
+            })
+        };
+        let stdout = read_all(Box::new(child.stdout.take().expect("piped")));
+        let stderr = read_all(Box::new(child.stderr.take().expect("piped")));
+        // It subscribes within milliseconds; the agent's start-up that follows takes far longer.
+        std::thread::sleep(Duration::from_millis(200));
+        if let Some(status) = child.try_wait().ok().flatten() {
+            return Err(BenchError::Command {
+                command: format!("ip {}", args.join(" ")),
+                status: status.to_string(),
+                hint: tail(&stderr.join().unwrap_or_default(), 10),
+            });
+        }
+        Ok(ConntrackWatcher {
+            child,
+            stdout,
+            stderr,
+        })
+    }
+
+    /// Stops it (SIGINT by pid, so it flushes what it printed) and counts; also whether it
+    /// warned that the kernel dropped events.
+    fn stop(mut self) -> Result<(u64, bool), BenchError> {
+        // SAFETY: kill(2) on our own child's pid (`ip netns exec` execs conntrack in place).
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let fail = |_| BenchError::Failed {
+            what: "reading conntrack -E".into(),
+            detail: "the reader thread panicked".into(),
+        };
+        let stdout = self.stdout.join().map_err(fail)?;
+        let stderr = self.stderr.join().map_err(fail)?;
+        Ok((count_conntrack(&stdout), stderr.contains("ENOBUFS")))
+    }
+}
+
+/// Distinct measured connections among `[NEW]` lines; the first src/dst/sport/dport of a line
+/// are the original direction.
+fn count_conntrack(text: &str) -> u64 {
+    let field = |line: &str, key: &str| -> Option<String> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .map(str::to_string)
+    };
+    let (client, frontend, port) = (CLIENT.to_string(), FRONTEND.ip().to_string(), FRONTEND.port().to_string());
+    let mut seen = HashSet::new();
+    for line in text.lines().filter(|l| l.contains("[NEW]")) {
+        if field(line, "src=").as_deref() == Some(client.as_str())
+            && field(line, "dst=").as_deref() == Some(frontend.as_str())
+            && field(line, "dport=").as_deref() == Some(port.as_str())
+        {
+            if let Some(sport) = field(line, "sport=") {
+                seen.insert(sport);
+            }
+        }
+    }
+    seen.len() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_each_measured_connection_once() {
+        let conntrack = "    [NEW] tcp      6 120 SYN_SENT src=203.0.113.10 dst=192.0.2.10 sport=40000 dport=80 [UNREPLIED] src=10.244.0.10 dst=10.244.0.1 sport=8080 dport=40000\n\
+                         \x20   [NEW] tcp      6 120 SYN_SENT src=203.0.113.11 dst=192.0.2.10 sport=40001 dport=80 [UNREPLIED] src=10.244.0.10 dst=10.244.0.1 sport=8080 dport=40001\n\
+                         \x20   [NEW] tcp      6 120 SYN_SENT src=203.0.113.10 dst=192.0.2.10 sport=40000 dport=80 [UNREPLIED] src=10.244.0.10 dst=10.244.0.1 sport=8080 dport=40000\n";
+        assert_eq!(count_conntrack(conntrack), 1);
+        let agent = [
+            r#"{"event":"new","orig":{"src":"203.0.113.10","sport":40000,"dst":"192.0.2.10","dport":80},"nat":["dnat","snat"]}"#,
+            r#"{"event":"new","orig":{"src":"203.0.113.10","sport":40000,"dst":"192.0.2.10","dport":80},"nat":["dnat","snat"]}"#,
+            r#"{"event":"new","orig":{"src":"203.0.113.11","sport":40001,"dst":"192.0.2.10","dport":80},"nat":["dnat"]}"#,
+            r#"{"event":"new","orig":{"src":"203.0.113.10","sport":40002,"dst":"192.0.2.10","dport":80},"nat":[]}"#,
+            r#"{"event":"new","orig":{"src":"203.0.113.10","sport":40003,"dst":"192.0.2.10","dport":80},"nat":["dnat"]}"#,
+            "not json",
+        ]
+        .map(String::from);
+        assert_eq!(count_agent(&agent), 2);
+    }
+}
