@@ -1,5 +1,5 @@
 //! `aksnet-agent`: the binary's edge. Parses flags, sets up logging, runs the pipeline, and turns
-//! any error into one line on stderr with a non-zero exit code.
+//! any error into one line on stderr with a non-zero exit code (no panic, no backtrace).
 
 use aksnet_agent::capture::SourceChoice;
 use aksnet_agent::output::dump::Format;
@@ -140,7 +140,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("aksnet-agent: {:#}", anyhow::Error::from(err));
+            // Each error's message already names its cause and the way out; printing the
+            // source chain too would repeat them.
+            eprintln!("aksnet-agent: {err}");
             ExitCode::FAILURE
         }
     }

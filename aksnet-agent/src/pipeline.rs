@@ -14,7 +14,9 @@ use crate::model::{
 };
 use crate::output::dump::{self, Dump, FlowView, Format};
 use crate::output::explain;
-use crate::topology::{self, CniMode, LoadError, Topology, TopologyError, TopologyLayer};
+use crate::topology::{
+    self, AddrClass, CniMode, LoadError, Topology, TopologyError, TopologyLayer,
+};
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -399,11 +401,12 @@ impl<W: Write> Pipeline<W> {
             view.out_iface.as_deref(),
         );
         if let (Some(metrics), EventKind::New) = (&self.metrics, kind) {
-            let pod = self
-                .enricher
-                .lookup(event.orig.src)
-                .filter(|owner| owner.kind == OwnerKind::Pod)
-                .map(|owner| owner.to_string());
+            let pod = source_pod(
+                &self.enricher,
+                self.classifier.topology(),
+                event.orig.src,
+                view.in_iface.as_deref(),
+            );
             let hops = nat_hops(&class);
             metrics.observe_new(&observation(event, &class, &hops, pod.as_deref()));
         }
@@ -465,6 +468,26 @@ fn names(enricher: &Enricher, event: &FlowEvent) -> BTreeMap<IpAddr, String> {
     .collect()
 }
 
+/// The pod a connection comes from, for the metrics: `namespace/name` where the enrichment knows
+/// it, else its address when the topology says the source is a pod (a pod CIDR, a listed local
+/// pod, or it entered through a pod interface), else `None`. Addresses of hosts outside the
+/// cluster never become labels.
+fn source_pod(
+    enricher: &Enricher,
+    topology: &Topology,
+    src: IpAddr,
+    in_iface: Option<&str>,
+) -> Option<String> {
+    if let Some(owner) = enricher
+        .lookup(src)
+        .filter(|owner| owner.kind == OwnerKind::Pod)
+    {
+        return Some(owner.to_string());
+    }
+    let pod_side = in_iface.is_some_and(topology::is_pod_interface);
+    (topology.class_of(src, pod_side) == AddrClass::Pod).then(|| src.to_string())
+}
+
 /// The metrics' view of a classified flow: its path, verdict and NAT hops.
 fn observation<'a>(
     event: &FlowEvent,
@@ -520,4 +543,42 @@ fn deviation_class(class: &Classification) -> Option<&'static str> {
         _ => None,
     };
     Some(class.hops.iter().find_map(class_of).unwrap_or("other"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topology(config: &str) -> Topology {
+        Topology::from_layers([toml::from_str::<TopologyLayer>(config).unwrap()]).unwrap()
+    }
+
+    const BASE: &str = "node_ips = [\"10.224.0.4\"]\nvnet_cidrs = [\"10.224.0.0/12\"]\nservice_cidr = \"10.0.0.0/16\"\n";
+
+    #[test]
+    fn an_unnamed_pod_is_labelled_by_its_address_and_other_sources_not_at_all() {
+        let kubenet = topology(&format!(
+            "cni = \"kubenet\"\npod_cidr = \"10.244.0.0/16\"\n{BASE}"
+        ));
+        let unnamed = Enricher::disabled();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let pod = |t: &Topology, src: &str, iface| source_pod(&unnamed, t, ip(src), iface);
+        assert_eq!(
+            pod(&kubenet, "10.244.0.10", None),
+            Some("10.244.0.10".into())
+        );
+        assert_eq!(
+            pod(&kubenet, "203.0.113.10", None),
+            None,
+            "an internet client"
+        );
+        assert_eq!(pod(&kubenet, "10.224.0.4", None), None, "the node itself");
+        // azure-cni pods hold vnet addresses: only their interface tells them from a VM.
+        let azure = topology(&format!("cni = \"azure-cni\"\n{BASE}"));
+        assert_eq!(pod(&azure, "10.224.0.10", None), None);
+        assert_eq!(
+            pod(&azure, "10.224.0.10", Some("azv1a2b3c4d5e6")),
+            Some("10.224.0.10".into())
+        );
+    }
 }

@@ -1,117 +1,49 @@
 //! Kubernetes enrichment against recorded API responses.
 //!
-//! No API server can be installed on this machine, so a small hand-written HTTP/1.1 server on
-//! 127.0.0.1 replays list and watch responses from `tests/fixtures/kube/` (modelled on a real
-//! API server's: resourceVersions, newline-delimited watch events, close-delimited bodies). The
-//! pods watch breaks in the middle of an event, as a connection to the API server does when it
-//! is lost; the enricher must resume it from the last resourceVersion it saw.
+//! No API server can be installed on this machine, so the fake API of `aksnet_tests::kubeapi`
+//! replays list and watch responses from `tests/fixtures/kube/` (modelled on a real API server's:
+//! resourceVersions, newline-delimited watch events, close-delimited bodies; the pods and
+//! Services are the node lab's). The pods watch breaks in the middle of an event, as a connection
+//! to the API server does when it is lost; the enricher must resume it from the last
+//! resourceVersion it saw.
 
 use aksnet_agent::enrich::{Enricher, Owner, OwnerKind};
 use aksnet_agent::events::Proto;
 use aksnet_agent::topology::Etp;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use aksnet_tests::kubeapi::{AfterWatch, KubeApi, Route};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
 
 const NODE: &str = "aks-nodepool1-00000000-vmss000000";
-const PODS_LIST: &str = include_str!("fixtures/kube/pods-list.json");
+const PODS_LIST: &str = include_str!("../../tests/fixtures/kube/pods-list.json");
 /// Served to the first pods watch (from the list's resourceVersion 104211), which then breaks.
-const PODS_WATCH_1: &str = include_str!("fixtures/kube/pods-watch-1.jsonl");
+const PODS_WATCH_1: &str = include_str!("../../tests/fixtures/kube/pods-watch-1.jsonl");
 /// Served to the resumed pods watch (from 104300, the last event of the first one). Half of it
 /// is also what the first watch was sending when it broke.
-const PODS_WATCH_2: &str = include_str!("fixtures/kube/pods-watch-2.jsonl");
-const SERVICES_LIST: &str = include_str!("fixtures/kube/services-list.json");
-const SERVICES_WATCH: &str = include_str!("fixtures/kube/services-watch.jsonl");
+const PODS_WATCH_2: &str = include_str!("../../tests/fixtures/kube/pods-watch-2.jsonl");
+const SERVICES_LIST: &str = include_str!("../../tests/fixtures/kube/services-list.json");
+const SERVICES_WATCH: &str = include_str!("../../tests/fixtures/kube/services-watch.jsonl");
 
-/// Request targets (`path?query`) the recorded API received, in order.
-type RequestLog = Arc<Mutex<Vec<String>>>;
-
-fn serve(listener: TcpListener) -> RequestLog {
-    let log = RequestLog::default();
-    let accepted = log.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(answer(stream, accepted.clone()));
-        }
-    });
-    log
-}
-
-/// Answers one request, then closes the connection (`Connection: close`), which kube's client
-/// handles by opening a new one per request.
-async fn answer(stream: TcpStream, log: RequestLog) {
-    let mut stream = BufReader::new(stream);
-    let mut request_line = String::new();
-    if stream.read_line(&mut request_line).await.is_err() {
-        return;
-    }
-    // GET requests have no body: skip the headers up to the blank line.
-    let mut header = String::new();
-    while stream.read_line(&mut header).await.is_ok_and(|n| n > 2) {
-        header.clear();
-    }
-    let target = request_line
-        .split(' ')
-        .nth(1)
-        .unwrap_or_default()
-        .to_string();
-    log.lock().unwrap().push(target.clone());
-    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-    let param = |name: &str| {
-        query
-            .split('&')
-            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
-    };
-    let watching = param("watch") == Some("true");
-    let stream = stream.get_mut();
-    match (path, watching, param("resourceVersion")) {
-        ("/api/v1/pods", false, _) => reply(stream, "200 OK", PODS_LIST).await,
-        ("/api/v1/services", false, _) => reply(stream, "200 OK", SERVICES_LIST).await,
-        ("/api/v1/pods", true, Some("104211")) => {
-            let cut = PODS_WATCH_2.len() / 2;
-            stream_events(stream, &[PODS_WATCH_1, &PODS_WATCH_2[..cut]]).await;
-            // Dropping the socket here is the break: the last event never completes.
-        }
-        ("/api/v1/pods", true, Some("104300")) => {
-            stream_events(stream, &[PODS_WATCH_2]).await;
-            hold_open(stream).await;
-        }
-        ("/api/v1/services", true, Some("104211")) => {
-            stream_events(stream, &[SERVICES_WATCH]).await;
-            hold_open(stream).await;
-        }
-        _ => {
-            let status = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"not recorded","reason":"NotFound","code":404}"#;
-            reply(stream, "404 Not Found", status).await
-        }
-    }
-}
-
-async fn reply(stream: &mut TcpStream, status: &str, body: &str) {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    let _ = stream.write_all(head.as_bytes()).await;
-    let _ = stream.write_all(body.as_bytes()).await;
-}
-
-/// A watch response: no length, the body ends when the connection does.
-async fn stream_events(stream: &mut TcpStream, parts: &[&str]) {
-    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n";
-    let _ = stream.write_all(head.as_bytes()).await;
-    for part in parts {
-        let _ = stream.write_all(part.as_bytes()).await;
-        let _ = stream.flush().await;
-    }
-}
-
-/// Keeps a watch open, with no more events, until the client goes away.
-async fn hold_open(stream: &mut TcpStream) {
-    let mut sink = [0u8; 64];
-    while stream.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+fn recorded() -> Vec<Route> {
+    let cut = PODS_WATCH_2.len() / 2;
+    let broken = format!("{PODS_WATCH_1}{}", &PODS_WATCH_2[..cut]);
+    vec![
+        Route::list("/api/v1/pods", PODS_LIST.into()),
+        Route::list("/api/v1/services", SERVICES_LIST.into()),
+        Route::watch("/api/v1/pods", "104211", broken, AfterWatch::Break),
+        Route::watch(
+            "/api/v1/pods",
+            "104300",
+            PODS_WATCH_2.into(),
+            AfterWatch::HoldOpen,
+        ),
+        Route::watch(
+            "/api/v1/services",
+            "104211",
+            SERVICES_WATCH.into(),
+            AfterWatch::HoldOpen,
+        ),
+    ]
 }
 
 fn client(addr: SocketAddr) -> kube::Client {
@@ -143,25 +75,23 @@ async fn eventually(what: &str, check: impl Fn() -> bool) {
 
 #[tokio::test]
 async fn names_pods_services_and_frontends_and_resumes_a_broken_watch() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let requests = serve(listener);
-    let enricher = Enricher::start_with_client(client(addr), NODE.to_string()).unwrap();
+    let api = KubeApi::start(recorded()).unwrap();
+    let enricher = Enricher::start_with_client(client(api.addr()), NODE.to_string()).unwrap();
     eventually("the initial lists", || enricher.is_synced()).await;
 
     let pod = |name| Some(owner(OwnerKind::Pod, name));
     let service = |name| Some(owner(OwnerKind::Service, name));
     assert_eq!(
         enricher.lookup(ip("10.244.0.10")),
-        pod("default/app-7d4b9c-x2x9z")
+        pod("default/app-6d8f7c9b5-x2kqp")
     );
     assert_eq!(
         enricher.lookup(ip("fd00:10:244::a")),
-        pod("default/app-7d4b9c-x2x9z")
+        pod("default/app-6d8f7c9b5-x2kqp")
     );
     assert_eq!(
         enricher.lookup(ip("10.244.0.11")),
-        pod("default/dns-5f6d7-abcde")
+        pod("default/dns-echo-7b9c6d5f4-m8zrt")
     );
     // The node's own address belongs to no hostNetwork pod, a finished pod's address to no one.
     assert_eq!(enricher.lookup(ip("10.224.0.4")), None);
@@ -185,13 +115,13 @@ async fn names_pods_services_and_frontends_and_resumes_a_broken_watch() {
     // The ingress pod was Pending in the list; the first watch event gives it its address.
     eventually("the ingress pod's address", || {
         enricher.lookup(ip("10.244.0.12")).map(|o| o.to_string())
-            == Some("ingress-nginx/ingress-nginx-controller-6c9f8-qwert".to_string())
+            == Some("ingress-nginx/ingress-nginx-controller-5c8d66c76d-4wq9n".to_string())
     })
     .await;
 
     // Added after the first watch broke: only the resumed watch delivers it.
     eventually("the pod added after the break", || {
-        enricher.lookup(ip("10.244.0.13")) == pod("default/web-5c8d9-zz1yy")
+        enricher.lookup(ip("10.244.0.14")) == pod("default/web-5c8d9-zz1yy")
     })
     .await;
     eventually("the deleted service to go", || {
@@ -207,7 +137,7 @@ async fn names_pods_services_and_frontends_and_resumes_a_broken_watch() {
         ]
     );
 
-    let requests = requests.lock().unwrap().clone();
+    let requests = api.requests();
     let pods: Vec<&String> = requests
         .iter()
         .filter(|r| r.starts_with("/api/v1/pods?"))
@@ -230,7 +160,6 @@ async fn names_pods_services_and_frontends_and_resumes_a_broken_watch() {
 async fn keeps_answering_while_the_api_is_down_and_catches_up_when_it_returns() {
     // Reserve a port, then leave it closed: the API is down when the enricher starts.
     let addr = TcpListener::bind("127.0.0.1:0")
-        .await
         .unwrap()
         .local_addr()
         .unwrap();
@@ -239,10 +168,10 @@ async fn keeps_answering_while_the_api_is_down_and_catches_up_when_it_returns() 
     assert!(!enricher.is_synced());
     assert_eq!(enricher.lookup(ip("10.244.0.10")), None);
 
-    serve(TcpListener::bind(addr).await.unwrap());
+    let _api = KubeApi::serve(TcpListener::bind(addr).unwrap(), recorded()).unwrap();
     eventually("the retried lists", || enricher.is_synced()).await;
     assert_eq!(
         enricher.lookup(ip("10.244.0.10")),
-        Some(owner(OwnerKind::Pod, "default/app-7d4b9c-x2x9z"))
+        Some(owner(OwnerKind::Pod, "default/app-6d8f7c9b5-x2kqp"))
     );
 }

@@ -1,23 +1,31 @@
 //! The agent binary under test on a lab node, and its dump lines in the lab's types.
 
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use xtask::lab::{Lab, Proto, Tuple};
 
 /// The agent under test, stopped with SIGTERM when dropped.
 pub struct Agent {
     child: Child,
     stdout: Option<std::process::ChildStdout>,
+    /// The agent's log lines, as its stderr thread reads them.
+    log: mpsc::Receiver<String>,
+    /// Log lines already taken from `log`.
+    seen: Vec<String>,
 }
 
+/// The log line the agent writes once its capture is attached.
+const ATTACHED: &str = "capturing conntrack NAT";
+
 impl Agent {
-    /// Starts `binary --dump --output json` on the lab's node with `extra` arguments and
-    /// environment, and waits for the capture to be attached.
+    /// Starts `binary --dump --output json` observing the lab's node from outside (`--netns`),
+    /// with `extra` arguments and environment, and waits for the capture to be attached.
     pub fn start(
         binary: &Path,
         lab: &Lab,
@@ -25,7 +33,35 @@ impl Agent {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Agent {
-        let mut child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command.args(["--netns", &lab.node_netns()]);
+        Agent::spawn(command, lab, source, extra, env)
+    }
+
+    /// Like [`Agent::start`], but the agent runs inside the node's namespace (`ip netns exec`),
+    /// as a hostNetwork DaemonSet pod does: its metrics listener and its API client live there.
+    pub fn start_on_node(
+        binary: &Path,
+        lab: &Lab,
+        source: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &lab.node_netns()])
+            .arg(binary);
+        Agent::spawn(command, lab, source, extra, env)
+    }
+
+    fn spawn(
+        mut command: Command,
+        lab: &Lab,
+        source: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
+        let mut child = command
             .args([
                 "--dump",
                 "--output",
@@ -33,8 +69,8 @@ impl Agent {
                 "--source",
                 source,
                 "--show-ends",
+                "--config",
             ])
-            .args(["--netns", &lab.node_netns(), "--config"])
             .arg(lab.topology_path())
             // A bound on the run even if the test never stops it.
             .args(["--duration", "120"])
@@ -46,22 +82,52 @@ impl Agent {
             .spawn()
             .expect("cannot start aksnet-agent");
         let stderr = child.stderr.take().expect("piped");
-        let (ready_tx, ready_rx) = mpsc::channel();
+        let (log_tx, log) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("agent: {line}");
-                if line.contains("capturing conntrack NAT") {
-                    let _ = ready_tx.send(());
-                }
+                let _ = log_tx.send(line);
             }
         });
         let stdout = child.stdout.take();
-        let mut agent = Agent { child, stdout };
-        if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+        let mut agent = Agent {
+            child,
+            stdout,
+            log,
+            seen: Vec::new(),
+        };
+        if let Err(e) = agent.wait_for_log(ATTACHED, Duration::from_secs(30)) {
             let status = agent.child.try_wait().ok().flatten();
-            panic!("aksnet-agent --source {source} did not attach within 30 s (exit: {status:?})");
+            panic!("aksnet-agent --source {source} did not attach: {e} (exit: {status:?})");
         }
         agent
+    }
+
+    /// Waits until the agent has logged a line containing `needle` (at any time since it
+    /// started), for at most `timeout`.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<(), String> {
+        if self.seen.iter().any(|line| line.contains(needle)) {
+            return Ok(());
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) => {
+                    let found = line.contains(needle);
+                    self.seen.push(line);
+                    if found {
+                        return Ok(());
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(format!("no log line with {needle:?} within {timeout:?}"))
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(format!("the agent exited without logging {needle:?}"))
+                }
+            }
+        }
     }
 
     /// Stops the agent and returns its dump lines.
@@ -100,6 +166,8 @@ pub struct Dumped {
     pub path: Option<String>,
     pub verdict: String,
     pub reason: Option<String>,
+    /// Pod and Service names the enrichment gave the flow's addresses.
+    pub names: BTreeMap<Ipv4Addr, String>,
     pub line: String,
 }
 
@@ -135,6 +203,12 @@ pub fn dumped(v: &Value) -> Option<Dumped> {
         path: v["path"].as_str().map(str::to_owned),
         verdict: v["verdict"].as_str().unwrap_or("none").to_owned(),
         reason: v["reason"].as_str().map(str::to_owned),
+        names: v["names"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(ip, name)| (ip.parse().unwrap(), name.as_str().unwrap().to_owned()))
+            .collect(),
         line: v.to_string(),
     })
 }

@@ -2,6 +2,8 @@
 
 pub mod agent;
 pub mod conntrack;
+pub mod kubeapi;
+pub mod prometheus;
 
 /// The lab and the agent need root (network namespaces, iptables, eBPF); CI runs as root.
 pub fn require_root() {

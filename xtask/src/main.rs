@@ -27,6 +27,16 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         duration: u64,
     },
+    /// Measure the agent: datapath overhead, capture completeness, its own cost. Writes
+    /// BENCHMARKS.md.
+    Bench {
+        /// Fewer runs and smaller counts: a smoke run, not figures to quote.
+        #[arg(long)]
+        quick: bool,
+        /// Run this agent binary instead of building target/release/aksnet-agent.
+        #[arg(long, value_name = "PATH")]
+        agent: Option<std::path::PathBuf>,
+    },
     /// The node lab: a one-node AKS network in network namespaces.
     #[command(subcommand)]
     Lab(LabCommand),
@@ -48,6 +58,9 @@ fn main() -> anyhow::Result<()> {
             })?
         }
         Command::Lab(cmd) => xtask::lab::cli::execute(cmd)?,
+        Command::Bench { quick, agent } => {
+            xtask::bench::run(workspace, &xtask::bench::Plan::new(quick), agent.as_deref())?;
+        }
     }
     Ok(())
 }

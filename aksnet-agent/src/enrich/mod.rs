@@ -77,6 +77,8 @@ struct Shared {
     index: RwLock<Index>,
     pods_synced: AtomicBool,
     services_synced: AtomicBool,
+    /// The first complete sync was logged (relists after an outage are not).
+    sync_logged: AtomicBool,
 }
 
 impl Shared {
@@ -90,6 +92,14 @@ impl Shared {
             OwnerKind::Service => &self.services_synced,
         };
         flag.store(true, Ordering::Relaxed);
+        let both = self.pods_synced.load(Ordering::Relaxed)
+            && self.services_synced.load(Ordering::Relaxed);
+        // Flows captured before this line show bare addresses: tests and operators wait for it.
+        if both && !self.sync_logged.swap(true, Ordering::Relaxed) {
+            log::info!(
+                "kubernetes enrichment synced: this node's pods and the cluster's Services are listed; flows show their names"
+            );
+        }
     }
 }
 
@@ -117,6 +127,7 @@ impl Enricher {
             index: RwLock::new(Index::default()),
             pods_synced: AtomicBool::new(false),
             services_synced: AtomicBool::new(false),
+            sync_logged: AtomicBool::new(false),
         });
         let pods = watch::follow(
             Api::<Pod>::all(client.clone()),

@@ -20,13 +20,17 @@ use prometheus::{
     Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use snat::{top_n, Destination, Opened, SnatTable, SourceDestination};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 /// Label value of the series that sums everything beyond the top N.
 const OTHER: &str = "other";
+/// Distinct `pod` label values the per-pod counters keep over the agent's life. A node runs at
+/// most 250 pods at a time; this leaves room for their churn, and pods beyond it count under
+/// `other` so that a node full of short-lived jobs cannot grow the series without bound.
+const POD_SERIES: usize = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -97,7 +101,8 @@ pub struct FlowObservation<'a> {
     pub deviation: Option<&'a str>,
     /// The NAT hops on its path, seen or inferred; empty when nothing translates it.
     pub hops: &'a [NatHop],
-    /// `namespace/pod` owning the original source, where known.
+    /// The pod the connection comes from: `namespace/pod`, or its address when the enrichment
+    /// does not know it; `None` when the source is no pod. Bounded by the pods of one node.
     pub pod: Option<&'a str>,
 }
 
@@ -108,6 +113,8 @@ pub struct Metrics {
     top_n: usize,
     flows: IntCounterVec,
     translations: IntCounterVec,
+    snat_translations: IntCounterVec,
+    pod_series: usize,
     deviations: IntCounterVec,
     snat_conflicts: IntCounter,
     snat_connections: IntGaugeVec,
@@ -127,6 +134,8 @@ pub struct Metrics {
 struct State {
     snat: SnatTable,
     capture: Option<(Arc<CaptureHealth>, SourceKind)>,
+    /// `pod` label values the per-pod counters have used (at most `Metrics::pod_series`).
+    pods_counted: HashSet<String>,
 }
 
 impl Metrics {
@@ -154,6 +163,17 @@ impl Metrics {
                  (hop=none: a connection nothing translates), by hop and protocol.",
                 &["hop", "proto"],
             )?,
+            snat_translations: reg.int_counter_vec(
+                "aksnet_snat_translations_total",
+                &format!(
+                    "SNAT hops on classified connections (the node's MASQUERADE, the Azure LB's \
+                     inferred outbound SNAT) by AKS path and the pod the connection comes from \
+                     (namespace/name, its address when the enrichment does not know it, empty \
+                     when the source is no pod; {OTHER} beyond {POD_SERIES} pods)."
+                ),
+                &["path", "pod", "hop"],
+            )?,
+            pod_series: POD_SERIES,
             deviations: reg.int_counter_vec(
                 "aksnet_model_deviations_total",
                 "Connections that deviate from their AKS path model, by path and reason class.",
@@ -238,11 +258,21 @@ impl Metrics {
         if !flow.hops.iter().any(|hop| hop.is_snat()) {
             return;
         }
+        let mut state = self.lock();
+        let pod = match flow.pod {
+            Some(pod) => self.pod_label(&mut state.pods_counted, pod),
+            None => "",
+        };
+        for hop in flow.hops.iter().filter(|hop| hop.is_snat()) {
+            self.snat_translations
+                .with_label_values(&[flow.path, pod, hop.label()])
+                .inc();
+        }
         let through_lb = flow.hops.contains(&NatHop::LbSnatInferred);
-        let opened = self
-            .lock()
+        let opened = state
             .snat
             .open(flow.key, flow.translated, through_lb, flow.pod);
+        drop(state);
         if let Some(Opened::Conflict { stale }) = opened {
             self.snat_conflicts.inc();
             log::debug!(
@@ -253,6 +283,18 @@ impl Metrics {
                 stale.proto
             );
         }
+    }
+
+    /// `pod` itself while the per-pod counters have room for it, else `other`.
+    fn pod_label<'p>(&self, counted: &mut HashSet<String>, pod: &'p str) -> &'p str {
+        if counted.contains(pod) {
+            return pod;
+        }
+        if counted.len() < self.pod_series {
+            counted.insert(pod.to_owned());
+            return pod;
+        }
+        OTHER
     }
 
     /// A connection ended: it no longer holds a SNAT port.
@@ -592,6 +634,79 @@ mod tests {
     }
 
     #[test]
+    fn counts_snat_translations_per_path_pod_and_hop() {
+        let m = metrics(20);
+        for port in 0..3 {
+            let (k, t) = outbound(40000 + port, 50000 + port, "198.51.100.7", 443);
+            m.observe_new(&observation(k, t, &OUT, Some("default/app")));
+        }
+        let (by_ip, t) = outbound(41000, 51000, "198.51.100.7", 443);
+        m.observe_new(&observation(by_ip, t, &OUT, Some("10.244.0.5")));
+        // kubenet pod → vnet: the node's SNAT only.
+        let (k, t) = outbound(42000, 52000, "10.225.0.4", 80);
+        m.observe_new(&FlowObservation {
+            path: "pod-to-vnet",
+            ..observation(k, t, &[NatHop::NodeSnat], Some("default/app"))
+        });
+        // LB inbound with eTP Cluster: MASQUERADEd, but from an internet client, no pod.
+        let (k, t) = outbound(43000, 53000, "10.244.0.7", 8080);
+        m.observe_new(&FlowObservation {
+            path: "lb-inbound",
+            ..observation(k, t, &[NatHop::KubeProxyDnat, NatHop::NodeSnat], None)
+        });
+        // Not SNATed at all: not counted.
+        let (k, t) = outbound(44000, 44000, "10.0.0.10", 53);
+        m.observe_new(&FlowObservation {
+            path: "pod-to-service",
+            ..observation(k, t, &[NatHop::KubeProxyDnat], Some("default/app"))
+        });
+
+        let s = scrape(&m);
+        let snat = "aksnet_snat_translations_total";
+        let at = |path, pod, hop| value(&s, snat, &[("path", path), ("pod", pod), ("hop", hop)]);
+        assert_eq!(at("pod-to-internet", "default/app", "node_snat"), Some(3.0));
+        assert_eq!(
+            at("pod-to-internet", "default/app", "lb_snat_inferred"),
+            Some(3.0)
+        );
+        assert_eq!(at("pod-to-internet", "10.244.0.5", "node_snat"), Some(1.0));
+        assert_eq!(at("pod-to-vnet", "default/app", "node_snat"), Some(1.0));
+        assert_eq!(at("pod-to-vnet", "default/app", "lb_snat_inferred"), None);
+        assert_eq!(at("lb-inbound", "", "node_snat"), Some(1.0));
+        assert_eq!(series(&s, snat), 6);
+        // A counter: the connection's end does not take it back.
+        m.observe_end(&by_ip);
+        let s = scrape(&m);
+        let by_ip = [("pod", "10.244.0.5"), ("hop", "node_snat")];
+        assert_eq!(value(&s, snat, &by_ip), Some(1.0));
+    }
+
+    #[test]
+    fn pods_beyond_the_series_bound_count_as_other() {
+        let mut m = metrics(20);
+        m.pod_series = 2;
+        let pods = [
+            "default/a",
+            "default/b",
+            "default/c",
+            "default/a",
+            "default/d",
+        ];
+        for (i, pod) in (0u16..).zip(pods) {
+            let (k, t) = outbound(40000 + i, 50000 + i, "198.51.100.7", 443);
+            m.observe_new(&observation(k, t, &[NatHop::NodeSnat], Some(pod)));
+        }
+        let s = scrape(&m);
+        let snat = "aksnet_snat_translations_total";
+        let pod = |name| value(&s, snat, &[("pod", name)]);
+        assert_eq!(pod("default/a"), Some(2.0), "a known pod keeps its series");
+        assert_eq!(pod("default/b"), Some(1.0));
+        assert_eq!(pod("default/c"), None);
+        assert_eq!(pod("other"), Some(2.0));
+        assert_eq!(series(&s, snat), 3);
+    }
+
+    #[test]
     fn snat_gauges_follow_live_connections() {
         let m = metrics(20);
         let (k1, t1) = outbound(40000, 50000, "198.51.100.7", 443);
@@ -784,6 +899,7 @@ mod tests {
             ("aksnet_snat_connections", "gauge"),
             ("aksnet_snat_port_conflicts_total", "counter"),
             ("aksnet_snat_ports_in_use", "gauge"),
+            ("aksnet_snat_translations_total", "counter"),
         ]
         .into_iter()
         .collect();

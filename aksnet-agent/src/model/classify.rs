@@ -3,7 +3,9 @@
 
 use super::{Direction, DnatExpect, HopKind, Model, ModelEvidence, PathRow, SnatSource};
 use crate::events::{Endpoint, FlowEvent, Tuple};
-use crate::topology::{is_pod_interface, AddrClass, CniMode, Dataplane, ServiceRef, Topology};
+use crate::topology::{
+    is_pod_interface, AddrClass, CniMode, Dataplane, ServiceKind, ServiceRef, Topology,
+};
 use serde::Serialize;
 use std::net::IpAddr;
 
@@ -322,6 +324,13 @@ impl Classifier {
             .as_deref()
             .unwrap_or("the original source address");
         let to = self.describe_snat(f);
+        let hint_snat = format!(
+            "{}{}",
+            self.node_policy_note(row, f)
+                .map(|n| format!("; {n}"))
+                .unwrap_or_default(),
+            hint(&row.nat.hint_snat)
+        );
         let upstream_rewrite = row
             .hops
             .iter()
@@ -331,23 +340,54 @@ impl Classifier {
             (true, true, Some(proxy)) => format!(
                 "double SNAT: {subject} already had its source replaced by the {} (inferred), and the node SNATed it again to {to}; the model has one source rewrite{}",
                 proxy.label,
-                hint(&row.nat.hint_snat)
+                hint_snat
             ),
             (true, true, None) => format!(
                 "{subject} was SNATed to {to}: {keeps} is lost, the model expects it to be kept{}",
-                hint(&row.nat.hint_snat)
+                hint_snat
             ),
             (true, false, _) => format!(
                 "{subject} was SNATed to {to}; the model expects SNAT to {expected}{}",
-                hint(&row.nat.hint_snat)
+                hint_snat
             ),
             (false, _, _) => format!(
                 "{subject} kept its source {} (no SNAT on the node); the model expects SNAT to {expected}{}",
                 f.orig.src,
-                hint(&row.nat.hint_snat)
+                hint_snat
             ),
         });
         out
+    }
+
+    /// For a row that depends on the declared externalTrafficPolicy and whose SNAT deviates:
+    /// what kube-proxy's rules on this node program for the frontend. Rules that disagree with
+    /// the declaration explain the deviation; rules that agree while the node still SNATed a
+    /// source the model keeps point at another nat rule instead.
+    fn node_policy_note(&self, row: &PathRow, f: &Facts) -> Option<String> {
+        let declared = row.etp?;
+        let programmed = self
+            .topology
+            .services
+            .iter()
+            .find(|s| {
+                s.kind == ServiceKind::LoadBalancer
+                    && s.ip == Some(f.orig.dst)
+                    && s.port == f.orig.dport
+                    && s.proto == f.ev.proto
+            })
+            .and_then(|s| s.etp)?;
+        let unexpected_snat = f.ev.nat().snat && row.nat.snat == [SnatSource::Kept];
+        if programmed != declared {
+            Some(format!(
+                "kube-proxy's rules on this node program it as externalTrafficPolicy {programmed}, not the declared {declared}"
+            ))
+        } else if unexpected_snat {
+            Some(format!(
+                "kube-proxy's rules on this node agree (externalTrafficPolicy {programmed}), so another nat rule rewrote the source: check ip-masq-agent's nonMasqueradeCIDRs and hand-added POSTROUTING rules"
+            ))
+        } else {
+            None
+        }
     }
 
     /// The class of the source the node SNATed to, `Kept` without SNAT, `None` when it is

@@ -1,7 +1,7 @@
 use super::*;
 use crate::events::{EventKind, FlowEvent, Proto, SourceKind, Tuple};
 use crate::topology::{
-    tests::LAB_CONFIG, Dataplane, ServiceEndpoint, ServiceKind, ServicePort, Topology,
+    tests::LAB_CONFIG, Dataplane, Etp, ServiceEndpoint, ServiceKind, ServicePort, Topology,
     TopologyLayer,
 };
 use std::net::{IpAddr, SocketAddr};
@@ -475,4 +475,61 @@ fn model_for_another_cni_is_refused() {
             .contains("is for kubenet, but the topology says the cluster runs azure-cni"),
         "{err}"
     );
+}
+
+/// The ingress frontend as kube-proxy's rules on the node program it (what discovery adds).
+fn with_programmed_ingress(cni: CniMode, etp: Etp) -> Classifier {
+    let mut t = lab_topology(cni);
+    t.services.push(ServicePort {
+        name: "ingress-nginx/ingress-nginx-controller:http".into(),
+        kind: ServiceKind::LoadBalancer,
+        ip: Some(ip("192.0.2.11")),
+        proto: Tcp,
+        port: 80,
+        etp: Some(etp),
+    });
+    Classifier::new(Model::load_builtin(cni).unwrap(), t).unwrap()
+}
+
+#[test]
+fn snat_of_a_declared_local_frontend_says_what_the_node_programs() {
+    for (cni, masq) in [
+        (CniMode::Kubenet, "10.244.0.1:41000"),
+        (CniMode::AzureCni, "10.224.0.4:41000"),
+    ] {
+        let pod = if cni == CniMode::Kubenet {
+            "10.244.0.12:80"
+        } else {
+            "10.224.0.12:80"
+        };
+        let ev = flow(Tcp, "203.0.113.11:41000", "192.0.2.11:80", masq, pod);
+        // The node's rules treat the Service as Cluster: that is the cause.
+        let c = with_programmed_ingress(cni, Etp::Cluster).classify(&ev);
+        assert_eq!(c.verdict, Verdict::Deviates, "{cni}: {c:?}");
+        let reason = c.reason.unwrap();
+        assert!(
+            reason.contains("the client address is lost")
+                && reason.contains("kube-proxy's rules on this node program it as externalTrafficPolicy Cluster, not the declared Local"),
+            "{cni}: {reason}"
+        );
+        // The node's rules agree with the declaration: another rule SNATed it.
+        let reason = with_programmed_ingress(cni, Etp::Local)
+            .classify(&ev)
+            .reason
+            .unwrap();
+        assert!(
+            reason.contains("rules on this node agree (externalTrafficPolicy Local), so another nat rule rewrote the source")
+                && !reason.contains("not the declared"),
+            "{cni}: {reason}"
+        );
+    }
+    // Conforming flows get no note, whatever the node programs.
+    let c = with_programmed_ingress(CniMode::AzureCni, Etp::Local).classify(&flow(
+        Tcp,
+        "203.0.113.11:41000",
+        "192.0.2.11:80",
+        "203.0.113.11:41000",
+        "10.224.0.12:80",
+    ));
+    assert_eq!((c.verdict, c.reason), (Verdict::Conforms, None));
 }

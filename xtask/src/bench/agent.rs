@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -46,13 +46,15 @@ pub struct AgentOutput {
 impl Agent {
     pub fn spawn(args: &AgentArgs<'_>) -> Result<Agent, BenchError> {
         let mut cmd = Command::new(args.binary);
-        cmd.args(["--dump", "--output", "json", "--source", "ebpf", "--netns", args.netns])
-            .arg("--config")
-            .arg(args.config)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "--dump", "--output", "json", "--source", "ebpf", "--netns", args.netns,
+        ])
+        .arg("--config")
+        .arg(args.config)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
         if let Some(n) = args.count {
             cmd.args(["--count", &n.to_string()]);
         }
@@ -69,7 +71,13 @@ impl Agent {
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
             for text in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(Line { at: Instant::now(), text }).is_err() {
+                if tx
+                    .send(Line {
+                        at: Instant::now(),
+                        text,
+                    })
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -89,10 +97,7 @@ impl Agent {
 
     /// The next stdout line, or `None` after `timeout`, or once the agent closed its stdout.
     pub fn next_line(&self, timeout: Duration) -> Option<Line> {
-        match self.lines.recv_timeout(timeout) {
-            Ok(line) => Some(line),
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-        }
+        self.lines.recv_timeout(timeout).ok()
     }
 
     /// Whether the process is gone.
@@ -100,11 +105,6 @@ impl Agent {
         self.child
             .as_mut()
             .is_none_or(|c| c.try_wait().ok().flatten().is_some())
-    }
-
-    /// Lines printed so far that nobody consumed yet.
-    pub fn drain(&self) -> Vec<String> {
-        self.lines.try_iter().map(|l| l.text).collect()
     }
 
     /// SIGINT, a grace period, then SIGKILL; returns everything it printed not yet consumed.
@@ -183,7 +183,10 @@ pub fn scrape(addr: SocketAddr, metric: &str) -> Result<f64, BenchError> {
         .map_err(fail("cannot read the metrics from"))?;
     sum_samples(&body, metric).ok_or_else(|| BenchError::Parse {
         what: format!("the metrics at {addr}"),
-        detail: format!("no `{metric}` sample; the agent serves:\n{}", tail(&body, 20)),
+        detail: format!(
+            "no `{metric}` sample; the agent serves:\n{}",
+            tail(&body, 20)
+        ),
     })
 }
 
@@ -199,7 +202,11 @@ fn sum_samples(exposition: &str, name: &str) -> Option<f64> {
             Some('{') => rest.split_once('}').map_or("", |(_, v)| v),
             _ => continue,
         };
-        if let Some(v) = value.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()) {
+        if let Some(v) = value
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+        {
             *found.get_or_insert(0.0) += v;
         }
     }
@@ -217,7 +224,10 @@ mod tests {
                     aksnet_capture_events_lost_total{source=\"netlink\"} 4\n\
                     aksnet_capture_events_lost_total_other 100\n\
                     aksnet_capture_events_total 9\n";
-        assert_eq!(sum_samples(text, "aksnet_capture_events_lost_total"), Some(7.0));
+        assert_eq!(
+            sum_samples(text, "aksnet_capture_events_lost_total"),
+            Some(7.0)
+        );
         assert_eq!(sum_samples("aksnet_x 0\n", "aksnet_x"), Some(0.0));
         assert_eq!(sum_samples("aksnet_y 1\n", "aksnet_x"), None);
     }

@@ -62,7 +62,13 @@ pub fn run(rig: &Rig, plan: &Plan) -> Result<Vec<Row>, BenchError> {
     let med = |f: &dyn Fn(&Counts) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
     let agg = format!("median of {n} runs");
     let truth = med(&|c| c.truth as f64);
-    let share = |count: f64| format!("{} ({:.2}% of the truth)", thousands(count), 100.0 * count / truth);
+    let share = |count: f64| {
+        format!(
+            "{} ({:.2}% of the truth)",
+            thousands(count),
+            100.0 * count / truth
+        )
+    };
     let accounted = runs
         .iter()
         .filter(|c| c.lost.as_ref().is_ok_and(|lost| c.agent + lost >= c.truth))
@@ -70,21 +76,57 @@ pub fn run(rig: &Rig, plan: &Plan) -> Result<Vec<Row>, BenchError> {
     let lost_value = if runs.iter().all(|c| c.lost.is_ok()) {
         thousands(med(&|c| *c.lost.as_ref().expect("checked above") as f64))
     } else {
-        let why = runs.iter().find_map(|c| c.lost.clone().err()).unwrap_or_default();
+        let why = runs
+            .iter()
+            .find_map(|c| c.lost.clone().err())
+            .unwrap_or_default();
         format!("unreadable: {why}")
     };
     let warned = runs.iter().filter(|c| c.conntrack_warned).count();
     let connections = format!("{} connections, {} clients", plan.connections, plan.workers);
     Ok(vec![
-        Row::new("completeness", format!("connections completed (traffic generator, ground truth; {connections})"), thousands(truth), agg.clone()),
-        Row::new("completeness", "connection rate reached", format!("{}/s", thousands(med(&|c| c.rate))), agg.clone()),
-        Row::new("completeness", "DNAT translations the agent reported (`--source ebpf`)", share(med(&|c| c.agent as f64)), agg.clone()),
-        Row::new("completeness", format!("events the agent counted lost (`{LOST_METRIC}`)"), lost_value, agg.clone()),
-        Row::new("completeness", "runs where reported + lost ≥ ground truth", format!("{accounted} of {n}"), format!("all {n} runs")),
+        Row::new(
+            "completeness",
+            format!("connections completed (traffic generator, ground truth; {connections})"),
+            thousands(truth),
+            agg.clone(),
+        ),
+        Row::new(
+            "completeness",
+            "connection rate reached",
+            format!("{}/s", thousands(med(&|c| c.rate))),
+            agg.clone(),
+        ),
+        Row::new(
+            "completeness",
+            "DNAT translations the agent reported (`--source ebpf`)",
+            share(med(&|c| c.agent as f64)),
+            agg.clone(),
+        ),
+        Row::new(
+            "completeness",
+            format!("events the agent counted lost (`{LOST_METRIC}`)"),
+            lost_value,
+            agg.clone(),
+        ),
+        Row::new(
+            "completeness",
+            "runs where reported + lost ≥ ground truth",
+            format!("{accounted} of {n}"),
+            format!("all {n} runs"),
+        ),
         Row::new(
             "completeness",
             "DNAT translations `conntrack -E` reported on the node",
-            format!("{}{}", share(med(&|c| c.conntrack as f64)), if warned > 0 { format!(", ENOBUFS in {warned} of {n} runs") } else { String::new() }),
+            format!(
+                "{}{}",
+                share(med(&|c| c.conntrack as f64)),
+                if warned > 0 {
+                    format!(", ENOBUFS in {warned} of {n} runs")
+                } else {
+                    String::new()
+                }
+            ),
             agg,
         ),
     ])
@@ -94,7 +136,14 @@ fn once(rig: &Rig, plan: &Plan) -> Result<Counts, BenchError> {
     let watcher = ConntrackWatcher::start(&rig.node())?;
     let metrics = free_local_port()?;
     let (mut agent, _) = rig.ready_agent(None, Some(metrics), READY_TIMEOUT)?;
-    let storm = load::storm(&rig.inet(), CLIENT, FRONTEND, plan.connections, plan.workers, STORM_DEADLINE)?;
+    let storm = load::storm(
+        &rig.inet(),
+        CLIENT,
+        FRONTEND,
+        plan.connections,
+        plan.workers,
+        STORM_DEADLINE,
+    )?;
     // Collect until the agent has been quiet for a while: it reports what the kernel queued.
     let mut lines = Vec::new();
     let began = Instant::now();
@@ -154,11 +203,12 @@ fn count_agent(lines: &[String]) -> u64 {
 
 /// A port on 127.0.0.1 free right now, for the agent's metrics endpoint.
 fn free_local_port() -> Result<SocketAddr, BenchError> {
-    let probe = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|source| BenchError::Socket {
-        what: "cannot find a free port on",
-        addr: "127.0.0.1".into(),
-        source,
-    })?;
+    let probe =
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|source| BenchError::Socket {
+            what: "cannot find a free port on",
+            addr: "127.0.0.1".into(),
+            source,
+        })?;
     probe.local_addr().map_err(|source| BenchError::Socket {
         what: "cannot read the address of",
         addr: "127.0.0.1:0".into(),
@@ -175,7 +225,17 @@ struct ConntrackWatcher {
 
 impl ConntrackWatcher {
     fn start(node_netns: &str) -> Result<ConntrackWatcher, BenchError> {
-        let args = ["netns", "exec", node_netns, "conntrack", "-E", "-e", "NEW", "-p", "tcp"];
+        let args = [
+            "netns",
+            "exec",
+            node_netns,
+            "conntrack",
+            "-E",
+            "-e",
+            "NEW",
+            "-p",
+            "tcp",
+        ];
         let mut child = Command::new("ip")
             .args(args)
             .stdin(Stdio::null())
@@ -240,7 +300,11 @@ fn count_conntrack(text: &str) -> u64 {
             .find_map(|w| w.strip_prefix(key))
             .map(str::to_string)
     };
-    let (client, frontend, port) = (CLIENT.to_string(), FRONTEND.ip().to_string(), FRONTEND.port().to_string());
+    let (client, frontend, port) = (
+        CLIENT.to_string(),
+        FRONTEND.ip().to_string(),
+        FRONTEND.port().to_string(),
+    );
     let mut seen = HashSet::new();
     for line in text.lines().filter(|l| l.contains("[NEW]")) {
         if field(line, "src=").as_deref() == Some(client.as_str())

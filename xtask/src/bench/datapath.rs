@@ -34,11 +34,22 @@ struct Arm {
 pub fn run(rig: &Rig, plan: &Plan) -> Result<Vec<Row>, BenchError> {
     // Warm the path (ARP, routes, conntrack, the server's threads) outside the measurement.
     let warm = plan.connections.min(500);
-    load::storm(&rig.inet(), CLIENT, FRONTEND, warm, plan.workers, STORM_DEADLINE)?;
+    load::storm(
+        &rig.inet(),
+        CLIENT,
+        FRONTEND,
+        warm,
+        plan.workers,
+        STORM_DEADLINE,
+    )?;
     let (mut without, mut with) = (Vec::new(), Vec::new());
     for round in 0..plan.rounds {
         // Alternate which arm goes first so that drift over the session cancels out.
-        let order = if round % 2 == 0 { [false, true] } else { [true, false] };
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
         for attached in order {
             let arm = arm(rig, plan, attached)?;
             println!(
@@ -59,7 +70,11 @@ pub fn run(rig: &Rig, plan: &Plan) -> Result<Vec<Row>, BenchError> {
     let runs = format!("median of {} runs each, alternating", plan.rounds);
     let ratio_runs = format!("median of {} paired runs", plan.rounds);
     let ratios = |f: fn(&Arm) -> f64| -> Vec<f64> {
-        without.iter().zip(&with).map(|(a, b)| f(b) / f(a)).collect()
+        without
+            .iter()
+            .zip(&with)
+            .map(|(a, b)| f(b) / f(a))
+            .collect()
     };
     let conns = |a: &Arm| a.conns_per_s;
     let gbit = |a: &Arm| a.gbit_per_s;
@@ -73,12 +88,42 @@ pub fn run(rig: &Rig, plan: &Plan) -> Result<Vec<Row>, BenchError> {
         plan.bulk.as_secs_f64()
     );
     Ok(vec![
-        Row::new("datapath", format!("{what}, no agent"), format!("{}/s", thousands(med(&without, conns))), runs.clone()),
-        Row::new("datapath", format!("{what}, agent attached"), format!("{}/s", thousands(med(&with, conns))), runs.clone()),
-        Row::new("datapath", "connection rate ratio, attached / no agent", format!("{:.3}", median(&ratios(conns))), ratio_runs.clone()),
-        Row::new("datapath", format!("{bulk}, no agent"), format!("{:.2} Gbit/s", med(&without, gbit)), runs.clone()),
-        Row::new("datapath", format!("{bulk}, agent attached"), format!("{:.2} Gbit/s", med(&with, gbit)), runs),
-        Row::new("datapath", "throughput ratio, attached / no agent", format!("{:.3}", median(&ratios(gbit))), ratio_runs),
+        Row::new(
+            "datapath",
+            format!("{what}, no agent"),
+            format!("{}/s", thousands(med(&without, conns))),
+            runs.clone(),
+        ),
+        Row::new(
+            "datapath",
+            format!("{what}, agent attached"),
+            format!("{}/s", thousands(med(&with, conns))),
+            runs.clone(),
+        ),
+        Row::new(
+            "datapath",
+            "connection rate ratio, attached / no agent",
+            format!("{:.3}", median(&ratios(conns))),
+            ratio_runs.clone(),
+        ),
+        Row::new(
+            "datapath",
+            format!("{bulk}, no agent"),
+            format!("{:.2} Gbit/s", med(&without, gbit)),
+            runs.clone(),
+        ),
+        Row::new(
+            "datapath",
+            format!("{bulk}, agent attached"),
+            format!("{:.2} Gbit/s", med(&with, gbit)),
+            runs,
+        ),
+        Row::new(
+            "datapath",
+            "throughput ratio, attached / no agent",
+            format!("{:.3}", median(&ratios(gbit))),
+            ratio_runs,
+        ),
     ])
 }
 
@@ -88,7 +133,14 @@ fn arm(rig: &Rig, plan: &Plan, attached: bool) -> Result<Arm, BenchError> {
     } else {
         None
     };
-    let storm = load::storm(&rig.inet(), CLIENT, FRONTEND, plan.connections, plan.workers, STORM_DEADLINE)?;
+    let storm = load::storm(
+        &rig.inet(),
+        CLIENT,
+        FRONTEND,
+        plan.connections,
+        plan.workers,
+        STORM_DEADLINE,
+    )?;
     if storm.ok != plan.connections {
         return Err(BenchError::Failed {
             what: format!("the connection run to {FRONTEND}"),

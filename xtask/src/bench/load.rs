@@ -34,7 +34,10 @@ pub fn enter(netns: &str) -> Result<(), BenchError> {
     Ok(())
 }
 
-fn socket_error(what: &'static str, addr: impl ToString) -> impl FnOnce(std::io::Error) -> BenchError {
+fn socket_error(
+    what: &'static str,
+    addr: impl ToString,
+) -> impl FnOnce(std::io::Error) -> BenchError {
     move |source| BenchError::Socket {
         what,
         addr: addr.to_string(),
@@ -81,7 +84,10 @@ fn listener(addr: SocketAddrV4) -> Result<TcpListener, BenchError> {
 }
 
 fn accept_timed_out(e: &std::io::Error) -> bool {
-    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted)
+    matches!(
+        e.kind(),
+        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+    )
 }
 
 /// Answers each connection's one byte with one byte, then waits for the client to close.
@@ -92,8 +98,15 @@ pub struct EchoServer {
 
 impl EchoServer {
     /// Listens on `addr` inside `netns` with `workers` accept threads.
-    pub fn start(netns: &str, addr: SocketAddrV4, workers: usize) -> Result<EchoServer, BenchError> {
-        let listener = Arc::new(join(spawn_in(netns, move || listener(addr)), "the echo server")?);
+    pub fn start(
+        netns: &str,
+        addr: SocketAddrV4,
+        workers: usize,
+    ) -> Result<EchoServer, BenchError> {
+        let listener = Arc::new(join(
+            spawn_in(netns, move || listener(addr)),
+            "the echo server",
+        )?);
         let stop = Arc::new(AtomicBool::new(false));
         let workers = (0..workers)
             .map(|_| {
@@ -260,7 +273,10 @@ pub fn bulk(
     sink: SocketAddrV4,
     duration: Duration,
 ) -> Result<Bulk, BenchError> {
-    let listener = join(spawn_in(sink_netns, move || listener(sink)), "the bulk sink")?;
+    let listener = join(
+        spawn_in(sink_netns, move || listener(sink)),
+        "the bulk sink",
+    )?;
     let receiver = std::thread::spawn(move || receive(&listener, sink, duration));
     let sender = spawn_in(sender_netns, move || send(sink, duration));
     let sent = join(sender, "the bulk sender");
@@ -289,7 +305,11 @@ fn send(sink: SocketAddrV4, duration: Duration) -> Result<(), BenchError> {
 }
 
 /// Counts bytes from the first one received to the sender's close.
-fn receive(listener: &TcpListener, sink: SocketAddrV4, duration: Duration) -> Result<Bulk, BenchError> {
+fn receive(
+    listener: &TcpListener,
+    sink: SocketAddrV4,
+    duration: Duration,
+) -> Result<Bulk, BenchError> {
     let fail = |what| socket_error(what, sink);
     let waited = Instant::now();
     let mut conn = loop {
@@ -306,7 +326,9 @@ fn receive(listener: &TcpListener, sink: SocketAddrV4, duration: Duration) -> Re
     let mut began = None;
     let limit = duration + IO_TIMEOUT * 2;
     loop {
-        let n = conn.read(&mut buf).map_err(fail("the bulk stream broke at"))?;
+        let n = conn
+            .read(&mut buf)
+            .map_err(fail("the bulk stream broke at"))?;
         if n == 0 {
             break;
         }

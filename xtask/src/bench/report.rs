@@ -76,7 +76,12 @@ pub struct Row {
 }
 
 impl Row {
-    pub fn new(section: &'static str, figure: impl Into<String>, value: impl Into<String>, runs: impl Into<String>) -> Row {
+    pub fn new(
+        section: &'static str,
+        figure: impl Into<String>,
+        value: impl Into<String>,
+        runs: impl Into<String>,
+    ) -> Row {
         Row {
             section,
             figure: figure.into(),
@@ -101,7 +106,14 @@ impl Report {
         let cells: Vec<[&str; 4]> = self
             .rows
             .iter()
-            .map(|r| [r.section, r.figure.as_str(), r.value.as_str(), r.runs.as_str()])
+            .map(|r| {
+                [
+                    r.section,
+                    r.figure.as_str(),
+                    r.value.as_str(),
+                    r.runs.as_str(),
+                ]
+            })
             .collect();
         let width = |i: usize| {
             cells
@@ -146,7 +158,9 @@ impl Report {
             m.kernel
         );
         if self.quick {
-            out.push_str("This is a `--quick` smoke run: few runs, small counts. Do not quote it.\n\n");
+            out.push_str(
+                "This is a `--quick` smoke run: few runs, small counts. Do not quote it.\n\n",
+            );
         }
         out.push_str(&self.table());
         out.push_str("\n## How these were measured\n\n");
@@ -204,7 +218,10 @@ mod tests {
                 kernel: "6".into(),
             },
             quick: false,
-            rows: vec![Row::new("a", "figure", "1", "median of 3 runs"), Row::new("bb", "f", "22", "-")],
+            rows: vec![
+                Row::new("a", "figure", "1", "median of 3 runs"),
+                Row::new("bb", "f", "22", "-"),
+            ],
             notes: vec![],
         };
         let table = report.table();

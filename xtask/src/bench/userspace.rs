@@ -10,12 +10,27 @@ use std::process::{Command, Stdio};
 
 /// The pipeline benchmarks, in table order, with what each measures.
 const PIPELINE: [(&str, &str); 7] = [
-    ("decode/conn_event", "decode one ring-buffer record (`decode_conn_event`)"),
-    ("flow_table/open_close_100k_live", "correlate: open + close churn, 100k live flows (`FlowTable::apply`)"),
-    ("flow_table/repeat_100k_live", "correlate: a known flow reported again, 100k live flows"),
-    ("classify/lb_inbound", "classify: internet → LB frontend → pod (`Classifier::classify`)"),
+    (
+        "decode/conn_event",
+        "decode one ring-buffer record (`decode_conn_event`)",
+    ),
+    (
+        "flow_table/open_close_100k_live",
+        "correlate: open + close churn, 100k live flows (`FlowTable::apply`)",
+    ),
+    (
+        "flow_table/repeat_100k_live",
+        "correlate: a known flow reported again, 100k live flows",
+    ),
+    (
+        "classify/lb_inbound",
+        "classify: internet → LB frontend → pod (`Classifier::classify`)",
+    ),
     ("classify/pod_outbound", "classify: pod → internet (SNAT)"),
-    ("classify/pod_to_service", "classify: pod → ClusterIP Service"),
+    (
+        "classify/pod_to_service",
+        "classify: pod → ClusterIP Service",
+    ),
     ("dump/json_line", "format one `--dump --output json` line"),
 ];
 
@@ -32,7 +47,12 @@ pub struct Plan {
     pub rss_runs: usize,
 }
 
-fn cargo(workspace: &Path, args: &[&str], env: &[(&str, &Path)], capture: bool) -> Result<String, BenchError> {
+fn cargo(
+    workspace: &Path,
+    args: &[&str],
+    env: &[(&str, &Path)],
+    capture: bool,
+) -> Result<String, BenchError> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let command = format!("{cargo} {}", args.join(" "));
     let mut cmd = Command::new(&cargo);
@@ -62,7 +82,13 @@ fn cargo(workspace: &Path, args: &[&str], env: &[(&str, &Path)], capture: bool) 
 
 /// Builds the agent binary the lab runs.
 pub fn build_agent(workspace: &Path) -> Result<(), BenchError> {
-    cargo(workspace, &["build", "--release", "-p", "aksnet-agent"], &[], false).map(drop)
+    cargo(
+        workspace,
+        &["build", "--release", "-p", "aksnet-agent"],
+        &[],
+        false,
+    )
+    .map(drop)
 }
 
 pub fn pipeline(workspace: &Path, plan: &Plan) -> Result<Vec<Row>, BenchError> {
@@ -79,8 +105,18 @@ pub fn pipeline(workspace: &Path, plan: &Plan) -> Result<Vec<Row>, BenchError> {
     cargo(
         workspace,
         &[
-            "bench", "-p", "aksnet-agent", "--bench", "pipeline", "--", "--sample-size", &samples,
-            "--warm-up-time", &warm, "--measurement-time", &measure,
+            "bench",
+            "-p",
+            "aksnet-agent",
+            "--bench",
+            "pipeline",
+            "--",
+            "--sample-size",
+            &samples,
+            "--warm-up-time",
+            &warm,
+            "--measurement-time",
+            &measure,
         ],
         &[("CRITERION_HOME", &home)],
         false,
@@ -133,7 +169,16 @@ pub fn memory(workspace: &Path, runs: usize) -> Result<Vec<Row>, BenchError> {
         for _ in 0..runs {
             let out = cargo(
                 workspace,
-                &["bench", "-p", "aksnet-agent", "--bench", "flow_table_rss", "--", "--flows", &flows.to_string()],
+                &[
+                    "bench",
+                    "-p",
+                    "aksnet-agent",
+                    "--bench",
+                    "flow_table_rss",
+                    "--",
+                    "--flows",
+                    &flows.to_string(),
+                ],
                 &[],
                 true,
             )?;
@@ -144,7 +189,10 @@ pub fn memory(workspace: &Path, runs: usize) -> Result<Vec<Row>, BenchError> {
         let (total, table) = (median(&total), median(&table));
         rows.push(Row::new(
             "memory",
-            format!("process RSS with the flow table holding {} live flows", thousands(flows as f64)),
+            format!(
+                "process RSS with the flow table holding {} live flows",
+                thousands(flows as f64)
+            ),
             format!(
                 "{:.1} MiB, of which the table {:.1} MiB ({:.0} B/flow)",
                 total / 1024.0,
@@ -159,7 +207,10 @@ pub fn memory(workspace: &Path, runs: usize) -> Result<Vec<Row>, BenchError> {
 
 /// `rss flows=N before_kib=A after_kib=B` from flow_table_rss.
 fn parse_rss(out: &str) -> Result<(u64, u64), BenchError> {
-    let line = out.lines().find(|l| l.starts_with("rss ")).unwrap_or_default();
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("rss "))
+        .unwrap_or_default();
     let field = |key: &str| {
         line.split_whitespace()
             .find_map(|w| w.strip_prefix(key))
@@ -180,7 +231,10 @@ mod tests {
 
     #[test]
     fn reads_the_rss_line() {
-        assert_eq!(parse_rss("x\nrss flows=10 live=10 before_kib=100 after_kib=350\n").unwrap(), (100, 350));
+        assert_eq!(
+            parse_rss("x\nrss flows=10 live=10 before_kib=100 after_kib=350\n").unwrap(),
+            (100, 350)
+        );
         assert!(parse_rss("rss flows=10\n").is_err());
     }
 }

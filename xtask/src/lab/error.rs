@@ -53,6 +53,12 @@ pub enum LabError {
         cni: String,
         known: String,
     },
+    #[error("unknown misconfiguration `{name}` for {cni}; known: {known}")]
+    UnknownMisconfig {
+        name: String,
+        cni: String,
+        known: String,
+    },
     #[error("teardown left things behind: {}; run `cargo xtask lab down` again", failures.join("; "))]
     Teardown { failures: Vec<String> },
     #[error("a lab is already up (state {path}); run `cargo xtask lab down` first")]

@@ -21,6 +21,7 @@ pub mod error;
 mod exec;
 mod hash;
 pub mod kubeproxy;
+pub mod misconfig;
 pub mod netns;
 pub mod paths;
 pub mod scenario;
@@ -29,6 +30,7 @@ pub mod topology;
 pub mod traffic;
 
 pub use error::LabError;
+pub use misconfig::{Misconfig, NodeChange, SeenAs, Symptom, MISCONFIG_NAMES};
 pub use paths::PathId;
 pub use scenario::{
     EndpointMatch, ExpectedConntrack, InferredHop, NatKind, PortMatch, Scenario, Traffic, Tuple,
@@ -122,6 +124,23 @@ impl Lab {
             });
         }
         traffic::run(&self.prefix, &self.work_dir, scenario)
+    }
+
+    /// Misconfigures the running lab's node (see [`Misconfig`]); the agent's config keeps what
+    /// the operator declared. Apply it before the traffic that should show it.
+    pub fn apply(&self, misconfig: &Misconfig) -> Result<(), LabError> {
+        if misconfig.cni != self.cni {
+            return Err(LabError::UnknownMisconfig {
+                name: format!("{} (built for {})", misconfig.name, misconfig.cni),
+                cni: self.cni.to_string(),
+                known: Misconfig::all(self.cni)
+                    .iter()
+                    .map(|m| m.name)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        misconfig::apply(&self.node_netns(), &self.topology, misconfig)
     }
 
     pub fn cni(&self) -> Cni {

@@ -1,0 +1,159 @@
+//! The agent's Kubernetes enrichment end to end on the node lab: the agent runs with `KUBECONFIG`
+//! and `NODE_NAME` pointing at the fake API server of `aksnet_tests::kubeapi`, which lists the
+//! lab's pods and Services, and every scenario's flows must carry the names of the pod and
+//! Service addresses they involve, and no name for any other address.
+//!
+//! The agent may attach its capture before the enrichment has listed the API: the test sends
+//! traffic only after the agent logs that the enrichment synced. Built as a test of
+//! aksnet-agent (see its Cargo.toml). Needs root.
+
+use aksnet_tests::agent::{dumped, Agent, Dumped};
+use aksnet_tests::kubeapi::KubeApi;
+use aksnet_tests::require_root;
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::Duration;
+use xtask::lab::topology::plan;
+use xtask::lab::{Cni, Lab, LabOptions, Proto, Scenario, Topology};
+
+/// The agent's log line once the pods and Services are listed (aksnet-agent's enrich module).
+const SYNCED: &str = "kubernetes enrichment synced";
+
+/// The names the agent must give a flow: the pods at its original source, original destination
+/// and translated destination, and the Service at its original destination (by port, where
+/// one LB frontend serves several Services).
+fn expected_names(topology: &Topology, d: &Dumped) -> BTreeMap<Ipv4Addr, String> {
+    let pod = |ip: Ipv4Addr| {
+        topology
+            .pods
+            .iter()
+            .find(|p| p.ip == ip)
+            .map(|p| (ip, p.k8s_name.to_string()))
+    };
+    let service = |proto: Proto, ip: Ipv4Addr, port: u16| {
+        let at_ip = || {
+            topology
+                .services
+                .iter()
+                .filter(|s| s.cluster_ip == ip || s.lb_ip == Some(ip))
+        };
+        at_ip()
+            .find(|s| s.proto == proto && s.port == port)
+            .or_else(|| at_ip().min_by_key(|s| s.namespaced_name()))
+            .map(|s| (ip, s.namespaced_name()))
+    };
+    let (orig, reply) = (d.original, d.reply);
+    [
+        pod(*orig.src.ip()),
+        service(d.proto, *orig.dst.ip(), orig.dst.port()).or_else(|| pod(*orig.dst.ip())),
+        pod(*reply.src.ip()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+fn names_flows(cni: Cni) {
+    require_root();
+    let lab = Lab::up(LabOptions::new(cni)).unwrap_or_else(|e| panic!("{cni} lab: {e}"));
+    // The agent observes the node through --netns but runs, with its API client, here.
+    let api = KubeApi::lab(lab.topology(), None).expect("cannot start the fake Kubernetes API");
+    let kubeconfig = lab.work_dir().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let mut agent = Agent::start(
+        Path::new(env!("CARGO_BIN_EXE_aksnet-agent")),
+        &lab,
+        "auto",
+        &[],
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ("NODE_NAME", plan::NODE_NAME),
+        ],
+    );
+    agent
+        .wait_for_log(SYNCED, Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("{cni}: the enrichment did not sync: {e}"));
+    let scenarios = Scenario::all(cni);
+    for scenario in &scenarios {
+        lab.run(scenario)
+            .unwrap_or_else(|e| panic!("{cni} {}: {e}", scenario.name));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let opened: Vec<Dumped> = agent
+        .finish()
+        .iter()
+        .filter(|v| v["event"] == "new")
+        .filter_map(dumped)
+        .collect();
+    let topology = lab.topology();
+
+    let mut failures = Vec::new();
+    for d in &opened {
+        let expected = expected_names(topology, d);
+        if d.names != expected {
+            failures.push(format!(
+                "names {:?}, expected {expected:?}: {}",
+                d.names, d.line
+            ));
+        }
+    }
+    // Every scenario's flows were seen, so the check above covered each of them.
+    for scenario in &scenarios {
+        for expected in scenario.expected_on_node() {
+            if !opened
+                .iter()
+                .any(|d| expected.matches(d.proto, &d.original, &d.reply))
+            {
+                failures.push(format!("{}: no flow {expected}", scenario.name));
+            }
+        }
+    }
+    // The headline case, spelled out: the LB inbound flow names the Service and the pod.
+    let app = topology.pod(xtask::lab::Host::PodApp);
+    let inbound = opened
+        .iter()
+        .find(|d| *d.original.dst.ip() == plan::FRONTEND_APP && d.proto == Proto::Tcp);
+    match inbound {
+        Some(d) => {
+            let frontend = d.names.get(&plan::FRONTEND_APP).map(String::as_str);
+            let pod = d.names.get(&app.ip).map(String::as_str);
+            if frontend != Some("default/app") || pod != Some(app.k8s_name) {
+                failures.push(format!("LB inbound flow misnamed: {}", d.line));
+            }
+        }
+        None => failures.push("no LB inbound TCP flow".into()),
+    }
+    let requests = api.requests();
+    drop(api);
+    lab.down().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{cni}: {} problem(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    println!(
+        "{cni}: {} flows, every pod and Service address named ({} API requests); the LB \
+         inbound flow {} -> {} names {:?}",
+        opened.len(),
+        requests.len(),
+        inbound
+            .map(|d| d.original.src.to_string())
+            .unwrap_or_default(),
+        inbound
+            .map(|d| d.original.dst.to_string())
+            .unwrap_or_default(),
+        inbound.map(|d| &d.names)
+    );
+}
+
+#[test]
+fn kubenet_flows_carry_pod_and_service_names() {
+    names_flows(Cni::Kubenet);
+}
+
+#[test]
+fn azure_cni_flows_carry_pod_and_service_names() {
+    names_flows(Cni::AzureCni);
+}

@@ -1,0 +1,152 @@
+//! `cargo xtask bench`: what the agent costs and whether it misses anything. Datapath overhead
+//! (connection rate through the node's DNAT, throughput through its SNAT, with and without the
+//! agent), capture completeness under load (agent vs `conntrack -E` vs ground truth), the
+//! userspace pipeline per event, the flow table's memory, and start-up time. Prints a table and
+//! writes it to BENCHMARKS.md. Never part of `cargo xtask test`: figures come from here only.
+
+pub mod agent;
+mod completeness;
+mod datapath;
+pub mod error;
+pub mod load;
+pub mod report;
+pub mod rig;
+mod startup;
+mod userspace;
+
+pub use error::BenchError;
+
+use report::{Machine, Report};
+use rig::Rig;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// How much to measure: the full run (under ~10 minutes on 2 cores once built) or a smoke run.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    pub quick: bool,
+    datapath: datapath::Plan,
+    completeness: completeness::Plan,
+    startup_runs: usize,
+    userspace: userspace::Plan,
+}
+
+impl Plan {
+    pub fn new(quick: bool) -> Plan {
+        fn choose<T>(quick: bool, full: T, smoke: T) -> T {
+            if quick {
+                smoke
+            } else {
+                full
+            }
+        }
+        Plan {
+            quick,
+            datapath: datapath::Plan {
+                rounds: choose(quick, 5, 2),
+                connections: choose(quick, 10_000, 2000),
+                workers: 16,
+                bulk: Duration::from_secs(choose(quick, 3, 1)),
+            },
+            completeness: completeness::Plan {
+                runs: choose(quick, 3, 1),
+                connections: choose(quick, 30_000, 5000),
+                workers: 32,
+            },
+            startup_runs: choose(quick, 5, 2),
+            userspace: userspace::Plan {
+                samples: choose(quick, 30, 10),
+                warm_up_secs: choose(quick, 1.0, 0.5),
+                measurement_secs: choose(quick, 3.0, 1.0),
+                rss_runs: choose(quick, 3, 1),
+            },
+        }
+    }
+}
+
+/// Runs every benchmark, prints the table and writes `BENCHMARKS.md` into `workspace`. The lab
+/// runs `agent`, or else the release build of the workspace's agent, built first.
+pub fn run(workspace: &Path, plan: &Plan, agent: Option<&Path>) -> Result<Report, BenchError> {
+    let began = Instant::now();
+    let agent = match agent {
+        Some(path) => path.to_path_buf(),
+        None => {
+            println!("bench: building the agent (release)");
+            userspace::build_agent(workspace)?;
+            workspace.join("target/release/aksnet-agent")
+        }
+    };
+    let mut rows = Vec::new();
+    println!("bench: userspace pipeline (criterion)");
+    rows.extend(userspace::pipeline(workspace, &plan.userspace)?);
+    println!("bench: flow table memory");
+    rows.extend(userspace::memory(workspace, plan.userspace.rss_runs)?);
+    println!("bench: node lab up (kubenet)");
+    let rig = Rig::up(&agent)?;
+    let lab_rows = lab_benchmarks(&rig, plan);
+    // Tear down whether or not the measurements worked; report the measurement error first.
+    let down = rig.down();
+    rows.extend(lab_rows?);
+    down?;
+    let report = Report {
+        machine: Machine::read(),
+        quick: plan.quick,
+        rows,
+        notes: notes(plan),
+    };
+    println!("\n{}", report.table());
+    let path = workspace.join("BENCHMARKS.md");
+    std::fs::write(&path, report.markdown()).map_err(error::io("cannot write", &path))?;
+    println!(
+        "written to {} after {:.0} s",
+        path.display(),
+        began.elapsed().as_secs_f64()
+    );
+    Ok(report)
+}
+
+fn lab_benchmarks(rig: &Rig, plan: &Plan) -> Result<Vec<report::Row>, BenchError> {
+    let mut rows = Vec::new();
+    println!("bench: datapath overhead, alternating runs");
+    rows.extend(datapath::run(rig, &plan.datapath)?);
+    println!("bench: capture completeness under load");
+    rows.extend(completeness::run(rig, &plan.completeness)?);
+    println!("bench: start-up");
+    rows.extend(startup::run(rig, plan.startup_runs)?);
+    Ok(rows)
+}
+
+fn notes(plan: &Plan) -> Vec<String> {
+    let d = &plan.datapath;
+    let c = &plan.completeness;
+    vec![
+        format!(
+            "Datapath: a kubenet node lab (`xtask::lab`, network namespaces only). The load generator is \
+             Rust threads that `setns(2)` into the lab's internet namespace; each connection sends one byte, \
+             reads one back and closes with a reset. The app pod's socat server (a shell per connection) is \
+             replaced by the bench's accept loop so that the node's datapath, not the server, sets the rate. \
+             Each round runs once without the agent and once with it (`--dump --output json --source ebpf`, \
+             started and shown ready before the run), alternating which goes first; ratios are per round, \
+             then the median. {} rounds, {} connections per run.",
+            d.rounds, d.connections
+        ),
+        "Bulk throughput: one TCP stream from the app pod to the internet server, through the node's \
+         MASQUERADE and the LB's outbound SNAT; bytes counted by the receiver from the first byte to the \
+         sender's close."
+            .to_string(),
+        format!(
+            "Completeness: {} connections per run from {} clients as fast as the lab takes them. The agent \
+             count is distinct client ports among its `new` lines showing the frontend's DNAT; its lost count \
+             is `aksnet_capture_events_lost_total` from `--metrics-listen`, read after it went quiet. \
+             `conntrack -E -e NEW -p tcp` ran in the node namespace at the same time, unfiltered.",
+            c.connections, c.workers
+        ),
+        "Userspace: criterion, one thread, the lab's flows; events/s per core is 1 / the median time per event."
+            .to_string(),
+        "Memory: VmRSS of a fresh process before and after filling `FlowTable` with distinct live flows."
+            .to_string(),
+        "Start-up: from spawning the agent to its first stdout line while probe connections cross the node \
+         every 10 ms, so the figure includes up to 10 ms of probe spacing."
+            .to_string(),
+    ]
+}
