@@ -2,8 +2,8 @@
 
 use clap::{Parser, Subcommand};
 use std::path::Path;
-use xtask::lab::cli::LabCommand;
-use xtask::lab::{Cni, DEFAULT_STATE_DIR};
+use xtask::lab::cli::{DemoArgs, LabCommand};
+use xtask::lab::DEFAULT_STATE_DIR;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "aksnet's chores")]
@@ -20,13 +20,7 @@ enum Command {
     /// Set up, then run every check CI runs: formatting, clippy, all tests, manifest validation.
     Test,
     /// Set up, then show what aksnet sees on a lab AKS node while every documented path runs.
-    Demo {
-        #[arg(long, default_value = "kubenet")]
-        cni: Cni,
-        /// Seconds the agent dumps for.
-        #[arg(long, default_value_t = 20)]
-        duration: u64,
-    },
+    Demo(DemoArgs),
     /// Measure the agent: datapath overhead, capture completeness, its own cost. Writes
     /// BENCHMARKS.md.
     Bench {
@@ -49,11 +43,10 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Setup => xtask::setup::run()?,
         Command::Test => xtask::check::run(workspace)?,
-        Command::Demo { cni, duration } => {
+        Command::Demo(demo) => {
             xtask::setup::run()?;
             xtask::lab::cli::execute(LabCommand::Demo {
-                cni,
-                duration,
+                demo,
                 state_dir: DEFAULT_STATE_DIR.into(),
             })?
         }

@@ -1,10 +1,12 @@
 //! `cargo xtask lab ...`: up, run, down, list, demo.
 
+use crate::lab::topology::plan;
 use crate::lab::{
     clean_up, teardown_prefix, Cni, Lab, LabError, LabOptions, Scenario, DEFAULT_STATE_DIR,
 };
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -35,14 +37,22 @@ pub enum LabCommand {
     },
     /// Bring a lab up, run the agent's dump on the node while all scenarios run, tear down.
     Demo {
-        #[arg(long, default_value = "kubenet")]
-        cni: Cni,
-        /// Seconds the agent dumps for.
-        #[arg(long, default_value_t = 20)]
-        duration: u64,
+        #[command(flatten)]
+        demo: DemoArgs,
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+}
+
+/// What `lab demo` and `cargo xtask demo` take.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    #[arg(long, default_value = "kubenet")]
+    pub cni: Cni,
+    /// Upper bound, in seconds, on each agent run; the demo stops the agent as soon as the
+    /// scenarios are done.
+    #[arg(long, default_value_t = 60)]
+    pub duration: u64,
 }
 
 pub fn execute(cmd: LabCommand) -> Result<(), LabError> {
@@ -103,10 +113,9 @@ pub fn execute(cmd: LabCommand) -> Result<(), LabError> {
             Ok(())
         }
         LabCommand::Demo {
-            cni,
-            duration,
+            demo: args,
             state_dir,
-        } => demo(cni, duration, &state_dir),
+        } => demo(args.cni, args.duration, &state_dir),
     }
 }
 
@@ -141,18 +150,38 @@ fn demo(cni: Cni, duration: u64, state_dir: &Path) -> Result<(), LabError> {
     };
     teardown_on_signal(state_dir, &opts.prefix);
     let lab = Lab::up(opts)?;
-    let mut agent = spawn_agent_dump(&lab.node_netns(), &lab.topology_path(), duration)?;
-    // Let the agent attach before the first packet.
-    std::thread::sleep(Duration::from_secs(2));
+    println!(
+        "demo: {cni} lab is up; aksnet-agent --dump watches its node while every scenario runs"
+    );
+    let dump = spawn_agent(&lab, &["--dump"], duration)?;
     let result = run_scenarios(&lab, &Scenario::all(cni));
-    let deadline = Instant::now() + Duration::from_secs(duration + 10);
+    stop_agent(dump, Duration::from_millis(500));
+    result?;
+
+    let server = plan::INET_SERVER.to_string();
+    println!("\ndemo: one flow's hop chain: aksnet-agent explain --match {server}");
+    let explain = spawn_agent(
+        &lab,
+        &["explain", "--match", &server, "--count", "1"],
+        duration,
+    )?;
+    lab.run(&Scenario::find(cni, "pod-to-internet")?)?;
+    stop_agent(explain, Duration::from_secs(5));
+    Ok(())
+}
+
+/// Waits up to `grace` for the agent to finish by itself (`--count`), then stops it like
+/// Kubernetes would, with SIGTERM.
+fn stop_agent(mut agent: Child, grace: Duration) {
+    let deadline = Instant::now() + grace;
     while agent.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(100));
     }
-    let _ = agent.kill();
+    if agent.try_wait().ok().flatten().is_none() {
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(agent.id() as libc::pid_t, libc::SIGTERM) };
+    }
     let _ = agent.wait();
-    drop(lab);
-    result
 }
 
 fn workspace_root() -> PathBuf {
@@ -182,17 +211,40 @@ fn build_agent() -> Result<(), LabError> {
     Ok(())
 }
 
-/// The one place that knows the agent's command line.
-fn spawn_agent_dump(node_netns: &str, config: &Path, duration: u64) -> Result<Child, LabError> {
+/// The one place that knows the agent's command line: `args` on the lab's node, bounded by
+/// `duration` seconds. Returns once the capture is attached, so no scenario traffic is missed.
+fn spawn_agent(lab: &Lab, args: &[&str], duration: u64) -> Result<Child, LabError> {
     let agent = workspace_root().join("target/debug/aksnet-agent");
     let mut cmd = Command::new(&agent);
-    cmd.args(["--dump", "--netns", node_netns, "--config"])
-        .arg(config)
-        .args(["--duration", &duration.to_string()]);
-    cmd.spawn().map_err(|source| LabError::Spawn {
+    cmd.args(args)
+        .args(["--netns", &lab.node_netns(), "--config"])
+        .arg(lab.topology_path())
+        .args(["--duration", &duration.to_string()])
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|source| LabError::Spawn {
         command: format!("{cmd:?}"),
         source,
-    })
+    })?;
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (attached_tx, attached_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            if line.contains("capturing conntrack NAT") {
+                let _ = attached_tx.send(());
+            }
+        }
+    });
+    if attached_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(LabError::Command {
+            command: format!("{cmd:?}"),
+            status: "did not attach within 30 s".into(),
+            stderr: "see its log lines above".into(),
+        });
+    }
+    Ok(child)
 }
 
 /// Write end of the self-pipe the signal handler writes to.
