@@ -1,0 +1,125 @@
+//! What a user sees when the agent cannot start: one line on stderr naming the cause and the way
+//! out, a non-zero exit code, and no panic or backtrace.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_aksnet-agent");
+
+/// A complete kubenet topology, so that only what a test changes can fail.
+const TOPOLOGY: &str = r#"cni = "kubenet"
+node_ips = ["10.224.0.4"]
+vnet_cidrs = ["10.224.0.0/12"]
+service_cidr = "10.0.0.0/16"
+pod_cidr = "10.244.0.0/16"
+"#;
+
+/// A config file readable by any user, removed when dropped.
+struct Config(PathBuf);
+
+impl Config {
+    fn new(name: &str, text: &str) -> Config {
+        let path =
+            std::env::temp_dir().join(format!("aksnet-cli-{}-{name}.toml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        Config(path)
+    }
+}
+
+impl Drop for Config {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn agent(args: &[&str], config: &Path) -> Output {
+    Command::new(AGENT)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .args(["--duration", "1"])
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("cannot run aksnet-agent")
+}
+
+/// Asserts a failed start with exactly one error line that contains every `words`.
+fn assert_one_line_error(out: &Output, words: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "exit status, stderr: {stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "{stderr}"
+    );
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("aksnet-agent: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "one error line expected: {stderr}");
+    for word in words {
+        assert!(
+            errors[0].contains(word),
+            "{word:?} missing from {:?}",
+            errors[0]
+        );
+    }
+}
+
+#[test]
+fn unprivileged_user_is_told_which_capabilities_to_grant() {
+    // setns, BPF and conntrack netlink all need privileges: run as nobody through setpriv.
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        panic!("setpriv (util-linux) is needed to run the agent as an unprivileged user");
+    }
+    let config = Config::new("ok", TOPOLOGY);
+    for source in ["ebpf", "auto"] {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", AGENT])
+            .args(["--dump", "--source", source, "--duration", "1", "--config"])
+            .arg(&config.0)
+            .env("RUST_LOG", "error")
+            .output()
+            .unwrap();
+        assert_one_line_error(&out, &["CAP_BPF", "run the agent as root"]);
+    }
+}
+
+#[test]
+fn unknown_namespace_names_where_it_looked() {
+    let config = Config::new("ns", TOPOLOGY);
+    let out = agent(
+        &["--dump", "--netns", "aksnet-no-such-namespace"],
+        &config.0,
+    );
+    assert_one_line_error(
+        &out,
+        &["/run/netns/aksnet-no-such-namespace", "ip netns list"],
+    );
+}
+
+#[test]
+fn a_bad_config_names_file_line_and_field() {
+    let config = Config::new(
+        "bad",
+        &format!("{TOPOLOGY}\n[[lb_frontends]]\nip = \"192.0.2.300\"\n"),
+    );
+    let out = agent(&["--dump"], &config.0);
+    let file_line = format!("{}:8", config.0.display());
+    assert_one_line_error(&out, &[&file_line, "lb_frontends.ip", "invalid IP address"]);
+}
+
+#[test]
+fn an_incomplete_topology_does_not_start() {
+    let config = Config::new("partial", "cni = \"azure-cni\"\n");
+    let out = agent(&["--dump"], &config.0);
+    assert_one_line_error(
+        &out,
+        &[
+            "will not start half-configured",
+            "vnet_cidrs",
+            "service_cidr",
+        ],
+    );
+}
