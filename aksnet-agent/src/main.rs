@@ -35,8 +35,8 @@ struct CommonArgs {
     #[arg(long, global = true)]
     netns: Option<String>,
     /// Stop after this many seconds.
-    #[arg(long, value_name = "SECONDS", global = true)]
-    duration: Option<f64>,
+    #[arg(long, value_name = "SECONDS", global = true, value_parser = seconds)]
+    duration: Option<Duration>,
     /// Stop after this many flows were shown.
     #[arg(long, value_name = "N", global = true)]
     count: Option<u64>,
@@ -101,6 +101,17 @@ enum Command {
     },
 }
 
+/// A positive, finite number of seconds.
+fn seconds(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("{text} is not a positive, finite number of seconds"))
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
@@ -112,7 +123,7 @@ fn main() -> ExitCode {
         diagram: false,
         matching: None,
         netns: common.netns,
-        duration: common.duration.map(Duration::from_secs_f64),
+        duration: common.duration,
         count: common.count,
         source: Some(common.source),
         config: common.config,

@@ -15,7 +15,8 @@ use crate::model::{
 use crate::output::dump::{self, Dump, FlowView, Format};
 use crate::output::explain;
 use crate::topology::{
-    self, AddrClass, CniMode, LoadError, Topology, TopologyError, TopologyLayer,
+    self, AddrClass, CniMode, LbFrontend, LoadError, OutboundType, Topology, TopologyError,
+    TopologyLayer,
 };
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
@@ -31,6 +32,11 @@ use tokio::time::Instant;
 const EVENT_QUEUE: usize = 65_536;
 /// Live flows the table holds before it evicts the oldest.
 const MAX_FLOWS: usize = 1_000_000;
+/// On stop, events still arriving are handled until none came for this long.
+const DRAIN_QUIET: Duration = Duration::from_millis(200);
+/// How often the node's topology is discovered again: pods, Services and frontends come and go
+/// while a DaemonSet runs for days.
+const TOPOLOGY_REFRESH: Duration = Duration::from_secs(30);
 
 /// What the operator asked for on the command line.
 #[derive(Clone, Debug, Default)]
@@ -59,6 +65,10 @@ pub struct RunOptions {
 pub enum AgentError {
     #[error("cannot start the async runtime: {0}")]
     Runtime(#[source] std::io::Error),
+    #[error("cannot install the SIGTERM handler: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error("the capture stopped delivering events (its reader ended); the agent exits so that it is restarted")]
+    CaptureStopped,
     #[error(transparent)]
     Netns(#[from] NetnsError),
     #[error(transparent)]
@@ -197,13 +207,18 @@ fn runtime() -> Result<tokio::runtime::Runtime, AgentError> {
         .map_err(AgentError::Runtime)
 }
 
-/// Merges discovery in the observed namespace, the config file and flags, in that precedence.
-fn classifier(options: &RunOptions, netns: &Netns) -> Result<Classifier, AgentError> {
+/// Merges discovery in the observed namespace, what the Kubernetes API says (`from_api`), the
+/// config file and flags, in that precedence.
+fn classifier(
+    options: &RunOptions,
+    netns: &Netns,
+    from_api: TopologyLayer,
+) -> Result<Classifier, AgentError> {
     let discovery = netns.run_in(topology::discover)?;
     for note in &discovery.notes {
         log::debug!("discovery: {note}");
     }
-    let mut layers = vec![discovery.layer];
+    let mut layers = vec![discovery.layer, from_api];
     if let Some(path) = &options.config {
         layers.push(TopologyLayer::from_file(path)?);
     }
@@ -232,7 +247,7 @@ impl Agent {
             .as_deref()
             .map_or(Ok(NetnsTarget::Own), str::parse)?
             .open()?;
-        let classifier = classifier(options, &netns)?;
+        let classifier = classifier(options, &netns, TopologyLayer::default())?;
         Ok(Agent { netns, classifier })
     }
 
@@ -276,18 +291,28 @@ impl Agent {
             shown: 0,
         };
         let deadline = options.duration.map(|d| Instant::now() + d);
-        let mut stop = Stop::new().map_err(AgentError::Runtime)?;
+        let mut stop = Stop::new().map_err(AgentError::Signals)?;
+        let mut refresh =
+            tokio::time::interval_at(Instant::now() + TOPOLOGY_REFRESH, TOPOLOGY_REFRESH);
         loop {
             tokio::select! {
                 event = rx.recv() => match event {
                     Some(event) => pipeline.handle(event)?,
-                    None => break,
+                    None => return Err(AgentError::CaptureStopped),
                 },
+                _ = refresh.tick() => pipeline.refresh_topology(options, &self.netns),
                 _ = sleep_until(deadline) => break,
                 _ = stop.signalled() => break,
             }
-            if options.count.is_some_and(|n| pipeline.shown >= n) {
+            if pipeline.done(options.count) {
                 break;
+            }
+        }
+        // What was captured before the stop is still shown: drain until the capture is quiet.
+        while !pipeline.done(options.count) {
+            match tokio::time::timeout(DRAIN_QUIET, rx.recv()).await {
+                Ok(Some(event)) => pipeline.handle(event)?,
+                Ok(None) | Err(_) => break,
             }
         }
         let lost = health.lost.load(std::sync::atomic::Ordering::Relaxed);
@@ -375,8 +400,49 @@ struct Pipeline<W: Write> {
 }
 
 impl<W: Write> Pipeline<W> {
+    /// Whether `--count` flows were shown.
+    fn done(&self, count: Option<u64>) -> bool {
+        count.is_some_and(|n| self.shown >= n)
+    }
+
+    /// Rebuilds the classifier from fresh discovery and the API's LB frontends; on failure the
+    /// current one stays, with a warning.
+    fn refresh_topology(&mut self, options: &RunOptions, netns: &Netns) {
+        let from_api = TopologyLayer {
+            lb_frontends: Some(
+                self.enricher
+                    .lb_frontends()
+                    .into_iter()
+                    .map(|(ip, service, etp)| LbFrontend {
+                        ip,
+                        service: Some(service),
+                        external_traffic_policy: Some(etp),
+                    })
+                    .collect(),
+            )
+            .filter(|frontends: &Vec<LbFrontend>| !frontends.is_empty()),
+            ..TopologyLayer::default()
+        };
+        match classifier(options, netns, from_api) {
+            Ok(fresh) => {
+                if fresh.topology() != self.classifier.topology() {
+                    log::info!("topology changed on the node; classifying with the new one");
+                }
+                self.classifier = fresh;
+            }
+            Err(err) => log::warn!("topology refresh failed, keeping the previous one: {err}"),
+        }
+    }
+
     fn handle(&mut self, event: FlowEvent) -> Result<(), AgentError> {
-        match self.table.apply(event) {
+        let update = self.table.apply(event);
+        // Evicted flows' ends will never arrive: close them for the live-SNAT accounting now.
+        if let Some(metrics) = &self.metrics {
+            for flow in self.table.drain_evicted() {
+                metrics.observe_end(&flow.event.key());
+            }
+        }
+        match update {
             Update::Opened(flow) => self.report(EventKind::New, &flow.event),
             Update::NatChanged(flow) => self.report(EventKind::NatChanged, &flow.event),
             Update::Closed(flow) => {
@@ -407,7 +473,7 @@ impl<W: Write> Pipeline<W> {
                 event.orig.src,
                 view.in_iface.as_deref(),
             );
-            let hops = nat_hops(&class);
+            let hops = nat_hops(&class, self.classifier.topology().outbound_type);
             metrics.observe_new(&observation(event, &class, &hops, pod.as_deref()));
         }
         view.classification = Some(&class);
@@ -515,8 +581,9 @@ fn verdict_label(verdict: Verdict) -> &'static str {
     }
 }
 
-/// The NAT hops the metrics count: those the node applied and the LB's inferred outbound SNAT.
-fn nat_hops(class: &Classification) -> Vec<NatHop> {
+/// The NAT hops the metrics count: those the node applied and, where the outbound type is the
+/// load balancer, its inferred SNAT (a NAT gateway or firewall does not use the LB's ports).
+fn nat_hops(class: &Classification, outbound: OutboundType) -> Vec<NatHop> {
     class
         .hops
         .iter()
@@ -524,7 +591,9 @@ fn nat_hops(class: &Classification) -> Vec<NatHop> {
         .filter_map(|hop| match hop.kind {
             HopKind::NodeDnat => Some(NatHop::KubeProxyDnat),
             HopKind::NodeSnat => Some(NatHop::NodeSnat),
-            HopKind::OutboundSnat => Some(NatHop::LbSnatInferred),
+            HopKind::OutboundSnat if outbound == OutboundType::LoadBalancer => {
+                Some(NatHop::LbSnatInferred)
+            }
             _ => None,
         })
         .collect()

@@ -500,7 +500,10 @@ fn overflow_is_counted_as_lost_and_capture_keeps_running() {
     // Smallest receive buffer and a one-slot channel nobody drains yet: the socket overflows.
     let (tx, mut rx) = mpsc::channel(1);
     let health = Arc::new(CaptureHealth::default());
-    let options = NetlinkOptions { rcvbuf_bytes: 1 };
+    let options = NetlinkOptions {
+        rcvbuf_bytes: 1,
+        ..NetlinkOptions::default()
+    };
     let _capture = NetlinkCapture::start_with(&ns, options, tx, health.clone()).unwrap();
 
     const FLOWS: u16 = 200;

@@ -2,13 +2,14 @@
 //! `--dump --output json` runs on the lab node while every scenario sends its traffic, with
 //! `conntrack -E` beside it as an independent witness. Every connection the node NATs must appear
 //! exactly once with the exact original and translated tuples, the same as the witness saw, on
-//! the documented AKS path, conforming to the model.
+//! the documented AKS path, conforming to the model, and be reported ended once when conntrack
+//! ends it.
 //!
 //! Built as a test of aksnet-agent (see its Cargo.toml) so that cargo builds the agent binary
 //! fresh before it runs; the file lives here with the other end-to-end tests. Needs root.
 
-use aksnet_tests::agent::{dumped, Agent, Dumped};
-use aksnet_tests::conntrack::{Entry, Witness};
+use aksnet_tests::agent::{dumped, run_scenarios, Agent, Dumped};
+use aksnet_tests::conntrack::{self, Entry, Witness};
 use aksnet_tests::require_root;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -36,18 +37,22 @@ fn end_to_end(cni: Cni, source: &str) {
         &[],
     );
     let scenarios = Scenario::all(cni);
-    for scenario in &scenarios {
-        lab.run(scenario)
-            .unwrap_or_else(|e| panic!("{cni} {}: {e}", scenario.name));
-    }
-    // Let the last replies leave the node before stopping the observers.
-    std::thread::sleep(Duration::from_millis(500));
+    run_scenarios(&lab, &scenarios);
+    // conntrack -E loses what is still in its socket when stopped: let the last events reach it.
+    std::thread::sleep(Duration::from_millis(300));
     let witnessed = witness.finish();
+    // Flushing the node's table ends every connection now, so each must also be reported ended.
+    conntrack::flush(&node).unwrap();
     let lines = agent.finish();
 
     let opened: Vec<Dumped> = lines
         .iter()
         .filter(|v| v["event"] == "new")
+        .filter_map(dumped)
+        .collect();
+    let ended: Vec<Dumped> = lines
+        .iter()
+        .filter(|v| v["event"] == "destroy")
         .filter_map(dumped)
         .collect();
     let mut failures = Vec::new();
@@ -59,6 +64,17 @@ fn end_to_end(cni: Cni, source: &str) {
             .any(|b| b.proto == a.proto && b.original == a.original)
         {
             failures.push(format!("reported twice: {}", a.line));
+        }
+    }
+    // Every connection ends once, with the translation it opened with.
+    for d in &opened {
+        let ends = ended
+            .iter()
+            .filter(|e| e.proto == d.proto && e.original == d.original);
+        match ends.collect::<Vec<_>>().as_slice() {
+            [end] if end.reply == d.reply => {}
+            [] => failures.push(format!("never reported ended: {}", d.line)),
+            many => failures.push(format!("{} ends for {}", many.len(), d.line)),
         }
     }
     // The witness and the agent agree on every NAT translation, both ways.

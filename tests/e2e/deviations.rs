@@ -6,10 +6,9 @@
 //!
 //! Built as a test of aksnet-agent (see its Cargo.toml), like agent_lab. Needs root.
 
-use aksnet_tests::agent::{dumped, Agent, Dumped};
+use aksnet_tests::agent::{run_scenarios, Agent, Dumped};
 use aksnet_tests::require_root;
 use std::path::Path;
-use std::time::Duration;
 use xtask::lab::{Cni, Lab, LabOptions, Misconfig, Scenario};
 
 /// Applies `name` on a `cni` lab and checks what the agent makes of it. The broken flow's
@@ -33,18 +32,8 @@ fn caught(cni: Cni, name: &str, key_words: &[&str]) {
         .collect();
     // The lab checks every answer, so the misconfiguration is known to be in effect (the
     // server saw the SNATed source) and the other paths to work as documented.
-    for scenario in &scenarios {
-        lab.run(scenario)
-            .unwrap_or_else(|e| panic!("{cni} {name}, scenario {}: {e}", scenario.name));
-    }
-    // Let the last replies leave the node before stopping the agent.
-    std::thread::sleep(Duration::from_millis(500));
-    let opened: Vec<Dumped> = agent
-        .finish()
-        .iter()
-        .filter(|v| v["event"] == "new")
-        .filter_map(dumped)
-        .collect();
+    run_scenarios(&lab, &scenarios);
+    let opened = agent.finish_opened();
 
     let snat_to = misconfig.symptom.snat_to.to_string();
     let mut failures = Vec::new();

@@ -7,7 +7,7 @@
 //! traffic only after the agent logs that the enrichment synced. Built as a test of
 //! aksnet-agent (see its Cargo.toml). Needs root.
 
-use aksnet_tests::agent::{dumped, Agent, Dumped};
+use aksnet_tests::agent::{run_scenarios, Agent, Dumped};
 use aksnet_tests::kubeapi::KubeApi;
 use aksnet_tests::require_root;
 use std::collections::BTreeMap;
@@ -75,17 +75,8 @@ fn names_flows(cni: Cni) {
         .wait_for_log(SYNCED, Duration::from_secs(15))
         .unwrap_or_else(|e| panic!("{cni}: the enrichment did not sync: {e}"));
     let scenarios = Scenario::all(cni);
-    for scenario in &scenarios {
-        lab.run(scenario)
-            .unwrap_or_else(|e| panic!("{cni} {}: {e}", scenario.name));
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    let opened: Vec<Dumped> = agent
-        .finish()
-        .iter()
-        .filter(|v| v["event"] == "new")
-        .filter_map(dumped)
-        .collect();
+    run_scenarios(&lab, &scenarios);
+    let opened = agent.finish_opened();
     let topology = lab.topology();
 
     let mut failures = Vec::new();

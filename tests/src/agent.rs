@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use xtask::lab::{Lab, Proto, Tuple};
+use xtask::lab::{Lab, Proto, Scenario, Tuple};
 
 /// The agent under test, stopped with SIGTERM when dropped.
 pub struct Agent {
@@ -130,7 +130,17 @@ impl Agent {
         }
     }
 
-    /// Stops the agent and returns its dump lines.
+    /// Stops the agent and returns the flows it reported opened (TCP and UDP).
+    pub fn finish_opened(self) -> Vec<Dumped> {
+        self.finish()
+            .iter()
+            .filter(|v| v["event"] == "new")
+            .filter_map(dumped)
+            .collect()
+    }
+
+    /// Stops the agent (it shows what it captured before the stop, then exits) and returns its
+    /// dump lines.
     pub fn finish(mut self) -> Vec<Value> {
         // SAFETY: signalling our own child by its pid.
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
@@ -154,6 +164,14 @@ impl Drop for Agent {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// Runs each scenario on the lab; any failure (no answer, wrong peer) fails the test, naming it.
+pub fn run_scenarios(lab: &Lab, scenarios: &[Scenario]) {
+    for scenario in scenarios {
+        lab.run(scenario)
+            .unwrap_or_else(|e| panic!("{} scenario {}: {e}", lab.cni(), scenario.name));
     }
 }
 

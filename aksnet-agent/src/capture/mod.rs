@@ -12,7 +12,7 @@ pub mod ebpf;
 pub mod netlink;
 pub mod netns;
 
-use crate::events::{EventKind, FlowEvent, SourceKind};
+use crate::events::{FlowEvent, SourceKind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
@@ -139,24 +139,18 @@ pub async fn start(
 }
 
 /// Without an `nf_ct_delete` hook the eBPF source never sees a connection end; netlink's
-/// DESTROY events stand in, and only those are forwarded (NEW comes from eBPF, with interfaces).
+/// DESTROY events stand in (NEW comes from eBPF, with interfaces).
 fn connection_ends(
     netns: &netns::Netns,
     tx: mpsc::Sender<FlowEvent>,
     health: &Arc<CaptureHealth>,
 ) -> Option<netlink::NetlinkCapture> {
-    let (ends_tx, mut ends_rx) = mpsc::channel::<FlowEvent>(4096);
-    match netlink::NetlinkCapture::start(netns, ends_tx, Arc::clone(health)) {
-        Ok(capture) => {
-            tokio::spawn(async move {
-                while let Some(event) = ends_rx.recv().await {
-                    if event.kind == EventKind::Destroy && tx.send(event).await.is_err() {
-                        break;
-                    }
-                }
-            });
-            Some(capture)
-        }
+    let ends_only = netlink::NetlinkOptions {
+        new_events: false,
+        ..Default::default()
+    };
+    match netlink::NetlinkCapture::start_with(netns, ends_only, tx, Arc::clone(health)) {
+        Ok(capture) => Some(capture),
         Err(err) => {
             log::warn!("no source of connection ends ({err}): flows end only when the flow table evicts them");
             None

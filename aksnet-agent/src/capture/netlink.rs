@@ -55,6 +55,9 @@ pub enum NetlinkError {
 pub struct NetlinkOptions {
     /// Socket receive buffer. Events arriving while it is full are dropped by the kernel.
     pub rcvbuf_bytes: usize,
+    /// Subscribe to NEW events too; without, only connection ends (DESTROY) arrive, which is all
+    /// the eBPF source needs from netlink, at a fraction of the socket load.
+    pub new_events: bool,
 }
 
 impl Default for NetlinkOptions {
@@ -62,6 +65,7 @@ impl Default for NetlinkOptions {
         // Room for tens of thousands of events: a node's connection bursts fit.
         NetlinkOptions {
             rcvbuf_bytes: 16 << 20,
+            new_events: true,
         }
     }
 }
@@ -92,12 +96,17 @@ impl NetlinkCapture {
         let label = netns.to_string();
         let sock = netns.run_in(|| {
             ensure_events_enabled(&label)?;
-            open_event_socket(&label, options.rcvbuf_bytes)
+            open_event_socket(&label, options)
         })??;
+        let events = if options.new_events {
+            "NEW and DESTROY"
+        } else {
+            "DESTROY"
+        };
         health.record_hook(HookStatus {
             name: "netlink/ctnetlink-events".into(),
             attached: true,
-            detail: format!("conntrack NEW and DESTROY events in {label}"),
+            detail: format!("conntrack {events} events in {label}"),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let receiver = Receiver {
@@ -158,7 +167,8 @@ fn ensure_events_enabled(label: &str) -> Result<(), NetlinkError> {
 }
 
 /// Opens, binds and subscribes the event socket in the current thread's namespace.
-fn open_event_socket(label: &str, rcvbuf: usize) -> Result<OwnedFd, NetlinkError> {
+fn open_event_socket(label: &str, options: NetlinkOptions) -> Result<OwnedFd, NetlinkError> {
+    let rcvbuf = options.rcvbuf_bytes;
     let fail = |action: &'static str| NetlinkError::Socket {
         action,
         netns: label.to_string(),
@@ -193,7 +203,12 @@ fn open_event_socket(label: &str, rcvbuf: usize) -> Result<OwnedFd, NetlinkError
         return Err(fail("bind"));
     }
 
-    for group in [NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY] {
+    let groups: &[u32] = if options.new_events {
+        &[NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY]
+    } else {
+        &[NFNLGRP_CONNTRACK_DESTROY]
+    };
+    for &group in groups {
         if let Err(source) = set_opt(
             &sock,
             libc::SOL_NETLINK,

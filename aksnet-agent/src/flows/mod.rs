@@ -28,8 +28,9 @@ pub enum Update {
     NatChanged(Flow),
     /// A known connection ended; the flow as it was last known.
     Closed(Flow),
-    /// Nothing an output needs to show: a repeat of a known state, or the end of a connection
-    /// that was never seen open (it started before the agent, or was evicted).
+    /// Nothing an output needs to show: a repeat of a known state, the end of a connection that
+    /// was never seen open (it started before the agent, or was evicted), or a late end of an
+    /// earlier connection whose tuple a new one already reuses.
     Unchanged,
 }
 
@@ -49,6 +50,9 @@ pub struct FlowTable {
     capacity: usize,
     next_seq: u64,
     evicted: u64,
+    /// Flows evicted since the last [`FlowTable::drain_evicted`]: their ends will never be seen,
+    /// so whoever accounts for live flows must close them.
+    evicted_flows: Vec<Flow>,
 }
 
 impl FlowTable {
@@ -60,19 +64,24 @@ impl FlowTable {
             capacity: capacity.max(1),
             next_seq: 0,
             evicted: 0,
+            evicted_flows: Vec::new(),
         }
     }
 
     pub fn apply(&mut self, event: FlowEvent) -> Update {
         let key = event.key();
         match event.kind {
-            EventKind::Destroy => match self.flows.remove(&key) {
-                Some(mut flow) => {
+            EventKind::Destroy => match self.flows.get(&key) {
+                // Sources race: a new connection on the same tuple can be reported (eBPF, at its
+                // first packet) before the old one's end (netlink). The end carries the old
+                // connection's reply tuple.
+                Some(flow) if flow.event.reply == event.reply => {
+                    let mut flow = self.flows.remove(&key).expect("just found");
                     flow.last_seen = event.ts;
                     merge_details(&mut flow.event, &event);
                     Update::Closed(flow)
                 }
-                None => Update::Unchanged,
+                _ => Update::Unchanged,
             },
             EventKind::New | EventKind::NatChanged => match self.flows.get_mut(&key) {
                 Some(flow) => {
@@ -113,11 +122,17 @@ impl FlowTable {
     fn evict_oldest(&mut self) {
         while let Some((key, seq)) = self.order.pop_front() {
             if self.flows.get(&key).is_some_and(|f| f.seq == seq) {
-                self.flows.remove(&key);
+                let flow = self.flows.remove(&key).expect("just found");
+                self.evicted_flows.push(flow);
                 self.evicted += 1;
                 return;
             }
         }
+    }
+
+    /// The flows evicted to make room since the last call.
+    pub fn drain_evicted(&mut self) -> std::vec::Drain<'_, Flow> {
+        self.evicted_flows.drain(..)
     }
 
     /// Drops stale order entries (flows closed since) once they outnumber the live ones, so the
@@ -254,6 +269,9 @@ mod tests {
             "2 was the oldest live flow"
         );
         assert!(table.get(&event(EventKind::New, 4, 5000).key()).is_some());
+        let evicted: Vec<u16> = table.drain_evicted().map(|f| f.event.orig.sport).collect();
+        assert_eq!(evicted, vec![2]);
+        assert_eq!(table.drain_evicted().count(), 0);
     }
 
     #[test]
