@@ -64,6 +64,9 @@ struct CommonArgs {
     /// Nodes in the load balancer's backend pool, which sets Azure's default port allocation.
     #[arg(long, value_name = "NODES", global = true)]
     node_pool_size: Option<u32>,
+    /// Live flows held before the oldest is evicted (each costs about 600 bytes).
+    #[arg(long, value_name = "N", global = true)]
+    max_flows: Option<usize>,
     /// Also print a line when a flow ends.
     #[arg(long, global = true)]
     show_ends: bool,
@@ -132,6 +135,7 @@ fn main() -> ExitCode {
         metrics_listen: common.metrics_listen,
         allocated_outbound_ports: common.allocated_outbound_ports,
         node_pool_size: common.node_pool_size,
+        max_flows: common.max_flows,
         show_ends: common.show_ends,
     };
     let result = match cli.command {

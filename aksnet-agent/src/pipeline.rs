@@ -30,8 +30,9 @@ use tokio::time::Instant;
 /// Events waiting between the capture and the pipeline; beyond this the capture's own buffers
 /// (ring buffer, netlink socket) absorb bursts and count what they lose.
 const EVENT_QUEUE: usize = 65_536;
-/// Live flows the table holds before it evicts the oldest.
-const MAX_FLOWS: usize = 1_000_000;
+/// Live flows the table holds by default before it evicts the oldest: about 120 MiB at the
+/// ~600 bytes a flow costs (BENCHMARKS.md), inside the DaemonSet's memory limit.
+pub const DEFAULT_MAX_FLOWS: usize = 200_000;
 /// On stop, events still arriving are handled until none came for this long.
 const DRAIN_QUIET: Duration = Duration::from_millis(200);
 /// How often the node's topology is discovered again: pods, Services and frontends come and go
@@ -57,6 +58,8 @@ pub struct RunOptions {
     pub metrics_listen: Option<SocketAddr>,
     pub allocated_outbound_ports: Option<u32>,
     pub node_pool_size: Option<u32>,
+    /// Live flows held before the oldest is evicted.
+    pub max_flows: Option<usize>,
     pub show_ends: bool,
 }
 
@@ -277,7 +280,7 @@ impl Agent {
         readiness.set_ready(true);
 
         let mut pipeline = Pipeline {
-            table: FlowTable::new(MAX_FLOWS),
+            table: FlowTable::new(options.max_flows.unwrap_or(DEFAULT_MAX_FLOWS)),
             ifnames: IfNames::new(&self.netns)?,
             classifier: self.classifier,
             enricher,
