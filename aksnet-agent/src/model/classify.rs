@@ -103,6 +103,8 @@ struct Facts<'a> {
     src_class: AddrClass,
     dst_class: AddrClass,
     direction: Direction,
+    /// DNATed back to its own source address (see `PathRow::hairpin`).
+    hairpin: bool,
     dst_service: Option<ServiceRef>,
     src_service: Option<String>,
     in_iface: Option<String>,
@@ -234,6 +236,7 @@ impl Classifier {
             src_class,
             dst_class,
             direction,
+            hairpin: nat.dnat && tr.dst == orig.src,
             dst_service: t.service_at(ev.proto, orig.dst, orig.dport),
             src_service: t.service_of_endpoint(orig.src).map(str::to_string),
             in_iface: in_iface.map(str::to_string),
@@ -561,6 +564,7 @@ fn matches(row: &PathRow, f: &Facts) -> bool {
                 .iter()
                 .any(|r| (r.0..=r.1).contains(&f.orig.dport)))
         && (row.etp.is_none() || row.etp == f.dst_service.as_ref().and_then(|s| s.etp))
+        && (!row.hairpin || f.hairpin)
         && glob_any(&row.src_service, f.src_service.as_deref())
         && glob_any(&row.dst_service, dst_service)
 }

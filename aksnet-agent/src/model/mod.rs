@@ -1,8 +1,8 @@
 //! AKS path models as data: one TOML file per CNI mode (`models/*.toml`), embedded in the binary
 //! and replaceable with a file. Each `[[path]]` row says how to recognise a flow (direction,
-//! address classes, protocol, ports, Service policy), which hops it crosses (observed on the node
-//! or inferred, and from what), which NAT the node should apply, and which sentence of the seed
-//! notes it encodes (`seed`) and how aks-facts.md corrects it (`refines`).
+//! address classes, protocol, ports, Service policy, hairpin), which hops it crosses (observed on
+//! the node or inferred, and from what), which NAT the node should apply, and which sentence of
+//! the seed notes it encodes (`seed`) and how aks-facts.md corrects it (`refines`).
 //! The [`Classifier`] interprets the rows; no path is special-cased in code.
 
 mod classify;
@@ -213,6 +213,11 @@ pub struct PathRow {
     dports: Vec<PortRange>,
     /// Matches only when the destination's Service has this externalTrafficPolicy.
     etp: Option<Etp>,
+    /// Matches only a hairpin: kube-proxy DNATed the flow back to the pod that opened it (the
+    /// translated destination is the original source), which `KUBE-SEP-*`'s
+    /// `-s <endpoint ip> -j KUBE-MARK-MASQ` marks for MASQUERADE.
+    #[serde(default)]
+    hairpin: bool,
     /// Glob patterns (`*` wildcard) on the `namespace/name` of the source's / destination's Service.
     #[serde(default)]
     src_service: Vec<String>,
@@ -347,6 +352,13 @@ impl Model {
                 return Err(at_id(
                     "path.seed",
                     "cite the seed sentence this row encodes".into(),
+                ));
+            }
+            if row.hairpin && row.nat.dnat != DnatExpect::Yes {
+                return Err(at_id(
+                    "path.hairpin",
+                    "a hairpin is kube-proxy's DNAT back to the source: set nat.dnat = \"yes\""
+                        .into(),
                 ));
             }
             if row.src.is_empty() || row.dst.is_empty() {

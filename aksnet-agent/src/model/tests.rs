@@ -120,10 +120,21 @@ pub(crate) fn flow(proto: Proto, src: &str, dst: &str, nat_src: &str, nat_dst: &
         out_ifindex: None,
         packets: None,
         bytes: None,
+        hook: None,
     }
 }
 
 use Proto::{Tcp, Udp};
+
+/// Checks the matched row: `expected` is a path id, or `id/variant` where the variant matters.
+fn assert_path(c: &Classification, expected: &str, row: &str) {
+    let got = match (&c.path, &c.variant) {
+        (Some(p), Some(v)) if expected.contains('/') => format!("{p}/{v}"),
+        (Some(p), _) => p.to_string(),
+        (None, _) => "unclassified".into(),
+    };
+    assert_eq!(got, expected, "{row}: {c:?}");
+}
 
 /// (cni, proto, orig src, orig dst, src after NAT, dst after NAT, expected path).
 #[rustfmt::skip]
@@ -136,7 +147,7 @@ const CONFORMING: &[(CniMode, Proto, &str, &str, &str, &str, &str)] = &[
     (CniMode::Kubenet, Tcp, "203.0.113.11:41000", "192.0.2.11:80", "203.0.113.11:41000", "10.244.0.12:80", "l7-ingress"),
     (CniMode::Kubenet, Tcp, "10.244.0.12:50000", "10.244.0.10:8080", "10.244.0.12:50000", "10.244.0.10:8080", "l7-ingress-upstream"),
     (CniMode::Kubenet, Tcp, "10.226.0.4:50000", "10.244.0.10:8080", "10.226.0.4:50000", "10.244.0.10:8080", "agic-inbound"),
-    (CniMode::Kubenet, Tcp, "10.226.0.4:50001", "10.224.0.4:30080", "10.244.0.1:50001", "10.244.0.10:8080", "agic-nodeport"),
+    (CniMode::Kubenet, Tcp, "10.226.0.4:50001", "10.224.0.4:30080", "10.244.0.1:50001", "10.244.0.10:8080", "agic-nodeport/etp-cluster"),
     (CniMode::Kubenet, Tcp, "10.225.0.4:50000", "10.224.0.4:30080", "10.244.0.1:50000", "10.244.0.10:8080", "vnet-client-to-pod"),
     (CniMode::Kubenet, Tcp, "10.244.0.10:40000", "198.51.100.20:80", "10.224.0.4:40000", "198.51.100.20:80", "pod-to-internet"),
     (CniMode::Kubenet, Tcp, "10.244.0.10:40001", "10.225.0.4:80", "10.224.0.4:40001", "10.225.0.4:80", "pod-to-vnet"),
@@ -144,19 +155,44 @@ const CONFORMING: &[(CniMode, Proto, &str, &str, &str, &str, &str)] = &[
     (CniMode::Kubenet, Tcp, "10.244.0.10:40003", "10.0.80.80:80", "10.244.0.10:40003", "10.244.0.12:80", "pod-to-service"),
     (CniMode::Kubenet, Tcp, "[2001:db8::10]:40000", "[2001:db8:f::10]:80", "[fd00:10:244::1]:40000", "[fd00:10:244::10]:8080", "lb-inbound"),
     (CniMode::Kubenet, Tcp, "[fd00:10:244::10]:40000", "[2001:db8::20]:443", "[fd00:10:224::4]:40000", "[2001:db8::20]:443", "pod-to-internet"),
+    // Node-local traffic: kubelet probes from cbr0's gateway, a pod to the node, to its own frontends.
+    (CniMode::Kubenet, Tcp, "10.244.0.1:50000", "10.244.0.10:8080", "10.244.0.1:50000", "10.244.0.10:8080", "node-local"),
+    (CniMode::Kubenet, Tcp, "[fd00:10:244::1]:50000", "[fd00:10:244::10]:8080", "[fd00:10:244::1]:50000", "[fd00:10:244::10]:8080", "node-local"),
+    (CniMode::Kubenet, Tcp, "10.244.0.20:40005", "10.224.0.4:10250", "10.244.0.20:40005", "10.224.0.4:10250", "pod-to-node"),
+    (CniMode::Kubenet, Udp, "10.244.0.20:40006", "10.244.0.1:53", "10.244.0.20:40006", "10.244.0.1:53", "pod-to-node"),
+    (CniMode::Kubenet, Tcp, "10.244.0.10:40007", "10.0.80.80:80", "10.244.0.1:40007", "10.244.0.10:8080", "pod-to-service/hairpin"),
+    (CniMode::Kubenet, Tcp, "[fd00:10:244::10]:40007", "[fd00:10:96::50]:80", "[fd00:10:244::1]:40007", "[fd00:10:244::10]:8080", "pod-to-service/hairpin"),
+    (CniMode::Kubenet, Tcp, "10.244.0.20:40000", "192.0.2.10:80", "10.244.0.1:40000", "10.244.0.10:8080", "pod-to-frontend/etp-cluster"),
+    (CniMode::Kubenet, Tcp, "10.244.0.20:40001", "192.0.2.10:80", "10.224.0.4:40001", "10.244.1.10:8080", "pod-to-frontend/etp-cluster"),
+    (CniMode::Kubenet, Tcp, "10.244.0.20:40004", "10.224.0.4:30080", "10.244.0.1:40004", "10.244.0.10:8080", "pod-to-frontend/etp-cluster"),
+    (CniMode::Kubenet, Tcp, "[fd00:10:244::20]:40000", "[2001:db8:f::10]:80", "[fd00:10:244::1]:40000", "[fd00:10:244::10]:8080", "pod-to-frontend/etp-cluster"),
+    (CniMode::Kubenet, Tcp, "10.244.0.20:40002", "192.0.2.12:80", "10.244.0.20:40002", "10.244.0.13:8080", "pod-to-frontend/etp-local"),
+    (CniMode::Kubenet, Tcp, "10.244.0.13:40003", "192.0.2.12:80", "10.244.0.1:40003", "10.244.0.13:8080", "pod-to-frontend/etp-local-hairpin"),
     (CniMode::AzureCni, Tcp, "203.0.113.10:40000", "192.0.2.10:80", "10.224.0.4:40000", "10.224.0.10:8080", "lb-inbound"),
     (CniMode::AzureCni, Udp, "203.0.113.10:5000", "192.0.2.10:53", "10.224.0.4:5000", "10.224.0.11:5353", "lb-inbound-udp"),
     (CniMode::AzureCni, Tcp, "168.63.129.16:60000", "10.224.0.4:32000", "168.63.129.16:60000", "10.224.0.4:32000", "lb-health-probe"),
     (CniMode::AzureCni, Tcp, "203.0.113.11:41000", "192.0.2.11:80", "203.0.113.11:41000", "10.224.0.12:80", "l7-ingress"),
     (CniMode::AzureCni, Tcp, "10.224.0.12:50000", "10.224.0.10:8080", "10.224.0.12:50000", "10.224.0.10:8080", "l7-ingress-upstream"),
     (CniMode::AzureCni, Tcp, "10.226.0.4:50000", "10.224.0.10:8080", "10.226.0.4:50000", "10.224.0.10:8080", "agic-inbound"),
-    (CniMode::AzureCni, Tcp, "10.226.0.4:50001", "10.224.0.4:30080", "10.224.0.4:50001", "10.224.0.10:8080", "agic-nodeport"),
+    (CniMode::AzureCni, Tcp, "10.226.0.4:50001", "10.224.0.4:30080", "10.224.0.4:50001", "10.224.0.10:8080", "agic-nodeport/etp-cluster"),
+    (CniMode::AzureCni, Tcp, "10.226.0.4:50002", "10.224.0.4:31080", "10.226.0.4:50002", "10.224.0.12:80", "agic-nodeport/etp-local"),
     (CniMode::AzureCni, Tcp, "10.228.0.4:50000", "10.224.0.10:8080", "10.228.0.4:50000", "10.224.0.10:8080", "agc-inbound"),
-    (CniMode::AzureCni, Tcp, "10.225.0.4:50000", "10.224.0.10:8080", "10.225.0.4:50000", "10.224.0.10:8080", "vnet-client-to-pod"),
+    (CniMode::AzureCni, Tcp, "10.225.0.4:50000", "10.224.0.10:8080", "10.225.0.4:50000", "10.224.0.10:8080", "vnet-client-to-pod/pod-ip"),
+    (CniMode::AzureCni, Tcp, "10.225.0.4:50002", "10.224.0.4:31080", "10.225.0.4:50002", "10.224.0.12:80", "vnet-client-to-pod/nodeport-etp-local"),
+    (CniMode::AzureCni, Tcp, "10.225.0.4:50003", "10.224.0.4:30080", "10.224.0.4:50003", "10.224.0.10:8080", "vnet-client-to-pod/nodeport-etp-cluster"),
+    (CniMode::AzureCni, Tcp, "[fd00:10:224:1::4]:50000", "[fd00:10:224::4]:30080", "[fd00:10:224::4]:50000", "[fd00:10:224::10]:8080", "vnet-client-to-pod/nodeport-etp-cluster"),
     (CniMode::AzureCni, Tcp, "10.224.0.10:40000", "198.51.100.20:80", "10.224.0.4:40000", "198.51.100.20:80", "pod-to-internet"),
     (CniMode::AzureCni, Tcp, "10.224.0.10:40001", "10.225.0.4:80", "10.224.0.10:40001", "10.225.0.4:80", "pod-to-vnet"),
     (CniMode::AzureCni, Tcp, "10.224.0.10:40002", "10.227.0.5:443", "10.224.0.10:40002", "10.227.0.5:443", "pod-to-private-endpoint"),
     (CniMode::AzureCni, Udp, "10.224.0.10:40003", "10.0.0.53:53", "10.224.0.10:40003", "10.224.0.11:5353", "pod-to-service"),
+    (CniMode::AzureCni, Tcp, "10.224.0.4:50000", "10.224.0.10:8080", "10.224.0.4:50000", "10.224.0.10:8080", "node-local"),
+    (CniMode::AzureCni, Tcp, "10.224.0.10:40015", "10.224.0.4:10250", "10.224.0.10:40015", "10.224.0.4:10250", "pod-to-node"),
+    (CniMode::AzureCni, Udp, "10.224.0.11:40016", "10.0.0.53:53", "10.224.0.4:40016", "10.224.0.11:5353", "pod-to-service/hairpin"),
+    (CniMode::AzureCni, Tcp, "10.224.0.10:40010", "192.0.2.10:80", "10.224.0.4:40010", "10.224.0.11:8080", "pod-to-frontend/etp-cluster"),
+    (CniMode::AzureCni, Tcp, "10.224.0.10:40011", "192.0.2.10:80", "10.224.0.4:40011", "10.224.0.10:8080", "pod-to-frontend/etp-cluster"),
+    (CniMode::AzureCni, Tcp, "10.224.0.10:40012", "192.0.2.12:80", "10.224.0.10:40012", "10.224.0.11:8080", "pod-to-frontend/etp-local"),
+    (CniMode::AzureCni, Tcp, "10.224.0.10:40014", "10.224.0.4:31080", "10.224.0.10:40014", "10.224.0.12:80", "pod-to-frontend/etp-local"),
+    (CniMode::AzureCni, Tcp, "10.224.0.11:40013", "192.0.2.12:80", "10.224.0.4:40013", "10.224.0.11:8080", "pod-to-frontend/etp-local-hairpin"),
     (CniMode::AzureCniOverlay, Tcp, "203.0.113.10:40000", "192.0.2.10:80", "10.224.0.4:40000", "10.244.0.10:8080", "lb-inbound"),
     (CniMode::AzureCniOverlay, Tcp, "168.63.129.16:60000", "10.224.0.4:31080", "168.63.129.16:60000", "10.244.0.12:80", "lb-health-probe"),
     (CniMode::AzureCniOverlay, Tcp, "10.228.0.4:50000", "10.244.0.10:8080", "10.228.0.4:50000", "10.244.0.10:8080", "agc-inbound"),
@@ -164,6 +200,16 @@ const CONFORMING: &[(CniMode, Proto, &str, &str, &str, &str, &str)] = &[
     (CniMode::AzureCniOverlay, Tcp, "10.244.0.10:40001", "10.225.0.4:80", "10.224.0.4:40001", "10.225.0.4:80", "pod-to-vnet"),
     (CniMode::AzureCniOverlay, Tcp, "10.244.0.10:40002", "10.227.0.5:443", "10.224.0.4:40002", "10.227.0.5:443", "pod-to-private-endpoint"),
     (CniMode::AzureCniOverlay, Tcp, "[fd00:10:244::10]:40000", "[2001:db8::20]:443", "[fd00:10:224::4]:40000", "[2001:db8::20]:443", "pod-to-internet"),
+    (CniMode::AzureCniOverlay, Tcp, "10.226.0.4:50001", "10.224.0.4:30080", "10.224.0.4:50001", "10.244.0.10:8080", "agic-nodeport/etp-cluster"),
+    (CniMode::AzureCniOverlay, Tcp, "10.226.0.4:50002", "10.224.0.4:31080", "10.226.0.4:50002", "10.244.0.12:80", "agic-nodeport/etp-local"),
+    (CniMode::AzureCniOverlay, Tcp, "10.224.0.4:50000", "10.244.0.10:8080", "10.224.0.4:50000", "10.244.0.10:8080", "node-local"),
+    (CniMode::AzureCniOverlay, Tcp, "10.244.0.20:40003", "10.224.0.4:10250", "10.244.0.20:40003", "10.224.0.4:10250", "pod-to-node"),
+    (CniMode::AzureCniOverlay, Tcp, "[fd00:10:244::20]:40004", "[fd00:10:224::4]:10250", "[fd00:10:244::20]:40004", "[fd00:10:224::4]:10250", "pod-to-node"),
+    (CniMode::AzureCniOverlay, Tcp, "10.244.0.10:40005", "10.0.80.80:80", "10.224.0.4:40005", "10.244.0.10:8080", "pod-to-service/hairpin"),
+    (CniMode::AzureCniOverlay, Tcp, "10.244.0.20:40000", "192.0.2.10:80", "10.224.0.4:40000", "10.244.0.10:8080", "pod-to-frontend/etp-cluster"),
+    (CniMode::AzureCniOverlay, Tcp, "[fd00:10:244::20]:40000", "[2001:db8:f::10]:80", "[fd00:10:224::4]:40000", "[fd00:10:244::10]:8080", "pod-to-frontend/etp-cluster"),
+    (CniMode::AzureCniOverlay, Tcp, "10.244.0.20:40001", "192.0.2.12:80", "10.244.0.20:40001", "10.244.0.13:8080", "pod-to-frontend/etp-local"),
+    (CniMode::AzureCniOverlay, Tcp, "10.244.0.13:40002", "192.0.2.12:80", "10.224.0.4:40002", "10.244.0.13:8080", "pod-to-frontend/etp-local-hairpin"),
 ];
 
 #[test]
@@ -171,11 +217,7 @@ fn every_path_conforms_in_every_mode() {
     for &(cni, proto, src, dst, nat_src, nat_dst, path) in CONFORMING {
         let c = classifier(cni).classify(&flow(proto, src, dst, nat_src, nat_dst));
         let row = format!("{cni} {proto} {src} -> {dst} (after NAT {nat_src} -> {nat_dst})");
-        assert_eq!(
-            c.path.as_ref().map(|p| p.0.as_str()),
-            Some(path),
-            "{row}: {c:?}"
-        );
+        assert_path(&c, path, &row);
         assert_eq!(c.verdict, Verdict::Conforms, "{row}: {:?}", c.reason);
         assert!(
             c.hops
@@ -204,13 +246,34 @@ const DEVIATING: &[(CniMode, Proto, [&str; 4], &str, &str)] = &[
      "azure-cni lb-inbound to 192.0.2.10 (declared externalTrafficPolicy Cluster) was not DNATed on the node; the model expects kube-proxy to DNAT it to a pod"),
     (CniMode::AzureCniOverlay, Tcp, ["10.244.0.10:40002", "10.227.0.5:443", "10.244.0.10:40002", "10.227.0.5:443"], "pod-to-private-endpoint",
      "azure-cni-overlay pod traffic to private endpoint 10.227.0.5 kept its source 10.244.0.10 (no SNAT on the node); the model expects SNAT to the node IP"),
+    // Each externalTrafficPolicy split: a Local Service whose flow the node masquerades anyway.
+    (CniMode::AzureCni, Tcp, ["10.225.0.4:50002", "10.224.0.4:31080", "10.224.0.4:50002", "10.224.0.12:80"], "vnet-client-to-pod/nodeport-etp-local",
+     "azure-cni vnet client 10.225.0.4 to NodePort 10.224.0.4:31080 (externalTrafficPolicy Local) was SNATed to the node IP 10.224.0.4: the client address is lost, the model expects it to be kept; check the Service's externalTrafficPolicy"),
+    (CniMode::AzureCni, Tcp, ["10.226.0.4:50002", "10.224.0.4:31080", "10.224.0.4:50002", "10.224.0.12:80"], "agic-nodeport/etp-local",
+     "double SNAT: azure-cni agic-nodeport from Application Gateway 10.226.0.4 to NodePort 10.224.0.4:31080 (externalTrafficPolicy Local) already had its source replaced by the Application Gateway (inferred), and the node SNATed it again to the node IP 10.224.0.4; the model has one source rewrite; check the Service's externalTrafficPolicy"),
+    (CniMode::AzureCniOverlay, Tcp, ["10.226.0.4:50002", "10.224.0.4:31080", "10.224.0.4:50002", "10.244.0.12:80"], "agic-nodeport/etp-local",
+     "double SNAT: azure-cni-overlay agic-nodeport from Application Gateway 10.226.0.4 to NodePort 10.224.0.4:31080 (externalTrafficPolicy Local) already had its source replaced by the Application Gateway (inferred), and the node SNATed it again to the node IP 10.224.0.4"),
+    (CniMode::Kubenet, Tcp, ["10.244.0.20:40002", "192.0.2.12:80", "10.244.0.1:40002", "10.244.0.13:8080"], "pod-to-frontend/etp-local",
+     "kubenet pod traffic to 192.0.2.12:80, an LB frontend or NodePort of default/web (externalTrafficPolicy Local) was SNATed to cbr0's gateway 10.244.0.1: the pod IP is lost, the model expects it to be kept; kube-proxy does not masquerade"),
+    (CniMode::AzureCni, Tcp, ["10.224.0.10:40012", "192.0.2.12:80", "10.224.0.4:40012", "10.224.0.11:8080"], "pod-to-frontend/etp-local",
+     "azure-cni pod traffic to 192.0.2.12:80, an LB frontend or NodePort of default/web (externalTrafficPolicy Local) was SNATed to the node IP 10.224.0.4: the pod IP is lost"),
+    (CniMode::AzureCniOverlay, Tcp, ["[fd00:10:244::20]:40001", "[fd00:10:224::4]:31080", "[fd00:10:224::4]:40001", "[fd00:10:244::12]:80"], "pod-to-frontend/etp-local",
+     "azure-cni-overlay pod traffic to fd00:10:224::4:31080, an LB frontend or NodePort of ingress-nginx/ingress-nginx-controller (externalTrafficPolicy Local) was SNATed to the node IP fd00:10:224::4: the pod IP is lost"),
+    (CniMode::AzureCni, Tcp, ["10.224.0.10:40010", "192.0.2.10:80", "10.224.0.10:40010", "10.224.0.11:8080"], "pod-to-frontend/etp-cluster",
+     "azure-cni pod traffic to 192.0.2.10:80, an LB frontend or NodePort of default/app (externalTrafficPolicy Cluster) kept its source 10.224.0.10 (no SNAT on the node); the model expects SNAT to the node IP; check KUBE-EXT's"),
+    // A hairpin the node does not masquerade: the pod would answer itself directly.
+    (CniMode::Kubenet, Tcp, ["10.244.0.10:40007", "10.0.80.80:80", "10.244.0.10:40007", "10.244.0.10:8080"], "pod-to-service/hairpin",
+     "kubenet pod traffic to ClusterIP 10.0.80.80:80, sent back to the same pod (hairpin) kept its source 10.244.0.10 (no SNAT on the node); the model expects SNAT to cbr0's gateway; check KUBE-SEP's"),
+    // Masquerading a pod's traffic to another endpoint of its ClusterIP is still a deviation.
+    (CniMode::AzureCni, Udp, ["10.224.0.10:40003", "10.0.0.53:53", "10.224.0.4:40003", "10.224.0.11:5353"], "pod-to-service",
+     "azure-cni pod traffic to ClusterIP 10.0.0.53:53 was SNATed to the node IP 10.224.0.4: the pod IP is lost"),
 ];
 
 #[test]
 fn misconfigurations_deviate_with_operator_reasons() {
     for &(cni, proto, [src, dst, nat_src, nat_dst], path, reason) in DEVIATING {
         let c = classifier(cni).classify(&flow(proto, src, dst, nat_src, nat_dst));
-        assert_eq!(c.path.as_ref().map(|p| p.0.as_str()), Some(path), "{c:?}");
+        assert_path(&c, path, &format!("{cni} {src} -> {dst}"));
         assert_eq!(c.verdict, Verdict::Deviates, "{c:?}");
         let got = c.reason.unwrap();
         assert!(
@@ -343,7 +406,7 @@ fn json_field_names() {
 }
 
 #[test]
-fn builtin_models_cover_the_lab_paths_and_cite_the_seed() {
+fn builtin_models_cover_the_lab_paths() {
     let lab_ids = [
         "lb-inbound",
         "lb-inbound-udp",
@@ -367,7 +430,6 @@ fn builtin_models_cover_the_lab_paths_and_cite_the_seed() {
             }
             assert!(m.paths().iter().any(|p| p.id() == id), "{cni} lacks {id}");
         }
-        assert!(m.paths().iter().all(|p| !p.seed().is_empty()));
     }
     let cni_only = |cni| {
         Model::load_builtin(cni)
@@ -380,6 +442,43 @@ fn builtin_models_cover_the_lab_paths_and_cite_the_seed() {
         !cni_only(CniMode::Kubenet)
             && cni_only(CniMode::AzureCni)
             && cni_only(CniMode::AzureCniOverlay)
+    );
+}
+
+/// The operator's notes the rows cite. They live beside the checkout, not in it (CI has `shared/`
+/// next to the clone, read-only), and are read when the test runs rather than embedded: a copy in
+/// the repository would drift from the notes it is meant to check the citations against.
+const SEED_NOTES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../shared/aks-traffic-paths.seed.md"
+);
+
+#[test]
+fn every_row_cites_the_seed_verbatim() {
+    let notes = std::fs::read_to_string(SEED_NOTES).unwrap_or_else(|e| {
+        panic!(
+            "cannot read the seed notes {SEED_NOTES}: {e}. The model tests check every row's \
+             `seed` against them: put the `shared/` directory (aks-traffic-paths.seed.md) beside \
+             the checkout, as CI has it"
+        )
+    });
+    let mut uncited = Vec::new();
+    for cni in CniMode::ALL {
+        for p in Model::load_builtin(cni).unwrap().paths() {
+            if !notes.contains(p.seed()) {
+                uncited.push(format!(
+                    "{cni} {}{}: {:?}",
+                    p.id(),
+                    p.variant().map(|v| format!("/{v}")).unwrap_or_default(),
+                    p.seed()
+                ));
+            }
+        }
+    }
+    assert!(
+        uncited.is_empty(),
+        "these rows' `seed` is not verbatim in {SEED_NOTES}:\n{}",
+        uncited.join("\n")
     );
 }
 
@@ -454,6 +553,18 @@ fn malformed_models_name_file_line_and_field() {
     );
     let e = model_err(&bad);
     assert!(e.message.contains("duplicate path `l7-ingress`"), "{e}");
+
+    let bad = KUBENET.replacen(
+        "id = \"pod-to-node\"\n",
+        "id = \"pod-to-node\"\nhairpin = true\n",
+        1,
+    );
+    let e = model_err(&bad);
+    assert_eq!(
+        (e.line, e.field.as_str()),
+        (line_of(&bad, "id = \"pod-to-node\""), "path.hairpin"),
+        "{e}"
+    );
 
     let err = Model::from_file(std::path::Path::new("/nonexistent/model.toml")).unwrap_err();
     assert!(
