@@ -5,7 +5,7 @@ use crate::capture::netns::{IfNames, Netns, NetnsError, NetnsTarget};
 use crate::capture::{self, CaptureError, CaptureHealth, SourceChoice};
 use crate::enrich::{EnrichConfig, Enricher, OwnerKind};
 use crate::events::{EventKind, FlowEvent};
-use crate::flows::{FlowTable, Update};
+use crate::flows::{FlowTable, InterfaceWait, Update, INTERFACES_WAIT};
 use crate::metrics::{
     self, FlowObservation, Metrics, MetricsConfig, MetricsError, NatHop, Readiness,
 };
@@ -297,12 +297,18 @@ impl Agent {
         let mut stop = Stop::new().map_err(AgentError::Signals)?;
         let mut refresh =
             tokio::time::interval_at(Instant::now() + TOPOLOGY_REFRESH, TOPOLOGY_REFRESH);
+        // Connections reported before their first packet wait briefly for its interfaces.
+        let mut waiting = InterfaceWait::new(INTERFACES_WAIT);
+        let now = std::time::Instant::now;
         loop {
             tokio::select! {
                 event = rx.recv() => match event {
-                    Some(event) => pipeline.handle(event)?,
+                    Some(event) => pipeline.handle_all(waiting.offer(event, now()), options.count)?,
                     None => return Err(AgentError::CaptureStopped),
                 },
+                _ = sleep_until(waiting.next_deadline().map(Instant::from_std)) => {
+                    pipeline.handle_all(waiting.expire(now()), options.count)?;
+                }
                 _ = refresh.tick() => pipeline.refresh_topology(options, &self.netns),
                 _ = sleep_until(deadline) => break,
                 _ = stop.signalled() => break,
@@ -314,13 +320,17 @@ impl Agent {
         // What was captured before the stop is still shown: drain until the capture is quiet.
         while !pipeline.done(options.count) {
             match tokio::time::timeout(DRAIN_QUIET, rx.recv()).await {
-                Ok(Some(event)) => pipeline.handle(event)?,
+                Ok(Some(event)) => {
+                    pipeline.handle_all(waiting.offer(event, now()), options.count)?
+                }
                 Ok(None) | Err(_) => break,
             }
         }
+        pipeline.handle_all(waiting.drain(), options.count)?;
         let lost = health.lost.load(std::sync::atomic::Ordering::Relaxed);
+        let recovered = health.recovered.load(std::sync::atomic::Ordering::Relaxed);
         if lost > 0 {
-            log::warn!("{lost} capture event(s) were lost to full kernel buffers during this run");
+            log::warn!("{lost} capture event(s) were lost to full kernel buffers during this run ({recovered} of those connections were reported later)");
         }
         drop(capture);
         Ok(())
@@ -435,6 +445,17 @@ impl<W: Write> Pipeline<W> {
             }
             Err(err) => log::warn!("topology refresh failed, keeping the previous one: {err}"),
         }
+    }
+
+    /// [`handle`](Self::handle)s events in order, stopping once `--count` lines are shown.
+    fn handle_all(&mut self, events: Vec<FlowEvent>, count: Option<u64>) -> Result<(), AgentError> {
+        for event in events {
+            if self.done(count) {
+                break;
+            }
+            self.handle(event)?;
+        }
+        Ok(())
     }
 
     fn handle(&mut self, event: FlowEvent) -> Result<(), AgentError> {

@@ -2,8 +2,9 @@
 //!
 //! Builds client → router → server namespaces joined by veth pairs, with a DNAT (TCP) and a
 //! MASQUERADE (UDP) rule in the router, starts `EbpfCapture` filtered to the router namespace,
-//! makes a few connections and checks that each is reported exactly once with its exact
-//! original and reply tuples.
+//! makes a few connections (forwarded ones, and a health-probe-like one ending in the router)
+//! and checks that each is reported exactly once with its exact original and reply tuples and
+//! interfaces. A second test fills the ring buffer and checks the loss accounting.
 
 use aksnet_agent::capture::ebpf::EbpfCapture;
 use aksnet_agent::capture::CaptureHealth;
@@ -31,6 +32,10 @@ const BACKEND: &str = "10.224.0.5:8080";
 /// An "internet" UDP service reached through the router's MASQUERADE.
 const UDP_SERVICE: &str = "198.51.100.20:53";
 const CONNECTIONS: usize = 3;
+/// Request/response round trips on each TCP connection.
+const EXCHANGES: usize = 4;
+/// Like kube-proxy's healthz, probed by the load balancer: the connection ends in the router.
+const HEALTH: &str = "203.0.113.1:10256";
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs a command given as one whitespace-separated string.
@@ -59,12 +64,13 @@ struct Lab {
 }
 
 impl Lab {
-    fn create() -> Lab {
+    /// `tag` tells apart the labs of tests running at the same time.
+    fn create(tag: &str) -> Lab {
         let pid = std::process::id();
         let lab = Lab {
-            client: format!("aksnet-ebpf-{pid}-client"),
-            router: format!("aksnet-ebpf-{pid}-router"),
-            server: format!("aksnet-ebpf-{pid}-server"),
+            client: format!("aksnet-ebpf-{pid}-{tag}-c"),
+            router: format!("aksnet-ebpf-{pid}-{tag}-r"),
+            server: format!("aksnet-ebpf-{pid}-{tag}-s"),
         };
         for ns in [&lab.client, &lab.router, &lab.server] {
             run(&format!("ip netns add {ns}"));
@@ -178,37 +184,63 @@ struct Expected {
     reply: Tuple,
 }
 
+/// Where a connection's packets go in the router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// Forwarded from the client link to the server link.
+    Forwarded,
+    /// Ends in the router: only replies leave it, on the client link.
+    Local,
+}
+
+/// Serves `EXCHANGES` five-byte request/response round trips on each of `connections`
+/// connections.
+fn serve(listener: TcpListener, connections: usize) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for _ in 0..connections {
+            let (mut conn, _) = listener.accept().expect("accept");
+            conn.set_read_timeout(Some(TIMEOUT)).unwrap();
+            let mut buf = [0u8; 5];
+            for _ in 0..EXCHANGES {
+                conn.read_exact(&mut buf).expect("read request");
+                conn.write_all(b"world").expect("write reply");
+            }
+        }
+    })
+}
+
+/// Connects to `to` and makes `EXCHANGES` round trips; returns the local address.
+fn exchange(to: &str) -> SocketAddr {
+    let mut tcp = TcpStream::connect_timeout(&addr(to), TIMEOUT).expect("connect");
+    tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut buf = [0u8; 5];
+    for _ in 0..EXCHANGES {
+        tcp.write_all(b"hello").expect("send");
+        tcp.read_exact(&mut buf).expect("receive");
+    }
+    tcp.local_addr().unwrap()
+}
+
 /// Makes the TCP and UDP connections from the client namespace; returns what conntrack should
-/// hold for each. Every TCP connection exchanges several packets and every UDP socket sends twice,
-/// so "reported once" is checked against repeated packets.
-fn make_traffic(client_ns: &str, server_ns: &str) -> Vec<(Expected, Nat)> {
+/// hold for each. Every TCP connection makes several round trips and every UDP socket sends
+/// twice, so "reported once" is checked against repeated packets in both directions.
+fn make_traffic(client_ns: &str, router_ns: &str, server_ns: &str) -> Vec<(Expected, Nat, Path)> {
     let listener = in_netns(server_ns, || {
         TcpListener::bind(BACKEND).expect("bind backend")
+    });
+    let health = in_netns(router_ns, || {
+        TcpListener::bind(HEALTH).expect("bind health endpoint")
     });
     let udp_server = in_netns(server_ns, || {
         UdpSocket::bind(UDP_SERVICE).expect("bind udp")
     });
     udp_server.set_read_timeout(Some(TIMEOUT)).unwrap();
-    let server = std::thread::spawn(move || {
-        for _ in 0..CONNECTIONS {
-            let (mut conn, _) = listener.accept().expect("accept");
-            conn.set_read_timeout(Some(TIMEOUT)).unwrap();
-            let mut buf = [0u8; 5];
-            conn.read_exact(&mut buf).expect("read request");
-            conn.write_all(b"world").expect("write reply");
-        }
-    });
+    let servers = [serve(listener, CONNECTIONS), serve(health, 1)];
 
-    let clients = in_netns(client_ns, || {
+    let (clients, probe) = in_netns(client_ns, || {
         let mut made = Vec::new();
         for _ in 0..CONNECTIONS {
-            let mut tcp =
-                TcpStream::connect_timeout(&addr(FRONTEND), TIMEOUT).expect("connect frontend");
-            tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
-            tcp.write_all(b"hello").expect("send");
-            let mut buf = [0u8; 5];
-            tcp.read_exact(&mut buf).expect("receive");
-            made.push((Proto::Tcp, tcp.local_addr().unwrap()));
+            made.push((Proto::Tcp, exchange(FRONTEND)));
         }
         for _ in 0..CONNECTIONS {
             let udp = UdpSocket::bind("0.0.0.0:0").expect("bind udp client");
@@ -217,9 +249,11 @@ fn make_traffic(client_ns: &str, server_ns: &str) -> Vec<(Expected, Nat)> {
             udp.send(b"query-2").expect("send udp");
             made.push((Proto::Udp, udp.local_addr().unwrap()));
         }
-        made
+        (made, exchange(HEALTH))
     });
-    server.join().expect("tcp server");
+    for server in servers {
+        server.join().expect("tcp server");
+    }
     let mut buf = [0u8; 16];
     for _ in 0..2 * CONNECTIONS {
         udp_server
@@ -227,6 +261,15 @@ fn make_traffic(client_ns: &str, server_ns: &str) -> Vec<(Expected, Nat)> {
             .expect("udp datagram reached the server");
     }
 
+    let probe = (
+        Expected {
+            proto: Proto::Tcp,
+            orig: tuple(probe, addr(HEALTH)),
+            reply: tuple(addr(HEALTH), probe),
+        },
+        Nat::default(),
+        Path::Local,
+    );
     clients
         .into_iter()
         .map(|(proto, client)| match proto {
@@ -240,6 +283,7 @@ fn make_traffic(client_ns: &str, server_ns: &str) -> Vec<(Expected, Nat)> {
                     dnat: true,
                     snat: false,
                 },
+                Path::Forwarded,
             ),
             _ => {
                 // MASQUERADE keeps the client's port when it is free, as it is here.
@@ -254,9 +298,11 @@ fn make_traffic(client_ns: &str, server_ns: &str) -> Vec<(Expected, Nat)> {
                         dnat: false,
                         snat: true,
                     },
+                    Path::Forwarded,
                 )
             }
         })
+        .chain(std::iter::once(probe))
         .collect()
 }
 
@@ -268,7 +314,7 @@ async fn reports_each_nat_connection_once_with_exact_tuples() {
         0,
         "this test needs root (BPF and netns)"
     );
-    let lab = Lab::create();
+    let lab = Lab::create("once");
     let router_inode = lab.inode(&lab.router);
     let (r0, r1) = (
         lab.ifindex(&lab.router, "r0"),
@@ -287,8 +333,8 @@ async fn reports_each_nat_connection_once_with_exact_tuples() {
         );
     }
 
-    let (client, server) = (lab.client.clone(), lab.server.clone());
-    let expected = tokio::task::spawn_blocking(move || make_traffic(&client, &server))
+    let (client, router, server) = (lab.client.clone(), lab.router.clone(), lab.server.clone());
+    let expected = tokio::task::spawn_blocking(move || make_traffic(&client, &router, &server))
         .await
         .expect("traffic thread");
 
@@ -313,7 +359,7 @@ async fn reports_each_nat_connection_once_with_exact_tuples() {
                     event.bytes
                 );
                 seen.push(event);
-                let all = expected.iter().all(|(want, _)| {
+                let all = expected.iter().all(|(want, _, _)| {
                     seen.iter()
                         .any(|e| e.orig == want.orig && e.proto == want.proto)
                 });
@@ -340,17 +386,26 @@ async fn reports_each_nat_connection_once_with_exact_tuples() {
             orig: event.orig,
             reply: event.reply,
         };
-        let Some((_, nat)) = expected.iter().find(|(want, _)| *want == key) else {
+        let Some((_, nat, path)) = expected.iter().find(|(want, _, _)| *want == key) else {
             panic!("unexpected event (wrong tuples or stray traffic): {event:?}");
         };
         assert_eq!(event.nat(), *nat, "{event:?}");
-        // Reported on the first packet, forwarded from the client link to the server link.
-        assert_eq!(event.in_ifindex, Some(r0), "{event:?}");
-        assert_eq!(event.out_ifindex, Some(r1), "{event:?}");
+        let interfaces = match path {
+            // Reported on the first packet, forwarded from the client link to the server link.
+            Path::Forwarded => (Some(r0), Some(r1)),
+            // Reported on the SYN-ACK leaving on the client link: the original came in there,
+            // and never leaves.
+            Path::Local => (Some(r0), None),
+        };
+        assert_eq!(
+            (event.in_ifindex, event.out_ifindex),
+            interfaces,
+            "{event:?}"
+        );
         assert_eq!(event.packets, Some(1), "{event:?}");
         *counts.entry(key).or_default() += 1;
     }
-    for (want, _) in &expected {
+    for (want, _, _) in &expected {
         assert_eq!(
             counts.get(want),
             Some(&1),
@@ -387,6 +442,122 @@ async fn reports_each_nat_connection_once_with_exact_tuples() {
         assert!(
             hook.attached || !kprobe_part.contains("load refused"),
             "verifier refused the kprobe programs: {hook:?}"
+        );
+    }
+}
+
+/// A UDP service no one answers (the server replies port unreachable, itself rate-limited).
+const FLOOD_SERVICE: &str = "198.51.100.20:5353";
+/// Client ports of the overflow test: more connections than the ring buffer holds records.
+const FLOOD_PORTS: std::ops::Range<u16> = 20_000..29_000;
+/// Two connections that leave the capture's reader blocked on a full channel.
+const BLOCKING_PORTS: std::ops::Range<u16> = 19_998..20_000;
+
+/// From the client namespace, sends `datagrams` datagrams to [`FLOOD_SERVICE`] from each port
+/// (one conntrack entry per port), pausing now and then so no queue on the way overflows.
+fn send_from_ports(client_ns: &str, ports: std::ops::Range<u16>, datagrams: usize) {
+    in_netns(client_ns, move || {
+        for port in ports {
+            let udp = UdpSocket::bind((CLIENT_IP, port)).expect("bind flood port");
+            for _ in 0..datagrams {
+                udp.send_to(b"q", FLOOD_SERVICE)
+                    .expect("send flood datagram");
+            }
+            if port % 200 == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    });
+}
+
+/// Receives until nothing arrives for a while, bounded by [`TIMEOUT`] in all.
+async fn drain(rx: &mut mpsc::Receiver<FlowEvent>) -> Vec<FlowEvent> {
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while let Ok(Some(event)) = tokio::time::timeout_at(
+        deadline.min(tokio::time::Instant::now() + Duration::from_millis(500)),
+        rx.recv(),
+    )
+    .await
+    {
+        events.push(event);
+    }
+    events
+}
+
+fn loss_counters(health: &CaptureHealth) -> (u64, u64) {
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    (load(&health.lost), load(&health.recovered))
+}
+
+/// The agent stops reading while more connections start than the ring buffer holds: each
+/// connection that found it full is counted lost once, although every one of its packets (two
+/// datagrams, maybe an ICMP error back) retried; once the agent reads again, each one's next
+/// packet reports it, counted recovered; and every connection is reported exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_ring_counts_each_lost_connection_once_and_its_late_report_as_recovered() {
+    // SAFETY: plain syscall.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test needs root (BPF and netns)"
+    );
+    let lab = Lab::create("flood");
+    let health = Arc::new(CaptureHealth::default());
+    // Room for one event: the reader blocks on the second until the test receives.
+    let (tx, mut rx) = mpsc::channel(1);
+    let capture = EbpfCapture::start(Some(lab.inode(&lab.router)), tx, Arc::clone(&health))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let client = lab.client.clone();
+    let flood = |ports: std::ops::Range<u16>, datagrams| {
+        let client = client.clone();
+        tokio::task::spawn_blocking(move || send_from_ports(&client, ports, datagrams))
+    };
+
+    flood(BLOCKING_PORTS, 1).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    flood(FLOOD_PORTS, 2).await.unwrap();
+    // The kernel's counters reach `health` once a second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (lost, recovered) = loss_counters(&health);
+    eprintln!("while blocked: lost {lost}, recovered {recovered}");
+    assert!(lost > 0, "the ring buffer never filled");
+    assert_eq!(
+        recovered, 0,
+        "nothing could be reported while the ring was full"
+    );
+
+    let first = drain(&mut rx).await;
+    flood(FLOOD_PORTS, 1).await.unwrap();
+    let second = drain(&mut rx).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(capture);
+    let (lost_after, recovered) = loss_counters(&health);
+    eprintln!(
+        "events before unblocking: {}, after the second round: {}; lost {lost_after}, recovered {recovered}",
+        first.len(),
+        second.len()
+    );
+
+    assert_eq!(lost_after, lost, "no losses once the agent read again");
+    assert_eq!(
+        recovered, lost,
+        "each lost connection was reported by its next packet, and counted lost once"
+    );
+    // Connections dropped on the way before conntrack saw them would also first show up now.
+    assert!(second.len() as u64 >= lost, "{} < {lost}", second.len());
+    let mut counts: HashMap<u16, usize> = HashMap::new();
+    for event in first.iter().chain(&second) {
+        assert_eq!(event.kind, EventKind::New, "{event:?}");
+        assert_eq!(event.orig.dst, addr(FLOOD_SERVICE).ip(), "{event:?}");
+        *counts.entry(event.orig.sport).or_default() += 1;
+    }
+    for port in BLOCKING_PORTS.chain(FLOOD_PORTS) {
+        assert_eq!(
+            counts.get(&port),
+            Some(&1),
+            "connection from port {port} not reported exactly once"
         );
     }
 }

@@ -6,7 +6,9 @@
 
 /// What a [`ConnEvent`] reports about a connection.
 pub mod event_kind {
-    /// First packet of the connection seen by a hook.
+    /// A hook saw the connection for the first time. For a connection first reported by a
+    /// packet-less hook (`hook::NAT_SETUP`), the xmit hook sends one more `NEW`, with
+    /// `hook::XMIT`, for the interfaces and counters of its first packet.
     pub const NEW: u8 = 1;
     /// The connection's NAT status bits changed after it was first reported.
     pub const NAT_CHANGED: u8 = 2;
@@ -39,6 +41,23 @@ pub mod ct_status {
     /// The bits whose change makes the kernel side report a connection again.
     pub const NAT_MASK: u64 = SRC_NAT | DST_NAT | SRC_NAT_DONE | DST_NAT_DONE;
 }
+
+/// `enum ip_conntrack_info` values from `include/uapi/linux/netfilter/nf_conntrack_common.h`,
+/// kept by `skb->_nfct` in its low 3 bits.
+pub mod ct_info {
+    /// This value and above: the packet travels in the reply direction.
+    pub const IS_REPLY: u64 = 3;
+    /// No conntrack entry (the pointer part is NULL on current kernels, a template on old ones).
+    pub const UNTRACKED: u64 = 7;
+    /// `NFCT_INFOMASK`
+    pub const MASK: u64 = 7;
+}
+
+/// Bytes at the start of `struct nf_conntrack_tuple` (40 on 64-bit kernels: both addresses,
+/// ports, family, protocol, direction) that the kernel programs hash, in one read, to tell a
+/// connection from another one later allocated at the same address. The agent checks that the
+/// running kernel's tuple is at least this long.
+pub const TUPLE_FINGERPRINT_LEN: usize = 40;
 
 /// One direction of a conntrack entry, as `struct nf_conntrack_tuple` holds it.
 #[repr(C)]
@@ -77,9 +96,11 @@ pub struct ConnEvent {
     pub netns: u32,
     /// `nf_conn.mark`, 0 where the kernel has no `CONFIG_NF_CONNTRACK_MARK`.
     pub mark: u32,
-    /// `skb->skb_iif`: where the packet entered; 0 for locally generated traffic or unknown.
+    /// Where the connection's original direction enters: `skb->skb_iif` of an original-direction
+    /// packet, or the device a reply-direction packet leaves on (the original came in where its
+    /// reply goes out). 0 for locally generated traffic or unknown.
     pub in_ifindex: u32,
-    /// Device the packet is being sent on; 0 when unknown.
+    /// Device an original-direction packet leaves on; 0 when unknown (reported from a reply).
     pub out_ifindex: u32,
     /// Conntrack zone id, 0 where the kernel has no `CONFIG_NF_CONNTRACK_ZONES`.
     pub zone: u16,

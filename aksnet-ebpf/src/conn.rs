@@ -1,7 +1,8 @@
 //! What every hook does with an `nf_conn`: read it, decide whether it is news, report it.
 
 use aksnet_common::{
-    ct_status, event_kind, hook, ConnEvent, KernelOffsets, RawTuple, OFFSET_ABSENT,
+    ct_info, ct_status, event_kind, hook, ConnEvent, KernelOffsets, RawTuple, OFFSET_ABSENT,
+    TUPLE_FINGERPRINT_LEN,
 };
 use aya_ebpf::{
     helpers::{
@@ -45,12 +46,20 @@ static NETNS_FILTER: u32 = 0;
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
-/// Events dropped because [`EVENTS`] was full (index 0), per CPU.
+/// Connections the agent was not told about because [`EVENTS`] was full (index 0), per CPU.
+/// Each connection is counted once however many of its packets fail to report it.
 #[map]
 static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// Connections seen so far, keyed by the `nf_conn` address. LRU: the kernel forgets the oldest
-/// when full, which at worst reports a long-idle connection again.
+/// Connections counted in [`LOST`] that a later packet did report (index 0), per CPU:
+/// `LOST - RECOVERED` connections never reached the agent.
+#[map]
+static RECOVERED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Connections seen so far, keyed by the `nf_conn` address, including those of other network
+/// namespaces (flagged [`FOREIGN`]) so that their packets are also dismissed after one lookup.
+/// LRU: the kernel forgets the oldest when full, which at worst reports a long-idle connection
+/// again (the agent's flow table drops the repeat).
 #[map]
 static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(1 << 16, 0);
 
@@ -62,15 +71,19 @@ struct ConnState {
     fingerprint: u64,
     packets: u64,
     bytes: u64,
-    /// `REPORTED | (status & NAT_MASK)` as last reported, 0 while not reported yet.
-    reported: u64,
+    /// The flags below, and `status & NAT_MASK` as last reported.
+    flags: u64,
 }
 
-/// Marks [`ConnState::reported`]; outside [`ct_status::NAT_MASK`].
+/// A `NEW` (or `NAT_CHANGED`) event reached the ring buffer; the NAT bits beside it are the
+/// ones it carried.
 const REPORTED: u64 = 1 << 63;
-
-/// `skb->_nfct` keeps `enum ip_conntrack_info` in its low 3 bits (`NFCT_INFOMASK`).
-const NFCT_INFOMASK: u64 = 7;
+/// An event carried the interfaces of one of the connection's packets.
+const IFACES_REPORTED: u64 = 1 << 62;
+/// The connection belongs to a network namespace the agent does not observe.
+const FOREIGN: u64 = 1 << 61;
+/// An event of the connection found the ring buffer full and was counted in [`LOST`].
+const LOSS_COUNTED: u64 = 1 << 60;
 
 /// One offset from [`OFFSETS`]; volatile so the compiler cannot fold the placeholder value the
 /// agent overwrites.
@@ -93,6 +106,8 @@ pub struct Packet {
     pub skb: u64,
     /// `struct net_device *` the packet leaves on.
     pub dev: u64,
+    /// The packet travels in the connection's reply direction.
+    pub reply: bool,
 }
 
 #[inline(always)]
@@ -120,7 +135,16 @@ pub fn on_xmit(skb: u64, dev: u64) {
     let Some(nfct) = read::<u64>(skb + off!(skb_nfct)) else {
         return;
     };
-    seen(nfct & !NFCT_INFOMASK, hook::XMIT, Some(Packet { skb, dev }));
+    let info = nfct & ct_info::MASK;
+    if info == ct_info::UNTRACKED {
+        return;
+    }
+    let packet = Packet {
+        skb,
+        dev,
+        reply: info >= ct_info::IS_REPLY,
+    };
+    seen(nfct & !ct_info::MASK, hook::XMIT, Some(packet));
 }
 
 /// `nf_nat_setup_info` completed the connection's NAT decision.
@@ -129,22 +153,68 @@ pub fn on_nat_setup(ct: u64) {
     seen(ct, hook::NAT_SETUP, None);
 }
 
+/// What CONNS knows about `ct`: its entry when the fingerprint matches, else `None`.
+#[inline(always)]
+fn known(ct: u64, fingerprint: u64) -> Option<*mut ConnState> {
+    let state = CONNS.get_ptr_mut(ct)?;
+    // SAFETY: the pointer is into a live map value.
+    (unsafe { (*state).fingerprint } == fingerprint).then_some(state)
+}
+
+/// `Some(netns)` when the connection is one the agent observes (0 when it observes all and the
+/// namespace is read later, if reported), `None` when it is another namespace's.
+#[inline(always)]
+fn observed_netns(ct: u64) -> Option<u32> {
+    // SAFETY: reading a static.
+    let filter = unsafe { core::ptr::read_volatile(&raw const NETNS_FILTER) };
+    if filter == 0 {
+        return Some(0);
+    }
+    // Unreadable counts as foreign: nothing could be reported about it anyway.
+    (netns_of(ct) == Some(filter)).then_some(filter)
+}
+
+/// Remembers a connection of another namespace, so that its next packets cost one lookup.
+#[inline(always)]
+fn remember_foreign(ct: u64, fingerprint: u64) {
+    let state = ConnState {
+        fingerprint,
+        packets: 0,
+        bytes: 0,
+        flags: FOREIGN,
+    };
+    let _ = CONNS.insert(ct, state, 0);
+}
+
 /// conntrack is deleting the connection: report its end and forget it.
 #[inline(always)]
 pub fn on_delete(ct: u64) {
-    let Some((netns, status, orig)) = identify(ct) else {
+    if ct == 0 {
+        return;
+    }
+    let Some(fingerprint) = fingerprint_of(ct) else {
+        return;
+    };
+    let state = known(ct, fingerprint);
+    // SAFETY: the fields are copied out at once; a concurrent update only makes them stale.
+    let (flags, packets, bytes) = match state {
+        Some(s) => unsafe { ((*s).flags, (*s).packets, (*s).bytes) },
+        None => (0, 0, 0),
+    };
+    let netns = if flags & FOREIGN != 0 {
+        None
+    } else {
+        observed_netns(ct)
+    };
+    let status = read::<u64>(ct + off!(ct_status));
+    let _ = CONNS.remove(ct);
+    let (Some(netns), Some(status)) = (netns, status) else {
         return;
     };
     // Another caller already deletes it (nf_ct_delete sets DYING once and bails out after).
     if status & ct_status::DYING != 0 {
         return;
     }
-    let fingerprint = fingerprint(&orig);
-    // SAFETY: the counters are copied out at once; a concurrent update only makes them stale.
-    let (packets, bytes) = match unsafe { CONNS.get(ct) } {
-        Some(state) if state.fingerprint == fingerprint => (state.packets, state.bytes),
-        _ => (0, 0),
-    };
     let report = Report {
         ct,
         kind: event_kind::DESTROY,
@@ -154,66 +224,63 @@ pub fn on_delete(ct: u64) {
         packets,
         bytes,
     };
-    emit(&report, &orig, None);
-    let _ = CONNS.remove(ct);
-}
-
-/// The connection's namespace (when filtering; 0 otherwise, read later if reported), status and
-/// original tuple, or `None` to ignore it.
-#[inline(always)]
-fn identify(ct: u64) -> Option<(u32, u64, RawTuple)> {
-    if ct == 0 {
-        return None;
+    // The entry is gone: a lost end is never recovered, and a connection already counted lost
+    // is not counted twice.
+    if !emit(&report, None) && flags & LOSS_COUNTED == 0 {
+        bump(&LOST);
     }
-    // SAFETY: reading a static.
-    let filter = unsafe { core::ptr::read_volatile(&raw const NETNS_FILTER) };
-    let netns = if filter != 0 {
-        let netns = netns_of(ct)?;
-        if netns != filter {
-            return None;
-        }
-        netns
-    } else {
-        0
-    };
-    let status = read::<u64>(ct + off!(ct_status))?;
-    let mut orig = RawTuple::default();
-    read_tuple(ct, 0, &mut orig).then_some((netns, status, orig))
 }
 
-/// Hot path: on a known connection whose NAT bits did not change, one map lookup and the
-/// counter updates; everything else only when reporting.
+/// Hot path: on a known connection of the observed namespace whose NAT bits did not change,
+/// three probe reads besides `_nfct` (tuple, status, packet length), one map lookup and the
+/// counter updates; on another namespace's known connection, one read and one lookup.
+/// Everything else only when reporting.
 #[inline(always)]
 fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
-    let Some((netns, status, orig)) = identify(ct) else {
+    if ct == 0 {
+        return;
+    }
+    let Some(fingerprint) = fingerprint_of(ct) else {
         return;
     };
-    let fingerprint = fingerprint(&orig);
-    let len = match packet {
-        Some(p) => u64::from(read::<u32>(p.skb + off!(skb_len)).unwrap_or(0)),
-        None => 0,
-    };
-    let counted = u64::from(packet.is_some());
-    let nat = status & ct_status::NAT_MASK;
-
-    let known = match CONNS.get_ptr_mut(ct) {
-        // SAFETY: the pointer is into a live map value; fields are updated in place, counters
-        // atomically because several CPUs send packets of one connection.
-        Some(state) if unsafe { (*state).fingerprint } == fingerprint => unsafe {
-            // The BPF target has no AtomicU64; the intrinsic compiles to BPF's atomic add.
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
-                &raw mut (*state).packets,
-                counted,
-            );
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*state).bytes, len);
-            if (*state).reported == REPORTED | nat {
-                return;
-            }
-            Some(state)
+    let state = known(ct, fingerprint);
+    let (flags, netns) = match state {
+        // SAFETY: the pointer is into a live map value.
+        Some(s) => match unsafe { (*s).flags } {
+            flags if flags & FOREIGN != 0 => return,
+            flags => (flags, 0),
         },
-        _ => None,
+        None => match observed_netns(ct) {
+            Some(netns) => (0, netns),
+            None => return remember_foreign(ct, fingerprint),
+        },
     };
-
+    let Some(status) = read::<u64>(ct + off!(ct_status)) else {
+        return;
+    };
+    let nat = status & ct_status::NAT_MASK;
+    let (counted, len) = match packet {
+        Some(p) => (
+            1,
+            u64::from(read::<u32>(p.skb + off!(skb_len)).unwrap_or(0)),
+        ),
+        None => (0, 0),
+    };
+    if let Some(s) = state {
+        // SAFETY: as above; counters atomically because several CPUs send packets of one
+        // connection. The BPF target has no AtomicU64; the intrinsic compiles to BPF's atomic add.
+        unsafe {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*s).packets, counted);
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*s).bytes, len);
+        }
+    }
+    // A connection first reported without a packet (by nf_nat_setup_info) gets one more NEW
+    // from its first packet, for the interfaces and counters.
+    let wants_ifaces = packet.is_some() && flags & IFACES_REPORTED == 0;
+    let reported_nat = flags & (REPORTED | ct_status::NAT_MASK);
+    if reported_nat == REPORTED | nat && !wants_ifaces {
+        return;
+    }
     let mut report = Report {
         ct,
         kind: event_kind::NEW,
@@ -223,36 +290,55 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
         packets: counted,
         bytes: len,
     };
-    if let Some(state) = known {
+    if flags & REPORTED != 0 && reported_nat != REPORTED | nat {
+        report.kind = event_kind::NAT_CHANGED;
+    }
+    if let Some(s) = state {
         // SAFETY: as above.
         unsafe {
-            if (*state).reported != 0 {
-                report.kind = event_kind::NAT_CHANGED;
-            }
-            report.packets = (*state).packets;
-            report.bytes = (*state).bytes;
+            report.packets = (*s).packets;
+            report.bytes = (*s).bytes;
         }
     }
-    // Not marked reported when the ring buffer is full, so the next packet retries.
-    let reported = if emit(&report, &orig, packet) {
-        REPORTED | nat
-    } else {
-        0
-    };
-    match known {
-        // SAFETY: as above.
-        Some(state) if reported != 0 => unsafe { (*state).reported = reported },
-        Some(_) => {}
+
+    let mut flags = flags;
+    if emit(&report, packet) {
+        flags = (flags & !ct_status::NAT_MASK) | REPORTED | nat;
+        if packet.is_some() {
+            flags |= IFACES_REPORTED;
+        }
+        if flags & LOSS_COUNTED != 0 {
+            bump(&RECOVERED);
+            flags &= !LOSS_COUNTED;
+        }
+    } else if flags & LOSS_COUNTED == 0 {
+        // Not marked reported, so the next packet retries; counted lost only this once.
+        bump(&LOST);
+        flags |= LOSS_COUNTED;
+    }
+    match state {
+        // SAFETY: as above. Two CPUs racing here at worst report the connection twice, which
+        // the agent's flow table absorbs.
+        Some(s) => unsafe { (*s).flags = flags },
         None => {
             let state = ConnState {
                 fingerprint,
                 packets: counted,
                 bytes: len,
-                reported,
+                flags,
             };
             // An LRU insert only fails on allocation failure: the next packet retries.
             let _ = CONNS.insert(ct, state, 0);
         }
+    }
+}
+
+/// Adds one to a per-CPU counter.
+#[inline(always)]
+fn bump(counter: &PerCpuArray<u64>) {
+    if let Some(n) = counter.get_ptr_mut(0) {
+        // SAFETY: per-CPU value, and BPF programs do not migrate while running.
+        unsafe { *n += 1 };
     }
 }
 
@@ -268,17 +354,13 @@ struct Report {
     bytes: u64,
 }
 
-/// Puts one event on the ring buffer; counts it in [`LOST`] and returns false when full.
+/// Puts one event on the ring buffer; returns false when it is full.
 /// Kernel fields are read straight into the reserved record: the BPF stack (512 bytes) is too
 /// small for a staged copy.
 #[inline(always)]
-fn emit(report: &Report, orig: &RawTuple, packet: Option<Packet>) -> bool {
+fn emit(report: &Report, packet: Option<Packet>) -> bool {
     let ct = report.ct;
     let Some(mut entry) = EVENTS.reserve::<ConnEvent>(0) else {
-        if let Some(lost) = LOST.get_ptr_mut(0) {
-            // SAFETY: per-CPU value, and BPF programs do not migrate while running.
-            unsafe { *lost += 1 };
-        }
         return false;
     };
     let ev = entry.as_mut_ptr();
@@ -289,8 +371,9 @@ fn emit(report: &Report, orig: &RawTuple, packet: Option<Packet>) -> bool {
         (*ev).status = report.status;
         (*ev).packets = report.packets;
         (*ev).bytes = report.bytes;
-        (*ev).orig = *orig;
         // A failed read leaves a zero family, which the agent counts as a decode error.
+        (*ev).orig = RawTuple::default();
+        read_tuple(ct, 0, &raw mut (*ev).orig);
         (*ev).reply = RawTuple::default();
         read_tuple(ct, 1, &raw mut (*ev).reply);
         (*ev).netns = if report.netns != 0 {
@@ -302,9 +385,18 @@ fn emit(report: &Report, orig: &RawTuple, packet: Option<Packet>) -> bool {
         (*ev).zone = optional::<u16>(ct, off!(ct_zone_id));
         (*ev).in_ifindex = 0;
         (*ev).out_ifindex = 0;
-        if let Some(p) = packet {
-            read_into(&raw mut (*ev).in_ifindex, p.skb + off!(skb_iif));
-            read_into(&raw mut (*ev).out_ifindex, p.dev + off!(netdev_ifindex));
+        match packet {
+            // The original direction entered where this reply leaves; where it leaves is
+            // unknown until an original-direction packet is sent (for a connection that ends
+            // on this host, never).
+            Some(p) if p.reply => {
+                read_into(&raw mut (*ev).in_ifindex, p.dev + off!(netdev_ifindex));
+            }
+            Some(p) => {
+                read_into(&raw mut (*ev).in_ifindex, p.skb + off!(skb_iif));
+                read_into(&raw mut (*ev).out_ifindex, p.dev + off!(netdev_ifindex));
+            }
+            None => {}
         }
         (*ev).kind = report.kind;
         (*ev).hook = report.hook;
@@ -345,14 +437,15 @@ fn read_tuple(ct: u64, dir: u64, out: *mut RawTuple) -> bool {
     }
 }
 
-/// Cheap hash of the original tuple (which conntrack never changes for a live entry).
+/// Cheap hash of the first [`TUPLE_FINGERPRINT_LEN`] bytes of the original tuple (which
+/// conntrack never changes for a live entry), read in one go.
 #[inline(always)]
-fn fingerprint(t: &RawTuple) -> u64 {
-    // SAFETY: RawTuple is 40 bytes of plain data; the size check is at compile time.
-    let words: [u64; 5] = unsafe { core::mem::transmute(*t) };
+fn fingerprint_of(ct: u64) -> Option<u64> {
+    let t = ct + off!(ct_tuplehash) + off!(tuplehash_tuple);
+    let words = read::<[u64; TUPLE_FINGERPRINT_LEN / 8]>(t)?;
     let mut h: u64 = 0;
     for w in words {
         h = (h ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
     }
-    h
+    Some(h)
 }

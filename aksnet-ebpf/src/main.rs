@@ -20,7 +20,7 @@ mod conn;
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
     macros::{btf_tracepoint, fentry, fexit, kprobe, kretprobe, map},
-    maps::HashMap,
+    maps::LruHashMap,
     programs::{BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RetProbeContext},
 };
 
@@ -31,9 +31,10 @@ const NF_NAT_MANIP_SRC: u32 = 0;
 const NF_ACCEPT: u32 = 1;
 
 /// The `nf_conn` of an `nf_nat_setup_info` call in flight, from the kprobe to the kretprobe
-/// (a kretprobe cannot see the arguments). Keyed by [`call_key`].
+/// (a kretprobe cannot see the arguments). Keyed by [`call_key`]. LRU: a kretprobe the kernel
+/// misses (too many calls in flight) leaves its entry behind, and those must not fill the map.
 #[map]
-static NAT_CALLS: HashMap<u64, u64> = HashMap::with_max_entries(4096, 0);
+static NAT_CALLS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
 
 #[btf_tracepoint(function = "net_dev_start_xmit")]
 pub fn net_dev_start_xmit(ctx: BtfTracePointContext) -> i32 {
@@ -64,7 +65,7 @@ pub fn nf_nat_setup_info_entry(ctx: ProbeContext) -> u32 {
         return 0;
     };
     if maniptype == NF_NAT_MANIP_SRC {
-        // A full map only costs this call's early report: the xmit hook still reports it.
+        // A failed insert only costs this call's early report: the xmit hook still reports it.
         let _ = NAT_CALLS.insert(call_key(), ct, 0);
     }
     0

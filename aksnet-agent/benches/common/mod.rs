@@ -39,5 +39,6 @@ pub fn lb_inbound(n: u32) -> FlowEvent {
         out_ifindex: Some(4),
         packets: None,
         bytes: None,
+        hook: None,
     }
 }

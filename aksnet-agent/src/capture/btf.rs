@@ -5,7 +5,7 @@
 //! Supports split BTF: kernel modules (`/sys/kernel/btf/nf_conntrack`) describe their types on
 //! top of `vmlinux`, continuing its type ids and string offsets.
 
-use aksnet_common::{KernelOffsets, OFFSET_ABSENT};
+use aksnet_common::{KernelOffsets, OFFSET_ABSENT, TUPLE_FINGERPRINT_LEN};
 use std::path::{Path, PathBuf};
 
 const MAGIC: u16 = 0xeb9f;
@@ -67,6 +67,11 @@ pub enum BtfError {
     },
     #[error(transparent)]
     Parse(#[from] ParseError),
+    /// `nf_conn` lives in the `nf_conntrack` module, whose BTF appears only once it is loaded.
+    #[error("nf_conntrack is not loaded (kernel {kernel} has no {} and struct nf_conn is not built in): load it with `modprobe nf_conntrack`, or start the agent after kube-proxy has", module.display())]
+    ConntrackNotLoaded { kernel: String, module: PathBuf },
+    #[error("kernel {kernel}: struct nf_conntrack_tuple is {size} bytes, fewer than the {TUPLE_FINGERPRINT_LEN} the kernel programs read to recognise a connection; use --source netlink on this kernel")]
+    ShortTuple { kernel: String, size: u32 },
     #[error("kernel {kernel}: cannot resolve required field {field}: {cause}")]
     MissingField {
         kernel: String,
@@ -413,14 +418,20 @@ impl BtfSource {
     }
 
     /// Loads `vmlinux`, merged with the `nf_conntrack` module's split BTF when `nf_conn` is
-    /// not built into the kernel.
+    /// not built into the kernel; that module must be loaded.
     pub fn load(&self) -> Result<Btf, BtfError> {
         let vmlinux = Btf::from_file(&self.dir.join("vmlinux"), None)?;
-        let module = self.dir.join("nf_conntrack");
-        if vmlinux.find_struct("nf_conn").is_err() && module.exists() {
-            return Btf::from_file(&module, Some(&vmlinux));
+        if vmlinux.find_struct("nf_conn").is_ok() {
+            return Ok(vmlinux);
         }
-        Ok(vmlinux)
+        let module = self.dir.join("nf_conntrack");
+        if !module.exists() {
+            return Err(BtfError::ConntrackNotLoaded {
+                kernel: self.kernel.clone(),
+                module,
+            });
+        }
+        Btf::from_file(&module, Some(&vmlinux))
     }
 
     /// Resolves every offset the kernel programs need.
@@ -462,6 +473,23 @@ pub fn resolve_offsets(btf: &Btf, kernel: &str) -> Result<KernelOffsets, BtfErro
             field: "sizeof(nf_conntrack_tuple_hash)",
             cause,
         })?;
+    let tuplehash_tuple = required("nf_conntrack_tuple_hash.tuple")?;
+    // The fingerprint read must stay inside the tuple, which must stay inside its hash entry.
+    let tuple_size =
+        btf.struct_size("nf_conntrack_tuple")
+            .map_err(|cause| BtfError::MissingField {
+                kernel: kernel.to_owned(),
+                field: "sizeof(nf_conntrack_tuple)",
+                cause,
+            })?;
+    if (tuple_size as usize) < TUPLE_FINGERPRINT_LEN
+        || tuplehash_tuple + tuple_size > tuplehash_size
+    {
+        return Err(BtfError::ShortTuple {
+            kernel: kernel.to_owned(),
+            size: tuple_size,
+        });
+    }
     Ok(KernelOffsets {
         skb_nfct: required("sk_buff._nfct")?,
         skb_iif: required("sk_buff.skb_iif")?,
@@ -469,7 +497,7 @@ pub fn resolve_offsets(btf: &Btf, kernel: &str) -> Result<KernelOffsets, BtfErro
         netdev_ifindex: required("net_device.ifindex")?,
         ct_tuplehash: required("nf_conn.tuplehash")?,
         tuplehash_size,
-        tuplehash_tuple: required("nf_conntrack_tuple_hash.tuple")?,
+        tuplehash_tuple,
         ct_status: required("nf_conn.status")?,
         ct_zone_id: optional("nf_conn.zone.id")?,
         ct_mark: optional("nf_conn.mark")?,

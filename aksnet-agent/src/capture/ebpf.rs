@@ -34,11 +34,14 @@ pub enum EbpfError {
         #[source]
         source: std::io::Error,
     },
-    #[error("no kernel BTF: {0}; use --source netlink on this kernel")]
-    NoBtf(#[source] BtfError),
+    #[error("no usable kernel BTF: {0}; use --source netlink on this kernel")]
+    NoBtf(String),
+    /// Says itself what to do (load the module).
+    #[error(transparent)]
+    ConntrackNotLoaded(BtfError),
     #[error("cannot resolve kernel struct offsets: {0}; use --source netlink on this kernel")]
     Offsets(#[source] BtfError),
-    #[error("cannot load the eBPF object: {0}")]
+    #[error("cannot load the eBPF object: {0}; use --source netlink, which needs no eBPF")]
     Object(String),
     #[error("the kernel refused {hook}: {errno}; verifier says: {verifier}. This kernel cannot run the eBPF capture (tp_btf needs 5.5+ with BTF); use --source netlink")]
     Refused {
@@ -48,7 +51,7 @@ pub enum EbpfError {
     },
     #[error("cannot attach {hook}: {detail}; use --source netlink")]
     Attach { hook: &'static str, detail: String },
-    #[error("cannot watch the EVENTS ring buffer: {0}")]
+    #[error("cannot watch the EVENTS ring buffer: {0}; use --source netlink, which needs no eBPF")]
     RingBuf(#[source] std::io::Error),
 }
 
@@ -77,10 +80,11 @@ impl EbpfCapture {
     ) -> Result<EbpfCapture, EbpfError> {
         let source = BtfSource::running_kernel();
         let offsets = source.kernel_offsets().map_err(|err| match err {
-            BtfError::Read { .. } => EbpfError::NoBtf(err),
+            BtfError::Read { .. } => EbpfError::NoBtf(err.to_string()),
+            BtfError::ConntrackNotLoaded { .. } => EbpfError::ConntrackNotLoaded(err),
             other => EbpfError::Offsets(other),
         })?;
-        let btf = Btf::from_sys_fs().map_err(|err| EbpfError::Object(chain(&err)))?;
+        let btf = Btf::from_sys_fs().map_err(|err| EbpfError::NoBtf(chain(&err)))?;
         let netns_filter = netns_inode.unwrap_or(0);
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
@@ -109,13 +113,14 @@ impl EbpfCapture {
         // as_raw_fd always returns that fd.
         let events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
             .map_err(|err| EbpfError::RingBuf(err.into()))?;
-        let lost = take_map(&mut ebpf, "LOST")?;
-        let lost: PerCpuArray<MapData, u64> =
-            PerCpuArray::try_from(lost).map_err(|err| EbpfError::Object(chain(&err)))?;
+        let losses = Losses {
+            lost: per_cpu_counter(&mut ebpf, "LOST")?,
+            recovered: per_cpu_counter(&mut ebpf, "RECOVERED")?,
+        };
 
         let tasks = vec![
             tokio::spawn(read_events(events, tx, Arc::clone(&health))),
-            tokio::spawn(poll_lost(lost, health)),
+            tokio::spawn(poll_losses(losses, health)),
         ];
         Ok(EbpfCapture { _ebpf: ebpf, tasks })
     }
@@ -282,6 +287,11 @@ fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map, EbpfError> {
     })
 }
 
+fn per_cpu_counter(ebpf: &mut Ebpf, name: &str) -> Result<PerCpuArray<MapData, u64>, EbpfError> {
+    PerCpuArray::try_from(take_map(ebpf, name)?)
+        .map_err(|err| EbpfError::Object(format!("map {name}: {}", chain(&err))))
+}
+
 /// EPERM on map creation means missing privileges; anything else is reported as is.
 fn object_error(err: aya::EbpfError) -> EbpfError {
     if let aya::EbpfError::MapError(aya::maps::MapError::CreateError { name, io_error }) = &err {
@@ -362,29 +372,44 @@ async fn read_events(
     }
 }
 
-/// Adds the kernel's per-CPU lost-event counts to `health`, warning once per burst of losses.
-async fn poll_lost(lost: PerCpuArray<MapData, u64>, health: Arc<CaptureHealth>) {
-    let mut seen = 0u64;
+/// The kernel's per-CPU loss counters: connections whose report found the ring buffer full
+/// (each counted once), and those of them a later packet did report.
+struct Losses {
+    lost: PerCpuArray<MapData, u64>,
+    recovered: PerCpuArray<MapData, u64>,
+}
+
+impl Losses {
+    fn read(&self) -> Result<(u64, u64), aya::maps::MapError> {
+        let sum = |map: &PerCpuArray<MapData, u64>| {
+            map.get(&0, 0).map(|per_cpu| per_cpu.iter().sum::<u64>())
+        };
+        Ok((sum(&self.lost)?, sum(&self.recovered)?))
+    }
+}
+
+/// Adds the kernel's loss counts to `health`, warning once per burst of losses.
+async fn poll_losses(losses: Losses, health: Arc<CaptureHealth>) {
+    let (mut lost_seen, mut recovered_seen) = (0u64, 0u64);
     let mut in_burst = false;
     let mut interval = tokio::time::interval(LOST_POLL);
     loop {
         interval.tick().await;
-        let total = match lost.get(&0, 0) {
-            Ok(per_cpu) => per_cpu.iter().sum::<u64>(),
+        let (lost, recovered) = match losses.read() {
+            Ok(counts) => counts,
             Err(err) => {
-                log::error!("cannot read the eBPF LOST counter: {err}");
+                log::error!("cannot read the eBPF LOST/RECOVERED counters: {err}");
                 return;
             }
         };
-        let delta = total.saturating_sub(seen);
-        seen = total;
-        if delta > 0 {
-            health.count_lost(delta);
-            if !in_burst {
-                log::warn!(
-                    "eBPF ring buffer full: {delta} events lost in the last {LOST_POLL:?} (the agent falls behind the kernel)"
-                );
-            }
+        let delta = lost.saturating_sub(lost_seen);
+        health.count_lost(delta);
+        health.count_recovered(recovered.saturating_sub(recovered_seen));
+        (lost_seen, recovered_seen) = (lost, recovered);
+        if delta > 0 && !in_burst {
+            log::warn!(
+                "eBPF ring buffer full: {delta} connection(s) not reported in the last {LOST_POLL:?} (the agent falls behind the kernel); their next packet retries"
+            );
         }
         in_burst = delta > 0;
     }

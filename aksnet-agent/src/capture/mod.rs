@@ -30,8 +30,12 @@ pub enum SourceChoice {
 pub struct CaptureHealth {
     /// Events delivered to the pipeline.
     pub events: AtomicU64,
-    /// Events the kernel could not deliver (full ring buffer, netlink ENOBUFS).
+    /// Events the kernel could not deliver (full ring buffer, netlink ENOBUFS). The eBPF source
+    /// counts each connection once, however many of its packets failed to report it.
     pub lost: AtomicU64,
+    /// Connections counted in `lost` that were reported later after all (eBPF: a later packet
+    /// retried): `lost - recovered` connections never reached the agent.
+    pub recovered: AtomicU64,
     /// Records that could not be decoded.
     pub decode_errors: AtomicU64,
     hooks: Mutex<Vec<HookStatus>>,
@@ -62,6 +66,10 @@ impl CaptureHealth {
 
     pub fn count_lost(&self, n: u64) {
         self.lost.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn count_recovered(&self, n: u64) {
+        self.recovered.fetch_add(n, Ordering::Relaxed);
     }
 }
 

@@ -1,7 +1,7 @@
 //! Decoding of the kernel's [`ConnEvent`] records into [`FlowEvent`]s.
 
-use super::{EventKind, FlowEvent, Proto, SourceKind, Tuple};
-use aksnet_common::{event_kind, ConnEvent, RawTuple};
+use super::{EventKind, FlowEvent, Hook, Proto, SourceKind, Tuple};
+use aksnet_common::{event_kind, hook, ConnEvent, RawTuple};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, SystemTime};
 
@@ -16,6 +16,8 @@ pub enum DecodeError {
     Family(u16),
     #[error("unknown event kind {0}")]
     Kind(u8),
+    #[error("unknown hook {0}")]
+    Hook(u8),
 }
 
 /// Converts the kernel's boot-time clock into wall-clock time.
@@ -67,6 +69,12 @@ pub fn decode_conn_event(bytes: &[u8], clock: &BootClock) -> Result<FlowEvent, D
         event_kind::DESTROY => EventKind::Destroy,
         other => return Err(DecodeError::Kind(other)),
     };
+    let hook = match raw.hook {
+        hook::XMIT => Hook::Xmit,
+        hook::NAT_SETUP => Hook::NatSetup,
+        hook::CT_DELETE => Hook::CtDelete,
+        other => return Err(DecodeError::Hook(other)),
+    };
     let nonzero = |v: u32| (v != 0).then_some(v);
     let counted = |v: u64| (raw.packets != 0).then_some(v);
     Ok(FlowEvent {
@@ -84,6 +92,7 @@ pub fn decode_conn_event(bytes: &[u8], clock: &BootClock) -> Result<FlowEvent, D
         out_ifindex: nonzero(raw.out_ifindex),
         packets: counted(raw.packets),
         bytes: counted(raw.bytes),
+        hook: Some(hook),
     })
 }
 
@@ -187,12 +196,14 @@ mod tests {
             orig,
             reply,
             kind: event_kind::NEW,
+            hook: aksnet_common::hook::NAT_SETUP,
             ..Default::default()
         };
         let flow = decode_conn_event(&bytes_of(&ev), &BootClock::now()).unwrap();
         assert_eq!(flow.proto, Proto::Udp);
         assert_eq!(flow.orig.to_string(), "[fd00::5]:5353 -> [2001:db8::53]:53");
         assert_eq!(flow.nat().to_string(), "none");
+        assert_eq!(flow.hook, Some(Hook::NatSetup));
     }
 
     #[test]
@@ -204,6 +215,7 @@ mod tests {
         ));
         let ev = ConnEvent {
             kind: event_kind::NEW,
+            hook: aksnet_common::hook::XMIT,
             ..Default::default()
         };
         assert_eq!(
@@ -218,6 +230,15 @@ mod tests {
         assert_eq!(
             decode_conn_event(&bytes_of(&ev), &clock),
             Err(DecodeError::Kind(42))
+        );
+        let ev = ConnEvent {
+            kind: event_kind::NEW,
+            hook: 9,
+            ..ev
+        };
+        assert_eq!(
+            decode_conn_event(&bytes_of(&ev), &clock),
+            Err(DecodeError::Hook(9))
         );
     }
 }

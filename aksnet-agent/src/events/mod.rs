@@ -203,6 +203,24 @@ impl fmt::Display for SourceKind {
     }
 }
 
+/// Which eBPF hook reported an event (see [`aksnet_common::hook`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Hook {
+    /// A packet leaving an interface: the event carries interfaces and counters.
+    Xmit,
+    /// `nf_nat_setup_info`: the NAT decision, before any packet left.
+    NatSetup,
+    /// `nf_ct_delete`.
+    CtDelete,
+}
+
+impl Hook {
+    /// Whether the hook saw a packet, so the event knows the connection's interfaces.
+    pub fn has_packet(self) -> bool {
+        self == Hook::Xmit
+    }
+}
+
 /// A conntrack entry's state as one capture source reported it at one moment.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FlowEvent {
@@ -227,6 +245,8 @@ pub struct FlowEvent {
     /// Packets and bytes counted so far, where the source counts them.
     pub packets: Option<u64>,
     pub bytes: Option<u64>,
+    /// The eBPF hook that reported the event; `None` for other sources.
+    pub hook: Option<Hook>,
 }
 
 impl FlowEvent {

@@ -4,6 +4,10 @@
 //! eBPF and netlink sources both running, a NAT status change), so the table decides what is new:
 //! downstream outputs see each connection opened once, changed when its NAT changed, and closed once.
 
+mod wait;
+
+pub use wait::{InterfaceWait, INTERFACES_WAIT};
+
 use crate::events::{EventKind, FlowEvent, FlowKey};
 use std::collections::{HashMap, VecDeque};
 use std::time::SystemTime;
@@ -170,7 +174,7 @@ fn merge_details(into: &mut FlowEvent, from: &FlowEvent) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{Proto, SourceKind, Tuple};
+    use crate::events::{Hook, Proto, SourceKind, Tuple};
     use std::time::Duration;
 
     fn event(kind: EventKind, sport: u16, reply_dport: u16) -> FlowEvent {
@@ -201,6 +205,7 @@ mod tests {
             out_ifindex: Some(3),
             packets: None,
             bytes: None,
+            hook: Some(Hook::Xmit),
         }
     }
 

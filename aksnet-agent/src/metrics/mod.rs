@@ -123,6 +123,7 @@ pub struct Metrics {
     lb_snat_pressure: Gauge,
     capture_events: IntCounter,
     capture_lost: IntCounter,
+    capture_recovered: IntCounter,
     capture_decode_errors: IntCounter,
     capture_source: IntGaugeVec,
     capture_hooks: IntGaugeVec,
@@ -216,6 +217,11 @@ impl Metrics {
                 "aksnet_capture_events_lost_total",
                 "Conntrack events the kernel could not deliver (ring buffer full, netlink \
                  ENOBUFS).",
+            )?,
+            capture_recovered: reg.int_counter(
+                "aksnet_capture_events_recovered_total",
+                "Connections counted in aksnet_capture_events_lost_total that a later packet \
+                 reported after all: lost minus recovered were never seen.",
             )?,
             capture_decode_errors: reg.int_counter(
                 "aksnet_capture_decode_errors_total",
@@ -356,6 +362,7 @@ impl Metrics {
     fn refresh_capture(&self, health: &CaptureHealth, source: SourceKind) {
         mirror(&self.capture_events, &health.events);
         mirror(&self.capture_lost, &health.lost);
+        mirror(&self.capture_recovered, &health.recovered);
         mirror(&self.capture_decode_errors, &health.decode_errors);
         self.capture_source.reset();
         self.capture_source
@@ -836,12 +843,17 @@ mod tests {
             health.count_event();
         }
         health.count_lost(3);
+        health.count_recovered(1);
         health.decode_errors.fetch_add(2, Ordering::Relaxed);
         let s = scrape(&m);
         assert_eq!(value(&s, "aksnet_capture_events_total", &[]), Some(5.0));
         assert_eq!(
             value(&s, "aksnet_capture_events_lost_total", &[]),
             Some(3.0)
+        );
+        assert_eq!(
+            value(&s, "aksnet_capture_events_recovered_total", &[]),
+            Some(1.0)
         );
         assert_eq!(
             value(&s, "aksnet_capture_decode_errors_total", &[]),
@@ -887,6 +899,7 @@ mod tests {
         let expected: BTreeMap<&str, &str> = [
             ("aksnet_capture_decode_errors_total", "counter"),
             ("aksnet_capture_events_lost_total", "counter"),
+            ("aksnet_capture_events_recovered_total", "counter"),
             ("aksnet_capture_events_total", "counter"),
             ("aksnet_capture_hook_attached", "gauge"),
             ("aksnet_capture_source_info", "gauge"),

@@ -97,6 +97,7 @@ pub fn read_line(line: &str) -> Result<ReadFlow, String> {
         out_ifindex: None,
         packets: l.packets,
         bytes: l.bytes,
+        hook: None,
     };
     Ok(ReadFlow {
         event,
@@ -231,6 +232,7 @@ mod tests {
             out_ifindex: Some(5),
             packets: None,
             bytes: None,
+            hook: None,
         }
     }
 

@@ -124,6 +124,8 @@ struct Layout {
     zone: bool,
     mark: bool,
     status: bool,
+    /// `sizeof(struct nf_conntrack_tuple)`.
+    tuple: u32,
 }
 
 const DEFAULT: Layout = Layout {
@@ -131,6 +133,7 @@ const DEFAULT: Layout = Layout {
     zone: true,
     mark: true,
     status: true,
+    tuple: 40,
 };
 
 /// Type ids of the vmlinux part that the conntrack part refers to.
@@ -227,7 +230,7 @@ fn add_conntrack(b: &mut Builder, c: &Core, l: Layout) {
     );
     let tuple = b.strukt(
         "nf_conntrack_tuple",
-        40,
+        l.tuple,
         &[at("src", man, 0), at("dst", dst, 20)],
     );
     let bytes16 = b.array(c.u8, c.u32, 16);
@@ -466,13 +469,36 @@ fn conntrack_in_split_module_btf() {
     let dir = BtfDir::new("split", &base.build(), Some(&module.build()));
     assert_eq!(dir.source().kernel_offsets().unwrap(), expected(layout));
 
-    // Without the module file, nf_conn cannot be found, and the error says so.
+    // Without the module file, the module is not loaded, and the error says what to do.
     std::fs::remove_file(dir.0.join("nf_conntrack")).unwrap();
-    let err = dir.source().kernel_offsets().unwrap_err().to_string();
+    let err = dir.source().kernel_offsets().unwrap_err();
     assert!(
-        err.contains("no struct nf_conn") && err.contains("test-kernel"),
+        matches!(err, BtfError::ConntrackNotLoaded { .. }),
+        "{err:?}"
+    );
+    let err = err.to_string();
+    assert!(
+        err.starts_with("nf_conntrack is not loaded")
+            && err.contains("modprobe nf_conntrack")
+            && err.contains("after kube-proxy")
+            && err.contains("test-kernel"),
         "{err}"
     );
+}
+
+#[test]
+fn a_tuple_shorter_than_the_fingerprint_read_is_refused() {
+    let layout = Layout {
+        tuple: 32,
+        ..DEFAULT
+    };
+    let btf = Btf::parse(&kernel(layout), "test").unwrap();
+    let err = resolve_offsets(&btf, "test-kernel").unwrap_err();
+    assert!(
+        matches!(err, BtfError::ShortTuple { size: 32, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("--source netlink"), "{err}");
 }
 
 #[test]

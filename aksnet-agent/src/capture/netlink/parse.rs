@@ -186,6 +186,7 @@ fn parse_event(
         out_ifindex: None,
         packets: counters.map(|c| c.0),
         bytes: counters.map(|c| c.1),
+        hook: None,
     })
 }
 
