@@ -92,7 +92,6 @@ fn record() -> Vec<u8> {
     let ev = lb_inbound(40000);
     let raw = ConnEvent {
         ts_ns: 123_456_789_000,
-        conn_id: 0xffff_8880_1234_5678,
         status: ev.status,
         orig: raw_tuple(&ev.orig, 6),
         reply: raw_tuple(&ev.reply, 6),

@@ -83,8 +83,6 @@ pub struct RawTuple {
 pub struct ConnEvent {
     /// `bpf_ktime_get_boot_ns()` when the event was made.
     pub ts_ns: u64,
-    /// Kernel address of the `nf_conn`: the connection's identity while it lives.
-    pub conn_id: u64,
     /// `nf_conn.status` (see [`ct_status`]).
     pub status: u64,
     /// Packets and bytes the xmit hook counted for this connection (0 when unknown).

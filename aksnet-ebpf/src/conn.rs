@@ -367,7 +367,6 @@ fn emit(report: &Report, packet: Option<Packet>) -> bool {
     // SAFETY: `ev` points to a reserved record of the right size, owned until submit.
     unsafe {
         (*ev).ts_ns = bpf_ktime_get_boot_ns();
-        (*ev).conn_id = ct;
         (*ev).status = report.status;
         (*ev).packets = report.packets;
         (*ev).bytes = report.bytes;

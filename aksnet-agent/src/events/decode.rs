@@ -145,7 +145,6 @@ mod tests {
     fn decodes_a_dnat_event_with_network_order_ports() {
         let ev = ConnEvent {
             ts_ns: 2_000_000_000,
-            conn_id: 0xffff_8880_1234_5678,
             status: ct_status::CONFIRMED | ct_status::DST_NAT | ct_status::DST_NAT_DONE,
             orig: raw_tuple([203, 0, 113, 10], 40000, [20, 45, 123, 10], 80),
             reply: raw_tuple([10, 244, 0, 5], 8080, [203, 0, 113, 10], 40000),
