@@ -8,7 +8,6 @@ use crate::bench::error::BenchError;
 use crate::bench::load;
 use crate::bench::report::{median, thousands, Row};
 use crate::bench::rig::{Rig, CLIENT, FRONTEND};
-use std::collections::HashSet;
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
@@ -33,6 +32,8 @@ pub struct Plan {
 #[derive(Clone, Debug)]
 struct Counts {
     truth: u64,
+    /// Connections of `truth` that reused an earlier connection's 4-tuple in the same run.
+    reused: u64,
     rate: f64,
     agent: u64,
     /// The agent's lost-events counter, or why it could not be read.
@@ -46,10 +47,11 @@ pub fn run(rig: &Rig, plan: &Plan) -> Result<Vec<Row>, BenchError> {
     for i in 0..plan.runs {
         let c = once(rig, plan)?;
         println!(
-            "  run {}/{}: {} connections at {}/s; agent reported {}, lost {}; conntrack -E reported {}{}",
+            "  run {}/{}: {} connections ({} reused a 4-tuple) at {}/s; agent reported {}, lost {}; conntrack -E reported {}{}",
             i + 1,
             plan.runs,
             c.truth,
+            c.reused,
             thousands(c.rate),
             c.agent,
             c.lost.as_ref().map_or_else(|e| format!("unknown ({e})"), u64::to_string),
@@ -89,6 +91,12 @@ pub fn run(rig: &Rig, plan: &Plan) -> Result<Vec<Row>, BenchError> {
             "completeness",
             format!("connections completed (traffic generator, ground truth; {connections})"),
             thousands(truth),
+            agg.clone(),
+        ),
+        Row::new(
+            "completeness",
+            "… of which reused an earlier connection's 4-tuple (client port handed out again)",
+            thousands(med(&|c| c.reused as f64)),
             agg.clone(),
         ),
         Row::new(
@@ -165,6 +173,7 @@ fn once(rig: &Rig, plan: &Plan) -> Result<Counts, BenchError> {
     let (conntrack, conntrack_warned) = watcher.stop()?;
     Ok(Counts {
         truth: storm.ok,
+        reused: storm.reused,
         rate: storm.per_second(),
         agent: agent_count,
         lost,
@@ -173,12 +182,12 @@ fn once(rig: &Rig, plan: &Plan) -> Result<Counts, BenchError> {
     })
 }
 
-/// Distinct measured connections (the client's source port) among the agent's `new` lines that
-/// show the frontend's DNAT.
+/// The agent's `new` lines for measured connections that show the frontend's DNAT. Not
+/// deduplicated by tuple: a 4-tuple the client reused is a new conntrack entry, reported anew.
 fn count_agent(lines: &[String]) -> u64 {
     let client = CLIENT.to_string();
     let frontend = FRONTEND.ip().to_string();
-    let mut seen = HashSet::new();
+    let mut count = 0;
     for line in lines {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
@@ -187,18 +196,15 @@ fn count_agent(lines: &[String]) -> u64 {
         let dnat = v["nat"]
             .as_array()
             .is_some_and(|n| n.iter().any(|x| x == "dnat"));
-        if v["event"] == "new"
-            && dnat
-            && orig["src"] == client.as_str()
-            && orig["dst"] == frontend.as_str()
-            && orig["dport"] == FRONTEND.port()
-        {
-            if let Some(sport) = orig["sport"].as_u64() {
-                seen.insert(sport);
-            }
-        }
+        count += u64::from(
+            v["event"] == "new"
+                && dnat
+                && orig["src"] == client.as_str()
+                && orig["dst"] == frontend.as_str()
+                && orig["dport"] == FRONTEND.port(),
+        );
     }
-    seen.len() as u64
+    count
 }
 
 /// A port on 127.0.0.1 free right now, for the agent's metrics endpoint.
@@ -292,8 +298,8 @@ impl ConntrackWatcher {
     }
 }
 
-/// Distinct measured connections among `[NEW]` lines; the first src/dst/sport/dport of a line
-/// are the original direction.
+/// `[NEW]` lines of measured connections; the first src/dst/dport of a line are the original
+/// direction.
 fn count_conntrack(text: &str) -> u64 {
     let field = |line: &str, key: &str| -> Option<String> {
         line.split_whitespace()
@@ -305,18 +311,15 @@ fn count_conntrack(text: &str) -> u64 {
         FRONTEND.ip().to_string(),
         FRONTEND.port().to_string(),
     );
-    let mut seen = HashSet::new();
-    for line in text.lines().filter(|l| l.contains("[NEW]")) {
-        if field(line, "src=").as_deref() == Some(client.as_str())
+    let measured = |line: &&str| {
+        field(line, "src=").as_deref() == Some(client.as_str())
             && field(line, "dst=").as_deref() == Some(frontend.as_str())
             && field(line, "dport=").as_deref() == Some(port.as_str())
-        {
-            if let Some(sport) = field(line, "sport=") {
-                seen.insert(sport);
-            }
-        }
-    }
-    seen.len() as u64
+    };
+    text.lines()
+        .filter(|l| l.contains("[NEW]"))
+        .filter(measured)
+        .count() as u64
 }
 
 #[cfg(test)]
@@ -324,11 +327,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn counts_each_measured_connection_once() {
+    fn counts_measured_connections_only() {
         let conntrack = "    [NEW] tcp      6 120 SYN_SENT src=203.0.113.10 dst=192.0.2.10 sport=40000 dport=80 [UNREPLIED] src=10.244.0.10 dst=10.244.0.1 sport=8080 dport=40000\n\
                          \x20   [NEW] tcp      6 120 SYN_SENT src=203.0.113.11 dst=192.0.2.10 sport=40001 dport=80 [UNREPLIED] src=10.244.0.10 dst=10.244.0.1 sport=8080 dport=40001\n\
                          \x20   [NEW] tcp      6 120 SYN_SENT src=203.0.113.10 dst=192.0.2.10 sport=40000 dport=80 [UNREPLIED] src=10.244.0.10 dst=10.244.0.1 sport=8080 dport=40000\n";
-        assert_eq!(count_conntrack(conntrack), 1);
+        assert_eq!(
+            count_conntrack(conntrack),
+            2,
+            "a reused tuple is a new entry"
+        );
         let agent = [
             r#"{"event":"new","orig":{"src":"203.0.113.10","sport":40000,"dst":"192.0.2.10","dport":80},"nat":["dnat","snat"]}"#,
             r#"{"event":"new","orig":{"src":"203.0.113.10","sport":40000,"dst":"192.0.2.10","dport":80},"nat":["dnat","snat"]}"#,
@@ -338,6 +345,6 @@ mod tests {
             "not json",
         ]
         .map(String::from);
-        assert_eq!(count_agent(&agent), 2);
+        assert_eq!(count_agent(&agent), 3);
     }
 }

@@ -4,6 +4,7 @@
 
 use crate::bench::error::BenchError;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use std::collections::HashSet;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -155,8 +156,8 @@ fn serve(listener: &TcpListener, stop: &AtomicBool) -> Result<u64, BenchError> {
 }
 
 /// One client connection: connect from `src`, one byte each way, then close with a reset (no
-/// TIME_WAIT, so thousands of runs do not exhaust the client's ports).
-pub fn connect_once(src: Ipv4Addr, dst: SocketAddrV4) -> Result<(), std::io::Error> {
+/// TIME_WAIT, so thousands of runs do not exhaust the client's ports). Returns the source port.
+pub fn connect_once(src: Ipv4Addr, dst: SocketAddrV4) -> Result<u16, std::io::Error> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     let on: libc::c_int = 1;
     // SAFETY: a valid socket fd and a pointer to an int of the size passed. Choosing the port at
@@ -178,16 +179,20 @@ pub fn connect_once(src: Ipv4Addr, dst: SocketAddrV4) -> Result<(), std::io::Err
     socket.set_read_timeout(Some(IO_TIMEOUT))?;
     socket.set_linger(Some(Duration::ZERO))?;
     let mut stream: TcpStream = socket.into();
+    let port = stream.local_addr()?.port();
     stream.write_all(&[1])?;
     let mut byte = [0u8; 1];
     stream.read_exact(&mut byte)?;
-    Ok(())
+    Ok(port)
 }
 
 /// What a connection storm achieved.
 #[derive(Clone, Debug)]
 pub struct Storm {
     pub ok: u64,
+    /// Completed connections whose source port (so whole 4-tuple) an earlier one in this storm
+    /// had used: without TIME_WAIT the kernel hands ports out again at once.
+    pub reused: u64,
     pub failed: u64,
     pub elapsed: Duration,
     pub first_error: Option<String>,
@@ -221,17 +226,17 @@ pub fn storm(
                 start.wait();
                 entered?;
                 let began = Instant::now();
-                let (mut ok, mut failed, mut first_error) = (0u64, 0u64, None);
+                let (mut ports, mut failed, mut first_error) = (Vec::new(), 0u64, None);
                 while next.fetch_add(1, Ordering::Relaxed) < count && began.elapsed() < deadline {
                     match connect_once(src, dst) {
-                        Ok(()) => ok += 1,
+                        Ok(port) => ports.push(port),
                         Err(e) => {
                             failed += 1;
                             first_error.get_or_insert_with(|| e.to_string());
                         }
                     }
                 }
-                Ok::<_, BenchError>((ok, failed, first_error))
+                Ok::<_, BenchError>((ports, failed, first_error))
             })
         })
         .collect();
@@ -239,17 +244,25 @@ pub fn storm(
     let began = Instant::now();
     let mut total = Storm {
         ok: 0,
+        reused: 0,
         failed: 0,
         elapsed: Duration::ZERO,
         first_error: None,
     };
-    for handle in handles {
-        let (ok, failed, first_error) = join(handle, "a connection worker")?;
-        total.ok += ok;
+    let results = handles
+        .into_iter()
+        .map(|h| join(h, "a connection worker"))
+        .collect::<Result<Vec<_>, _>>()?;
+    total.elapsed = began.elapsed();
+    let mut used = HashSet::new();
+    for (ports, failed, first_error) in results {
+        for port in ports {
+            total.ok += 1;
+            total.reused += u64::from(!used.insert(port));
+        }
         total.failed += failed;
         total.first_error = total.first_error.or(first_error);
     }
-    total.elapsed = began.elapsed();
     Ok(total)
 }
 

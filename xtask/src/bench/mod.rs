@@ -136,7 +136,8 @@ fn notes(plan: &Plan) -> Vec<String> {
             .to_string(),
         format!(
             "Completeness: {} connections per run from {} clients as fast as the lab takes them. The agent \
-             count is distinct client ports among its `new` lines showing the frontend's DNAT; its lost count \
+             count is its `new` lines showing the frontend's DNAT, not deduplicated (a client port reused \
+             after a reset is a new conntrack entry, and `conntrack -E` counts it so); its lost count \
              is `aksnet_capture_events_lost_total` from `--metrics-listen`, read after it went quiet. \
              `conntrack -E -e NEW -p tcp` ran in the node namespace at the same time, unfiltered.",
             c.connections, c.workers
