@@ -469,18 +469,24 @@ impl<W: Write> Pipeline<W> {
         match update {
             Update::Opened(flow) => self.report(EventKind::New, &flow.event),
             Update::NatChanged(flow) => self.report(EventKind::NatChanged, &flow.event),
-            Update::Closed(flow) => {
-                if let Some(metrics) = &self.metrics {
-                    metrics.observe_end(&flow.event.key());
-                }
-                if self.show_ends {
-                    let view = self.view(EventKind::Destroy, &flow.event, None);
-                    self.write(&view)?;
-                }
-                Ok(())
+            Update::Closed(flow) => self.close(&flow.event),
+            Update::Replaced { ended, opened } => {
+                self.close(&ended.event)?;
+                self.report(EventKind::New, &opened.event)
             }
             Update::Unchanged => Ok(()),
         }
+    }
+
+    fn close(&mut self, event: &FlowEvent) -> Result<(), AgentError> {
+        if let Some(metrics) = &self.metrics {
+            metrics.observe_end(&event.key());
+        }
+        if self.show_ends {
+            let view = self.view(EventKind::Destroy, event, None);
+            self.write(&view)?;
+        }
+        Ok(())
     }
 
     fn report(&mut self, kind: EventKind, event: &FlowEvent) -> Result<(), AgentError> {

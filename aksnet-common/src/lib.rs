@@ -83,6 +83,9 @@ pub struct RawTuple {
 pub struct ConnEvent {
     /// `bpf_ktime_get_boot_ns()` when the event was made.
     pub ts_ns: u64,
+    /// Identifies the `nf_conn` while it lives: its address XOR the agent's random
+    /// `CONN_ID_KEY`, so the kernel address itself never leaves the kernel.
+    pub conn_id: u64,
     /// `nf_conn.status` (see [`ct_status`]).
     pub status: u64,
     /// Packets and bytes the xmit hook counted for this connection (0 when unknown).
@@ -106,7 +109,16 @@ pub struct ConnEvent {
     pub kind: u8,
     /// One of [`hook`].
     pub hook: u8,
-    pub _pad: [u8; 4],
+    /// [`conn_flags`] bits.
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Bits of [`ConnEvent::flags`].
+pub mod conn_flags {
+    /// This `NEW` is a new connection in an `nf_conn` that an earlier connection with the same
+    /// original tuple used: the earlier one ended, even if its end was not reported yet.
+    pub const RENEWED: u8 = 1 << 0;
 }
 
 /// Marks an offset that the running kernel does not have (the field is compiled out).

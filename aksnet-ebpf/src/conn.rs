@@ -1,8 +1,8 @@
 //! What every hook does with an `nf_conn`: read it, decide whether it is news, report it.
 
 use aksnet_common::{
-    ct_info, ct_status, event_kind, hook, ConnEvent, KernelOffsets, RawTuple, OFFSET_ABSENT,
-    TUPLE_FINGERPRINT_LEN,
+    conn_flags, ct_info, ct_status, event_kind, hook, ConnEvent, KernelOffsets, RawTuple,
+    OFFSET_ABSENT, TUPLE_FINGERPRINT_LEN,
 };
 use aya_ebpf::{
     helpers::{
@@ -41,6 +41,11 @@ static OFFSETS: KernelOffsets = KernelOffsets {
 /// Network namespace inode to report, 0 for all namespaces. Written by the agent before load.
 #[unsafe(no_mangle)]
 static NETNS_FILTER: u32 = 0;
+
+/// Random key the agent writes before load; events carry `nf_conn address ^ key` as the
+/// connection's identity, so kernel addresses never reach userspace.
+#[unsafe(no_mangle)]
+static CONN_ID_KEY: u64 = 0;
 
 /// Records for the agent, one [`ConnEvent`] each.
 #[map]
@@ -84,6 +89,10 @@ const IFACES_REPORTED: u64 = 1 << 62;
 const FOREIGN: u64 = 1 << 61;
 /// An event of the connection found the ring buffer full and was counted in [`LOST`].
 const LOSS_COUNTED: u64 = 1 << 60;
+/// The connection has seen a reply (`IPS_SEEN_REPLY`). conntrack never clears that bit, so a
+/// packet whose status lacks it belongs to a new connection reusing this `nf_conn` for the
+/// same tuple (where `nf_ct_delete` cannot be hooked to forget the old one).
+const SEEN_REPLY_STORED: u64 = 1 << 59;
 
 /// One offset from [`OFFSETS`]; volatile so the compiler cannot fold the placeholder value the
 /// agent overwrites.
@@ -223,6 +232,7 @@ pub fn on_delete(ct: u64) {
         netns,
         packets,
         bytes,
+        renewed: false,
     };
     // The entry is gone: a lost end is never recovered, and a connection already counted lost
     // is not counted twice.
@@ -258,6 +268,19 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
     let Some(status) = read::<u64>(ct + off!(ct_status)) else {
         return;
     };
+    let renewed = flags & SEEN_REPLY_STORED != 0 && status & ct_status::SEEN_REPLY == 0;
+    let flags = if renewed {
+        if let Some(s) = state {
+            // SAFETY: as above; the old connection's counters start over with the new one.
+            unsafe {
+                (*s).packets = 0;
+                (*s).bytes = 0;
+            }
+        }
+        0
+    } else {
+        flags
+    };
     let nat = status & ct_status::NAT_MASK;
     let (counted, len) = match packet {
         Some(p) => (
@@ -279,6 +302,12 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
     let wants_ifaces = packet.is_some() && flags & IFACES_REPORTED == 0;
     let reported_nat = flags & (REPORTED | ct_status::NAT_MASK);
     if reported_nat == REPORTED | nat && !wants_ifaces {
+        if status & ct_status::SEEN_REPLY != 0 && flags & SEEN_REPLY_STORED == 0 {
+            if let Some(s) = state {
+                // SAFETY: as above; written once per connection.
+                unsafe { (*s).flags = flags | SEEN_REPLY_STORED };
+            }
+        }
         return;
     }
     let mut report = Report {
@@ -289,6 +318,7 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
         netns,
         packets: counted,
         bytes: len,
+        renewed,
     };
     if flags & REPORTED != 0 && reported_nat != REPORTED | nat {
         report.kind = event_kind::NAT_CHANGED;
@@ -302,6 +332,9 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
     }
 
     let mut flags = flags;
+    if status & ct_status::SEEN_REPLY != 0 {
+        flags |= SEEN_REPLY_STORED;
+    }
     if emit(&report, packet) {
         flags = (flags & !ct_status::NAT_MASK) | REPORTED | nat;
         if packet.is_some() {
@@ -352,6 +385,8 @@ struct Report {
     netns: u32,
     packets: u64,
     bytes: u64,
+    /// See [`conn_flags::RENEWED`].
+    renewed: bool,
 }
 
 /// Puts one event on the ring buffer; returns false when it is full.
@@ -367,6 +402,7 @@ fn emit(report: &Report, packet: Option<Packet>) -> bool {
     // SAFETY: `ev` points to a reserved record of the right size, owned until submit.
     unsafe {
         (*ev).ts_ns = bpf_ktime_get_boot_ns();
+        (*ev).conn_id = ct ^ core::ptr::read_volatile(&raw const CONN_ID_KEY);
         (*ev).status = report.status;
         (*ev).packets = report.packets;
         (*ev).bytes = report.bytes;
@@ -399,7 +435,12 @@ fn emit(report: &Report, packet: Option<Packet>) -> bool {
         }
         (*ev).kind = report.kind;
         (*ev).hook = report.hook;
-        (*ev)._pad = [0; 4];
+        (*ev).flags = if report.renewed {
+            conn_flags::RENEWED
+        } else {
+            0
+        };
+        (*ev)._pad = [0; 3];
     }
     entry.submit(0);
     true

@@ -167,3 +167,86 @@ fn kubenet_netlink() {
 fn azure_cni_netlink() {
     end_to_end(Cni::AzureCni, "netlink");
 }
+
+/// Clients that close with a reset may reuse their port at once: conntrack then ends the old entry
+/// and makes a new one for the same tuple, often in the same freed `nf_conn`. Each connection must
+/// still be reported opened, and the earlier one ended.
+fn reused_client_port(source: &str) {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    use std::io::{Read, Write};
+    use std::net::SocketAddrV4;
+    use xtask::lab::topology::plan;
+    use xtask::lab::Host;
+
+    const CONNECTIONS: usize = 5;
+    const CLIENT_PORT: u16 = 41_234;
+    require_root();
+    let lab = Lab::up(LabOptions::new(Cni::Kubenet)).unwrap();
+    let agent = Agent::start(
+        Path::new(env!("CARGO_BIN_EXE_aksnet-agent")),
+        &lab,
+        source,
+        &[],
+        &[],
+    );
+    let inet = lab.netns(Host::Inet);
+    let client = std::thread::spawn(move || {
+        xtask::bench::load::enter(&inet).unwrap();
+        let local = SockAddr::from(SocketAddrV4::new(plan::CLIENT, CLIENT_PORT));
+        let frontend = SockAddr::from(SocketAddrV4::new(plan::FRONTEND_APP, 80));
+        for _ in 0..CONNECTIONS {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            socket.set_reuse_address(true).unwrap();
+            socket.bind(&local).unwrap();
+            socket
+                .connect_timeout(&frontend, Duration::from_secs(2))
+                .unwrap();
+            let mut stream = std::net::TcpStream::from(socket);
+            stream
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            stream.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+            let mut answer = Vec::new();
+            let _ = stream.read_to_end(&mut answer);
+            assert!(answer.starts_with(b"HTTP/1."), "no HTTP answer");
+            // A reset instead of FIN: no TIME_WAIT, so the next connect reuses the tuple now.
+            Socket::from(stream)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+        }
+    });
+    client.join().expect("the client thread failed");
+    let lines = agent.finish();
+    let ours = |v: &&serde_json::Value| {
+        v["orig"]["sport"] == CLIENT_PORT && v["orig"]["dst"] == plan::FRONTEND_APP.to_string()
+    };
+    let opened = lines
+        .iter()
+        .filter(|v| v["event"] == "new")
+        .filter(ours)
+        .count();
+    let ended = lines
+        .iter()
+        .filter(|v| v["event"] == "destroy")
+        .filter(ours)
+        .count();
+    lab.down().unwrap();
+    assert_eq!(
+        opened, CONNECTIONS,
+        "--source {source}: connections reported opened"
+    );
+    assert!(
+        ended >= CONNECTIONS - 1,
+        "--source {source}: only {ended} earlier connections reported ended"
+    );
+}
+
+#[test]
+fn reused_client_port_ebpf() {
+    reused_client_port("ebpf");
+}
+
+#[test]
+fn reused_client_port_netlink() {
+    reused_client_port("netlink");
+}

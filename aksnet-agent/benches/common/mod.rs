@@ -40,5 +40,6 @@ pub fn lb_inbound(n: u32) -> FlowEvent {
         packets: None,
         bytes: None,
         hook: None,
+        instance: None,
     }
 }

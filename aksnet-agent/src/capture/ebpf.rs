@@ -90,6 +90,7 @@ impl EbpfCapture {
             .btf(Some(&btf))
             .override_global("OFFSETS", &offsets, true)
             .override_global("NETNS_FILTER", &netns_filter, true)
+            .override_global("CONN_ID_KEY", &conn_id_key(), true)
             .load(OBJECT)
             .map_err(object_error)?;
 
@@ -123,6 +124,22 @@ impl EbpfCapture {
             tokio::spawn(poll_losses(losses, health)),
         ];
         Ok(EbpfCapture { _ebpf: ebpf, tasks })
+    }
+}
+
+/// A random key that hides kernel addresses in the events' connection ids.
+fn conn_id_key() -> u64 {
+    let mut key = [0u8; 8];
+    // SAFETY: `key` is a valid buffer of the length passed.
+    let filled = unsafe { libc::getrandom(key.as_mut_ptr().cast(), key.len(), 0) };
+    if filled == key.len() as isize {
+        u64::from_ne_bytes(key)
+    } else {
+        // getrandom cannot fail for 8 bytes once the pool is ready; the clock still hides
+        // addresses from a casual reader if it ever does.
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0x9e37_79b9_7f4a_7c15, |d| d.as_nanos() as u64)
     }
 }
 

@@ -1,7 +1,7 @@
 //! Decoding of the kernel's [`ConnEvent`] records into [`FlowEvent`]s.
 
-use super::{EventKind, FlowEvent, Hook, Proto, SourceKind, Tuple};
-use aksnet_common::{event_kind, hook, ConnEvent, RawTuple};
+use super::{EventKind, FlowEvent, Hook, Instance, Proto, SourceKind, Tuple};
+use aksnet_common::{conn_flags, event_kind, hook, ConnEvent, RawTuple};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, SystemTime};
 
@@ -93,6 +93,10 @@ pub fn decode_conn_event(bytes: &[u8], clock: &BootClock) -> Result<FlowEvent, D
         packets: counted(raw.packets),
         bytes: counted(raw.bytes),
         hook: Some(hook),
+        instance: Some(Instance {
+            id: raw.conn_id,
+            renewed: raw.flags & conn_flags::RENEWED != 0,
+        }),
     })
 }
 

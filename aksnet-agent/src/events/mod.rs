@@ -247,6 +247,17 @@ pub struct FlowEvent {
     pub bytes: Option<u64>,
     /// The eBPF hook that reported the event; `None` for other sources.
     pub hook: Option<Hook>,
+    /// Which conntrack entry, where the source tells (eBPF); `None` for netlink.
+    pub instance: Option<Instance>,
+}
+
+/// One conntrack entry's identity, as the eBPF source reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Instance {
+    /// Opaque while the entry lives (see `ConnEvent::conn_id`); reused after it ends.
+    pub id: u64,
+    /// A new connection reusing the entry of an earlier one with the same tuple.
+    pub renewed: bool,
 }
 
 impl FlowEvent {

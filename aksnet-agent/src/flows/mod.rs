@@ -21,6 +21,9 @@ pub struct Flow {
     pub last_seen: SystemTime,
     /// Insertion order, for eviction when the table is full.
     seq: u64,
+    /// This flow replaced an earlier connection on the same tuple whose end was not seen yet: the
+    /// next end without an instance id (netlink's) is that earlier connection's.
+    earlier_end_pending: bool,
 }
 
 /// What an event changed in the table.
@@ -32,6 +35,9 @@ pub enum Update {
     NatChanged(Flow),
     /// A known connection ended; the flow as it was last known.
     Closed(Flow),
+    /// A new connection on the tuple of a live one, which therefore ended (its end may still
+    /// come, late, from another source).
+    Replaced { ended: Box<Flow>, opened: Flow },
     /// Nothing an output needs to show: a repeat of a known state, the end of a connection that
     /// was never seen open (it started before the agent, or was evicted), or a late end of an
     /// earlier connection whose tuple a new one already reuses.
@@ -74,34 +80,46 @@ impl FlowTable {
 
     pub fn apply(&mut self, event: FlowEvent) -> Update {
         let key = event.key();
+        let Some(flow) = self.flows.get_mut(&key) else {
+            return match event.kind {
+                EventKind::Destroy => Update::Unchanged,
+                EventKind::New | EventKind::NatChanged => Update::Opened(self.insert(key, event)),
+            };
+        };
         match event.kind {
-            EventKind::Destroy => match self.flows.get(&key) {
-                // Sources race: a new connection on the same tuple can be reported (eBPF, at its
-                // first packet) before the old one's end (netlink). The end carries the old
-                // connection's reply tuple.
-                Some(flow) if flow.event.reply == event.reply => {
-                    let mut flow = self.flows.remove(&key).expect("just found");
-                    flow.last_seen = event.ts;
-                    merge_details(&mut flow.event, &event);
-                    Update::Closed(flow)
+            EventKind::Destroy if !ends(flow, &event) => Update::Unchanged,
+            EventKind::Destroy => {
+                let mut flow = self.flows.remove(&key).expect("just found");
+                flow.last_seen = event.ts;
+                merge_details(&mut flow.event, &event);
+                Update::Closed(flow)
+            }
+            EventKind::New if replaces(flow, &event) => {
+                let mut ended = self.flows.remove(&key).expect("just found");
+                ended.last_seen = event.ts;
+                let mut opened = self.insert(key, event);
+                opened.earlier_end_pending = true;
+                self.flows
+                    .get_mut(&key)
+                    .expect("just inserted")
+                    .earlier_end_pending = true;
+                Update::Replaced {
+                    ended: Box::new(ended),
+                    opened,
                 }
-                _ => Update::Unchanged,
-            },
-            EventKind::New | EventKind::NatChanged => match self.flows.get_mut(&key) {
-                Some(flow) => {
-                    flow.last_seen = event.ts;
-                    let nat_changed = flow.event.reply != event.reply;
-                    merge_details(&mut flow.event, &event);
-                    if nat_changed {
-                        flow.event.reply = event.reply;
-                        flow.event.status = event.status;
-                        Update::NatChanged(flow.clone())
-                    } else {
-                        Update::Unchanged
-                    }
+            }
+            EventKind::New | EventKind::NatChanged => {
+                flow.last_seen = event.ts;
+                let nat_changed = flow.event.reply != event.reply;
+                merge_details(&mut flow.event, &event);
+                if nat_changed {
+                    flow.event.reply = event.reply;
+                    flow.event.status = event.status;
+                    Update::NatChanged(flow.clone())
+                } else {
+                    Update::Unchanged
                 }
-                None => Update::Opened(self.insert(key, event)),
-            },
+            }
         }
     }
 
@@ -116,6 +134,7 @@ impl FlowTable {
             last_seen: event.ts,
             event,
             seq,
+            earlier_end_pending: false,
         };
         self.order.push_back((key, seq));
         self.flows.insert(key, flow.clone());
@@ -161,6 +180,30 @@ impl FlowTable {
     }
 }
 
+/// Whether a `NEW` for a live flow's tuple is another connection: a different conntrack entry
+/// (two live entries never share a tuple, so the flow's has ended), or its entry reused. Without
+/// ids (netlink) a repeat is the same connection: netlink reports the old end first.
+fn replaces(flow: &Flow, new: &FlowEvent) -> bool {
+    match (flow.event.instance, new.instance) {
+        (Some(live), Some(new)) => live.id != new.id || new.renewed,
+        _ => false,
+    }
+}
+
+/// Whether an end belongs to the live flow rather than to an earlier connection on its tuple.
+/// Sources race: eBPF reports a new connection at its first packet, possibly before netlink
+/// reports the end of the old one.
+fn ends(flow: &mut Flow, end: &FlowEvent) -> bool {
+    match (flow.event.instance, end.instance) {
+        (Some(live), Some(ended)) => live.id == ended.id,
+        _ if flow.earlier_end_pending => {
+            flow.earlier_end_pending = false;
+            false
+        }
+        _ => flow.event.reply == end.reply,
+    }
+}
+
 /// Fills in what a later event knows and the first did not (interfaces, counters).
 fn merge_details(into: &mut FlowEvent, from: &FlowEvent) {
     into.in_ifindex = into.in_ifindex.or(from.in_ifindex);
@@ -174,7 +217,7 @@ fn merge_details(into: &mut FlowEvent, from: &FlowEvent) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{Hook, Proto, SourceKind, Tuple};
+    use crate::events::{Hook, Instance, Proto, SourceKind, Tuple};
     use std::time::Duration;
 
     fn event(kind: EventKind, sport: u16, reply_dport: u16) -> FlowEvent {
@@ -206,6 +249,7 @@ mod tests {
             packets: None,
             bytes: None,
             hook: Some(Hook::Xmit),
+            instance: None,
         }
     }
 
@@ -291,5 +335,72 @@ mod tests {
             "order queue grew to {}",
             table.order.len()
         );
+    }
+
+    fn of_entry(mut event: FlowEvent, id: u64, renewed: bool) -> FlowEvent {
+        event.instance = Some(Instance { id, renewed });
+        event
+    }
+
+    #[test]
+    fn a_late_end_of_an_earlier_connection_leaves_the_new_one_open() {
+        let mut table = FlowTable::new(10);
+        // The new connection on the tuple was MASQUERADEd to another port than the old one.
+        table.apply(event(EventKind::New, 1000, 6000));
+        assert_eq!(
+            table.apply(event(EventKind::Destroy, 1000, 5000)),
+            Update::Unchanged
+        );
+        assert_eq!(table.stats().live, 1);
+        assert!(matches!(
+            table.apply(event(EventKind::Destroy, 1000, 6000)),
+            Update::Closed(_)
+        ));
+    }
+
+    #[test]
+    fn another_entry_on_a_live_tuple_replaces_the_flow_and_its_late_end_is_not_the_new_ones() {
+        let mut table = FlowTable::new(10);
+        table.apply(of_entry(event(EventKind::New, 1000, 5000), 1, false));
+        match table.apply(of_entry(event(EventKind::New, 1000, 5000), 2, false)) {
+            Update::Replaced { ended, opened } => {
+                assert_eq!(ended.event.instance.map(|i| i.id), Some(1));
+                assert_eq!(opened.event.instance.map(|i| i.id), Some(2));
+            }
+            other => panic!("expected Replaced, got {other:?}"),
+        }
+        // netlink's end of entry 1 (no id, same reply tuple) arrives after entry 2 opened.
+        assert_eq!(
+            table.apply(event(EventKind::Destroy, 1000, 5000)),
+            Update::Unchanged
+        );
+        assert_eq!(table.stats().live, 1);
+        assert!(matches!(
+            table.apply(event(EventKind::Destroy, 1000, 5000)),
+            Update::Closed(_)
+        ));
+    }
+
+    #[test]
+    fn a_renewed_entry_replaces_and_a_repeat_of_the_same_entry_does_not() {
+        let mut table = FlowTable::new(10);
+        table.apply(of_entry(event(EventKind::New, 1000, 5000), 7, false));
+        // The kernel map forgot the entry (LRU) and reported it again: the same connection.
+        let repeat = of_entry(event(EventKind::New, 1000, 5000), 7, false);
+        assert_eq!(table.apply(repeat), Update::Unchanged);
+        // The entry was freed and reused for a new connection on the same tuple.
+        let renewed = of_entry(event(EventKind::New, 1000, 5000), 7, true);
+        assert!(matches!(table.apply(renewed), Update::Replaced { .. }));
+    }
+
+    #[test]
+    fn an_end_with_an_entry_id_closes_only_that_entry() {
+        let mut table = FlowTable::new(10);
+        table.apply(of_entry(event(EventKind::New, 1000, 5000), 1, false));
+        table.apply(of_entry(event(EventKind::New, 1000, 5000), 2, false));
+        let late = of_entry(event(EventKind::Destroy, 1000, 5000), 1, false);
+        assert_eq!(table.apply(late), Update::Unchanged);
+        let own = of_entry(event(EventKind::Destroy, 1000, 5000), 2, false);
+        assert!(matches!(table.apply(own), Update::Closed(_)));
     }
 }

@@ -148,6 +148,7 @@ mod tests {
             packets: has_packet.then_some(1),
             bytes: has_packet.then_some(60),
             hook,
+            instance: None,
         }
     }
 

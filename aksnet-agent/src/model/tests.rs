@@ -121,6 +121,7 @@ pub(crate) fn flow(proto: Proto, src: &str, dst: &str, nat_src: &str, nat_dst: &
         packets: None,
         bytes: None,
         hook: None,
+        instance: None,
     }
 }
 

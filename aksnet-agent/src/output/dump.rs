@@ -98,6 +98,7 @@ pub fn read_line(line: &str) -> Result<ReadFlow, String> {
         packets: l.packets,
         bytes: l.bytes,
         hook: None,
+        instance: None,
     };
     Ok(ReadFlow {
         event,
@@ -233,6 +234,7 @@ mod tests {
             packets: None,
             bytes: None,
             hook: None,
+            instance: None,
         }
     }
 

@@ -187,6 +187,7 @@ fn parse_event(
         packets: counters.map(|c| c.0),
         bytes: counters.map(|c| c.1),
         hook: None,
+        instance: None,
     })
 }
 
