@@ -195,6 +195,24 @@ fn remember_foreign(ct: u64, fingerprint: u64) {
     let _ = CONNS.insert(ct, state, 0);
 }
 
+/// Whether a connection remembered as another namespace's now holds a new connection. The same
+/// tuple lives in several namespaces (a router's and the node's conntrack both track a client's
+/// connection), so a freed foreign `nf_conn` can come back for the node's own connection with
+/// the same fingerprint. `IPS_SEEN_REPLY` never clears: seen before and absent now means a new
+/// connection. Costs foreign packets one status read.
+#[inline(always)]
+fn foreign_entry_reused(ct: u64, state: *mut ConnState, flags: u64) -> bool {
+    let Some(status) = read::<u64>(ct + off!(ct_status)) else {
+        return false;
+    };
+    let seen_reply = status & ct_status::SEEN_REPLY != 0;
+    if seen_reply && flags & SEEN_REPLY_STORED == 0 {
+        // SAFETY: `state` points into a live map value; written once per connection.
+        unsafe { (*state).flags = flags | SEEN_REPLY_STORED };
+    }
+    flags & SEEN_REPLY_STORED != 0 && !seen_reply
+}
+
 /// conntrack is deleting the connection: report its end and forget it.
 #[inline(always)]
 pub fn on_delete(ct: u64) {
@@ -243,7 +261,8 @@ pub fn on_delete(ct: u64) {
 
 /// Hot path: on a known connection of the observed namespace whose NAT bits did not change,
 /// three probe reads besides `_nfct` (tuple, status, packet length), one map lookup and the
-/// counter updates; on another namespace's known connection, one read and one lookup.
+/// counter updates; on another namespace's known connection, two reads (tuple, status) and one
+/// lookup.
 /// Everything else only when reporting.
 #[inline(always)]
 fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
@@ -254,14 +273,23 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
         return;
     };
     let state = known(ct, fingerprint);
-    let (flags, netns) = match state {
+    let (state, flags, netns) = match state {
         // SAFETY: the pointer is into a live map value.
         Some(s) => match unsafe { (*s).flags } {
-            flags if flags & FOREIGN != 0 => return,
-            flags => (flags, 0),
+            flags if flags & FOREIGN != 0 => {
+                if !foreign_entry_reused(ct, s, flags) {
+                    return;
+                }
+                // A new connection in a freed foreign nf_conn: it may be one of ours.
+                match observed_netns(ct) {
+                    Some(netns) => (None, 0, netns),
+                    None => return remember_foreign(ct, fingerprint),
+                }
+            }
+            flags => (state, flags, 0),
         },
         None => match observed_netns(ct) {
-            Some(netns) => (0, netns),
+            Some(netns) => (None, 0, netns),
             None => return remember_foreign(ct, fingerprint),
         },
     };
