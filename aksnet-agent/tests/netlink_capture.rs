@@ -78,6 +78,13 @@ fn exec_in(ns: &str, args: &[&str]) -> String {
     run(&full)
 }
 
+/// Appends `rule` (chain first) to the nat table of `ns`.
+fn nat_rule(ns: &str, rule: &[&str]) {
+    let mut full = vec!["iptables", "-t", "nat", "-A"];
+    full.extend_from_slice(rule);
+    exec_in(ns, &full);
+}
+
 fn open(ns: &str) -> Netns {
     NetnsTarget::Named(ns.to_string()).open().unwrap()
 }
@@ -124,13 +131,9 @@ fn build_lab() -> Namespaces {
         ("tcp", "80", "10.244.0.10:8080"),
         ("udp", "53", "10.244.0.10:5353"),
     ] {
-        exec_in(
+        nat_rule(
             node,
             &[
-                "iptables",
-                "-t",
-                "nat",
-                "-A",
                 "PREROUTING",
                 "-d",
                 FRONTEND,
@@ -145,20 +148,7 @@ fn build_lab() -> Namespaces {
             ],
         );
     }
-    exec_in(
-        node,
-        &[
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "POSTROUTING",
-            "-o",
-            "n1",
-            "-j",
-            "MASQUERADE",
-        ],
-    );
+    nat_rule(node, &["POSTROUTING", "-o", "n1", "-j", "MASQUERADE"]);
     lab
 }
 

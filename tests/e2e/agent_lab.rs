@@ -8,7 +8,9 @@
 //! Built as a test of aksnet-agent (see its Cargo.toml) so that cargo builds the agent binary
 //! fresh before it runs; the file lives here with the other end-to-end tests. Needs root.
 
-use aksnet_tests::agent::{dumped, run_scenarios, Agent, Dumped};
+use aksnet_tests::agent::{
+    assert_no_failures, dumped, of_event, reported, run_scenarios, Agent, Dumped, Placement,
+};
 use aksnet_tests::conntrack::{self, Entry, Witness};
 use aksnet_tests::require_root;
 use std::path::Path;
@@ -32,6 +34,7 @@ fn end_to_end(cni: Cni, source: &str) {
     let agent = Agent::start(
         Path::new(env!("CARGO_BIN_EXE_aksnet-agent")),
         &lab,
+        Placement::Beside,
         source,
         &[],
         &[],
@@ -45,16 +48,8 @@ fn end_to_end(cni: Cni, source: &str) {
     conntrack::flush(&node).unwrap();
     let lines = agent.finish();
 
-    let opened: Vec<Dumped> = lines
-        .iter()
-        .filter(|v| v["event"] == "new")
-        .filter_map(dumped)
-        .collect();
-    let ended: Vec<Dumped> = lines
-        .iter()
-        .filter(|v| v["event"] == "destroy")
-        .filter_map(dumped)
-        .collect();
+    let opened: Vec<Dumped> = of_event(&lines, "new").filter_map(dumped).collect();
+    let ended: Vec<Dumped> = of_event(&lines, "destroy").filter_map(dumped).collect();
     let mut failures = Vec::new();
 
     // Exactly once: no connection is reported opened twice.
@@ -100,17 +95,7 @@ fn end_to_end(cni: Cni, source: &str) {
     // Every scenario's expected entries: right tuples, NAT, path and verdict.
     for scenario in &scenarios {
         for expected in scenario.expected_on_node() {
-            let matching: Vec<&Dumped> = opened
-                .iter()
-                .filter(|d| expected.matches(d.proto, &d.original, &d.reply))
-                .collect();
-            if matching.is_empty() {
-                failures.push(format!(
-                    "{}: the agent did not report {expected}",
-                    scenario.name
-                ));
-            }
-            for d in matching {
+            for d in reported(&opened, scenario, expected, &mut failures) {
                 if d.nat != nat_names(expected.nat) {
                     failures.push(format!(
                         "{}: NAT {:?}, expected {expected}",
@@ -133,12 +118,7 @@ fn end_to_end(cni: Cni, source: &str) {
     }
     let started = Instant::now();
     lab.down().unwrap();
-    assert!(
-        failures.is_empty(),
-        "{cni} with --source {source}: {} problem(s):\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(format_args!("{cni} with --source {source}"), &failures);
     println!(
         "{cni} --source {source}: {} flows reported once each, all {} witnessed by conntrack -E, \
          every scenario on its path and conforming (teardown {:?})",
@@ -185,6 +165,7 @@ fn reused_client_port(source: &str) {
     let agent = Agent::start(
         Path::new(env!("CARGO_BIN_EXE_aksnet-agent")),
         &lab,
+        Placement::Beside,
         source,
         &[],
         &[],
@@ -220,16 +201,8 @@ fn reused_client_port(source: &str) {
     let ours = |v: &&serde_json::Value| {
         v["orig"]["sport"] == CLIENT_PORT && v["orig"]["dst"] == plan::FRONTEND_APP.to_string()
     };
-    let opened = lines
-        .iter()
-        .filter(|v| v["event"] == "new")
-        .filter(ours)
-        .count();
-    let ended = lines
-        .iter()
-        .filter(|v| v["event"] == "destroy")
-        .filter(ours)
-        .count();
+    let opened = of_event(&lines, "new").filter(ours).count();
+    let ended = of_event(&lines, "destroy").filter(ours).count();
     lab.down().unwrap();
     assert_eq!(
         opened, CONNECTIONS,

@@ -6,7 +6,7 @@
 //!
 //! Built as a test of aksnet-agent (see its Cargo.toml), like agent_lab. Needs root.
 
-use aksnet_tests::agent::{run_scenarios, Agent, Dumped};
+use aksnet_tests::agent::{assert_no_failures, reported, run_scenarios, Agent, Placement};
 use aksnet_tests::require_root;
 use std::path::Path;
 use xtask::lab::{Cni, Lab, LabOptions, Misconfig, Scenario};
@@ -22,6 +22,7 @@ fn caught(cni: Cni, name: &str, key_words: &[&str]) {
     let agent = Agent::start(
         Path::new(env!("CARGO_BIN_EXE_aksnet-agent")),
         &lab,
+        Placement::Beside,
         "ebpf",
         &[],
         &[],
@@ -42,17 +43,7 @@ fn caught(cni: Cni, name: &str, key_words: &[&str]) {
     for scenario in &scenarios {
         for expected in scenario.expected_on_node() {
             let broken = scenario.name == shown.name && expected.path == misconfig.symptom.path;
-            let matching: Vec<&Dumped> = opened
-                .iter()
-                .filter(|d| expected.matches(d.proto, &d.original, &d.reply))
-                .collect();
-            if matching.is_empty() {
-                failures.push(format!(
-                    "{}: the agent did not report {expected}",
-                    scenario.name
-                ));
-            }
-            for d in matching {
+            for d in reported(&opened, scenario, expected, &mut failures) {
                 if d.path.as_deref() != Some(expected.path.as_str()) {
                     failures.push(format!(
                         "{}: on path {:?}, expected {}: {}",
@@ -90,12 +81,7 @@ fn caught(cni: Cni, name: &str, key_words: &[&str]) {
         }
     }
     lab.down().unwrap();
-    assert!(
-        failures.is_empty(),
-        "{misconfig}\n{} problem(s):\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&misconfig, &failures);
     println!(
         "{cni} {name}: deviates: {}\n  {conforming} flows of {} unaffected scenarios conform",
         broken_reason.expect("the broken flow was checked"),

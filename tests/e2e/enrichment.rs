@@ -7,18 +7,13 @@
 //! traffic only after the agent logs that the enrichment synced. Built as a test of
 //! aksnet-agent (see its Cargo.toml). Needs root.
 
-use aksnet_tests::agent::{run_scenarios, Agent, Dumped};
-use aksnet_tests::kubeapi::KubeApi;
+use aksnet_tests::agent::{assert_no_failures, reported, run_scenarios, Agent, Dumped, Placement};
 use aksnet_tests::require_root;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::time::Duration;
 use xtask::lab::topology::plan;
 use xtask::lab::{Cni, Lab, LabOptions, Proto, Scenario, Topology};
-
-/// The agent's log line once the pods and Services are listed (aksnet-agent's enrich module).
-const SYNCED: &str = "kubernetes enrichment synced";
 
 /// The names the agent must give a flow: the pods at its original source, original destination
 /// and translated destination, and the Service at its original destination (by port, where
@@ -58,22 +53,12 @@ fn names_flows(cni: Cni) {
     require_root();
     let lab = Lab::up(LabOptions::new(cni)).unwrap_or_else(|e| panic!("{cni} lab: {e}"));
     // The agent observes the node through --netns but runs, with its API client, here.
-    let api = KubeApi::lab(lab.topology(), None).expect("cannot start the fake Kubernetes API");
-    let kubeconfig = lab.work_dir().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
-    let mut agent = Agent::start(
+    let (agent, api) = Agent::start_enriched(
         Path::new(env!("CARGO_BIN_EXE_aksnet-agent")),
         &lab,
-        "auto",
+        Placement::Beside,
         &[],
-        &[
-            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
-            ("NODE_NAME", plan::NODE_NAME),
-        ],
     );
-    agent
-        .wait_for_log(SYNCED, Duration::from_secs(15))
-        .unwrap_or_else(|e| panic!("{cni}: the enrichment did not sync: {e}"));
     let scenarios = Scenario::all(cni);
     run_scenarios(&lab, &scenarios);
     let opened = agent.finish_opened();
@@ -92,12 +77,7 @@ fn names_flows(cni: Cni) {
     // Every scenario's flows were seen, so the check above covered each of them.
     for scenario in &scenarios {
         for expected in scenario.expected_on_node() {
-            if !opened
-                .iter()
-                .any(|d| expected.matches(d.proto, &d.original, &d.reply))
-            {
-                failures.push(format!("{}: no flow {expected}", scenario.name));
-            }
+            reported(&opened, scenario, expected, &mut failures);
         }
     }
     // The headline case, spelled out: the LB inbound flow names the Service and the pod.
@@ -118,12 +98,7 @@ fn names_flows(cni: Cni) {
     let requests = api.requests();
     drop(api);
     lab.down().unwrap();
-    assert!(
-        failures.is_empty(),
-        "{cni}: {} problem(s):\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(cni, &failures);
     println!(
         "{cni}: {} flows, every pod and Service address named ({} API requests); the LB \
          inbound flow {} -> {} names {:?}",

@@ -7,21 +7,18 @@
 //!
 //! Built as a test of aksnet-agent (see its Cargo.toml). Needs root and Debian's prometheus.
 
-use aksnet_tests::agent::Agent;
-use aksnet_tests::kubeapi::KubeApi;
+use aksnet_tests::agent::{assert_no_failures, Agent, Placement};
 use aksnet_tests::prometheus::{check_metrics, in_netns, Prometheus};
 use aksnet_tests::require_root;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
-use xtask::lab::topology::plan;
 use xtask::lab::{Cni, Host, Lab, LabOptions, Scenario};
 
 /// Connections the scenario opens, one per run.
 const CONNECTIONS: usize = 5;
 const METRICS: &str = "127.0.0.1:9965";
 const PROMETHEUS: &str = "127.0.0.1:9090";
-const SYNCED: &str = "kubernetes enrichment synced";
 /// Two scrape intervals and Prometheus's query lag.
 const SCRAPED: Duration = Duration::from_secs(10);
 
@@ -30,22 +27,12 @@ fn snat_translations_reach_prometheus(cni: Cni) {
     let lab = Lab::up(LabOptions::new(cni)).unwrap_or_else(|e| panic!("{cni} lab: {e}"));
     let node = lab.node_netns();
     // The agent's API client runs in the node namespace: so does the API.
-    let api = KubeApi::lab(lab.topology(), Some(&node)).expect("cannot start the fake API");
-    let kubeconfig = lab.work_dir().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
-    let mut agent = Agent::start_on_node(
+    let (agent, api) = Agent::start_enriched(
         Path::new(env!("CARGO_BIN_EXE_aksnet-agent")),
         &lab,
-        "auto",
+        Placement::OnNode,
         &["--metrics-listen", METRICS],
-        &[
-            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
-            ("NODE_NAME", plan::NODE_NAME),
-        ],
     );
-    agent
-        .wait_for_log(SYNCED, Duration::from_secs(15))
-        .unwrap_or_else(|e| panic!("{cni}: the enrichment did not sync: {e}"));
     let listen: SocketAddr = PROMETHEUS.parse().unwrap();
     let prometheus = Prometheus::start(&node, listen, METRICS.parse().unwrap())
         .unwrap_or_else(|e| panic!("{cni}: {e}"));
@@ -102,12 +89,7 @@ fn snat_translations_reach_prometheus(cni: Cni) {
     drop(agent);
     drop(api);
     lab.down().unwrap();
-    assert!(
-        failures.is_empty(),
-        "{cni}: {} problem(s):\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(cni, &failures);
     println!(
         "{cni}: {CONNECTIONS} connections → Prometheus counts {CONNECTIONS} node SNATs and \
          {CONNECTIONS} LB SNATs for {pod} on pod-to-internet; promtool check metrics passes on a \

@@ -1,14 +1,17 @@
 //! The agent binary under test on a lab node, and its dump lines in the lab's types.
 
+use crate::kubeapi::KubeApi;
 use serde_json::Value;
 use std::collections::BTreeMap;
+use std::fmt::Display;
 use std::io::{BufRead, BufReader, Read};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use xtask::lab::{Lab, Proto, Scenario, Tuple};
+use xtask::lab::topology::plan;
+use xtask::lab::{ExpectedConntrack, Lab, Proto, Scenario, Tuple};
 
 /// The agent under test, stopped with SIGTERM when dropped.
 pub struct Agent {
@@ -22,45 +25,43 @@ pub struct Agent {
 
 /// The log line the agent writes once its capture is attached.
 const ATTACHED: &str = "capturing conntrack NAT";
+/// The agent's log line once the pods and Services are listed (aksnet-agent's enrich module).
+const SYNCED: &str = "kubernetes enrichment synced";
+
+/// Where the agent under test runs.
+#[derive(Clone, Copy, Debug)]
+pub enum Placement {
+    /// Outside the lab, observing its node through `--netns`.
+    Beside,
+    /// Inside the node's namespace (`ip netns exec`), as a hostNetwork DaemonSet pod does: its
+    /// metrics listener and its API client live there.
+    OnNode,
+}
 
 impl Agent {
-    /// Starts `binary --dump --output json` observing the lab's node from outside (`--netns`),
-    /// with `extra` arguments and environment, and waits for the capture to be attached.
+    /// Starts `binary --dump --output json` on the lab's node, placed as `placement` says, with
+    /// `extra` arguments and environment, and waits for the capture to be attached.
     pub fn start(
         binary: &Path,
         lab: &Lab,
+        placement: Placement,
         source: &str,
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Agent {
-        let mut command = Command::new(binary);
-        command.args(["--netns", &lab.node_netns()]);
-        Agent::spawn(command, lab, source, extra, env)
-    }
-
-    /// Like [`Agent::start`], but the agent runs inside the node's namespace (`ip netns exec`),
-    /// as a hostNetwork DaemonSet pod does: its metrics listener and its API client live there.
-    pub fn start_on_node(
-        binary: &Path,
-        lab: &Lab,
-        source: &str,
-        extra: &[&str],
-        env: &[(&str, &str)],
-    ) -> Agent {
-        let mut command = Command::new("ip");
-        command
-            .args(["netns", "exec", &lab.node_netns()])
-            .arg(binary);
-        Agent::spawn(command, lab, source, extra, env)
-    }
-
-    fn spawn(
-        mut command: Command,
-        lab: &Lab,
-        source: &str,
-        extra: &[&str],
-        env: &[(&str, &str)],
-    ) -> Agent {
+        let node = lab.node_netns();
+        let mut command = match placement {
+            Placement::Beside => {
+                let mut command = Command::new(binary);
+                command.args(["--netns", &node]);
+                command
+            }
+            Placement::OnNode => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", &node]).arg(binary);
+                command
+            }
+        };
         let mut child = command
             .args([
                 "--dump",
@@ -130,13 +131,45 @@ impl Agent {
         }
     }
 
+    /// Starts the fake Kubernetes API of the lab where the agent's API client will run, then
+    /// the agent (with `KUBECONFIG` and `NODE_NAME` pointing at it, `--source auto`), and waits
+    /// until its enrichment has listed the pods and Services.
+    pub fn start_enriched(
+        binary: &Path,
+        lab: &Lab,
+        placement: Placement,
+        extra: &[&str],
+    ) -> (Agent, KubeApi) {
+        let node = lab.node_netns();
+        let api_netns = match placement {
+            Placement::Beside => None,
+            Placement::OnNode => Some(node.as_str()),
+        };
+        let api =
+            KubeApi::lab(lab.topology(), api_netns).expect("cannot start the fake Kubernetes API");
+        let kubeconfig = lab.work_dir().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig).unwrap();
+        let mut agent = Agent::start(
+            binary,
+            lab,
+            placement,
+            "auto",
+            extra,
+            &[
+                ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+                ("NODE_NAME", plan::NODE_NAME),
+            ],
+        );
+        agent
+            .wait_for_log(SYNCED, Duration::from_secs(15))
+            .unwrap_or_else(|e| panic!("{}: the enrichment did not sync: {e}", lab.cni()));
+        (agent, api)
+    }
+
     /// Stops the agent and returns the flows it reported opened (TCP and UDP).
     pub fn finish_opened(self) -> Vec<Dumped> {
-        self.finish()
-            .iter()
-            .filter(|v| v["event"] == "new")
-            .filter_map(dumped)
-            .collect()
+        let lines = self.finish();
+        of_event(&lines, "new").filter_map(dumped).collect()
     }
 
     /// Stops the agent (it shows what it captured before the stop, then exits) and returns its
@@ -173,6 +206,42 @@ pub fn run_scenarios(lab: &Lab, scenarios: &[Scenario]) {
         lab.run(scenario)
             .unwrap_or_else(|e| panic!("{} scenario {}: {e}", lab.cni(), scenario.name));
     }
+}
+
+/// The dump lines of one `event` kind ("new", "destroy").
+pub fn of_event<'a>(lines: &'a [Value], event: &'a str) -> impl Iterator<Item = &'a Value> {
+    lines.iter().filter(move |v| v["event"] == event)
+}
+
+/// The flows of `opened` that match `expected`, one of `scenario`'s entries on the node; where
+/// there are none, adds that to `failures`.
+pub fn reported<'a>(
+    opened: &'a [Dumped],
+    scenario: &Scenario,
+    expected: &ExpectedConntrack,
+    failures: &mut Vec<String>,
+) -> Vec<&'a Dumped> {
+    let matching: Vec<&Dumped> = opened
+        .iter()
+        .filter(|d| expected.matches(d.proto, &d.original, &d.reply))
+        .collect();
+    if matching.is_empty() {
+        failures.push(format!(
+            "{}: the agent did not report {expected}",
+            scenario.name
+        ));
+    }
+    matching
+}
+
+/// Fails the test with every one of `failures`, after `context`, if there are any.
+pub fn assert_no_failures(context: impl Display, failures: &[String]) {
+    assert!(
+        failures.is_empty(),
+        "{context}: {} problem(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 /// One dump line, as the lab's types see it.

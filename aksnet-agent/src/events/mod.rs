@@ -291,11 +291,13 @@ pub struct FlowKey {
     pub orig: Tuple,
 }
 
+/// Event builders the unit tests of several modules share.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
 
-    fn t(src: &str, sport: u16, dst: &str, dport: u16) -> Tuple {
+    /// `src:sport -> dst:dport`.
+    pub(crate) fn tuple(src: &str, sport: u16, dst: &str, dport: u16) -> Tuple {
         Tuple {
             src: src.parse().unwrap(),
             sport,
@@ -303,6 +305,52 @@ mod tests {
             dport,
         }
     }
+
+    /// A kubenet pod's TCP connection to `dst:dport`, MASQUERADEd to the node IP 10.224.0.4 on
+    /// `node_port`: its key and its source after the node's SNAT.
+    pub(crate) fn pod_conn(
+        pod_port: u16,
+        node_port: u16,
+        dst: &str,
+        dport: u16,
+    ) -> (FlowKey, Tuple) {
+        let key = FlowKey {
+            netns: 4026531840,
+            zone: 0,
+            proto: Proto::Tcp,
+            orig: tuple("10.244.0.5", pod_port, dst, dport),
+        };
+        (key, tuple("10.224.0.4", node_port, dst, dport))
+    }
+
+    /// A TCP event of the eBPF source in the first namespace, at the epoch, with no packet
+    /// details, hook or entry id: tests set what they look at with `..tcp_event(..)`.
+    pub(crate) fn tcp_event(kind: EventKind, orig: Tuple, reply: Tuple) -> FlowEvent {
+        FlowEvent {
+            kind,
+            source: SourceKind::Ebpf,
+            ts: SystemTime::UNIX_EPOCH,
+            proto: Proto::Tcp,
+            orig,
+            reply,
+            status: 0,
+            mark: 0,
+            zone: 0,
+            netns: 1,
+            in_ifindex: None,
+            out_ifindex: None,
+            packets: None,
+            bytes: None,
+            hook: None,
+            instance: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::tuple as t;
+    use super::*;
 
     #[test]
     fn dnat_only_when_destination_changes() {

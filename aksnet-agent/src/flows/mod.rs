@@ -217,39 +217,18 @@ fn merge_details(into: &mut FlowEvent, from: &FlowEvent) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{Hook, Instance, Proto, SourceKind, Tuple};
+    use crate::events::testing::{tcp_event, tuple};
+    use crate::events::{Hook, Instance};
     use std::time::Duration;
 
     fn event(kind: EventKind, sport: u16, reply_dport: u16) -> FlowEvent {
-        let orig = Tuple {
-            src: "203.0.113.10".parse().unwrap(),
-            sport,
-            dst: "192.0.2.10".parse().unwrap(),
-            dport: 80,
-        };
-        let reply = Tuple {
-            src: "10.244.0.10".parse().unwrap(),
-            sport: 8080,
-            dst: "10.244.0.1".parse().unwrap(),
-            dport: reply_dport,
-        };
+        let orig = tuple("203.0.113.10", sport, "192.0.2.10", 80);
+        let reply = tuple("10.244.0.10", 8080, "10.244.0.1", reply_dport);
         FlowEvent {
-            kind,
-            source: SourceKind::Ebpf,
             ts: SystemTime::UNIX_EPOCH + Duration::from_secs(sport as u64),
-            proto: Proto::Tcp,
-            orig,
-            reply,
-            status: 0,
-            mark: 0,
-            zone: 0,
-            netns: 1,
-            in_ifindex: None,
             out_ifindex: Some(3),
-            packets: None,
-            bytes: None,
             hook: Some(Hook::Xmit),
-            instance: None,
+            ..tcp_event(kind, orig, reply)
         }
     }
 

@@ -64,21 +64,7 @@ impl InterfaceWait {
 
     /// Releases, unchanged, the events whose wait ended at or before `now`.
     pub fn expire(&mut self, now: Instant) -> Vec<FlowEvent> {
-        let mut ready = Vec::new();
-        while let Some(&(deadline, key)) = self.deadlines.front() {
-            if deadline > now {
-                break;
-            }
-            self.deadlines.pop_front();
-            if self
-                .pending
-                .get(&key)
-                .is_some_and(|p| p.deadline == deadline)
-            {
-                ready.extend(self.pending.remove(&key).map(|p| p.event));
-            }
-        }
-        ready
+        self.release(|deadline| deadline <= now)
     }
 
     /// When [`expire`](Self::expire) next has something to release.
@@ -95,8 +81,18 @@ impl InterfaceWait {
 
     /// Releases everything still held, oldest first (the capture ended).
     pub fn drain(&mut self) -> Vec<FlowEvent> {
+        self.release(|_| true)
+    }
+
+    /// Releases, oldest first, the held events whose deadline `due` accepts, stopping at the
+    /// first it refuses. A deadline whose event was already released is only dropped.
+    fn release(&mut self, due: impl Fn(Instant) -> bool) -> Vec<FlowEvent> {
         let mut ready = Vec::new();
-        while let Some((deadline, key)) = self.deadlines.pop_front() {
+        while let Some(&(deadline, key)) = self.deadlines.front() {
+            if !due(deadline) {
+                break;
+            }
+            self.deadlines.pop_front();
             if self
                 .pending
                 .get(&key)
@@ -112,43 +108,23 @@ impl InterfaceWait {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{Hook, Proto, SourceKind, Tuple};
+    use crate::events::testing::{tcp_event, tuple};
+    use crate::events::Hook;
     use crate::flows::{FlowTable, Update};
-    use std::time::SystemTime;
 
     const WAIT: Duration = INTERFACES_WAIT;
 
     fn event(kind: EventKind, sport: u16, hook: Option<Hook>) -> FlowEvent {
-        let orig = Tuple {
-            src: "10.244.0.10".parse().unwrap(),
-            sport,
-            dst: "198.51.100.20".parse().unwrap(),
-            dport: 443,
-        };
-        let reply = Tuple {
-            src: orig.dst,
-            sport: 443,
-            dst: "10.224.0.4".parse().unwrap(),
-            dport: sport,
-        };
+        let orig = tuple("10.244.0.10", sport, "198.51.100.20", 443);
+        let reply = tuple("198.51.100.20", 443, "10.224.0.4", sport);
         let has_packet = hook.is_some_and(Hook::has_packet);
         FlowEvent {
-            kind,
-            source: SourceKind::Ebpf,
-            ts: SystemTime::UNIX_EPOCH,
-            proto: Proto::Tcp,
-            orig,
-            reply,
-            status: 0,
-            mark: 0,
-            zone: 0,
-            netns: 1,
             in_ifindex: has_packet.then_some(4),
             out_ifindex: has_packet.then_some(2),
             packets: has_packet.then_some(1),
             bytes: has_packet.then_some(60),
             hook,
-            instance: None,
+            ..tcp_event(kind, orig, reply)
         }
     }
 

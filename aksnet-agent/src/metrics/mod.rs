@@ -472,6 +472,7 @@ impl Registrar<'_> {
 mod tests {
     use super::*;
     use crate::capture::HookStatus;
+    use crate::events::testing::{pod_conn, tuple};
     use crate::events::Proto;
     use std::collections::BTreeMap;
 
@@ -532,28 +533,8 @@ mod tests {
         samples.iter().filter(|s| s.name == name).count()
     }
 
-    fn tuple(src: &str, sport: u16, dst: &str, dport: u16) -> Tuple {
-        Tuple {
-            src: src.parse().unwrap(),
-            sport,
-            dst: dst.parse().unwrap(),
-            dport,
-        }
-    }
-
     const NODE_IP: &str = "10.224.0.4";
     const OUT: [NatHop; 2] = [NatHop::NodeSnat, NatHop::LbSnatInferred];
-
-    /// kubenet pod → internet: MASQUERADEd to the node IP on `node_port`, then the LB's SNAT.
-    fn outbound(pod_port: u16, node_port: u16, dst: &str, dport: u16) -> (FlowKey, Tuple) {
-        let key = FlowKey {
-            netns: 4026531840,
-            zone: 0,
-            proto: Proto::Tcp,
-            orig: tuple("10.244.0.5", pod_port, dst, dport),
-        };
-        (key, tuple(NODE_IP, node_port, dst, dport))
-    }
 
     fn observation<'a>(
         key: FlowKey,
@@ -589,7 +570,7 @@ mod tests {
     #[test]
     fn counts_flows_hops_and_deviations() {
         let m = metrics(20);
-        let (k, t) = outbound(40000, 50000, "198.51.100.7", 443);
+        let (k, t) = pod_conn(40000, 50000, "198.51.100.7", 443);
         m.observe_new(&observation(k, t, &OUT, Some("web/a")));
         let inbound_key = FlowKey {
             orig: tuple("203.0.113.10", 40000, "192.0.2.10", 80),
@@ -644,25 +625,25 @@ mod tests {
     fn counts_snat_translations_per_path_pod_and_hop() {
         let m = metrics(20);
         for port in 0..3 {
-            let (k, t) = outbound(40000 + port, 50000 + port, "198.51.100.7", 443);
+            let (k, t) = pod_conn(40000 + port, 50000 + port, "198.51.100.7", 443);
             m.observe_new(&observation(k, t, &OUT, Some("default/app")));
         }
-        let (by_ip, t) = outbound(41000, 51000, "198.51.100.7", 443);
+        let (by_ip, t) = pod_conn(41000, 51000, "198.51.100.7", 443);
         m.observe_new(&observation(by_ip, t, &OUT, Some("10.244.0.5")));
         // kubenet pod → vnet: the node's SNAT only.
-        let (k, t) = outbound(42000, 52000, "10.225.0.4", 80);
+        let (k, t) = pod_conn(42000, 52000, "10.225.0.4", 80);
         m.observe_new(&FlowObservation {
             path: "pod-to-vnet",
             ..observation(k, t, &[NatHop::NodeSnat], Some("default/app"))
         });
         // LB inbound with eTP Cluster: MASQUERADEd, but from an internet client, no pod.
-        let (k, t) = outbound(43000, 53000, "10.244.0.7", 8080);
+        let (k, t) = pod_conn(43000, 53000, "10.244.0.7", 8080);
         m.observe_new(&FlowObservation {
             path: "lb-inbound",
             ..observation(k, t, &[NatHop::KubeProxyDnat, NatHop::NodeSnat], None)
         });
         // Not SNATed at all: not counted.
-        let (k, t) = outbound(44000, 44000, "10.0.0.10", 53);
+        let (k, t) = pod_conn(44000, 44000, "10.0.0.10", 53);
         m.observe_new(&FlowObservation {
             path: "pod-to-service",
             ..observation(k, t, &[NatHop::KubeProxyDnat], Some("default/app"))
@@ -700,7 +681,7 @@ mod tests {
             "default/d",
         ];
         for (i, pod) in (0u16..).zip(pods) {
-            let (k, t) = outbound(40000 + i, 50000 + i, "198.51.100.7", 443);
+            let (k, t) = pod_conn(40000 + i, 50000 + i, "198.51.100.7", 443);
             m.observe_new(&observation(k, t, &[NatHop::NodeSnat], Some(pod)));
         }
         let s = scrape(&m);
@@ -716,9 +697,9 @@ mod tests {
     #[test]
     fn snat_gauges_follow_live_connections() {
         let m = metrics(20);
-        let (k1, t1) = outbound(40000, 50000, "198.51.100.7", 443);
-        let (k2, t2) = outbound(40001, 50001, "198.51.100.7", 443);
-        let (k3, t3) = outbound(40002, 50000, "203.0.113.9", 443);
+        let (k1, t1) = pod_conn(40000, 50000, "198.51.100.7", 443);
+        let (k2, t2) = pod_conn(40001, 50001, "198.51.100.7", 443);
+        let (k3, t3) = pod_conn(40002, 50000, "203.0.113.9", 443);
         m.observe_new(&observation(k1, t1, &OUT, Some("web/a")));
         m.observe_new(&observation(k2, t2, &OUT, Some("web/a")));
         m.observe_new(&observation(k3, t3, &OUT, None));
@@ -754,10 +735,10 @@ mod tests {
     #[test]
     fn dnat_only_and_node_only_snat_hold_no_lb_port() {
         let m = metrics(20);
-        let (k, _) = outbound(40000, 50000, "10.0.0.10", 53);
+        let (k, _) = pod_conn(40000, 50000, "10.0.0.10", 53);
         let dnat_only = tuple("10.244.0.5", 40000, "10.244.1.3", 53);
         m.observe_new(&observation(k, dnat_only, &[NatHop::KubeProxyDnat], None));
-        let (k2, t2) = outbound(40001, 50001, "10.224.0.9", 443);
+        let (k2, t2) = pod_conn(40001, 50001, "10.224.0.9", 443);
         m.observe_new(&observation(k2, t2, &[NatHop::NodeSnat], Some("web/a")));
         let s = scrape(&m);
         assert_eq!(series(&s, "aksnet_snat_connections"), 1);
@@ -777,7 +758,7 @@ mod tests {
         let mut port = 50000;
         for (dst, flows) in destinations {
             for _ in 0..flows {
-                let (k, t) = outbound(port - 10000, port, dst, 443);
+                let (k, t) = pod_conn(port - 10000, port, dst, 443);
                 m.observe_new(&observation(k, t, &OUT, None));
                 port += 1;
             }
@@ -803,9 +784,9 @@ mod tests {
     #[test]
     fn a_reused_live_snat_tuple_counts_a_conflict() {
         let m = metrics(20);
-        let (old, t) = outbound(40000, 50000, "198.51.100.7", 443);
-        let (new, _) = outbound(40001, 50000, "198.51.100.7", 443);
-        let (elsewhere, t_elsewhere) = outbound(40002, 50000, "203.0.113.9", 443);
+        let (old, t) = pod_conn(40000, 50000, "198.51.100.7", 443);
+        let (new, _) = pod_conn(40001, 50000, "198.51.100.7", 443);
+        let (elsewhere, t_elsewhere) = pod_conn(40002, 50000, "203.0.113.9", 443);
         m.observe_new(&observation(old, t, &OUT, None));
         m.observe_new(&observation(elsewhere, t_elsewhere, &OUT, None));
         let conflicts = "aksnet_snat_port_conflicts_total";
@@ -878,7 +859,7 @@ mod tests {
     #[test]
     fn exposes_every_family_with_its_type_and_help() {
         let m = metrics(20);
-        let (k, t) = outbound(40000, 50000, "198.51.100.7", 443);
+        let (k, t) = pod_conn(40000, 50000, "198.51.100.7", 443);
         m.observe_new(&FlowObservation {
             deviation: Some("missing_hop"),
             ..observation(k, t, &OUT, Some("web/a"))

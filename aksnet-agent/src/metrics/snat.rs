@@ -209,26 +209,7 @@ pub fn top_n<K: Ord>(values: HashMap<K, u64>, n: usize) -> TopN<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tuple(src: &str, sport: u16, dst: &str, dport: u16) -> Tuple {
-        Tuple {
-            src: src.parse().unwrap(),
-            sport,
-            dst: dst.parse().unwrap(),
-            dport,
-        }
-    }
-
-    /// A pod's connection to `dst:dport`, SNATed to the node IP 10.224.0.4 with `node_port`.
-    fn pod_conn(pod_port: u16, node_port: u16, dst: &str, dport: u16) -> (FlowKey, Tuple) {
-        let key = FlowKey {
-            netns: 4026531840,
-            zone: 0,
-            proto: Proto::Tcp,
-            orig: tuple("10.244.0.5", pod_port, dst, dport),
-        };
-        (key, tuple("10.224.0.4", node_port, dst, dport))
-    }
+    use crate::events::testing::pod_conn;
 
     fn dest(ip: &str, port: u16) -> Destination {
         Destination {

@@ -1,11 +1,11 @@
 use super::*;
+use crate::events::testing::tcp_event;
 use crate::events::{EventKind, FlowEvent, Proto, SourceKind, Tuple};
 use crate::topology::{
     tests::LAB_CONFIG, Dataplane, Etp, ServiceEndpoint, ServiceKind, ServicePort, Topology,
     TopologyLayer,
 };
 use std::net::{IpAddr, SocketAddr};
-use std::time::SystemTime;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -104,24 +104,12 @@ fn tuple(src: &str, dst: &str) -> Tuple {
 
 /// A conntrack entry: the original tuple and the tuple after the node's NAT.
 pub(crate) fn flow(proto: Proto, src: &str, dst: &str, nat_src: &str, nat_dst: &str) -> FlowEvent {
-    let orig = tuple(src, dst);
+    let reply = tuple(nat_src, nat_dst).reversed();
     FlowEvent {
-        kind: EventKind::New,
         source: SourceKind::Netlink,
-        ts: SystemTime::UNIX_EPOCH,
         proto,
-        orig,
-        reply: tuple(nat_src, nat_dst).reversed(),
-        status: 0,
-        mark: 0,
-        zone: 0,
         netns: 4026531840,
-        in_ifindex: None,
-        out_ifindex: None,
-        packets: None,
-        bytes: None,
-        hook: None,
-        instance: None,
+        ..tcp_event(EventKind::New, tuple(src, dst), reply)
     }
 }
 

@@ -5,7 +5,6 @@
 use crate::bench::agent::{scrape, tail};
 use crate::bench::datapath::READY_TIMEOUT;
 use crate::bench::error::BenchError;
-use crate::bench::load;
 use crate::bench::report::{median, thousands, Row};
 use crate::bench::rig::{Rig, CLIENT, FRONTEND};
 use std::io::Read;
@@ -144,14 +143,7 @@ fn once(rig: &Rig, plan: &Plan) -> Result<Counts, BenchError> {
     let watcher = ConntrackWatcher::start(&rig.node())?;
     let metrics = free_local_port()?;
     let (mut agent, _) = rig.ready_agent(None, Some(metrics), READY_TIMEOUT)?;
-    let storm = load::storm(
-        &rig.inet(),
-        CLIENT,
-        FRONTEND,
-        plan.connections,
-        plan.workers,
-        STORM_DEADLINE,
-    )?;
+    let storm = rig.storm(plan.connections, plan.workers, STORM_DEADLINE)?;
     // Collect until the agent has been quiet for a while: it reports what the kernel queued.
     let mut lines = Vec::new();
     let began = Instant::now();

@@ -4,7 +4,7 @@
 use crate::bench::error::BenchError;
 use crate::bench::load;
 use crate::bench::report::{median, thousands, Row};
-use crate::bench::rig::{Rig, BULK_SINK, CLIENT, FRONTEND};
+use crate::bench::rig::{Rig, BULK_SINK, FRONTEND};
 use std::time::Duration;
 
 /// How long the agent may take to show its first probe.
@@ -34,14 +34,7 @@ struct Arm {
 pub fn run(rig: &Rig, plan: &Plan) -> Result<Vec<Row>, BenchError> {
     // Warm the path (ARP, routes, conntrack, the server's threads) outside the measurement.
     let warm = plan.connections.min(500);
-    load::storm(
-        &rig.inet(),
-        CLIENT,
-        FRONTEND,
-        warm,
-        plan.workers,
-        STORM_DEADLINE,
-    )?;
+    rig.storm(warm, plan.workers, STORM_DEADLINE)?;
     let (mut without, mut with) = (Vec::new(), Vec::new());
     for round in 0..plan.rounds {
         // Alternate which arm goes first so that drift over the session cancels out.
@@ -133,14 +126,7 @@ fn arm(rig: &Rig, plan: &Plan, attached: bool) -> Result<Arm, BenchError> {
     } else {
         None
     };
-    let storm = load::storm(
-        &rig.inet(),
-        CLIENT,
-        FRONTEND,
-        plan.connections,
-        plan.workers,
-        STORM_DEADLINE,
-    )?;
+    let storm = rig.storm(plan.connections, plan.workers, STORM_DEADLINE)?;
     if storm.ok != plan.connections {
         return Err(BenchError::Failed {
             what: format!("the connection run to {FRONTEND}"),

@@ -63,6 +63,17 @@ impl Rig {
         self.lab.node_netns()
     }
 
+    /// Opens `count` connections from the internet client to the app's LB frontend, `workers`
+    /// at a time; stops early at `deadline`.
+    pub fn storm(
+        &self,
+        count: u64,
+        workers: usize,
+        deadline: Duration,
+    ) -> Result<load::Storm, BenchError> {
+        load::storm(&self.inet(), CLIENT, FRONTEND, count, workers, deadline)
+    }
+
     pub fn spawn_agent(
         &self,
         count: Option<u64>,
