@@ -297,7 +297,11 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
         return;
     };
     let renewed = flags & SEEN_REPLY_STORED != 0 && status & ct_status::SEEN_REPLY == 0;
-    let flags = if renewed {
+    let (flags, netns) = if renewed {
+        // The new connection may be another namespace's with the same tuple (a router's).
+        let Some(netns) = observed_netns(ct) else {
+            return remember_foreign(ct, fingerprint);
+        };
         if let Some(s) = state {
             // SAFETY: as above; the old connection's counters start over with the new one.
             unsafe {
@@ -305,9 +309,9 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
                 (*s).bytes = 0;
             }
         }
-        0
+        (0, netns)
     } else {
-        flags
+        (flags, netns)
     };
     let nat = status & ct_status::NAT_MASK;
     let (counted, len) = match packet {

@@ -175,13 +175,22 @@ fn reused_client_port(source: &str) {
         xtask::bench::load::enter(&inet).unwrap();
         let local = SockAddr::from(SocketAddrV4::new(plan::CLIENT, CLIENT_PORT));
         let frontend = SockAddr::from(SocketAddrV4::new(plan::FRONTEND_APP, 80));
+        // The client's kernel may hold the tuple a moment after the reset: retry, bounded.
+        let connect = || -> std::io::Result<Socket> {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&local)?;
+            socket.connect_timeout(&frontend, Duration::from_secs(2))?;
+            Ok(socket)
+        };
         for _ in 0..CONNECTIONS {
-            let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-            socket.set_reuse_address(true).unwrap();
-            socket.bind(&local).unwrap();
-            socket
-                .connect_timeout(&frontend, Duration::from_secs(2))
-                .unwrap();
+            let socket = (0..20)
+                .find_map(|_| {
+                    connect()
+                        .inspect_err(|_| std::thread::sleep(Duration::from_millis(50)))
+                        .ok()
+                })
+                .expect("the client could not connect from its port within 1 s");
             let mut stream = std::net::TcpStream::from(socket);
             stream
                 .set_read_timeout(Some(Duration::from_secs(2)))
@@ -201,12 +210,17 @@ fn reused_client_port(source: &str) {
     let ours = |v: &&serde_json::Value| {
         v["orig"]["sport"] == CLIENT_PORT && v["orig"]["dst"] == plan::FRONTEND_APP.to_string()
     };
-    let opened = of_event(&lines, "new").filter(ours).count();
+    let opened: Vec<String> = of_event(&lines, "new")
+        .filter(ours)
+        .map(|v| v.to_string())
+        .collect();
     let ended = of_event(&lines, "destroy").filter(ours).count();
     lab.down().unwrap();
     assert_eq!(
-        opened, CONNECTIONS,
-        "--source {source}: connections reported opened"
+        opened.len(),
+        CONNECTIONS,
+        "--source {source}: connections reported opened:\n{}",
+        opened.join("\n")
     );
     assert!(
         ended >= CONNECTIONS - 1,
