@@ -35,6 +35,8 @@ const EVENT_QUEUE: usize = 65_536;
 pub const DEFAULT_MAX_FLOWS: usize = 200_000;
 /// On stop, events still arriving are handled until none came for this long.
 const DRAIN_QUIET: Duration = Duration::from_millis(200);
+/// The longest the drain on stop may take (Kubernetes waits 30 s before SIGKILL).
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 /// How often the node's topology is discovered again: pods, Services and frontends come and go
 /// while a DaemonSet runs for days.
 const TOPOLOGY_REFRESH: Duration = Duration::from_secs(30);
@@ -317,8 +319,10 @@ impl Agent {
                 break;
             }
         }
-        // What was captured before the stop is still shown: drain until the capture is quiet.
-        while !pipeline.done(options.count) {
+        // What was captured before the stop is still shown: drain until the capture is quiet, or
+        // for DRAIN_LIMIT at most on a node whose traffic never pauses.
+        let drain_end = Instant::now() + DRAIN_LIMIT;
+        while !pipeline.done(options.count) && Instant::now() < drain_end {
             match tokio::time::timeout(DRAIN_QUIET, rx.recv()).await {
                 Ok(Some(event)) => {
                     pipeline.handle_all(waiting.offer(event, now()), options.count)?
@@ -461,8 +465,8 @@ impl<W: Write> Pipeline<W> {
     fn handle(&mut self, event: FlowEvent) -> Result<(), AgentError> {
         let update = self.table.apply(event);
         // Evicted flows' ends will never arrive: close them for the live-SNAT accounting now.
-        if let Some(metrics) = &self.metrics {
-            for flow in self.table.drain_evicted() {
+        for flow in self.table.drain_evicted() {
+            if let Some(metrics) = &self.metrics {
                 metrics.observe_end(&flow.event.key());
             }
         }

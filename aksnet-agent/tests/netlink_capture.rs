@@ -515,7 +515,11 @@ fn overflow_is_counted_as_lost_and_capture_keeps_running() {
     assert!(lost >= 1, "no overflow counted");
     assert!(delivered < FLOWS as usize);
 
-    // Still running after the overflow.
-    send_flows(1);
-    assert_eq!(collect(&rt, &mut rx, 1, udp).len(), 1);
+    // Still running after the overflow. The tiny buffer may overflow again under a loaded
+    // machine, so a few single flows are tried (bounded); one must come through.
+    let recovered = (0..5).any(|_| {
+        send_flows(1);
+        !collect(&rt, &mut rx, 1, udp).is_empty()
+    });
+    assert!(recovered, "no event delivered after the overflow");
 }

@@ -93,6 +93,9 @@ const LOSS_COUNTED: u64 = 1 << 60;
 /// packet whose status lacks it belongs to a new connection reusing this `nf_conn` for the
 /// same tuple (where `nf_ct_delete` cannot be hooked to forget the old one).
 const SEEN_REPLY_STORED: u64 = 1 << 59;
+/// A reuse was detected and not reported yet (the ring buffer was full): the retry still says
+/// [`conn_flags::RENEWED`].
+const RENEW_PENDING: u64 = 1 << 58;
 
 /// One offset from [`OFFSETS`]; volatile so the compiler cannot fold the placeholder value the
 /// agent overwrites.
@@ -296,6 +299,10 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
     let Some(status) = read::<u64>(ct + off!(ct_status)) else {
         return;
     };
+    // A packet still in flight after nf_ct_delete: the end is reported, do not bring it back.
+    if status & ct_status::DYING != 0 {
+        return;
+    }
     let renewed = flags & SEEN_REPLY_STORED != 0 && status & ct_status::SEEN_REPLY == 0;
     let (flags, netns) = if renewed {
         // The new connection may be another namespace's with the same tuple (a router's).
@@ -309,7 +316,7 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
                 (*s).bytes = 0;
             }
         }
-        (0, netns)
+        (RENEW_PENDING, netns)
     } else {
         (flags, netns)
     };
@@ -350,7 +357,7 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
         netns,
         packets: counted,
         bytes: len,
-        renewed,
+        renewed: flags & RENEW_PENDING != 0,
     };
     if flags & REPORTED != 0 && reported_nat != REPORTED | nat {
         report.kind = event_kind::NAT_CHANGED;
@@ -368,7 +375,7 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
         flags |= SEEN_REPLY_STORED;
     }
     if emit(&report, packet) {
-        flags = (flags & !ct_status::NAT_MASK) | REPORTED | nat;
+        flags = (flags & !(ct_status::NAT_MASK | RENEW_PENDING)) | REPORTED | nat;
         if packet.is_some() {
             flags |= IFACES_REPORTED;
         }

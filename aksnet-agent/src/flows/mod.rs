@@ -9,6 +9,7 @@ mod wait;
 pub use wait::{InterfaceWait, INTERFACES_WAIT};
 
 use crate::events::{EventKind, FlowEvent, FlowKey};
+use aksnet_common::ct_status;
 use std::collections::{HashMap, VecDeque};
 use std::time::SystemTime;
 
@@ -21,9 +22,9 @@ pub struct Flow {
     pub last_seen: SystemTime,
     /// Insertion order, for eviction when the table is full.
     seq: u64,
-    /// This flow replaced an earlier connection on the same tuple whose end was not seen yet: the
-    /// next end without an instance id (netlink's) is that earlier connection's.
-    earlier_end_pending: bool,
+    /// Earlier connections on the same tuple this flow (and its predecessors) replaced before
+    /// their ends were seen: that many ends without an instance id (netlink's) are theirs.
+    earlier_ends_pending: u32,
 }
 
 /// What an event changed in the table.
@@ -97,12 +98,13 @@ impl FlowTable {
             EventKind::New if replaces(flow, &event) => {
                 let mut ended = self.flows.remove(&key).expect("just found");
                 ended.last_seen = event.ts;
+                let pending = ended.earlier_ends_pending + 1;
                 let mut opened = self.insert(key, event);
-                opened.earlier_end_pending = true;
+                opened.earlier_ends_pending = pending;
                 self.flows
                     .get_mut(&key)
                     .expect("just inserted")
-                    .earlier_end_pending = true;
+                    .earlier_ends_pending = pending;
                 Update::Replaced {
                     ended: Box::new(ended),
                     opened,
@@ -134,7 +136,7 @@ impl FlowTable {
             last_seen: event.ts,
             event,
             seq,
-            earlier_end_pending: false,
+            earlier_ends_pending: 0,
         };
         self.order.push_back((key, seq));
         self.flows.insert(key, flow.clone());
@@ -184,6 +186,11 @@ impl FlowTable {
 /// (two live entries never share a tuple, so the flow's has ended), or its entry reused. Without
 /// ids (netlink) a repeat is the same connection: netlink reports the old end first.
 fn replaces(flow: &Flow, new: &FlowEvent) -> bool {
+    // An unconfirmed entry (seen by NAT setup) may still lose a clash to the live one and be
+    // freed: only a confirmed entry proves the live one ended.
+    if new.status & ct_status::CONFIRMED == 0 {
+        return false;
+    }
     match (flow.event.instance, new.instance) {
         (Some(live), Some(new)) => live.id != new.id || new.renewed,
         _ => false,
@@ -196,8 +203,8 @@ fn replaces(flow: &Flow, new: &FlowEvent) -> bool {
 fn ends(flow: &mut Flow, end: &FlowEvent) -> bool {
     match (flow.event.instance, end.instance) {
         (Some(live), Some(ended)) => live.id == ended.id,
-        _ if flow.earlier_end_pending => {
-            flow.earlier_end_pending = false;
+        _ if flow.earlier_ends_pending > 0 => {
+            flow.earlier_ends_pending -= 1;
             false
         }
         _ => flow.event.reply == end.reply,
@@ -316,9 +323,21 @@ mod tests {
         );
     }
 
+    /// An event of conntrack entry `id`, confirmed (as every packet's entry is).
     fn of_entry(mut event: FlowEvent, id: u64, renewed: bool) -> FlowEvent {
         event.instance = Some(Instance { id, renewed });
+        event.status |= ct_status::CONFIRMED;
         event
+    }
+
+    #[test]
+    fn an_unconfirmed_entry_that_may_lose_a_clash_does_not_replace_the_live_one() {
+        let mut table = FlowTable::new(10);
+        table.apply(of_entry(event(EventKind::New, 1000, 5000), 1, false));
+        let mut clash_loser = of_entry(event(EventKind::New, 1000, 5000), 2, false);
+        clash_loser.status &= !ct_status::CONFIRMED;
+        assert_eq!(table.apply(clash_loser), Update::Unchanged);
+        assert_eq!(table.stats().live, 1);
     }
 
     #[test]

@@ -45,21 +45,35 @@ impl InterfaceWait {
     pub fn offer(&mut self, event: FlowEvent, now: Instant) -> Vec<FlowEvent> {
         let key = event.key();
         let is_new = event.kind == EventKind::New;
+        let packet_less_new = is_new && event.hook.is_some_and(|h| !h.has_packet());
         let Some(held) = self.pending.remove(&key) else {
-            if is_new && event.hook.is_some_and(|h| !h.has_packet()) {
-                let deadline = now + self.wait;
-                self.deadlines.push_back((deadline, key));
-                self.pending.insert(key, Pending { deadline, event });
+            if packet_less_new {
+                self.hold(event, now);
                 return Vec::new();
             }
             return vec![event];
         };
         let mut first = held.event;
-        if is_new && event.hook.is_some_and(|h| h.has_packet()) {
+        let same_entry = first.instance.map(|i| i.id) == event.instance.map(|i| i.id);
+        if is_new && same_entry && event.hook.is_some_and(|h| h.has_packet()) {
             merge_details(&mut first, &event);
+            // The packet's status is later: confirmed, where NAT setup saw it unconfirmed.
+            first.status = event.status;
+            return vec![first];
+        }
+        if packet_less_new {
+            // Another entry on the tuple: the held one goes as it is, this one waits in turn.
+            self.hold(event, now);
             return vec![first];
         }
         vec![first, event]
+    }
+
+    fn hold(&mut self, event: FlowEvent, now: Instant) {
+        let key = event.key();
+        let deadline = now + self.wait;
+        self.deadlines.push_back((deadline, key));
+        self.pending.insert(key, Pending { deadline, event });
     }
 
     /// Releases, unchanged, the events whose wait ended at or before `now`.
@@ -154,6 +168,30 @@ mod tests {
         assert_eq!((merged.packets, merged.bytes), (Some(1), Some(60)));
         assert_eq!(wait.next_deadline(), None);
         assert!(wait.expire(t0 + 2 * WAIT).is_empty(), "nothing left over");
+    }
+
+    #[test]
+    fn a_second_packet_less_entry_releases_the_first_and_waits_itself() {
+        use crate::events::Instance;
+        let entry = |mut ev: FlowEvent, id| {
+            ev.instance = Some(Instance { id, renewed: false });
+            ev
+        };
+        let mut wait = InterfaceWait::new(WAIT);
+        let t0 = Instant::now();
+        assert!(wait.offer(entry(nat_setup(1000), 1), t0).is_empty());
+        let released = wait.offer(entry(nat_setup(1000), 2), t0);
+        assert_eq!(released.len(), 1);
+        assert_eq!(released[0].instance.map(|i| i.id), Some(1));
+        assert_eq!(
+            released[0].in_ifindex, None,
+            "entry 1 goes without interfaces"
+        );
+        // A packet of entry 2 completes entry 2, not entry 1.
+        let ready = wait.offer(entry(xmit(1000), 2), t0);
+        assert_eq!(ready.len(), 1);
+        assert_eq!(ready[0].instance.map(|i| i.id), Some(2));
+        assert_eq!(ready[0].in_ifindex, Some(4));
     }
 
     #[test]
