@@ -57,7 +57,8 @@ fn debian_packages() -> Result<()> {
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(missing.iter().copied())
             .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    )?;
+    Ok(())
 }
 
 fn debian_installed(pkg: &str) -> bool {
@@ -77,7 +78,8 @@ fn nightly_rust_src() -> Result<()> {
         return Ok(());
     }
     println!("setup: adding rust-src to the nightly toolchain");
-    run_quiet(Cmd::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+    run_quiet(Cmd::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    Ok(())
 }
 
 fn bpf_linker() -> Result<()> {
@@ -160,5 +162,6 @@ fn python_packages() -> Result<()> {
         Cmd::new("python3")
             .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
             .args(missing.iter().copied()),
-    )
+    )?;
+    Ok(())
 }

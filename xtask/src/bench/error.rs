@@ -1,5 +1,6 @@
 //! What can stop `cargo xtask bench`, with the way out.
 
+use crate::cmd::CmdError;
 use crate::lab::LabError;
 use std::path::PathBuf;
 
@@ -51,5 +52,22 @@ pub(crate) fn io<'a>(
         what,
         path: path.into(),
         source,
+    }
+}
+
+impl From<CmdError> for BenchError {
+    fn from(err: CmdError) -> BenchError {
+        match err {
+            CmdError::Spawn { command, source } => BenchError::Spawn { command, source },
+            CmdError::Failed {
+                command,
+                status,
+                stderr,
+            } => BenchError::Command {
+                command,
+                status,
+                hint: stderr,
+            },
+        }
     }
 }

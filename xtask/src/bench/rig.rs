@@ -4,11 +4,11 @@
 use crate::bench::agent::{Agent, AgentArgs, Line};
 use crate::bench::error::BenchError;
 use crate::bench::load::{self, EchoServer};
+use crate::lab::netns::pids_in;
 use crate::lab::topology::plan;
 use crate::lab::{Cni, Host, Lab, LabOptions};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,7 +40,7 @@ impl Rig {
         let pod = lab.netns(Host::PodApp);
         // The lab's app server is socat forking a shell per connection: a few hundred
         // connections a second, which would hide the datapath. The bench answers instead.
-        stop_lab_server(&pod)?;
+        stop_lab_server(&pod);
         let server = start_server(&pod)?;
         let config = lab.topology_path();
         Ok(Rig {
@@ -151,16 +151,9 @@ impl Rig {
 
 /// Ends the lab's socat server in the pod: only a process this process started (the lab's
 /// daemon, a direct child), found by pid.
-fn stop_lab_server(pod_netns: &str) -> Result<(), BenchError> {
-    let out = Command::new("ip")
-        .args(["netns", "pids", pod_netns])
-        .output()
-        .map_err(|source| BenchError::Spawn {
-            command: format!("ip netns pids {pod_netns}"),
-            source,
-        })?;
+fn stop_lab_server(pod_netns: &str) {
     let me = std::process::id().to_string();
-    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+    for pid in pids_in(pod_netns) {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         // `pid (comm) state ppid ...`
         let Some((comm, rest)) = stat.split_once(") ") else {
@@ -168,12 +161,10 @@ fn stop_lab_server(pod_netns: &str) -> Result<(), BenchError> {
         };
         let ppid = rest.split_whitespace().nth(1);
         if comm.ends_with("(socat") && ppid == Some(me.as_str()) {
-            let pid: libc::pid_t = pid.parse().expect("ip netns pids prints numbers");
             // SAFETY: kill(2) on our own child's pid.
             unsafe { libc::kill(pid, libc::SIGTERM) };
         }
     }
-    Ok(())
 }
 
 /// The app pod's server on its port; retried while the killed socat releases it.

@@ -4,9 +4,9 @@
 
 use crate::bench::error::{io, BenchError};
 use crate::bench::report::{median, thousands, Row};
+use crate::cmd::Cmd;
 use serde_json::Value;
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 /// The pipeline benchmarks, in table order, with what each measures.
 const PIPELINE: [(&str, &str); 7] = [
@@ -47,48 +47,23 @@ pub struct Plan {
     pub rss_runs: usize,
 }
 
-fn cargo(
-    workspace: &Path,
-    args: &[&str],
-    env: &[(&str, &Path)],
-    capture: bool,
-) -> Result<String, BenchError> {
+/// `cargo ARGS` in the workspace, with extra environment.
+fn cargo(workspace: &Path, args: &[&str], env: &[(&str, &Path)]) -> Cmd {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let command = format!("{cargo} {}", args.join(" "));
-    let mut cmd = Command::new(&cargo);
-    cmd.args(args).current_dir(workspace).stdin(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    if capture {
-        cmd.stdout(Stdio::piped());
-    }
-    let out = cmd
-        .spawn()
-        .and_then(|c| c.wait_with_output())
-        .map_err(|source| BenchError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(BenchError::Command {
-            command,
-            status: out.status.to_string(),
-            hint: "see its output above".into(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    env.iter().fold(
+        Cmd::new(cargo).args(args).current_dir(workspace),
+        |cmd, (key, value)| cmd.env(key, value),
+    )
 }
 
 /// Builds the agent binary the lab runs.
 pub fn build_agent(workspace: &Path) -> Result<(), BenchError> {
-    cargo(
+    Ok(cargo(
         workspace,
         &["build", "--release", "-p", "aksnet-agent"],
         &[],
-        false,
     )
-    .map(drop)
+    .run_visible()?)
 }
 
 pub fn pipeline(workspace: &Path, plan: &Plan) -> Result<Vec<Row>, BenchError> {
@@ -119,8 +94,8 @@ pub fn pipeline(workspace: &Path, plan: &Plan) -> Result<Vec<Row>, BenchError> {
             &measure,
         ],
         &[("CRITERION_HOME", &home)],
-        false,
-    )?;
+    )
+    .run_visible()?;
     let aggregation = format!("median of {} criterion samples, one core", plan.samples);
     PIPELINE
         .iter()
@@ -180,8 +155,8 @@ pub fn memory(workspace: &Path, runs: usize) -> Result<Vec<Row>, BenchError> {
                     &flows.to_string(),
                 ],
                 &[],
-                true,
-            )?;
+            )
+            .output_string()?;
             let (before, after) = parse_rss(&out)?;
             total.push(after as f64);
             table.push(after.saturating_sub(before) as f64);

@@ -1,5 +1,6 @@
 //! `cargo xtask lab ...`: up, run, down, list, demo.
 
+use crate::cmd::Cmd;
 use crate::lab::topology::plan;
 use crate::lab::{
     clean_up, teardown_prefix, Cni, Lab, LabError, LabOptions, Scenario, DEFAULT_STATE_DIR,
@@ -193,21 +194,10 @@ fn workspace_root() -> PathBuf {
 
 fn build_agent() -> Result<(), LabError> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
+    Cmd::new(cargo)
         .args(["build", "-p", "aksnet-agent"])
         .current_dir(workspace_root())
-        .status()
-        .map_err(|source| LabError::Spawn {
-            command: format!("{cargo} build -p aksnet-agent"),
-            source,
-        })?;
-    if !status.success() {
-        return Err(LabError::Command {
-            command: "cargo build -p aksnet-agent".into(),
-            status: status.to_string(),
-            stderr: "see the compiler output above".into(),
-        });
-    }
+        .run_visible()?;
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 //! The lab's error type: what failed, where, and what to do about it.
 
+use crate::cmd::CmdError;
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
@@ -63,4 +64,22 @@ pub enum LabError {
     Teardown { failures: Vec<String> },
     #[error("a lab is already up (state {path}); run `cargo xtask lab down` first")]
     AlreadyUp { path: PathBuf },
+}
+
+/// A failed command is one of the lab's: its message adds what the lab needs.
+impl From<CmdError> for LabError {
+    fn from(err: CmdError) -> LabError {
+        match err {
+            CmdError::Spawn { command, source } => LabError::Spawn { command, source },
+            CmdError::Failed {
+                command,
+                status,
+                stderr,
+            } => LabError::Command {
+                command,
+                status,
+                stderr,
+            },
+        }
+    }
 }

@@ -1,15 +1,7 @@
-//! Running the lab's commands (`ip`, `iptables-restore`, clients) and reporting their failures.
+//! The lab's commands (`ip`, `iptables-restore`, clients), run inside its namespaces.
 
+use crate::cmd::Cmd;
 use crate::lab::error::LabError;
-use std::io::Write;
-use std::process::{Command, Stdio};
-
-fn describe(program: &str, args: &[&str]) -> String {
-    std::iter::once(program)
-        .chain(args.iter().copied())
-        .collect::<Vec<_>>()
-        .join(" ")
-}
 
 /// Runs a command to completion, feeding `stdin`, and returns its stdout.
 pub(crate) fn run_with_input(
@@ -17,41 +9,12 @@ pub(crate) fn run_with_input(
     args: &[&str],
     stdin: Option<&str>,
 ) -> Result<String, LabError> {
-    let command = describe(program, args);
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| LabError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
-    if let Some(input) = stdin {
-        let mut pipe = child.stdin.take().expect("stdin was requested as a pipe");
-        pipe.write_all(input.as_bytes())
-            .map_err(|source| LabError::Spawn {
-                command: command.clone(),
-                source,
-            })?;
-    }
-    let out = child.wait_with_output().map_err(|source| LabError::Spawn {
-        command: command.clone(),
-        source,
-    })?;
-    if !out.status.success() {
-        return Err(LabError::Command {
-            command,
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let cmd = Cmd::new(program).args(args);
+    let cmd = match stdin {
+        Some(text) => cmd.input(text),
+        None => cmd,
+    };
+    Ok(cmd.output_string()?)
 }
 
 pub(crate) fn run(program: &str, args: &[&str]) -> Result<String, LabError> {

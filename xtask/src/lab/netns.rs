@@ -83,7 +83,8 @@ pub fn orphaned_prefixes() -> Vec<String> {
     prefixes
 }
 
-fn pids_in(netns: &str) -> Vec<i32> {
+/// The processes inside `netns`; none when it cannot be listed (it is gone).
+pub fn pids_in(netns: &str) -> Vec<i32> {
     exec::run("ip", &["netns", "pids", netns])
         .map(|out| {
             out.split_whitespace()
