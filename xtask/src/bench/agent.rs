@@ -2,6 +2,7 @@
 //! lines timestamped as they arrive, its metrics scraped, and stopped by pid (never left running).
 
 use crate::bench::error::BenchError;
+use crate::cmd::CmdError;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -62,7 +63,7 @@ impl Agent {
             cmd.args(["--metrics-listen", &addr.to_string()]);
         }
         let started = Instant::now();
-        let mut child = cmd.spawn().map_err(|source| BenchError::Spawn {
+        let mut child = cmd.spawn().map_err(|source| CmdError::Spawn {
             command: format!("{cmd:?}"),
             source,
         })?;

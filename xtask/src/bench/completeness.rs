@@ -7,6 +7,7 @@ use crate::bench::datapath::READY_TIMEOUT;
 use crate::bench::error::BenchError;
 use crate::bench::report::{median, thousands, Row};
 use crate::bench::rig::{Rig, CLIENT, FRONTEND};
+use crate::cmd::CmdError;
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
@@ -240,7 +241,7 @@ impl ConntrackWatcher {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|source| BenchError::Spawn {
+            .map_err(|source| CmdError::Spawn {
                 command: format!("ip {}", args.join(" ")),
                 source,
             })?;
@@ -256,11 +257,12 @@ impl ConntrackWatcher {
         // It subscribes within milliseconds; the agent's start-up that follows takes far longer.
         std::thread::sleep(Duration::from_millis(200));
         if let Some(status) = child.try_wait().ok().flatten() {
-            return Err(BenchError::Command {
+            return Err(CmdError::Failed {
                 command: format!("ip {}", args.join(" ")),
                 status: status.to_string(),
-                hint: tail(&stderr.join().unwrap_or_default(), 10),
-            });
+                stderr: tail(&stderr.join().unwrap_or_default(), 10),
+            }
+            .into());
         }
         Ok(ConntrackWatcher {
             child,

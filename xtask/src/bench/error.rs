@@ -8,17 +8,8 @@ use std::path::PathBuf;
 pub enum BenchError {
     #[error("the node lab: {0}")]
     Lab(#[from] LabError),
-    #[error("`{command}` failed ({status}); {hint}")]
-    Command {
-        command: String,
-        status: String,
-        hint: String,
-    },
-    #[error("cannot start `{command}`: {source}; is it installed? (`cargo xtask setup`)")]
-    Spawn {
-        command: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Cmd(#[from] CmdError),
     #[error("{what} ({path}): {source}")]
     Io {
         what: &'static str,
@@ -52,22 +43,5 @@ pub(crate) fn io<'a>(
         what,
         path: path.into(),
         source,
-    }
-}
-
-impl From<CmdError> for BenchError {
-    fn from(err: CmdError) -> BenchError {
-        match err {
-            CmdError::Spawn { command, source } => BenchError::Spawn { command, source },
-            CmdError::Failed {
-                command,
-                status,
-                stderr,
-            } => BenchError::Command {
-                command,
-                status,
-                hint: stderr,
-            },
-        }
     }
 }

@@ -1,6 +1,6 @@
 //! `cargo xtask lab ...`: up, run, down, list, demo.
 
-use crate::cmd::Cmd;
+use crate::cmd::{Cmd, CmdError};
 use crate::lab::topology::plan;
 use crate::lab::{
     clean_up, teardown_prefix, Cni, Lab, LabError, LabOptions, Scenario, DEFAULT_STATE_DIR,
@@ -211,7 +211,7 @@ fn spawn_agent(lab: &Lab, args: &[&str], duration: u64) -> Result<Child, LabErro
         .arg(lab.topology_path())
         .args(["--duration", &duration.to_string()])
         .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|source| LabError::Spawn {
+    let mut child = cmd.spawn().map_err(|source| CmdError::Spawn {
         command: format!("{cmd:?}"),
         source,
     })?;
@@ -228,11 +228,12 @@ fn spawn_agent(lab: &Lab, args: &[&str], duration: u64) -> Result<Child, LabErro
     if attached_rx.recv_timeout(Duration::from_secs(30)).is_err() {
         let _ = child.kill();
         let _ = child.wait();
-        return Err(LabError::Command {
+        return Err(CmdError::Failed {
             command: format!("{cmd:?}"),
             status: "did not attach within 30 s".into(),
             stderr: "see its log lines above".into(),
-        });
+        }
+        .into());
     }
     Ok(child)
 }

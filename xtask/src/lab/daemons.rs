@@ -3,6 +3,7 @@
 //! address and the request headers), nginx as Application Gateway and as in-cluster ingress,
 //! dnsmasq as Azure DNS and as CoreDNS, kube-proxy's healthCheckNodePort server.
 
+use crate::cmd::CmdError;
 use crate::lab::error::LabError;
 use crate::lab::exec;
 use crate::lab::netns::{etc_netns_dir, netns_name};
@@ -98,7 +99,7 @@ impl Launcher<'_> {
             // tears the lab down in order.
             .process_group(0)
             .spawn()
-            .map_err(|source| LabError::Spawn {
+            .map_err(|source| CmdError::Spawn {
                 command: format!("ip netns exec {netns} {}", argv.join(" ")),
                 source,
             })?;

@@ -5,17 +5,9 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
-    #[error("`{command}` failed ({status}): {stderr}\n  the lab needs root and the tools `cargo xtask setup` installs (iproute2, iptables, conntrack, nginx-light, dnsmasq-base, socat, curl, openssl)")]
-    Command {
-        command: String,
-        status: String,
-        stderr: String,
-    },
-    #[error("could not start `{command}`: {source}; is it installed? (`cargo xtask setup`)")]
-    Spawn {
-        command: String,
-        source: std::io::Error,
-    },
+    /// A command of the lab's failed; the lab needs root and what set-up installs.
+    #[error("{0}\n  the lab needs root and the tools `cargo xtask setup` installs (iproute2, iptables, conntrack, nginx-light, dnsmasq-base, socat, curl, openssl)")]
+    Cmd(#[from] CmdError),
     #[error("{what} ({path}): {source}")]
     Io {
         what: &'static str,
@@ -64,22 +56,4 @@ pub enum LabError {
     Teardown { failures: Vec<String> },
     #[error("a lab is already up (state {path}); run `cargo xtask lab down` first")]
     AlreadyUp { path: PathBuf },
-}
-
-/// A failed command is one of the lab's: its message adds what the lab needs.
-impl From<CmdError> for LabError {
-    fn from(err: CmdError) -> LabError {
-        match err {
-            CmdError::Spawn { command, source } => LabError::Spawn { command, source },
-            CmdError::Failed {
-                command,
-                status,
-                stderr,
-            } => LabError::Command {
-                command,
-                status,
-                stderr,
-            },
-        }
-    }
 }

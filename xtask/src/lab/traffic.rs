@@ -1,6 +1,7 @@
 //! Drives a scenario's traffic with bounded clients (curl, socat) inside the lab namespaces and
 //! checks each answer against the scenario's expectations.
 
+use crate::cmd::CmdError;
 use crate::lab::daemons::certificate_path;
 use crate::lab::error::LabError;
 use crate::lab::exec;
@@ -64,9 +65,9 @@ pub fn run(prefix: &str, dir: &Path, scenario: &Scenario) -> Result<ScenarioRepo
         };
         let body = sent.map_err(|e| match e {
             // A client that gets no answer is a broken path, not a missing tool.
-            LabError::Command {
+            LabError::Cmd(CmdError::Failed {
                 command, stderr, ..
-            } => LabError::NoAnswer {
+            }) => LabError::NoAnswer {
                 scenario: scenario.name.to_string(),
                 step: step.clone(),
                 command,
@@ -131,11 +132,12 @@ fn udp(prefix: &str, q: &UdpQuery) -> Result<String, LabError> {
         &format!("{}\n", q.payload),
     )?;
     if !out.contains(&format!("query={}", q.payload)) {
-        return Err(LabError::Command {
+        return Err(CmdError::Failed {
             command: format!("socat STDIO {target}"),
             status: "no answer".into(),
             stderr: format!("no UDP answer within {UDP_WAIT_SECS}s (got {out:?})"),
-        });
+        }
+        .into());
     }
     Ok(out)
 }
