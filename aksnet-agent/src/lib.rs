@@ -2,7 +2,8 @@
 //!
 //! `capture` (kernel programs, netlink) → `events` (decoded conntrack entries) → `flows` (flow
 //! table) → `model` (classification against the AKS path models, using `topology`) → outputs
-//! (`output` for `--dump` and `explain`, `metrics` for Prometheus).
+//! (`output` for `--dump` and `explain`, `metrics` for Prometheus). `startup` assembles the
+//! topology from its sources and refreshes it beside the event loop.
 
 pub mod capture;
 pub mod enrich;
@@ -12,4 +13,5 @@ pub mod metrics;
 pub mod model;
 pub mod output;
 pub mod pipeline;
+pub mod startup;
 pub mod topology;

@@ -3,21 +3,17 @@
 
 use crate::capture::netns::{IfNames, Netns, NetnsError, NetnsTarget};
 use crate::capture::{self, CaptureError, CaptureHealth, SourceChoice};
-use crate::enrich::{EnrichConfig, Enricher, OwnerKind};
+use crate::enrich::{self, EnrichConfig, Enricher, OwnerKind};
 use crate::events::{EventKind, FlowEvent};
 use crate::flows::{FlowTable, InterfaceWait, Update, INTERFACES_WAIT};
 use crate::metrics::{
     self, FlowObservation, Metrics, MetricsConfig, MetricsError, NatHop, Readiness,
 };
-use crate::model::{
-    Classification, Classifier, CniMismatch, Evidence, Hop, HopKind, Model, Verdict,
-};
+use crate::model::{Classification, Evidence, Hop, HopKind, Verdict};
 use crate::output::dump::{self, Dump, FlowView, Format};
 use crate::output::explain;
-use crate::topology::{
-    self, AddrClass, CniMode, LbFrontend, LoadError, OutboundType, Topology, TopologyError,
-    TopologyLayer,
-};
+use crate::startup::{self, Classify, Given, Knowledge, KnowledgeError};
+use crate::topology::{self, AddrClass, CniMode, LoadError, OutboundType, Topology, TopologyLayer};
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -39,7 +35,9 @@ const DRAIN_QUIET: Duration = Duration::from_millis(200);
 const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 /// How often the node's topology is discovered again: pods, Services and frontends come and go
 /// while a DaemonSet runs for days.
-const TOPOLOGY_REFRESH: Duration = Duration::from_secs(30);
+pub const TOPOLOGY_REFRESH: Duration = Duration::from_secs(30);
+/// How long the exit waits for background work (a discovery stuck in a slow command).
+const SHUTDOWN_WAIT: Duration = Duration::from_millis(200);
 
 /// What the operator asked for on the command line.
 #[derive(Clone, Debug, Default)]
@@ -55,7 +53,12 @@ pub struct RunOptions {
     pub count: Option<u64>,
     pub source: Option<SourceChoice>,
     pub config: Option<PathBuf>,
-    pub cni: Option<CniMode>,
+    /// Topology facts given as flags, over the config file and discovery.
+    pub flags: TopologyLayer,
+    /// Ask IMDS for the node's addresses (only on an Azure VM, in the host's namespace).
+    pub imds: bool,
+    /// How often discovery runs again (default [`TOPOLOGY_REFRESH`]).
+    pub refresh: Option<Duration>,
     pub model: Option<PathBuf>,
     pub metrics_listen: Option<SocketAddr>,
     pub allocated_outbound_ports: Option<u32>,
@@ -77,11 +80,9 @@ pub enum AgentError {
     #[error(transparent)]
     Netns(#[from] NetnsError),
     #[error(transparent)]
-    Topology(#[from] TopologyError),
-    #[error(transparent)]
     Model(#[from] LoadError),
     #[error(transparent)]
-    Cni(#[from] CniMismatch),
+    Knowledge(#[from] KnowledgeError),
     /// Boxed: the capture's errors carry both sources' reasons and are much larger than the rest.
     #[error(transparent)]
     Capture(Box<CaptureError>),
@@ -150,7 +151,73 @@ impl Matcher {
 
 /// Runs the agent until `--duration`, `--count`, SIGINT or SIGTERM.
 pub fn run(options: RunOptions) -> Result<(), AgentError> {
-    runtime()?.block_on(Agent::start(&options)?.run(&options))
+    let runtime = runtime()?;
+    let result = runtime.block_on(Agent::start(&options)?.run(&options));
+    // A discovery stuck in `iptables-save` or an API call must not hold the exit.
+    runtime.shutdown_timeout(SHUTDOWN_WAIT);
+    result
+}
+
+/// `aksnet-agent topology`: discovers once and prints every fact, its value and its source,
+/// what is missing, kube-proxy's mode and what blinds the agent.
+pub fn topology(options: RunOptions) -> Result<(), AgentError> {
+    let runtime = runtime()?;
+    let result = runtime.block_on(async {
+        let agent = Agent::start(&options)?;
+        let mut found = {
+            let (given, netns) = (Arc::clone(&agent.given), Arc::clone(&agent.netns));
+            tokio::task::spawn_blocking(move || startup::discover_node(&given, &netns))
+                .await
+                .unwrap_or_default()
+        };
+        match enrich::connect(EnrichConfig::from_env()).await {
+            Ok(Some((client, node))) => {
+                let (layer, notes) = enrich::cluster::cluster_layer(client, Some(&node)).await;
+                found.api = Some(layer);
+                found.notes.extend(notes);
+            }
+            Ok(None) => found
+                .notes
+                .push("no Kubernetes API configured: facts from the API are not read".into()),
+            Err(e) => found.notes.push(e.to_string()),
+        }
+        let knowledge = Knowledge::build(&agent.given, found)?;
+        let out = std::io::stdout().lock();
+        print_report(&knowledge, options.dump.unwrap_or(Format::Text), out)
+            .map_err(AgentError::Output)
+    });
+    runtime.shutdown_timeout(SHUTDOWN_WAIT);
+    result
+}
+
+fn print_report(knowledge: &Knowledge, format: Format, mut out: impl Write) -> std::io::Result<()> {
+    let report = knowledge.report();
+    if format == Format::Json {
+        let json = serde_json::to_string(&report).map_err(std::io::Error::other)?;
+        return writeln!(out, "{json}");
+    }
+    let width = report.facts.iter().map(|f| f.fact.len()).max().unwrap_or(0);
+    writeln!(out, "{:width$}  {:<10}  value", "fact", "source")?;
+    for f in &report.facts {
+        writeln!(
+            out,
+            "{:width$}  {:<10}  {}",
+            f.fact,
+            f.source.as_str(),
+            f.value
+        )?;
+    }
+    for m in &report.missing {
+        writeln!(out, "missing: {m}")?;
+    }
+    writeln!(out, "kube-proxy: {}", report.kube_proxy)?;
+    for b in &report.blind {
+        writeln!(out, "blind: {}", b.warning())?;
+    }
+    for note in &report.notes {
+        writeln!(out, "note: {note}")?;
+    }
+    Ok(())
 }
 
 /// `explain`: hop diagrams of flows read from a JSON dump, or of the first live flow(s) that
@@ -168,7 +235,9 @@ pub fn explain(options: RunOptions, from_dump: Option<PathBuf>) -> Result<(), Ag
 }
 
 fn explain_dump(options: &RunOptions, path: &PathBuf) -> Result<(), AgentError> {
-    let Agent { classifier, .. } = Agent::start(options)?;
+    let agent = Agent::start(options)?;
+    let found = startup::discover_node(&agent.given, &agent.netns);
+    let classifier = Knowledge::build(&agent.given, found)?.classify;
     let read_err = |source| AgentError::ReadDump {
         path: path.clone(),
         source,
@@ -212,37 +281,12 @@ fn runtime() -> Result<tokio::runtime::Runtime, AgentError> {
         .map_err(AgentError::Runtime)
 }
 
-/// Merges discovery in the observed namespace, what the Kubernetes API says (`from_api`), the
-/// config file and flags, in that precedence.
-fn classifier(
-    options: &RunOptions,
-    netns: &Netns,
-    from_api: TopologyLayer,
-) -> Result<Classifier, AgentError> {
-    let discovery = netns.run_in(topology::discover)?;
-    for note in &discovery.notes {
-        log::debug!("discovery: {note}");
-    }
-    let mut layers = vec![discovery.layer, from_api];
-    if let Some(path) = &options.config {
-        layers.push(TopologyLayer::from_file(path)?);
-    }
-    layers.push(TopologyLayer {
-        cni: options.cni,
-        ..TopologyLayer::default()
-    });
-    let topology = Topology::from_layers(layers)?;
-    let model = match &options.model {
-        Some(path) => Model::from_file(path)?,
-        None => Model::load_builtin(topology.cni).map_err(LoadError::from)?,
-    };
-    Ok(Classifier::new(model, topology)?)
-}
-
 /// Everything the pipeline holds between start-up and the first event.
 struct Agent {
-    netns: Netns,
-    classifier: Classifier,
+    netns: Arc<Netns>,
+    given: Arc<Given>,
+    /// What the operator gave alone, until discovery adds to it.
+    classify: Classify,
 }
 
 impl Agent {
@@ -252,8 +296,18 @@ impl Agent {
             .as_deref()
             .map_or(Ok(NetnsTarget::Own), str::parse)?
             .open()?;
-        let classifier = classifier(options, &netns, TopologyLayer::default())?;
-        Ok(Agent { netns, classifier })
+        let given = Given::load(
+            options.config.as_ref(),
+            options.flags.clone(),
+            options.model.as_ref(),
+            options.imds,
+        )?;
+        let classify = Knowledge::build(&given, startup::Found::default())?.classify;
+        Ok(Agent {
+            netns: Arc::new(netns),
+            given: Arc::new(given),
+            classify,
+        })
     }
 
     async fn run(self, options: &RunOptions) -> Result<(), AgentError> {
@@ -267,14 +321,30 @@ impl Agent {
                 Enricher::disabled()
             }
         };
+        let (mut updates, refresher) = startup::spawn_refresh(
+            Arc::clone(&self.given),
+            Arc::clone(&self.netns),
+            enricher.clone(),
+            metrics.clone(),
+            options.refresh.unwrap_or(TOPOLOGY_REFRESH),
+            self.classify,
+        );
         let (tx, mut rx) = mpsc::channel(EVENT_QUEUE);
         let source = options.source.unwrap_or(SourceChoice::Auto);
         let capture = capture::start(source, &self.netns, tx, Arc::clone(&health)).await?;
+        // Events queue meanwhile; a slow discovery is not waited for beyond this.
+        if !startup::first_discovery(&mut updates, startup::FIRST_DISCOVERY_WAIT).await {
+            log::warn!(
+                "discovery did not finish within {:?}; classifying with the config and flags until it does",
+                startup::FIRST_DISCOVERY_WAIT
+            );
+        }
+        let classifier = updates.borrow_and_update().clone();
         log::info!(
             "capturing conntrack NAT in network namespace {} with {}; {} model",
             self.netns,
             capture.source,
-            self.classifier.topology().cni.as_str()
+            classifier.topology().map_or("no", |t| t.cni.as_str())
         );
         if let Some(metrics) = &metrics {
             metrics.set_capture(Arc::clone(&health), capture.source);
@@ -284,7 +354,7 @@ impl Agent {
         let mut pipeline = Pipeline {
             table: FlowTable::new(options.max_flows.unwrap_or(DEFAULT_MAX_FLOWS)),
             ifnames: IfNames::new(&self.netns)?,
-            classifier: self.classifier,
+            classifier,
             enricher,
             metrics,
             dump: options
@@ -297,8 +367,6 @@ impl Agent {
         };
         let deadline = options.duration.map(|d| Instant::now() + d);
         let mut stop = Stop::new().map_err(AgentError::Signals)?;
-        let mut refresh =
-            tokio::time::interval_at(Instant::now() + TOPOLOGY_REFRESH, TOPOLOGY_REFRESH);
         // Connections reported before their first packet wait briefly for its interfaces.
         let mut waiting = InterfaceWait::new(INTERFACES_WAIT);
         let now = std::time::Instant::now;
@@ -311,7 +379,9 @@ impl Agent {
                 _ = sleep_until(waiting.next_deadline().map(Instant::from_std)) => {
                     pipeline.handle_all(waiting.expire(now()), options.count)?;
                 }
-                _ = refresh.tick() => pipeline.refresh_topology(options, &self.netns),
+                Ok(()) = updates.changed() => {
+                    pipeline.classifier = updates.borrow_and_update().clone();
+                }
                 _ = sleep_until(deadline) => break,
                 _ = stop.signalled() => break,
             }
@@ -337,6 +407,7 @@ impl Agent {
             log::warn!("{lost} capture event(s) were lost to full kernel buffers during this run ({recovered} of those connections were reported later)");
         }
         drop(capture);
+        refresher.abort();
         Ok(())
     }
 
@@ -404,7 +475,7 @@ impl Stop {
 struct Pipeline<W: Write> {
     table: FlowTable,
     ifnames: IfNames,
-    classifier: Classifier,
+    classifier: Classify,
     enricher: Enricher,
     metrics: Option<Arc<Metrics>>,
     dump: Option<Dump<W>>,
@@ -420,35 +491,6 @@ impl<W: Write> Pipeline<W> {
     /// Whether `--count` flows were shown.
     fn done(&self, count: Option<u64>) -> bool {
         count.is_some_and(|n| self.shown >= n)
-    }
-
-    /// Rebuilds the classifier from fresh discovery and the API's LB frontends; on failure the
-    /// current one stays, with a warning.
-    fn refresh_topology(&mut self, options: &RunOptions, netns: &Netns) {
-        let from_api = TopologyLayer {
-            lb_frontends: Some(
-                self.enricher
-                    .lb_frontends()
-                    .into_iter()
-                    .map(|(ip, service, etp)| LbFrontend {
-                        ip,
-                        service: Some(service),
-                        external_traffic_policy: Some(etp),
-                    })
-                    .collect(),
-            )
-            .filter(|frontends: &Vec<LbFrontend>| !frontends.is_empty()),
-            ..TopologyLayer::default()
-        };
-        match classifier(options, netns, from_api) {
-            Ok(fresh) => {
-                if fresh.topology() != self.classifier.topology() {
-                    log::info!("topology changed on the node; classifying with the new one");
-                }
-                self.classifier = fresh;
-            }
-            Err(err) => log::warn!("topology refresh failed, keeping the previous one: {err}"),
-        }
     }
 
     /// [`handle`](Self::handle)s events in order, stopping once `--count` lines are shown.
@@ -501,13 +543,15 @@ impl<W: Write> Pipeline<W> {
             view.out_iface.as_deref(),
         );
         if let (Some(metrics), EventKind::New) = (&self.metrics, kind) {
+            let topology = self.classifier.topology();
             let pod = source_pod(
                 &self.enricher,
-                self.classifier.topology(),
+                topology,
                 event.orig.src,
                 view.in_iface.as_deref(),
             );
-            let hops = nat_hops(&class, self.classifier.topology().outbound_type);
+            let outbound = topology.map_or(OutboundType::default(), |t| t.outbound_type);
+            let hops = nat_hops(&class, outbound);
             metrics.observe_new(&observation(event, &class, &hops, pod.as_deref()));
         }
         view.classification = Some(&class);
@@ -574,7 +618,7 @@ fn names(enricher: &Enricher, event: &FlowEvent) -> BTreeMap<IpAddr, String> {
 /// cluster never become labels.
 fn source_pod(
     enricher: &Enricher,
-    topology: &Topology,
+    topology: Option<&Topology>,
     src: IpAddr,
     in_iface: Option<&str>,
 ) -> Option<String> {
@@ -585,7 +629,7 @@ fn source_pod(
         return Some(owner.to_string());
     }
     let pod_side = in_iface.is_some_and(topology::is_pod_interface);
-    (topology.class_of(src, pod_side) == AddrClass::Pod).then(|| src.to_string())
+    (topology?.class_of(src, pod_side) == AddrClass::Pod).then(|| src.to_string())
 }
 
 /// The metrics' view of a classified flow: its path, verdict and NAT hops.
@@ -599,7 +643,7 @@ fn observation<'a>(
         key: event.key(),
         translated: event.translated(),
         path: class.path.as_ref().map_or("unclassified", |p| p.0.as_str()),
-        cni: class.cni.as_str(),
+        cni: class.cni.map_or("unknown", CniMode::as_str),
         verdict: verdict_label(class.verdict),
         deviation: deviation_class(class),
         hops,
@@ -665,7 +709,7 @@ mod tests {
         ));
         let unnamed = Enricher::disabled();
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        let pod = |t: &Topology, src: &str, iface| source_pod(&unnamed, t, ip(src), iface);
+        let pod = |t: &Topology, src: &str, iface| source_pod(&unnamed, Some(t), ip(src), iface);
         assert_eq!(
             pod(&kubenet, "10.244.0.10", None),
             Some("10.244.0.10".into())

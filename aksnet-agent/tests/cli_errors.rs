@@ -110,16 +110,108 @@ fn a_bad_config_names_file_line_and_field() {
     assert_one_line_error(&out, &[&file_line, "lb_frontends.ip", "invalid IP address"]);
 }
 
+/// `aksnet-agent topology` with `args`, without a Kubernetes API (no kubeconfig, not in a pod).
+fn topology(args: &[&str]) -> Output {
+    let home = std::env::temp_dir().join(format!("aksnet-cli-home-{}", std::process::id()));
+    Command::new(AGENT)
+        .arg("topology")
+        .args(args)
+        .env("RUST_LOG", "error")
+        .env("HOME", &home)
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .expect("cannot run aksnet-agent")
+}
+
+/// An incomplete topology is listed, with what is missing and the flag that gives it: it no
+/// longer stops the agent.
 #[test]
-fn an_incomplete_topology_does_not_start() {
+fn an_incomplete_topology_is_listed_with_the_way_to_complete_it() {
     let config = Config::new("partial", "cni = \"azure-cni\"\n");
-    let out = agent(&["--dump"], &config.0);
-    assert_one_line_error(
-        &out,
-        &[
-            "will not start half-configured",
-            "vnet_cidrs",
-            "service_cidr",
-        ],
+    let out = topology(&[
+        "--config",
+        config.0.to_str().unwrap(),
+        "--api-server",
+        "10.0.0.200",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = |fact: &str| {
+        stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(fact))
+    };
+    let words = |fact| line(fact).map(|l| l.split_whitespace().take(3).collect::<Vec<_>>());
+    assert_eq!(
+        words("cni"),
+        Some(vec!["cni", "config", "azure-cni"]),
+        "{stdout}"
+    );
+    assert_eq!(
+        words("api_server"),
+        Some(vec!["api_server", "flag", "10.0.0.200"]),
+        "{stdout}"
+    );
+    assert_eq!(
+        words("outbound_type"),
+        Some(vec!["outbound_type", "default", "loadBalancer"]),
+        "{stdout}"
+    );
+    // azure-cni has no pod CIDR of its own; this host shows no vnet.
+    assert!(!stdout.contains("missing: `pod_cidr`"), "{stdout}");
+    assert!(
+        stdout.contains(
+            "missing: `vnet_cidrs` (give it with --vnet-cidr or `vnet_cidrs` in the config)"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\nkube-proxy: "), "{stdout}");
+}
+
+#[test]
+fn the_topology_as_json_names_each_source() {
+    let out = topology(&[
+        "--output",
+        "json",
+        "--cni",
+        "kubenet",
+        "--vnet-cidr",
+        "10.224.0.0/12",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let source = |fact: &str| {
+        report["facts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["fact"] == fact)
+            .map(|f| f["source"].as_str().unwrap().to_string())
+    };
+    assert_eq!(source("cni").as_deref(), Some("flag"));
+    assert_eq!(source("vnet_cidrs").as_deref(), Some("flag"));
+    assert_eq!(source("health_probe_sources").as_deref(), Some("default"));
+    let missing: Vec<&str> = report["missing"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["fact"].as_str().unwrap())
+        .collect();
+    assert!(
+        missing.contains(&"pod_cidr") || source("pod_cidr").is_some(),
+        "{report}"
+    );
+    assert!(
+        !missing.contains(&"cni") && !missing.contains(&"vnet_cidrs"),
+        "{report}"
     );
 }

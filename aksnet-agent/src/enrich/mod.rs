@@ -5,7 +5,9 @@
 //! Azure LB frontends, which any node may receive), and keeps an `IpAddr -> Owner` index that the
 //! dump queries per flow. Outside a cluster the enricher is disabled and flows show bare
 //! addresses; a lost API connection is retried in the background while flows keep flowing.
+//! Its client also reads the cluster's address facts for the topology ([`cluster`]).
 
+pub mod cluster;
 mod extract;
 mod index;
 mod watch;
@@ -13,7 +15,7 @@ mod watch;
 pub use index::{Owner, OwnerKind};
 
 use crate::events::Proto;
-use crate::topology::Etp;
+use crate::topology::{Etp, LbFrontend, TopologyLayer};
 use index::Index;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::runtime::watcher;
@@ -62,6 +64,8 @@ pub struct Enricher {
 struct Running {
     shared: Arc<Shared>,
     tasks: Vec<JoinHandle<()>>,
+    client: Client,
+    node_name: String,
 }
 
 impl Drop for Running {
@@ -110,13 +114,14 @@ impl Enricher {
     /// Without either, returns a disabled enricher, which is not an error: the agent also runs on
     /// plain hosts and in the lab.
     pub async fn start(config: EnrichConfig) -> Result<Enricher, EnrichError> {
-        if !api_configured(|v| std::env::var_os(v), default_kubeconfig().as_deref()) {
-            NO_API_LOGGED.call_once(|| log::info!("no Kubernetes API: flows show bare addresses"));
-            return Ok(Enricher::disabled());
+        match connect(config).await? {
+            Some((client, node_name)) => Enricher::start_with_client(client, node_name),
+            None => {
+                NO_API_LOGGED
+                    .call_once(|| log::info!("no Kubernetes API: flows show bare addresses"));
+                Ok(Enricher::disabled())
+            }
         }
-        let node_name = config.node_name.ok_or(EnrichError::NoNodeName)?;
-        let client = Client::try_from(kube::Config::infer().await?)?;
-        Enricher::start_with_client(client, node_name)
     }
 
     /// Starts the watches on a given client (tests point it at a recorded API). The first lookups
@@ -135,14 +140,38 @@ impl Enricher {
             shared.clone(),
         );
         let services = watch::follow(
-            Api::<Service>::all(client),
+            Api::<Service>::all(client.clone()),
             watcher::Config::default(),
             shared.clone(),
         );
         let tasks = vec![runtime.spawn(pods), runtime.spawn(services)];
         Ok(Enricher {
-            running: Some(Arc::new(Running { shared, tasks })),
+            running: Some(Arc::new(Running {
+                shared,
+                tasks,
+                client,
+                node_name,
+            })),
         })
+    }
+
+    /// What the API says about the cluster's addresses ([`cluster::cluster_layer`]) with the LB
+    /// frontends the Services watch knows; `None` without an API.
+    pub async fn cluster_layer(&self) -> Option<(TopologyLayer, Vec<String>)> {
+        let running = self.running.as_ref()?;
+        let (mut layer, notes) =
+            cluster::cluster_layer(running.client.clone(), Some(&running.node_name)).await;
+        let frontends: Vec<LbFrontend> = self
+            .lb_frontends()
+            .into_iter()
+            .map(|(ip, service, etp)| LbFrontend {
+                ip,
+                service: Some(service),
+                external_traffic_policy: Some(etp),
+            })
+            .collect();
+        layer.lb_frontends = Some(frontends).filter(|f| !f.is_empty());
+        Some((layer, notes))
     }
 
     /// An enricher that knows no names.
@@ -190,6 +219,17 @@ impl Enricher {
             .expect("enrichment index poisoned");
         Some(f(&index))
     }
+}
+
+/// A client of the API the way kubectl would find it (kubeconfig, else the pod's service
+/// account), and this node's name; `None` where no API is configured.
+pub async fn connect(config: EnrichConfig) -> Result<Option<(Client, String)>, EnrichError> {
+    if !api_configured(|v| std::env::var_os(v), default_kubeconfig().as_deref()) {
+        return Ok(None);
+    }
+    let node_name = config.node_name.ok_or(EnrichError::NoNodeName)?;
+    let client = Client::try_from(kube::Config::infer().await?)?;
+    Ok(Some((client, node_name)))
 }
 
 /// `~/.kube/config`, where kubectl and kube-rs look without `KUBECONFIG`.

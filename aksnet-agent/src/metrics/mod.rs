@@ -9,6 +9,7 @@
 mod config;
 mod http;
 pub mod snat;
+mod topology;
 
 pub use config::{MetricsConfig, DEFAULT_PORT};
 pub use http::{bind, serve, Readiness};
@@ -127,6 +128,7 @@ pub struct Metrics {
     capture_decode_errors: IntCounter,
     capture_source: IntGaugeVec,
     capture_hooks: IntGaugeVec,
+    topology: topology::TopologyGauges,
     /// Also serialises scrapes, which rewrite the gauges before encoding them.
     state: Mutex<State>,
 }
@@ -237,6 +239,7 @@ impl Metrics {
                 "Whether each kernel hook of the capture is attached (1) or not (0).",
                 &["hook"],
             )?,
+            topology: topology::TopologyGauges::register(&reg)?,
             state: Mutex::new(State::default()),
             registry,
         })

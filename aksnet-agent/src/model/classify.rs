@@ -67,7 +67,8 @@ pub struct Classification {
     pub path: Option<PathId>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub variant: Option<String>,
-    pub cni: CniMode,
+    /// `None` when the network mode is unknown: no model applies.
+    pub cni: Option<CniMode>,
     pub verdict: Verdict,
     pub hops: Vec<Hop>,
     /// Why it deviates or is unclassified, in operator words.
@@ -149,7 +150,7 @@ impl Classifier {
         let unclassified = |reason: String| Classification {
             path: None,
             variant: None,
-            cni: self.topology.cni,
+            cni: Some(self.topology.cni),
             verdict: Verdict::Unclassified,
             hops: Vec::new(),
             reason: Some(reason),
@@ -196,7 +197,7 @@ impl Classifier {
         Classification {
             path: Some(PathId(row.id().to_string())),
             variant: row.variant.clone(),
-            cni: self.topology.cni,
+            cni: Some(self.topology.cni),
             verdict,
             hops,
             reason: (!problems.is_empty()).then(|| std::mem::take(&mut problems).join("; also ")),

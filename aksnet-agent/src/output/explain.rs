@@ -19,6 +19,10 @@ pub fn render(ev: &FlowEvent, c: &Classification) -> String {
         Verdict::Deviates => "DEVIATES",
         Verdict::Unclassified => "unclassified",
     };
+    let model = match c.cni {
+        Some(cni) => format!("{cni} model"),
+        None => "no model: the network mode is unknown".to_string(),
+    };
     match &c.path {
         Some(path) => {
             let variant = c
@@ -26,10 +30,10 @@ pub fn render(ev: &FlowEvent, c: &Classification) -> String {
                 .as_deref()
                 .map(|v| format!(" ({v})"))
                 .unwrap_or_default();
-            let _ = writeln!(out, "path {path}{variant}, {} model: {verdict}", c.cni);
+            let _ = writeln!(out, "path {path}{variant}, {model}: {verdict}");
         }
         None => {
-            let _ = writeln!(out, "{verdict} ({} model)", c.cni);
+            let _ = writeln!(out, "{verdict} ({model})");
         }
     }
     for (i, hop) in c.hops.iter().enumerate() {

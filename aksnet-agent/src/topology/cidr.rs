@@ -48,6 +48,26 @@ impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
         ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.len) == self.addr
     }
+
+    /// The longest prefix that holds every address of `addrs`; `None` when there is none or
+    /// they mix address families.
+    pub fn covering(addrs: impl IntoIterator<Item = IpAddr>) -> Option<Cidr> {
+        let bits = |ip: IpAddr| match ip {
+            IpAddr::V4(a) => u128::from(u32::from(a)) << 96,
+            IpAddr::V6(a) => u128::from(a),
+        };
+        let mut addrs = addrs.into_iter();
+        let first = addrs.next()?;
+        let mut differing = 0u128;
+        for ip in addrs {
+            if ip.is_ipv4() != first.is_ipv4() {
+                return None;
+            }
+            differing |= bits(ip) ^ bits(first);
+        }
+        let max = if first.is_ipv4() { 32 } else { 128 };
+        Cidr::new(first, (differing.leading_zeros() as u8).min(max))
+    }
 }
 
 fn mask(addr: IpAddr, len: u8) -> IpAddr {
@@ -116,6 +136,29 @@ mod tests {
         assert!(v6.contains("fd00:10:244:0:ff::1".parse().unwrap()));
         assert!(!v6.contains("fd00:10:245::1".parse().unwrap()));
         assert!(!v6.contains("10.244.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn covering_prefix() {
+        let ips = |s: &[&str]| {
+            s.iter()
+                .map(|a| a.parse::<IpAddr>().unwrap())
+                .collect::<Vec<_>>()
+        };
+        let c = Cidr::covering(ips(&["10.0.0.1", "10.0.0.10", "10.0.12.34"])).unwrap();
+        assert_eq!(c.to_string(), "10.0.0.0/20");
+        assert_eq!(
+            Cidr::covering(ips(&["10.0.0.10"])).unwrap().to_string(),
+            "10.0.0.10/32"
+        );
+        assert_eq!(
+            Cidr::covering(ips(&["fd00::1", "fd00::ff"]))
+                .unwrap()
+                .to_string(),
+            "fd00::/120"
+        );
+        assert_eq!(Cidr::covering(ips(&["10.0.0.1", "fd00::1"])), None);
+        assert_eq!(Cidr::covering(ips(&[])), None);
     }
 
     #[test]

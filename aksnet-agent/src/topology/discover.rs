@@ -4,19 +4,108 @@
 //! `/proc/self/net` would follow the main thread's), and kube-proxy's chains (`iptables-save`).
 //!
 //! Discovery never fails: what it cannot learn it leaves unset and says why in
-//! [`Discovery::notes`]; the config file and flags fill the rest.
+//! [`Discovery::notes`]; the config file and flags fill the rest. What would blind the agent
+//! (Cilium, kube-proxy in IPVS or nftables mode, no conntrack) is a [`Blindness`].
 
 use super::{parse_iptables_save, Cidr, CniMode, Dataplane, Interface, LbFrontend, ServiceKind};
-use super::{KubeProxyRules, TopologyLayer};
+use super::{KubeProxyRules, Source, TopologyLayer};
+use serde::Serialize;
 use std::ffi::CStr;
+use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 
-/// What discovery found, and notes on what it could not find or cannot see.
+/// What discovery found, one layer per source (interfaces, then iptables), and notes on what it
+/// could not find or cannot see.
 #[derive(Clone, Debug, Default)]
 pub struct Discovery {
-    pub layer: TopologyLayer,
+    pub layers: Vec<(Source, TopologyLayer)>,
+    pub kube_proxy: KubeProxyMode,
+    pub blind: Vec<Blindness>,
     pub notes: Vec<String>,
+}
+
+/// How kube-proxy programs Services on this node, as far as the node shows it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KubeProxyMode {
+    /// No kube-proxy chains, table or interface were found.
+    #[default]
+    NotFound,
+    /// `KUBE-SERVICES` chains in iptables' legacy backend.
+    IptablesLegacy,
+    /// `KUBE-SERVICES` chains in iptables' nf_tables backend.
+    IptablesNft,
+    /// The `kube-ipvs0` interface, or ipset matches in `KUBE-SERVICES`.
+    Ipvs,
+    /// An `ip kube-proxy` nftables table.
+    Nftables,
+}
+
+impl fmt::Display for KubeProxyMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KubeProxyMode::NotFound => "not found",
+            KubeProxyMode::IptablesLegacy => "iptables (legacy backend)",
+            KubeProxyMode::IptablesNft => "iptables (nf_tables backend)",
+            KubeProxyMode::Ipvs => "IPVS",
+            KubeProxyMode::Nftables => "nftables",
+        })
+    }
+}
+
+/// A condition that hides NAT from the agent or hides the Services it needs to name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Blindness {
+    CiliumDataplane,
+    KubeProxyIpvs,
+    KubeProxyNftables,
+    ConntrackNotLoaded,
+}
+
+impl Blindness {
+    pub const ALL: [Blindness; 4] = [
+        Blindness::CiliumDataplane,
+        Blindness::KubeProxyIpvs,
+        Blindness::KubeProxyNftables,
+        Blindness::ConntrackNotLoaded,
+    ];
+
+    /// The metric's `condition` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Blindness::CiliumDataplane => "cilium_dataplane",
+            Blindness::KubeProxyIpvs => "kube_proxy_ipvs",
+            Blindness::KubeProxyNftables => "kube_proxy_nftables",
+            Blindness::ConntrackNotLoaded => "conntrack_not_loaded",
+        }
+    }
+
+    /// What the operator reads: what the agent cannot see, and why.
+    pub fn warning(self) -> &'static str {
+        match self {
+            Blindness::CiliumDataplane => {
+                "Cilium dataplane (cilium_host / lxc* interfaces): service NAT and masquerading \
+                 happen in eBPF, not in netfilter conntrack, so aksnet cannot see them; flows are \
+                 reported unclassified"
+            }
+            Blindness::KubeProxyIpvs => {
+                "kube-proxy runs in IPVS mode (kube-ipvs0 / ipset rules): Service NAT is done by \
+                 IPVS and its Services are not in iptables-save, so Services, NodePorts and LB \
+                 frontends must come from the Kubernetes API or the config"
+            }
+            Blindness::KubeProxyNftables => {
+                "kube-proxy runs in nftables mode (table ip kube-proxy): its Services are not in \
+                 iptables-save, so Services, NodePorts and LB frontends must come from the \
+                 Kubernetes API or the config"
+            }
+            Blindness::ConntrackNotLoaded => {
+                "nf_conntrack is not loaded in the observed namespace: no connection is tracked, \
+                 so no NAT can be seen until it is (kube-proxy or any NAT rule loads it)"
+            }
+        }
+    }
 }
 
 /// An address on an interface.
@@ -40,8 +129,12 @@ pub(crate) struct Sources {
     pub interfaces: Vec<Interface>,
     pub addrs: Vec<IfAddr>,
     pub routes: Vec<Route>,
-    /// `iptables-save -t nat` and `ip6tables-save -t nat` output, where they ran.
+    /// `iptables-save -t nat` and `ip6tables-save -t nat` output (both backends), where they ran.
     pub nat_tables: Vec<String>,
+    /// An `ip kube-proxy` nftables table exists.
+    pub nft_kube_proxy: bool,
+    /// nf_conntrack is loaded (its sysctls exist in the namespace).
+    pub conntrack_loaded: bool,
     pub notes: Vec<String>,
 }
 
@@ -69,11 +162,29 @@ fn gather() -> Sources {
             Err(e) => s.notes.push(format!("cannot read {path}: {e}")),
         }
     }
-    for tool in ["iptables-save", "ip6tables-save"] {
-        match Command::new(tool).args(["-t", "nat"]).output() {
-            Ok(out) if out.status.success() => s
-                .nat_tables
-                .push(String::from_utf8_lossy(&out.stdout).into_owned()),
+    for family in ["iptables", "ip6tables"] {
+        let tool = format!("{family}-save");
+        match Command::new(&tool).args(["-t", "nat"]).output() {
+            Ok(out) if out.status.success() => {
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                // Rules may sit in the other backend (a kube-proxy image of another iptables
+                // than the node's): read it too where its tool exists.
+                let other = match backend(&text) {
+                    Some(Backend::Nft) => Some("legacy"),
+                    Some(Backend::Legacy) => Some("nft"),
+                    None => None,
+                };
+                s.nat_tables.push(text);
+                if let Some(other) = other {
+                    let tool = format!("{family}-{other}-save");
+                    if let Ok(out) = Command::new(&tool).args(["-t", "nat"]).output() {
+                        if out.status.success() {
+                            s.nat_tables
+                                .push(String::from_utf8_lossy(&out.stdout).into_owned());
+                        }
+                    }
+                }
+            }
             Ok(out) => s.notes.push(format!(
                 "`{tool} -t nat` failed ({}): {}; kube-proxy's Services are unknown",
                 out.status,
@@ -84,7 +195,30 @@ fn gather() -> Sources {
             )),
         }
     }
+    s.nft_kube_proxy = Command::new("nft")
+        .args(["list", "table", "ip", "kube-proxy"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    s.conntrack_loaded = std::path::Path::new("/proc/sys/net/netfilter/nf_conntrack_max").exists();
     s
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Legacy,
+    Nft,
+}
+
+/// The backend `iptables-save` names in its first comment: `(legacy)` or `(nf_tables)`.
+fn backend(save: &str) -> Option<Backend> {
+    let header = save.lines().find(|l| l.starts_with("# Generated by"))?;
+    if header.contains("(nf_tables)") {
+        Some(Backend::Nft)
+    } else if header.contains("(legacy)") {
+        Some(Backend::Legacy)
+    } else {
+        None
+    }
 }
 
 fn interfaces_and_addrs() -> std::io::Result<(Vec<Interface>, Vec<IfAddr>)> {
@@ -196,9 +330,29 @@ fn is_host_route(c: &Cidr) -> bool {
     c.prefix_len() == if c.addr().is_ipv4() { 32 } else { 128 }
 }
 
-/// Turns what the OS showed into a topology layer and notes.
+/// The AKS default Service CIDR: where every ClusterIP falls unless the cluster chose another.
+const AKS_SERVICE_CIDR: &str = "10.0.0.0/16";
+
+/// Turns what the OS showed into topology layers, blind spots and notes.
 pub(crate) fn derive(s: Sources) -> Discovery {
-    let mut notes = s.notes;
+    let mut d = Discovery {
+        notes: s.notes.clone(),
+        ..Discovery::default()
+    };
+    let interfaces = from_interfaces(&s, &mut d);
+    let iptables = from_iptables(&s, interfaces.cni, &mut d);
+    if !s.conntrack_loaded {
+        d.blind.push(Blindness::ConntrackNotLoaded);
+    }
+    d.layers = vec![
+        (Source::Interfaces, interfaces),
+        (Source::Iptables, iptables),
+    ];
+    d
+}
+
+/// The node's addresses, the CNI mode, the bridge and the pods' routes.
+fn from_interfaces(s: &Sources, d: &mut Discovery) -> TopologyLayer {
     let mut layer = TopologyLayer::default();
     let names: Vec<&str> = s.interfaces.iter().map(|i| i.name.as_str()).collect();
     let has = |p: &dyn Fn(&str) -> bool| names.iter().any(|n| p(n));
@@ -216,7 +370,8 @@ pub(crate) fn derive(s: Sources) -> Discovery {
         .filter(|a| uplinks.contains(&a.iface.as_str()) && !is_link_local(a.addr))
         .collect();
     if node_addrs.is_empty() {
-        notes.push("no address on a default-route interface: node IPs unknown".into());
+        d.notes
+            .push("no address on a default-route interface: node IPs unknown".into());
     } else {
         layer.node_ips = Some(node_addrs.iter().map(|a| a.addr).collect());
         layer.node_subnet = Some(node_addrs.iter().map(|a| a.prefix).collect());
@@ -236,11 +391,7 @@ pub(crate) fn derive(s: Sources) -> Discovery {
         .collect();
     if has(&|n| n == "cilium_host" || n.starts_with("lxc")) {
         layer.dataplane = Some(Dataplane::Cilium);
-        notes.push(
-            "Cilium dataplane (cilium_host / lxc* interfaces): service NAT happens in eBPF, not in \
-             netfilter conntrack, so aksnet cannot see it; flows will be reported unclassified"
-                .into(),
-        );
+        d.blind.push(Blindness::CiliumDataplane);
     } else if names.contains(&"cbr0") {
         layer.cni = Some(CniMode::Kubenet);
         layer.bridge_gateways = Some(bridge);
@@ -250,31 +401,64 @@ pub(crate) fn derive(s: Sources) -> Discovery {
         if !pod_routes.is_empty() && pod_routes.iter().all(in_node_subnet) {
             layer.cni = Some(CniMode::AzureCni);
         } else {
-            notes.push(
+            d.notes.push(
                 "azure-cni interfaces (azv* / azure0) but no pod in the node subnet: this is \
-                 azure-cni-overlay or azure-cni with a pod subnet; set cni in the config"
+                 azure-cni-overlay or azure-cni with a pod subnet; give it with --cni"
                     .into(),
             );
         }
         layer.local_pods = Some(pod_routes);
     } else {
-        notes
+        d.notes
             .push("no cbr0, azv*, azure0 or cilium_host interface: the CNI mode is unknown".into());
     }
+    if names.contains(&"kube-ipvs0") {
+        d.kube_proxy = KubeProxyMode::Ipvs;
+    }
+    layer.interfaces = Some(s.interfaces.clone());
+    layer
+}
 
+/// kube-proxy's Services, frontends, endpoints and cluster CIDR, the Service CIDR its ClusterIPs
+/// fall in, and ip-masq-agent's configuration.
+fn from_iptables(s: &Sources, cni: Option<CniMode>, d: &mut Discovery) -> TopologyLayer {
+    let mut layer = TopologyLayer::default();
     let mut rules = KubeProxyRules::default();
     for text in &s.nat_tables {
         let r = parse_iptables_save(text);
+        if r.has_kube_services && d.kube_proxy == KubeProxyMode::NotFound {
+            d.kube_proxy = match backend(text) {
+                Some(Backend::Legacy) => KubeProxyMode::IptablesLegacy,
+                _ => KubeProxyMode::IptablesNft,
+            };
+        }
+        if r.ipvs {
+            d.kube_proxy = KubeProxyMode::Ipvs;
+        }
         rules.has_kube_services |= r.has_kube_services;
         rules.services.extend(r.services);
         rules.endpoints.extend(r.endpoints);
-        rules.cluster_cidrs.extend(r.cluster_cidrs);
+        for c in r.cluster_cidrs {
+            if !rules.cluster_cidrs.contains(&c) {
+                rules.cluster_cidrs.push(c);
+            }
+        }
+        rules.masq = rules.masq.or(r.masq);
     }
-    if !s.nat_tables.is_empty()
-        && !rules.has_kube_services
-        && layer.dataplane != Some(Dataplane::Cilium)
-    {
-        notes.push("no KUBE-SERVICES chain in the nat table: kube-proxy (iptables mode) is not running here".into());
+    if s.nft_kube_proxy && !rules.has_kube_services {
+        d.kube_proxy = KubeProxyMode::Nftables;
+    }
+    match d.kube_proxy {
+        KubeProxyMode::Ipvs => d.blind.push(Blindness::KubeProxyIpvs),
+        KubeProxyMode::Nftables => d.blind.push(Blindness::KubeProxyNftables),
+        KubeProxyMode::NotFound
+            if !s.nat_tables.is_empty() && !d.blind.contains(&Blindness::CiliumDataplane) =>
+        {
+            d.notes.push(
+                "no KUBE-SERVICES chain in the nat table: kube-proxy is not running here".into(),
+            )
+        }
+        _ => {}
     }
     let frontends: Vec<LbFrontend> = rules
         .services
@@ -294,15 +478,48 @@ pub(crate) fn derive(s: Sources) -> Discovery {
     if !frontends.is_empty() {
         layer.lb_frontends = Some(frontends);
     }
-    if !rules.cluster_cidrs.is_empty() && layer.cni != Some(CniMode::AzureCni) {
-        layer.pod_cidr = Some(rules.cluster_cidrs);
+    let cluster_ips = rules
+        .services
+        .iter()
+        .filter(|svc| svc.kind == ServiceKind::ClusterIp)
+        .filter_map(|svc| svc.ip);
+    layer.service_cidr = Some(service_cidrs(cluster_ips)).filter(|c| !c.is_empty());
+    if !rules.cluster_cidrs.is_empty() && cni != Some(CniMode::AzureCni) {
+        layer.pod_cidr = Some(rules.cluster_cidrs.clone());
+    }
+    if let Some(masq) = rules.masq {
+        // nonMasqueradeCIDRs are the pod CIDR on kubenet and Overlay and the vnet on azure-cni:
+        // what is not the cluster's pod CIDR is the vnet.
+        let vnet: Vec<Cidr> = masq
+            .non_masquerade
+            .iter()
+            .filter(|c| !rules.cluster_cidrs.contains(c))
+            .copied()
+            .collect();
+        if cni == Some(CniMode::AzureCni) && !vnet.is_empty() {
+            layer.vnet_cidrs = Some(vnet);
+        }
+        layer.non_masquerade_cidrs = Some(masq.non_masquerade);
+        layer.masq_link_local = Some(masq.masq_link_local);
     }
     if rules.has_kube_services {
         layer.services = Some(rules.services);
         layer.endpoints = Some(rules.endpoints);
     }
-    layer.interfaces = Some(s.interfaces);
-    Discovery { layer, notes }
+    layer
+}
+
+/// The Service CIDR per address family: AKS's default where it holds every ClusterIP, else the
+/// longest prefix that does (which may be narrower than the cluster's: give --service-cidr).
+fn service_cidrs(cluster_ips: impl Iterator<Item = IpAddr>) -> Vec<Cidr> {
+    let (v4, v6): (Vec<IpAddr>, Vec<IpAddr>) = cluster_ips.partition(IpAddr::is_ipv4);
+    let aks: Cidr = AKS_SERVICE_CIDR.parse().expect("a valid prefix");
+    let v4 = if !v4.is_empty() && v4.iter().all(|ip| aks.contains(*ip)) {
+        Some(aks)
+    } else {
+        Cidr::covering(v4)
+    };
+    v4.into_iter().chain(Cidr::covering(v6)).collect()
 }
 
 fn is_link_local(ip: IpAddr) -> bool {
@@ -339,27 +556,92 @@ mod tests {
         }
     }
 
+    /// Discovery's layers merged, as the agent merges them.
+    fn merged(d: &Discovery) -> TopologyLayer {
+        d.layers
+            .iter()
+            .fold(TopologyLayer::default(), |lower, (_, upper)| {
+                upper.clone().over(lower)
+            })
+    }
+
     #[test]
     fn kubenet_node() {
         let d = derive(Sources {
             interfaces: vec![iface(1, "lo"), iface(2, "eth0"), iface(3, "cbr0"), iface(4, "veth1a2b")],
             addrs: vec![addr("lo", "127.0.0.1/8"), addr("eth0", "10.224.0.4/16"), addr("cbr0", "10.244.0.1/24")],
             routes: vec![route("0.0.0.0/0", "eth0"), route("10.224.0.0/16", "eth0"), route("10.244.0.0/24", "cbr0")],
-            nat_tables: vec!["*nat\n:KUBE-SERVICES - [0:0]\n-A KUBE-SERVICES -d 192.0.2.11/32 -p tcp -m comment --comment \"ingress-nginx/ingress-nginx-controller:http loadbalancer IP\" -m tcp --dport 80 -j KUBE-EXT-I\n-A KUBE-EXT-I -j KUBE-SVL-I\n-A KUBE-SVC-I ! -s 10.244.0.0/16 -d 10.0.80.80/32 -p tcp -m comment --comment \"ingress-nginx/ingress-nginx-controller:http cluster IP\" -m tcp --dport 80 -j KUBE-MARK-MASQ\nCOMMIT\n".into()],
+            nat_tables: vec!["# Generated by iptables-save v1.8.9 (legacy) on Wed Nov 26 13:00:00 2025\n*nat\n:IP-MASQ-AGENT - [0:0]\n-A IP-MASQ-AGENT -d 10.244.0.0/16 -j RETURN\n-A IP-MASQ-AGENT -j MASQUERADE\n:KUBE-SERVICES - [0:0]\n-A KUBE-SERVICES -d 192.0.2.11/32 -p tcp -m comment --comment \"ingress-nginx/ingress-nginx-controller:http loadbalancer IP\" -m tcp --dport 80 -j KUBE-EXT-I\n-A KUBE-SERVICES -d 10.0.80.80/32 -p tcp -m comment --comment \"ingress-nginx/ingress-nginx-controller:http cluster IP\" -m tcp --dport 80 -j KUBE-SVC-I\n-A KUBE-EXT-I -j KUBE-SVL-I\n-A KUBE-SVC-I ! -s 10.244.0.0/16 -d 10.0.80.80/32 -p tcp -m comment --comment \"ingress-nginx/ingress-nginx-controller:http cluster IP\" -m tcp --dport 80 -j KUBE-MARK-MASQ\nCOMMIT\n".into()],
+            nft_kube_proxy: false,
+            conntrack_loaded: true,
             notes: vec![],
         });
-        let l = d.layer;
+        let l = merged(&d);
+        assert_eq!(d.kube_proxy, KubeProxyMode::IptablesLegacy);
         assert_eq!(l.cni, Some(CniMode::Kubenet));
         assert_eq!(l.node_ips, Some(vec!["10.224.0.4".parse().unwrap()]));
         assert_eq!(l.node_subnet, Some(vec!["10.224.0.0/16".parse().unwrap()]));
         assert_eq!(l.bridge_gateways, Some(vec!["10.244.0.1".parse().unwrap()]));
         assert_eq!(l.pod_cidr, Some(vec!["10.244.0.0/16".parse().unwrap()]));
+        assert_eq!(l.service_cidr, Some(vec!["10.0.0.0/16".parse().unwrap()]));
+        // On kubenet the nonMasqueradeCIDR is the pod CIDR, not the vnet.
+        assert_eq!(l.vnet_cidrs, None);
+        assert_eq!(l.masq_link_local, Some(true));
         let f = &l.lb_frontends.unwrap()[0];
         assert_eq!(
             (f.ip.to_string(), f.external_traffic_policy),
             ("192.0.2.11".into(), Some(super::super::Etp::Local))
         );
         assert!(d.notes.is_empty(), "{:?}", d.notes);
+        assert!(d.blind.is_empty(), "{:?}", d.blind);
+    }
+
+    #[test]
+    fn azure_cni_vnet_from_ip_masq_agent() {
+        let d = derive(Sources {
+            interfaces: vec![iface(2, "eth0"), iface(5, "azv0011aabb")],
+            addrs: vec![addr("eth0", "10.224.0.4/16")],
+            routes: vec![
+                route("0.0.0.0/0", "eth0"),
+                route("10.224.0.10/32", "azv0011aabb"),
+            ],
+            nat_tables: vec!["*nat\n:IP-MASQ-AGENT - [0:0]\n-A IP-MASQ-AGENT -d 10.224.0.0/12 -j RETURN\n-A IP-MASQ-AGENT -d 169.254.0.0/16 -j RETURN\n-A IP-MASQ-AGENT -j MASQUERADE\nCOMMIT\n".into()],
+            conntrack_loaded: true,
+            ..Default::default()
+        });
+        let l = merged(&d);
+        assert_eq!(l.cni, Some(CniMode::AzureCni));
+        assert_eq!(l.vnet_cidrs, Some(vec!["10.224.0.0/12".parse().unwrap()]));
+        assert_eq!(l.masq_link_local, Some(false));
+        assert_eq!(d.kube_proxy, KubeProxyMode::NotFound);
+        assert!(
+            d.notes
+                .iter()
+                .any(|n| n.contains("kube-proxy is not running")),
+            "{:?}",
+            d.notes
+        );
+    }
+
+    #[test]
+    fn blind_spots_are_named() {
+        let ipvs = derive(Sources {
+            interfaces: vec![iface(2, "eth0"), iface(3, "cbr0"), iface(4, "kube-ipvs0")],
+            conntrack_loaded: true,
+            ..Default::default()
+        });
+        assert_eq!(ipvs.kube_proxy, KubeProxyMode::Ipvs);
+        assert_eq!(ipvs.blind, vec![Blindness::KubeProxyIpvs]);
+        let nft = derive(Sources {
+            nat_tables: vec!["*nat\nCOMMIT\n".into()],
+            nft_kube_proxy: true,
+            ..Default::default()
+        });
+        assert_eq!(nft.kube_proxy, KubeProxyMode::Nftables);
+        assert_eq!(
+            nft.blind,
+            vec![Blindness::KubeProxyNftables, Blindness::ConntrackNotLoaded]
+        );
     }
 
     #[test]
@@ -373,16 +655,13 @@ mod tests {
             ],
             ..Default::default()
         };
-        let d = derive(base.clone());
-        assert_eq!(d.layer.cni, Some(CniMode::AzureCni));
-        assert_eq!(
-            d.layer.local_pods,
-            Some(vec!["10.224.0.10".parse().unwrap()])
-        );
+        let d = merged(&derive(base.clone()));
+        assert_eq!(d.cni, Some(CniMode::AzureCni));
+        assert_eq!(d.local_pods, Some(vec!["10.224.0.10".parse().unwrap()]));
         let mut overlay = base;
         overlay.routes[1] = route("10.244.0.10/32", "azv0011aabb");
         let d = derive(overlay);
-        assert_eq!(d.layer.cni, None);
+        assert_eq!(merged(&d).cni, None);
         assert!(d.notes[0].contains("azure-cni-overlay"), "{:?}", d.notes);
     }
 
@@ -397,8 +676,19 @@ mod tests {
             nat_tables: vec!["*nat\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n".into()],
             ..Default::default()
         });
-        assert_eq!(d.layer.dataplane, Some(Dataplane::Cilium));
-        assert!(d.notes.iter().any(|n| n.contains("eBPF")), "{:?}", d.notes);
+        assert_eq!(merged(&d).dataplane, Some(Dataplane::Cilium));
+        assert!(
+            d.blind.contains(&Blindness::CiliumDataplane),
+            "{:?}",
+            d.blind
+        );
+        assert!(Blindness::CiliumDataplane.warning().contains("eBPF"));
+        // Cilium replaces kube-proxy: no note about a missing kube-proxy on top.
+        assert!(
+            !d.notes.iter().any(|n| n.contains("kube-proxy")),
+            "{:?}",
+            d.notes
+        );
     }
 
     #[test]
@@ -427,7 +717,7 @@ mod tests {
     #[test]
     fn discovers_current_namespace() {
         let d = discover();
-        let ifs = d.layer.interfaces.unwrap();
+        let ifs = merged(&d).interfaces.unwrap();
         assert!(ifs.iter().any(|i| i.name == "lo" && i.index > 0), "{ifs:?}");
     }
 }

@@ -19,7 +19,23 @@ pub struct KubeProxyRules {
     pub cluster_cidrs: Vec<Cidr>,
     /// Whether a `KUBE-SERVICES` chain exists at all (it does not under Cilium's replacement).
     pub has_kube_services: bool,
+    /// `KUBE-SERVICES` matches ipsets (`--match-set KUBE-CLUSTER-IP`): kube-proxy's IPVS mode.
+    pub ipvs: bool,
+    /// ip-masq-agent's chain, where it exists.
+    pub masq: Option<MasqRules>,
 }
+
+/// What ip-masq-agent's `IP-MASQ-AGENT` chain says about its configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MasqRules {
+    /// nonMasqueradeCIDRs: destinations RETURNed before the final MASQUERADE, link-local aside.
+    pub non_masquerade: Vec<Cidr>,
+    /// masqLinkLocal: false when link-local destinations are RETURNed too.
+    pub masq_link_local: bool,
+}
+
+/// ip-masq-agent's own chain in nat POSTROUTING.
+const MASQ_CHAIN: &str = "IP-MASQ-AGENT";
 
 /// One `-A CHAIN ...` line: its options, with `!` folded into the option that follows it.
 #[derive(Debug, Default)]
@@ -131,7 +147,7 @@ fn proto(s: Option<&str>) -> Option<Proto> {
 pub fn parse_iptables_save(text: &str) -> KubeProxyRules {
     let mut chains: BTreeMap<String, Vec<Rule>> = BTreeMap::new();
     let mut in_nat = false;
-    let mut has_kube_services = false;
+    let (mut has_kube_services, mut has_masq) = (false, false);
     for line in text.lines().map(str::trim) {
         if let Some(table) = line.strip_prefix('*') {
             in_nat = table == "nat";
@@ -139,6 +155,8 @@ pub fn parse_iptables_save(text: &str) -> KubeProxyRules {
             continue;
         } else if line.starts_with(":KUBE-SERVICES ") {
             has_kube_services = true;
+        } else if line.starts_with(":IP-MASQ-AGENT ") {
+            has_masq = true;
         } else if let Some(rest) = line.strip_prefix("-A ") {
             let w = words(rest);
             if let Some((chain, args)) = w.split_first() {
@@ -152,6 +170,12 @@ pub fn parse_iptables_save(text: &str) -> KubeProxyRules {
 
     let mut rules = KubeProxyRules {
         has_kube_services,
+        ipvs: chains
+            .get("KUBE-SERVICES")
+            .into_iter()
+            .flatten()
+            .any(|r| r.get("--match-set").is_some()),
+        masq: has_masq.then(|| masq_rules(chains.get(MASQ_CHAIN).into_iter().flatten())),
         ..Default::default()
     };
     let service_rules = chains.get("KUBE-SERVICES").into_iter().flatten();
@@ -249,6 +273,27 @@ pub fn parse_iptables_save(text: &str) -> KubeProxyRules {
         }
     }
     rules
+}
+
+/// ip-masq-agent RETURNs each nonMasqueradeCIDR, and 169.254.0.0/16 too when masqLinkLocal is
+/// off, before its final MASQUERADE.
+fn masq_rules<'a>(list: impl Iterator<Item = &'a Rule>) -> MasqRules {
+    let link_local: Cidr = "169.254.0.0/16".parse().expect("a valid prefix");
+    let mut masq = MasqRules {
+        masq_link_local: true,
+        ..Default::default()
+    };
+    for cidr in list
+        .filter(|r| r.target() == Some("RETURN"))
+        .filter_map(|r| r.get("-d")?.parse::<Cidr>().ok())
+    {
+        if cidr == link_local {
+            masq.masq_link_local = false;
+        } else if !masq.non_masquerade.contains(&cidr) {
+            masq.non_masquerade.push(cidr);
+        }
+    }
+    masq
 }
 
 /// Follows jumps from `start` through kube-proxy's chains: reaching `KUBE-SVL-*`/`KUBE-XLB-*`
@@ -476,6 +521,35 @@ COMMIT
             "fd00:10:244::a".parse::<IpAddr>().unwrap()
         );
         assert_eq!(r.endpoints[0].port, 8443);
+    }
+
+    #[test]
+    fn ip_masq_agent_chain() {
+        let r = parse_iptables_save(SAVE);
+        assert_eq!(
+            r.masq,
+            Some(MasqRules {
+                non_masquerade: vec!["10.244.0.0/16".parse().unwrap()],
+                masq_link_local: true,
+            })
+        );
+        let no_link_local = SAVE.replace(
+            "-A IP-MASQ-AGENT -d 10.244.0.0/16",
+            "-A IP-MASQ-AGENT -d 169.254.0.0/16 -m comment --comment \"ip-masq-agent: local traffic is not subject to MASQUERADE\" -j RETURN\n-A IP-MASQ-AGENT -d 10.224.0.0/12",
+        );
+        let masq = parse_iptables_save(&no_link_local).masq.unwrap();
+        assert_eq!(
+            (masq.non_masquerade, masq.masq_link_local),
+            (vec!["10.224.0.0/12".parse().unwrap()], false)
+        );
+        assert!(!r.ipvs);
+    }
+
+    #[test]
+    fn ipvs_mode_matches_ipsets() {
+        let save = "*nat\n:KUBE-SERVICES - [0:0]\n-A KUBE-SERVICES -m comment --comment \"Kubernetes service cluster ip + port for masquerade purpose\" -m set --match-set KUBE-CLUSTER-IP dst,dst -j KUBE-MARK-MASQ\nCOMMIT\n";
+        let r = parse_iptables_save(save);
+        assert!(r.ipvs && r.has_kube_services && r.masq.is_none());
     }
 
     #[test]

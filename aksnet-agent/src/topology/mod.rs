@@ -1,20 +1,25 @@
 //! What the agent knows about the cluster around the node: address ranges, the node's own
 //! addresses, the LB's frontends and outbound IPs, kube-proxy's Services, and the network mode.
 //!
-//! Three layers feed it, lowest precedence first: on-node [`discover`]y, the `--config` file
-//! ([`TopologyLayer::from_file`]) and command-line flags (a [`TopologyLayer`] the CLI fills).
-//! [`Topology::from_layers`] merges them and refuses to produce a half-configured topology.
+//! Layers feed it, lowest precedence first: AKS's defaults, on-node [`discover`]y (interfaces,
+//! then iptables), IMDS, the Kubernetes API, the `--config` file ([`TopologyLayer::from_file`]) and
+//! command-line flags. [`Facts::merge`] keeps each fact's [`Source`] and names what is missing;
+//! [`Topology::from_layers`] needs only the network mode: facts nobody gave stay empty, and what
+//! they would have classified is reported unclassified with the missing fact named.
 
 mod cidr;
 mod config;
 mod discover;
+mod facts;
+pub mod imds;
 mod iptables;
 
 pub use cidr::{Cidr, CidrError};
 pub(crate) use config::parse_toml;
 pub use config::{FileError, LoadError};
-pub use discover::{discover, Discovery};
-pub use iptables::{parse_iptables_save, KubeProxyRules};
+pub use discover::{discover, Blindness, Discovery};
+pub use facts::{needed_flags, FactEntry, Facts, MissingFact, Source};
+pub use iptables::{parse_iptables_save, KubeProxyRules, MasqRules};
 
 use crate::events::Proto;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -193,8 +198,8 @@ pub fn is_pod_interface(name: &str) -> bool {
 
 /// One source of topology facts. Every field is optional: a layer says only what it knows.
 /// The config file deserializes into this type (unknown keys are errors, so a typo cannot
-/// silently leave a field unset).
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+/// silently leave a field unset); it serializes to list the facts it sets ([`Facts`]).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TopologyLayer {
     pub cni: Option<CniMode>,
@@ -220,12 +225,22 @@ pub struct TopologyLayer {
     pub bridge_gateways: Option<Vec<IpAddr>>,
     /// Pods on this node (azure-cni: their /32 host routes).
     pub local_pods: Option<Vec<IpAddr>>,
+    /// The API server's addresses: the endpoints of `default/kubernetes`.
+    pub api_server: Option<Vec<IpAddr>>,
+    /// Private ranges that are neither this vnet nor the internet (peered vnets, on-premises).
+    pub private_ranges: Option<Vec<Cidr>>,
+    /// This node's share of the pod CIDR (`Node.spec.podCIDRs`).
+    pub node_pod_cidrs: Option<Vec<Cidr>>,
+    /// ip-masq-agent's nonMasqueradeCIDRs (its `IP-MASQ-AGENT` chain's RETURN rules).
+    pub non_masquerade_cidrs: Option<Vec<Cidr>>,
+    /// ip-masq-agent's masqLinkLocal: whether link-local destinations are MASQUERADEd.
+    pub masq_link_local: Option<bool>,
     /// kube-proxy's Service ports and endpoints (discovery only).
-    #[serde(skip)]
+    #[serde(skip_deserializing)]
     pub services: Option<Vec<ServicePort>>,
-    #[serde(skip)]
+    #[serde(skip_deserializing)]
     pub endpoints: Option<Vec<ServiceEndpoint>>,
-    #[serde(skip)]
+    #[serde(skip_deserializing)]
     pub interfaces: Option<Vec<Interface>>,
 }
 
@@ -250,6 +265,16 @@ fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Cidr>>, D::
 }
 
 impl TopologyLayer {
+    /// AKS's defaults for the facts that have one: the bottom layer of every merge.
+    pub fn defaults() -> TopologyLayer {
+        TopologyLayer {
+            dataplane: Some(Dataplane::Iptables),
+            outbound_type: Some(OutboundType::LoadBalancer),
+            health_probe_sources: Some(vec![WIRESERVER]),
+            ..TopologyLayer::default()
+        }
+    }
+
     /// Reads a topology config file (the format in the lab plan).
     pub fn from_file(path: &Path) -> Result<TopologyLayer, LoadError> {
         config::read_toml(path).map(|(layer, _)| layer)
@@ -287,6 +312,11 @@ impl TopologyLayer {
             lb_frontends,
             bridge_gateways: self.bridge_gateways.or(lower.bridge_gateways),
             local_pods: self.local_pods.or(lower.local_pods),
+            api_server: self.api_server.or(lower.api_server),
+            private_ranges: self.private_ranges.or(lower.private_ranges),
+            node_pod_cidrs: self.node_pod_cidrs.or(lower.node_pod_cidrs),
+            non_masquerade_cidrs: self.non_masquerade_cidrs.or(lower.non_masquerade_cidrs),
+            masq_link_local: self.masq_link_local.or(lower.masq_link_local),
             services: self.services.or(lower.services),
             endpoints: self.endpoints.or(lower.endpoints),
             interfaces: self.interfaces.or(lower.interfaces),
@@ -317,6 +347,11 @@ pub struct Topology {
     pub lb_frontends: Vec<LbFrontend>,
     pub bridge_gateways: Vec<IpAddr>,
     pub local_pods: Vec<IpAddr>,
+    pub api_server: Vec<IpAddr>,
+    pub private_ranges: Vec<Cidr>,
+    pub node_pod_cidrs: Vec<Cidr>,
+    pub non_masquerade_cidrs: Vec<Cidr>,
+    pub masq_link_local: Option<bool>,
     pub services: Vec<ServicePort>,
     pub endpoints: Vec<ServiceEndpoint>,
     pub interfaces: Vec<Interface>,
@@ -327,52 +362,35 @@ pub struct Topology {
 pub enum TopologyError {
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// Without the network mode there is no model to classify with; everything else may be
+    /// missing.
     #[error(
-        "the topology is incomplete, the agent will not start half-configured: {}",
-        .0.join("; ")
+        "the network mode is unknown: no cbr0 bridge or azv* interface with pods in the node \
+         subnet shows it; give it with --cni or `cni` in the config"
     )]
-    Incomplete(Vec<String>),
+    NoCni,
 }
 
 impl Topology {
-    /// Reads a complete topology from one config file, without discovery.
+    /// Reads a topology from one config file, without discovery.
     pub fn from_file(path: &Path) -> Result<Topology, TopologyError> {
         Topology::from_layers([TopologyLayer::from_file(path)?])
     }
 
-    /// Merges layers given lowest precedence first (discovery, config file, flags) and checks
-    /// that everything the classifier needs is there.
+    /// Merges layers given lowest precedence first (discovery, config file, flags) over AKS's
+    /// defaults. Only the network mode is required: see [`Facts::missing`] for the rest.
     pub fn from_layers(
         layers: impl IntoIterator<Item = TopologyLayer>,
     ) -> Result<Topology, TopologyError> {
-        let l = layers
+        let merged = layers
             .into_iter()
-            .fold(TopologyLayer::default(), |lower, upper| upper.over(lower));
-        let mut missing = Vec::new();
-        let mut need = |what: &str, present: bool, how: &str| {
-            if !present {
-                missing.push(format!("`{what}` is not set ({how})"));
-            }
-        };
-        let non_empty = |v: &Option<Vec<_>>| v.as_ref().is_some_and(|v: &Vec<_>| !v.is_empty());
-        need("cni", l.cni.is_some(), "set cni = \"kubenet\" | \"azure-cni\" | \"azure-cni-overlay\" in the config or with --cni");
-        need(
-            "node_ips",
-            l.node_ips.as_ref().is_some_and(|v| !v.is_empty()),
-            "set node_ips in the config; discovery found no address on the default-route interface",
-        );
-        need("vnet_cidrs", l.vnet_cidrs.as_ref().is_some_and(|v| !v.is_empty()), "set vnet_cidrs in the config (AKS managed vnet default 10.224.0.0/12); a node cannot see the vnet's ranges");
-        need(
-            "service_cidr",
-            non_empty(&l.service_cidr),
-            "set service_cidr in the config (AKS default 10.0.0.0/16)",
-        );
-        if matches!(l.cni, Some(CniMode::Kubenet | CniMode::AzureCniOverlay)) {
-            need("pod_cidr", non_empty(&l.pod_cidr), "kubenet and Overlay need the cluster pod CIDR (AKS default 10.244.0.0/16); set pod_cidr");
-        }
-        let Some(cni) = l.cni.filter(|_| missing.is_empty()) else {
-            return Err(TopologyError::Incomplete(missing));
-        };
+            .fold(TopologyLayer::defaults(), |lower, upper| upper.over(lower));
+        Topology::from_merged(merged)
+    }
+
+    /// The topology of an already merged layer (a [`Facts`]'s).
+    pub fn from_merged(l: TopologyLayer) -> Result<Topology, TopologyError> {
+        let cni = l.cni.ok_or(TopologyError::NoCni)?;
         Ok(Topology {
             cni,
             dataplane: l.dataplane.unwrap_or_default(),
@@ -385,12 +403,17 @@ impl Topology {
             appgw_subnets: l.appgw_subnets.unwrap_or_default(),
             agc_subnets: l.agc_subnets.unwrap_or_default(),
             private_endpoints: l.private_endpoints.unwrap_or_default(),
-            health_probe_sources: l.health_probe_sources.unwrap_or_else(|| vec![WIRESERVER]),
+            health_probe_sources: l.health_probe_sources.unwrap_or_default(),
             lb_outbound_ips: l.lb_outbound_ips.unwrap_or_default(),
             outbound_type: l.outbound_type.unwrap_or_default(),
             lb_frontends: l.lb_frontends.unwrap_or_default(),
             bridge_gateways: l.bridge_gateways.unwrap_or_default(),
             local_pods: l.local_pods.unwrap_or_default(),
+            api_server: l.api_server.unwrap_or_default(),
+            private_ranges: l.private_ranges.unwrap_or_default(),
+            node_pod_cidrs: l.node_pod_cidrs.unwrap_or_default(),
+            non_masquerade_cidrs: l.non_masquerade_cidrs.unwrap_or_default(),
+            masq_link_local: l.masq_link_local,
             services: l.services.unwrap_or_default(),
             endpoints: l.endpoints.unwrap_or_default(),
             interfaces: l.interfaces.unwrap_or_default(),

@@ -1,0 +1,441 @@
+//! What the classifier knows, and how it learns more while the agent runs.
+//!
+//! At start the agent classifies with what the operator gave (config file, flags); discovery
+//! (interfaces, iptables, IMDS, the Kubernetes API) runs on its own task, first at once and then
+//! every refresh period, and hands each result to the event loop through a watch channel. The
+//! event loop never waits for `iptables-save`, IMDS or the API. Nothing found is fatal: what is
+//! missing is named, in the log, the metrics and every flow it leaves unclassified.
+
+use crate::capture::netns::Netns;
+use crate::enrich::Enricher;
+use crate::events::FlowEvent;
+use crate::metrics::Metrics;
+use crate::model::{Classification, Classifier, CniMismatch, Model, Verdict};
+use crate::topology::imds::{self, Imds, IMDS_ADDR, IMDS_TIMEOUT};
+use crate::topology::{
+    self, Blindness, Discovery, Facts, LoadError, MissingFact, Source, Topology, TopologyError,
+    TopologyLayer,
+};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// What the operator gave, fixed for the run.
+#[derive(Clone, Debug)]
+pub struct Given {
+    pub config: Option<TopologyLayer>,
+    pub flags: TopologyLayer,
+    /// `--model`, loaded once.
+    pub model: Option<Model>,
+    /// Ask IMDS (the agent observes its own, host, namespace on an Azure VM).
+    pub imds: Option<Imds>,
+}
+
+impl Given {
+    /// Loads the config file and the model file: errors in what the operator wrote stop the
+    /// agent at once, with the file, line and field.
+    pub fn load(
+        config: Option<&PathBuf>,
+        flags: TopologyLayer,
+        model: Option<&PathBuf>,
+        ask_imds: bool,
+    ) -> Result<Given, LoadError> {
+        Ok(Given {
+            config: config.map(|p| TopologyLayer::from_file(p)).transpose()?,
+            flags,
+            model: model.map(|p| Model::from_file(p)).transpose()?,
+            imds: (ask_imds && imds::on_azure()).then(|| Imds::new(IMDS_ADDR, IMDS_TIMEOUT)),
+        })
+    }
+}
+
+/// What one round of discovery found, by source.
+#[derive(Clone, Debug, Default)]
+pub struct Found {
+    pub discovery: Discovery,
+    pub imds: Option<TopologyLayer>,
+    pub api: Option<TopologyLayer>,
+    pub notes: Vec<String>,
+}
+
+/// Discovers the node (in `netns`) and asks IMDS, on the calling thread: both block.
+pub fn discover_node(given: &Given, netns: &Netns) -> Found {
+    let mut found = Found::default();
+    match netns.run_in(topology::discover) {
+        Ok(discovery) => found.discovery = discovery,
+        Err(e) => found
+            .notes
+            .push(format!("cannot discover the node's topology: {e}")),
+    }
+    if let Some(imds) = &given.imds {
+        let (layer, notes) = imds.layer();
+        found.imds = Some(layer);
+        found.notes.extend(notes);
+    }
+    found
+}
+
+/// [`discover_node`] off the async threads, then the Kubernetes API through `enricher`'s client.
+pub async fn discover(given: Arc<Given>, netns: Arc<Netns>, enricher: &Enricher) -> Found {
+    let node = {
+        let (given, netns) = (Arc::clone(&given), Arc::clone(&netns));
+        tokio::task::spawn_blocking(move || discover_node(&given, &netns)).await
+    };
+    let mut found = node.unwrap_or_else(|e| Found {
+        notes: vec![format!("node discovery stopped: {e}")],
+        ..Found::default()
+    });
+    if let Some((layer, notes)) = enricher.cluster_layer().await {
+        found.api = Some(layer);
+        found.notes.extend(notes);
+    }
+    found
+}
+
+/// Everything known about the topology, and the classifier built from it.
+#[derive(Clone, Debug)]
+pub struct Knowledge {
+    pub facts: Facts,
+    pub found: Found,
+    pub classify: Classify,
+}
+
+/// Why the classifier could not be built from what was found.
+#[derive(Debug, thiserror::Error)]
+pub enum KnowledgeError {
+    #[error(transparent)]
+    Model(#[from] LoadError),
+    #[error(transparent)]
+    Cni(#[from] CniMismatch),
+}
+
+impl Knowledge {
+    /// Merges what was found under what was given and builds the classifier. Only a model that
+    /// does not fit the network mode is an error; a missing fact never is.
+    pub fn build(given: &Given, found: Found) -> Result<Knowledge, KnowledgeError> {
+        let mut layers = found.discovery.layers.clone();
+        layers.extend(found.imds.clone().map(|l| (Source::Imds, l)));
+        layers.extend(found.api.clone().map(|l| (Source::Api, l)));
+        layers.extend(given.config.clone().map(|l| (Source::Config, l)));
+        layers.push((Source::Flag, given.flags.clone()));
+        let facts = Facts::merge(layers);
+        let missing = facts.missing();
+        let classifier = match Topology::from_merged(facts.layer.clone()) {
+            Ok(topology) => {
+                let model = match &given.model {
+                    Some(model) => model.clone(),
+                    None => Model::load_builtin(topology.cni).map_err(LoadError::from)?,
+                };
+                Some(Classifier::new(model, topology)?)
+            }
+            Err(TopologyError::NoCni) => None,
+            Err(TopologyError::Load(e)) => return Err(e.into()),
+        };
+        Ok(Knowledge {
+            facts,
+            found,
+            classify: Classify {
+                classifier,
+                missing,
+            },
+        })
+    }
+
+    /// What is known, for `aksnet-agent topology` and the start-up log.
+    pub fn report(&self) -> Report<'_> {
+        Report {
+            facts: self.facts.entries(),
+            missing: self.classify.missing.clone(),
+            kube_proxy: self.found.discovery.kube_proxy.to_string(),
+            blind: self.found.discovery.blind.clone(),
+            notes: self
+                .found
+                .discovery
+                .notes
+                .iter()
+                .chain(&self.found.notes)
+                .map(String::as_str)
+                .collect(),
+        }
+    }
+
+    /// Logs what is known: each fact and its source, what is missing, and one WARN line per
+    /// condition that blinds the agent.
+    pub fn log(&self) {
+        let report = self.report();
+        for f in &report.facts {
+            log::info!("topology: {} = {} (from {})", f.fact, f.value, f.source);
+        }
+        log::info!("topology: kube-proxy mode {}", report.kube_proxy);
+        if !report.missing.is_empty() {
+            log::warn!(
+                "topology: missing {}; flows that need them are reported unclassified",
+                join(&report.missing)
+            );
+        }
+        for b in &report.blind {
+            log::warn!("{}", b.warning());
+        }
+        for note in &report.notes {
+            log::info!("discovery: {note}");
+        }
+    }
+
+    /// Logs what changed since `before`: one line when the facts did, the missing facts when
+    /// they changed, and a WARN line for each new blind spot.
+    fn log_changes(&self, before: &Knowledge) {
+        if self.facts == before.facts {
+            return;
+        }
+        log::info!("topology changed on the node; classifying with the new one");
+        if self.classify.missing != before.classify.missing {
+            match self.classify.missing.as_slice() {
+                [] => log::info!("topology: no fact is missing any more"),
+                missing => log::warn!("topology: missing {}", join(missing)),
+            }
+        }
+        for b in &self.found.discovery.blind {
+            if !before.found.discovery.blind.contains(b) {
+                log::warn!("{}", b.warning());
+            }
+        }
+    }
+
+    /// Publishes the facts, what is missing and what blinds the agent as metrics.
+    pub fn export(&self, metrics: &Metrics) {
+        metrics.set_topology(
+            &self.facts.entries(),
+            &self.classify.missing,
+            &self.found.discovery.blind,
+        );
+    }
+}
+
+/// `aksnet-agent topology`'s content.
+#[derive(Debug, Serialize)]
+pub struct Report<'a> {
+    pub facts: Vec<topology::FactEntry>,
+    pub missing: Vec<MissingFact>,
+    pub kube_proxy: String,
+    pub blind: Vec<Blindness>,
+    pub notes: Vec<&'a str>,
+}
+
+fn join(missing: &[MissingFact]) -> String {
+    missing
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The classifier as far as the topology allows: without the network mode there is no model,
+/// and every flow is unclassified with the reason; with facts missing, what the model leaves
+/// unclassified names them.
+#[derive(Clone, Debug)]
+pub struct Classify {
+    classifier: Option<Classifier>,
+    missing: Vec<MissingFact>,
+}
+
+impl Classify {
+    pub fn topology(&self) -> Option<&Topology> {
+        self.classifier.as_ref().map(Classifier::topology)
+    }
+
+    fn no_cni_reason(&self) -> String {
+        let others: Vec<MissingFact> = self
+            .missing
+            .iter()
+            .filter(|m| m.fact != "cni")
+            .copied()
+            .collect();
+        if others.is_empty() {
+            TopologyError::NoCni.to_string()
+        } else {
+            format!("{}; also missing: {}", TopologyError::NoCni, join(&others))
+        }
+    }
+
+    /// Classifies a flow whose interface names the caller resolved.
+    pub fn classify_with_interfaces(
+        &self,
+        ev: &FlowEvent,
+        in_iface: Option<&str>,
+        out_iface: Option<&str>,
+    ) -> Classification {
+        let Some(classifier) = &self.classifier else {
+            return Classification {
+                path: None,
+                variant: None,
+                cni: None,
+                verdict: Verdict::Unclassified,
+                hops: Vec::new(),
+                reason: Some(self.no_cni_reason()),
+                seed: None,
+                refines: None,
+            };
+        };
+        let mut class = classifier.classify_with_interfaces(ev, in_iface, out_iface);
+        if class.verdict == Verdict::Unclassified && !self.missing.is_empty() {
+            let reason = class.reason.take().unwrap_or_default();
+            class.reason = Some(format!(
+                "{reason}; the topology lacks {}, which may be why",
+                join(&self.missing)
+            ));
+        }
+        class
+    }
+}
+
+/// How long the agent waits after its capture is attached for the first discovery before it
+/// classifies with what the operator gave alone (the discovery's result still arrives later).
+pub const FIRST_DISCOVERY_WAIT: Duration = Duration::from_secs(2);
+
+/// Runs discovery now and every `period` on its own task, and sends each classifier it builds.
+/// The first round is logged in full; later ones log what changed. A round whose classifier
+/// cannot be built (a `--model` for another network mode) keeps the previous one, with a warning.
+pub fn spawn_refresh(
+    given: Arc<Given>,
+    netns: Arc<Netns>,
+    enricher: Enricher,
+    metrics: Option<Arc<Metrics>>,
+    period: Duration,
+    initial: Classify,
+) -> (watch::Receiver<Classify>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = watch::channel(initial);
+    let task = tokio::spawn(async move {
+        let mut previous: Option<Knowledge> = None;
+        loop {
+            let found = discover(Arc::clone(&given), Arc::clone(&netns), &enricher).await;
+            match Knowledge::build(&given, found) {
+                Ok(knowledge) => {
+                    match &previous {
+                        None => knowledge.log(),
+                        Some(before) => knowledge.log_changes(before),
+                    }
+                    if let Some(metrics) = &metrics {
+                        knowledge.export(metrics);
+                    }
+                    if tx.send(knowledge.classify.clone()).is_err() {
+                        return;
+                    }
+                    previous = Some(knowledge);
+                }
+                Err(err) => log::warn!("topology refresh failed, keeping the previous one: {err}"),
+            }
+            tokio::time::sleep(period).await;
+        }
+    });
+    (rx, task)
+}
+
+/// The first discovery's classifier, if it comes within `wait`.
+pub async fn first_discovery(rx: &mut watch::Receiver<Classify>, wait: Duration) -> bool {
+    matches!(tokio::time::timeout(wait, rx.changed()).await, Ok(Ok(())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::Proto;
+    use crate::model::tests::flow;
+    use crate::topology::{CniMode, Discovery};
+
+    fn given(flags: TopologyLayer) -> Given {
+        Given {
+            config: None,
+            flags,
+            model: None,
+            imds: None,
+        }
+    }
+
+    /// A DNAT to an address of a range nobody described: no model row matches it.
+    fn unknown_flow() -> FlowEvent {
+        flow(
+            Proto::Tcp,
+            "198.51.100.7:40000",
+            "198.51.100.8:80",
+            "198.51.100.7:40000",
+            "198.51.100.9:8080",
+        )
+    }
+
+    #[test]
+    fn without_the_network_mode_every_flow_is_unclassified_and_says_why() {
+        let k = Knowledge::build(&given(TopologyLayer::default()), Found::default()).unwrap();
+        assert!(k.classify.topology().is_none());
+        let c = k
+            .classify
+            .classify_with_interfaces(&unknown_flow(), None, None);
+        assert_eq!(
+            (c.verdict, c.cni, c.path),
+            (Verdict::Unclassified, None, None)
+        );
+        let reason = c.reason.unwrap();
+        for words in [
+            "network mode is unknown",
+            "--cni",
+            "`vnet_cidrs`",
+            "--vnet-cidr",
+        ] {
+            assert!(reason.contains(words), "{words:?} missing from {reason:?}");
+        }
+    }
+
+    #[test]
+    fn an_unclassified_flow_names_the_missing_facts() {
+        let flags = TopologyLayer {
+            cni: Some(CniMode::Kubenet),
+            ..Default::default()
+        };
+        let k = Knowledge::build(&given(flags), Found::default()).unwrap();
+        let c = k
+            .classify
+            .classify_with_interfaces(&unknown_flow(), None, None);
+        assert_eq!(c.verdict, Verdict::Unclassified);
+        assert_eq!(c.cni, Some(CniMode::Kubenet));
+        let reason = c.reason.unwrap();
+        assert!(
+            reason.contains("the topology lacks `node_ips` (give it with --node-ip"),
+            "{reason}"
+        );
+        assert!(reason.contains("`pod_cidr`"), "{reason}");
+    }
+
+    #[test]
+    fn flags_win_over_the_config_and_discovery() {
+        let discovered = TopologyLayer {
+            cni: Some(CniMode::AzureCni),
+            node_ips: Some(vec!["10.224.0.99".parse().unwrap()]),
+            ..Default::default()
+        };
+        let found = Found {
+            discovery: Discovery {
+                layers: vec![(Source::Interfaces, discovered)],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut g = given(TopologyLayer {
+            cni: Some(CniMode::Kubenet),
+            ..Default::default()
+        });
+        g.config = Some(TopologyLayer {
+            node_ips: Some(vec!["10.224.0.4".parse().unwrap()]),
+            ..Default::default()
+        });
+        let k = Knowledge::build(&g, found).unwrap();
+        let t = k.classify.topology().unwrap();
+        assert_eq!(t.cni, CniMode::Kubenet);
+        assert_eq!(
+            t.node_ips,
+            vec!["10.224.0.4".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(k.facts.source("cni"), Some(Source::Flag));
+        assert_eq!(k.facts.source("node_ips"), Some(Source::Config));
+    }
+}
