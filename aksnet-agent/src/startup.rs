@@ -13,10 +13,11 @@ use crate::metrics::Metrics;
 use crate::model::{Classification, Classifier, CniMismatch, Model, Verdict};
 use crate::topology::imds::{self, Imds, IMDS_ADDR, IMDS_TIMEOUT};
 use crate::topology::{
-    self, Blindness, Discovery, Facts, LoadError, MissingFact, Source, Topology, TopologyError,
-    TopologyLayer,
+    self, AddrClass, Blindness, Discovery, Facts, LoadError, MissingFact, Source, Topology,
+    TopologyError, TopologyLayer,
 };
 use serde::Serialize;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -223,6 +224,14 @@ pub struct Report<'a> {
     pub notes: Vec<&'a str>,
 }
 
+/// RFC 1918, shared (RFC 6598) and unique-local addresses: never on the internet.
+fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => a.is_private() || (a.octets()[0] == 100 && a.octets()[1] & 0xc0 == 64),
+        IpAddr::V6(a) => a.is_unique_local(),
+    }
+}
+
 fn join(missing: &[MissingFact]) -> String {
     missing
         .iter()
@@ -243,6 +252,22 @@ pub struct Classify {
 impl Classify {
     pub fn topology(&self) -> Option<&Topology> {
         self.classifier.as_ref().map(Classifier::topology)
+    }
+
+    /// Without the vnet's ranges a private address that no other fact explains may be in the
+    /// vnet, a peered vnet or on-premises: classing it as the internet would invent an LB SNAT.
+    fn unknown_private(&self, topology: &Topology, ev: &FlowEvent) -> Option<String> {
+        let vnet = self.missing.iter().find(|m| m.fact == "vnet_cidrs")?;
+        let translated = ev.translated();
+        [ev.orig.src, ev.orig.dst, translated.src, translated.dst]
+            .into_iter()
+            .find(|ip| is_private(*ip) && topology.class_of(*ip, false) == AddrClass::Internet)
+            .map(|ip| {
+                format!(
+                    "{ip} is a private address outside every range the topology knows: it may be \
+                     in the vnet, a peered vnet or on-premises; the topology lacks {vnet}"
+                )
+            })
     }
 
     fn no_cni_reason(&self) -> String {
@@ -279,6 +304,18 @@ impl Classify {
             };
         };
         let mut class = classifier.classify_with_interfaces(ev, in_iface, out_iface);
+        if let Some(reason) = self.unknown_private(classifier.topology(), ev) {
+            return Classification {
+                path: None,
+                variant: None,
+                verdict: Verdict::Unclassified,
+                hops: Vec::new(),
+                reason: Some(reason),
+                seed: None,
+                refines: None,
+                ..class
+            };
+        }
         if class.verdict == Verdict::Unclassified && !self.missing.is_empty() {
             let reason = class.reason.take().unwrap_or_default();
             class.reason = Some(format!(
@@ -404,6 +441,42 @@ mod tests {
             "{reason}"
         );
         assert!(reason.contains("`pod_cidr`"), "{reason}");
+    }
+
+    #[test]
+    fn without_the_vnet_a_private_address_is_not_the_internet() {
+        let flags = TopologyLayer {
+            cni: Some(CniMode::Kubenet),
+            pod_cidr: Some(vec!["10.244.0.0/16".parse().unwrap()]),
+            node_ips: Some(vec!["10.224.0.4".parse().unwrap()]),
+            ..Default::default()
+        };
+        let k = Knowledge::build(&given(flags), Found::default()).unwrap();
+        let to = |dst: &str| {
+            let ev = flow(
+                Proto::Tcp,
+                "10.244.0.10:40000",
+                dst,
+                "10.224.0.4:40000",
+                dst,
+            );
+            k.classify
+                .classify_with_interfaces(&ev, Some("cbr0"), Some("eth0"))
+        };
+        let vnet = to("10.224.0.8:80");
+        assert_eq!(vnet.verdict, Verdict::Unclassified);
+        let reason = vnet.reason.unwrap();
+        assert!(
+            reason.starts_with("10.224.0.8 is a private address"),
+            "{reason}"
+        );
+        assert!(
+            reason.contains("`vnet_cidrs` (give it with --vnet-cidr"),
+            "{reason}"
+        );
+        // A public address is the internet whatever the vnet is.
+        let internet = to("198.51.100.20:80");
+        assert_ne!(internet.verdict, Verdict::Unclassified, "{internet:?}");
     }
 
     #[test]

@@ -49,6 +49,28 @@ impl Agent {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Agent {
+        let config = lab.topology_path();
+        let config = ["--config", config.to_str().expect("a UTF-8 path")];
+        Agent::start_with(
+            binary,
+            lab,
+            placement,
+            source,
+            &[&config, extra].concat(),
+            env,
+        )
+    }
+
+    /// [`Agent::start`] without the lab's config file: the agent has only what it discovers
+    /// and what `args` give.
+    pub fn start_with(
+        binary: &Path,
+        lab: &Lab,
+        placement: Placement,
+        source: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
         let node = lab.node_netns();
         let mut command = match placement {
             Placement::Beside => {
@@ -70,12 +92,10 @@ impl Agent {
                 "--source",
                 source,
                 "--show-ends",
-                "--config",
             ])
-            .arg(lab.topology_path())
             // A bound on the run even if the test never stops it.
             .args(["--duration", "120"])
-            .args(extra)
+            .args(args)
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())

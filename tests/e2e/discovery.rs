@@ -1,0 +1,256 @@
+//! The agent on the node lab with no config file at all: it starts, captures every NAT
+//! translation exactly, serves metrics that name what it found and what is missing, and classifies
+//! what discovery alone allows; what it cannot classify names the missing fact. And discovery
+//! runs beside the event loop: an `iptables-save` that hangs does not hold a single event.
+//!
+//! Built as a test of aksnet-agent (see its Cargo.toml) so that cargo builds the agent binary
+//! first. Needs root.
+
+use aksnet_tests::agent::{
+    assert_no_failures, dumped, of_event, reported, Agent, Dumped, Placement,
+};
+use aksnet_tests::conntrack::{self, Witness};
+use aksnet_tests::require_root;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+use xtask::lab::{Cni, Lab, LabOptions, Scenario};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_aksnet-agent");
+
+/// No Kubernetes API for the agent: no kubeconfig where it would look.
+const NO_API: &[(&str, &str)] = &[("HOME", "/nonexistent"), ("KUBECONFIG", "")];
+
+/// `GET path` on the agent's metrics listener: the status line and the body.
+fn get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (
+        head.lines().next().unwrap_or_default().to_string(),
+        body.to_string(),
+    )
+}
+
+/// A free port on loopback for the agent's metrics.
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// The facts that the kubenet lab's node cannot reveal without the API or IMDS.
+const UNREVEALED: &[&str] = &["vnet_cidrs", "api_server"];
+
+#[test]
+fn kubenet_lab_without_config_captures_exactly_and_names_what_is_missing() {
+    require_root();
+    let cni = Cni::Kubenet;
+    let lab = Lab::up(LabOptions::new(cni)).unwrap_or_else(|e| panic!("{cni} lab: {e}"));
+    let node = lab.node_netns();
+    let witness = Witness::start(&node).unwrap();
+    let metrics = free_port();
+    let listen = metrics.to_string();
+    let mut agent = Agent::start_with(
+        Path::new(AGENT),
+        &lab,
+        Placement::Beside,
+        "auto",
+        &["--metrics-listen", &listen],
+        NO_API,
+    );
+    let scenarios = Scenario::all(cni);
+    for scenario in &scenarios {
+        lab.run(scenario)
+            .unwrap_or_else(|e| panic!("{cni} scenario {}: {e}", scenario.name));
+    }
+    let (ready, _) = get(metrics, "/readyz");
+    let (status, scrape) = get(metrics, "/metrics");
+    // conntrack -E loses what is still in its socket when stopped: let the last events reach it.
+    std::thread::sleep(Duration::from_millis(300));
+    let witnessed = witness.finish();
+    agent
+        .wait_for_log("topology: missing", Duration::from_secs(1))
+        .unwrap_or_else(|e| panic!("the agent did not log what is missing: {e}"));
+    let lines = agent.finish();
+    let opened: Vec<Dumped> = of_event(&lines, "new").filter_map(dumped).collect();
+    let mut failures = Vec::new();
+
+    if !ready.contains("200") || !status.contains("200") {
+        failures.push(format!("/readyz: {ready}, /metrics: {status}"));
+    }
+    for line in [
+        "aksnet_topology_fact_info{fact=\"cni\",source=\"interfaces\"} 1",
+        "aksnet_topology_fact_info{fact=\"pod_cidr\",source=\"iptables\"} 1",
+        "aksnet_topology_fact_info{fact=\"service_cidr\",source=\"iptables\"} 1",
+        "aksnet_topology_fact_info{fact=\"lb_frontends\",source=\"iptables\"} 1",
+        "aksnet_topology_fact_info{fact=\"node_ips\",source=\"interfaces\"} 1",
+    ] {
+        if !scrape.contains(line) {
+            failures.push(format!("the metrics lack {line}"));
+        }
+    }
+    for fact in UNREVEALED {
+        let line = format!("aksnet_topology_fact_missing{{fact=\"{fact}\"}} 1");
+        if !scrape.contains(&line) {
+            failures.push(format!("the metrics lack {line}"));
+        }
+    }
+    // Every translation the witness saw, with exact tuples, and nothing else.
+    let same = |d: &Dumped, e: &conntrack::Entry| {
+        d.proto == e.proto && d.original == e.original && d.reply == e.reply
+    };
+    for entry in &witnessed {
+        if !opened.iter().any(|d| same(d, entry)) {
+            failures.push(format!(
+                "conntrack -E saw it, the agent did not: {}",
+                entry.line
+            ));
+        }
+    }
+    for d in &opened {
+        if !witnessed.iter().any(|e| same(d, e)) {
+            failures.push(format!(
+                "the agent reported it, conntrack -E did not: {}",
+                d.line
+            ));
+        }
+    }
+    // Each scenario's flows: on their path as with the config, or unclassified naming a fact
+    // the node does not reveal; never deviating for want of configuration.
+    let (mut on_path, mut named) = (0, 0);
+    for scenario in &scenarios {
+        for expected in scenario.expected_on_node() {
+            for d in reported(&opened, scenario, expected, &mut failures) {
+                let reason = d.reason.as_deref().unwrap_or_default();
+                if d.path.as_deref() == Some(expected.path.as_str()) && d.verdict == "conforms" {
+                    on_path += 1;
+                } else if d.verdict == "unclassified"
+                    && UNREVEALED
+                        .iter()
+                        .any(|f| reason.contains(&format!("`{f}`")))
+                {
+                    named += 1;
+                } else {
+                    failures.push(format!(
+                        "{}: {:?} {} ({reason}), expected {} or unclassified naming a missing fact",
+                        scenario.name,
+                        d.path,
+                        d.verdict,
+                        expected.path.as_str()
+                    ));
+                }
+            }
+        }
+    }
+    lab.down().unwrap();
+    assert_no_failures(format_args!("{cni} lab without config"), &failures);
+    println!(
+        "{cni} without config: {} flows, all {} witnessed by conntrack -E; {on_path} on their \
+         path and conforming, {named} unclassified naming a fact the node does not reveal",
+        opened.len(),
+        witnessed.len()
+    );
+}
+
+/// Files of a stand-in `iptables-save` that blocks until the test releases it.
+struct SlowIptables {
+    dir: std::path::PathBuf,
+}
+
+impl SlowIptables {
+    fn new() -> SlowIptables {
+        let dir = std::env::temp_dir().join(format!("aksnet-slow-iptables-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("iptables-save");
+        // Bounded: gives up after 60 s even if the test never releases it.
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\n: > {dir}/called\nn=0\nwhile [ ! -e {dir}/release ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n+1)); done\nexec /usr/sbin/iptables-save \"$@\"\n",
+                dir = dir.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        SlowIptables { dir }
+    }
+
+    fn called(&self) -> bool {
+        self.dir.join("called").exists()
+    }
+
+    fn release(&self) {
+        std::fs::write(self.dir.join("release"), "").unwrap();
+    }
+
+    fn path_env(&self) -> String {
+        format!(
+            "{}:{}",
+            self.dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        )
+    }
+}
+
+impl Drop for SlowIptables {
+    fn drop(&mut self) {
+        self.release();
+        // The agent's stuck child sees the release within 0.1 s; then nothing uses the files.
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn a_hanging_iptables_save_does_not_hold_events() {
+    require_root();
+    let cni = Cni::Kubenet;
+    let lab = Lab::up(LabOptions::new(cni)).unwrap_or_else(|e| panic!("{cni} lab: {e}"));
+    let slow = SlowIptables::new();
+    let path = slow.path_env();
+    let mut env = NO_API.to_vec();
+    env.push(("PATH", &path));
+    let mut agent = Agent::start(
+        Path::new(AGENT),
+        &lab,
+        Placement::Beside,
+        "auto",
+        &["--topology-refresh", "1"],
+        &env,
+    );
+    agent
+        .wait_for_log("discovery did not finish within", Duration::from_secs(1))
+        .unwrap_or_else(|e| panic!("the agent waited for discovery instead of capturing: {e}"));
+    assert!(slow.called(), "discovery never ran iptables-save");
+    let scenario = Scenario::find(cni, "lb-inbound-tcp").unwrap();
+    lab.run(&scenario).unwrap();
+    // The flows must come out while iptables-save still hangs: the agent stops (SIGTERM) and
+    // shows what it handled; nothing has released the stand-in yet.
+    let lines = agent.finish();
+    assert!(
+        !slow.dir.join("release").exists(),
+        "released before the events were checked"
+    );
+    let opened: Vec<Dumped> = of_event(&lines, "new").filter_map(dumped).collect();
+    let mut failures = Vec::new();
+    for expected in scenario.expected_on_node() {
+        for d in reported(&opened, &scenario, expected, &mut failures) {
+            // With the config alone the flow is still classified.
+            if d.path.as_deref() != Some(expected.path.as_str()) {
+                failures.push(format!("{}: {}", scenario.name, d.line));
+            }
+        }
+    }
+    drop(slow);
+    lab.down().unwrap();
+    assert_no_failures("events while iptables-save hangs", &failures);
+}
