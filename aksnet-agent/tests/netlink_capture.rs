@@ -333,10 +333,10 @@ fn parse_witness_line(line: &str) -> Option<Seen> {
 
 #[test]
 fn netlink_capture_reports_dnat_and_masquerade_exactly_once() {
-    if !is_root() {
-        eprintln!("skipped: creating network namespaces needs root");
-        return;
-    }
+    assert!(
+        is_root(),
+        "this test creates network namespaces and needs root (CI runs it as root)"
+    );
     let lab = build_lab();
     let (client, node, server) = (open(lab.name(0)), open(lab.name(1)), open(lab.name(2)));
 
@@ -462,10 +462,10 @@ fn netlink_capture_reports_dnat_and_masquerade_exactly_once() {
 
 #[test]
 fn overflow_is_counted_as_lost_and_capture_keeps_running() {
-    if !is_root() {
-        eprintln!("skipped: creating network namespaces needs root");
-        return;
-    }
+    assert!(
+        is_root(),
+        "this test creates network namespaces and needs root (CI runs it as root)"
+    );
     let lab = Namespaces::create(&["overflow"]);
     // A conntrack rule makes the kernel track this namespace's traffic.
     exec_in(

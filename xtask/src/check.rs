@@ -26,9 +26,17 @@ pub fn run(workspace: &Path) -> Result<()> {
             "warnings",
         ]),
     )?;
+    // A test that cannot run everywhere is #[ignore]d with its reason, never skipped silently:
+    // here every test runs, the ignored ones included.
     step(
         "tests (unit, kernel capture, lab end to end; needs root)",
-        cargo().args(["test", "--workspace", "--no-fail-fast"]),
+        cargo().args([
+            "test",
+            "--workspace",
+            "--no-fail-fast",
+            "--",
+            "--include-ignored",
+        ]),
     )?;
     step(
         "Kubernetes manifests against the OpenAPI schemas",
