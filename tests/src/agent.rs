@@ -51,36 +51,29 @@ impl Agent {
     ) -> Agent {
         let config = lab.topology_path();
         let config = ["--config", config.to_str().expect("a UTF-8 path")];
-        Agent::start_with(
-            binary,
-            lab,
-            placement,
-            source,
-            &[&config, extra].concat(),
-            env,
-        )
+        let args = [&config, extra].concat();
+        Agent::start_in(binary, &lab.node_netns(), placement, source, &args, env)
     }
 
-    /// [`Agent::start`] without the lab's config file: the agent has only what it discovers
-    /// and what `args` give.
-    pub fn start_with(
+    /// [`Agent::start`] on any namespace (`ip netns` name) and without the lab's config file:
+    /// the agent has only what it discovers and what `args` give.
+    pub fn start_in(
         binary: &Path,
-        lab: &Lab,
+        node: &str,
         placement: Placement,
         source: &str,
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Agent {
-        let node = lab.node_netns();
         let mut command = match placement {
             Placement::Beside => {
                 let mut command = Command::new(binary);
-                command.args(["--netns", &node]);
+                command.args(["--netns", node]);
                 command
             }
             Placement::OnNode => {
                 let mut command = Command::new("ip");
-                command.args(["netns", "exec", &node]).arg(binary);
+                command.args(["netns", "exec", node]).arg(binary);
                 command
             }
         };
