@@ -20,7 +20,7 @@ use serde::Serialize;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// What the operator gave, fixed for the run.
@@ -78,20 +78,48 @@ pub fn discover_node(given: &Given, netns: &Netns) -> Found {
     found
 }
 
-/// [`discover_node`] off the async threads, then the Kubernetes API through `enricher`'s client.
-pub async fn discover(given: Arc<Given>, netns: Arc<Netns>, enricher: &Enricher) -> Found {
+/// How often the Kubernetes API is read again: its facts (API server, Service CIDRs, pod CIDRs)
+/// change rarely, and every node of a large cluster asks.
+pub const API_REFRESH: Duration = Duration::from_secs(600);
+
+/// The API's facts from the last read, and when that was.
+#[derive(Default)]
+struct ApiFacts {
+    read_at: Option<Instant>,
+    layer: TopologyLayer,
+    notes: Vec<String>,
+}
+
+/// [`discover_node`] off the async threads; the Kubernetes API's facts, read again when older
+/// than [`API_REFRESH`]; and the LB frontends the enrichment's Services watch knows.
+async fn discover(
+    given: &Arc<Given>,
+    netns: &Arc<Netns>,
+    enricher: &Enricher,
+    api: &mut ApiFacts,
+) -> Found {
     let node = {
-        let (given, netns) = (Arc::clone(&given), Arc::clone(&netns));
+        let (given, netns) = (Arc::clone(given), Arc::clone(netns));
         tokio::task::spawn_blocking(move || discover_node(&given, &netns)).await
     };
     let mut found = node.unwrap_or_else(|e| Found {
         notes: vec![format!("node discovery stopped: {e}")],
         ..Found::default()
     });
-    if let Some((layer, notes)) = enricher.cluster_layer().await {
-        found.api = Some(layer);
-        found.notes.extend(notes);
+    if !enricher.is_enabled() {
+        return found;
     }
+    if api.read_at.is_none_or(|at| at.elapsed() >= API_REFRESH) {
+        if let Some((layer, notes)) = enricher.cluster_layer().await {
+            *api = ApiFacts {
+                read_at: Some(Instant::now()),
+                layer,
+                notes,
+            };
+        }
+    }
+    found.api = Some(enricher.frontends_layer().over(api.layer.clone()));
+    found.notes.extend(api.notes.iter().cloned());
     found
 }
 
@@ -345,8 +373,9 @@ pub fn spawn_refresh(
     let (tx, rx) = watch::channel(initial);
     let task = tokio::spawn(async move {
         let mut previous: Option<Knowledge> = None;
+        let mut api = ApiFacts::default();
         loop {
-            let found = discover(Arc::clone(&given), Arc::clone(&netns), &enricher).await;
+            let found = discover(&given, &netns, &enricher, &mut api).await;
             match Knowledge::build(&given, found) {
                 Ok(knowledge) => {
                     match &previous {

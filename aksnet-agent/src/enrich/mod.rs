@@ -155,12 +155,15 @@ impl Enricher {
         })
     }
 
-    /// What the API says about the cluster's addresses ([`cluster::cluster_layer`]) with the LB
-    /// frontends the Services watch knows; `None` without an API.
+    /// What the API says about the cluster's addresses ([`cluster::cluster_layer`]); `None`
+    /// without an API.
     pub async fn cluster_layer(&self) -> Option<(TopologyLayer, Vec<String>)> {
         let running = self.running.as_ref()?;
-        let (mut layer, notes) =
-            cluster::cluster_layer(running.client.clone(), Some(&running.node_name)).await;
+        Some(cluster::cluster_layer(running.client.clone(), Some(&running.node_name)).await)
+    }
+
+    /// The LB frontends the Services watch knows, as topology facts (no API call).
+    pub fn frontends_layer(&self) -> TopologyLayer {
         let frontends: Vec<LbFrontend> = self
             .lb_frontends()
             .into_iter()
@@ -170,8 +173,10 @@ impl Enricher {
                 external_traffic_policy: Some(etp),
             })
             .collect();
-        layer.lb_frontends = Some(frontends).filter(|f| !f.is_empty());
-        Some((layer, notes))
+        TopologyLayer {
+            lb_frontends: Some(frontends).filter(|f| !f.is_empty()),
+            ..TopologyLayer::default()
+        }
     }
 
     /// An enricher that knows no names.

@@ -1,12 +1,12 @@
 //! The Azure Instance Metadata Service: the node's private IPs and subnet prefix, and the load
-//! balancer's outbound public IPs.
+//! balancer's public IPs (the frontends of its inbound and outbound rules).
 //!
 //! IMDS answers only the VM itself, on its host network, and only on Azure: the agent asks it
 //! only when it observes its own (host) namespace on an Azure VM ([`on_azure`]), with short
 //! timeouts, and an answer that does not come is a note, never an error that stops the agent.
 //! Plain HTTP over a TCP socket: IMDS must never go through a proxy, and this is all it needs.
 
-use super::{Cidr, TopologyLayer};
+use super::{Cidr, LbFrontend, TopologyLayer};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
@@ -73,9 +73,17 @@ impl Imds {
                 "{e}; the node's IPs and subnet come from its interfaces"
             )),
         }
-        match self.get(LOADBALANCER).and_then(|body| outbound_ips(&body)) {
-            Ok(ips) => layer.lb_outbound_ips = Some(ips).filter(|v| !v.is_empty()),
-            Err(e) => notes.push(format!("{e}; the LB's outbound IPs are unknown")),
+        match self.get(LOADBALANCER).and_then(|body| lb_ips(&body)) {
+            Ok((inbound, outbound)) => {
+                let frontends = inbound.into_iter().map(|ip| LbFrontend {
+                    ip,
+                    service: None,
+                    external_traffic_policy: None,
+                });
+                layer.lb_frontends = Some(frontends.collect()).filter(|v: &Vec<_>| !v.is_empty());
+                layer.lb_outbound_ips = Some(outbound).filter(|v| !v.is_empty());
+            }
+            Err(e) => notes.push(format!("{e}; the LB's public IPs are unknown")),
         }
         (layer, notes)
     }
@@ -178,22 +186,25 @@ fn network(body: &str) -> Result<(Vec<IpAddr>, Vec<Cidr>), ImdsError> {
     Ok((ips, subnets))
 }
 
-/// The frontends of the LB's outbound rules: the public IPs the node's outbound traffic is
-/// SNATed to.
-fn outbound_ips(body: &str) -> Result<Vec<IpAddr>, ImdsError> {
+/// The frontends of the LB's inbound rules (Services' public IPs) and of its outbound rules
+/// (the public IPs the node's outbound traffic is SNATed to).
+fn lb_ips(body: &str) -> Result<(Vec<IpAddr>, Vec<IpAddr>), ImdsError> {
     let v = json(LOADBALANCER, body)?;
-    let rules = v["loadbalancer"]["outboundRules"].as_array();
-    let mut ips: Vec<IpAddr> = Vec::new();
-    for ip in rules
-        .into_iter()
-        .flatten()
-        .filter_map(|r| r["frontendIpAddress"].as_str()?.parse().ok())
-    {
-        if !ips.contains(&ip) {
-            ips.push(ip);
+    let frontends = |rules: &str| {
+        let mut ips: Vec<IpAddr> = Vec::new();
+        for ip in v["loadbalancer"][rules]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["frontendIpAddress"].as_str()?.parse().ok())
+        {
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
         }
-    }
-    Ok(ips)
+        ips
+    };
+    Ok((frontends("inboundRules"), frontends("outboundRules")))
 }
 
 #[cfg(test)]
@@ -206,7 +217,7 @@ mod tests {
     /// IMDS's answers as documented (learn.microsoft.com, "Azure Instance Metadata Service"),
     /// for an azure-cni node whose NIC also holds pod IPs.
     const NETWORK_BODY: &str = r#"{"interface":[{"ipv4":{"ipAddress":[{"privateIpAddress":"10.224.0.4","publicIpAddress":""},{"privateIpAddress":"10.224.0.10","publicIpAddress":""}],"subnet":[{"address":"10.224.0.0","prefix":"16"}]},"ipv6":{"ipAddress":[]},"macAddress":"000D3A123456"}]}"#;
-    const LB_BODY: &str = r#"{"loadbalancer":{"publicIpAddresses":[{"frontendIpAddress":"192.0.2.10","privateIpAddress":"10.224.0.4"}],"inboundRules":[],"outboundRules":[{"frontendIpAddress":"192.0.2.100","privateIpAddress":"10.224.0.4"},{"frontendIpAddress":"192.0.2.100","privateIpAddress":"10.224.0.4"}]}}"#;
+    const LB_BODY: &str = r#"{"loadbalancer":{"publicIpAddresses":[{"frontendIpAddress":"192.0.2.10","privateIpAddress":"10.224.0.4"}],"inboundRules":[{"frontendIpAddress":"192.0.2.10","protocol":"tcp","frontendPort":80,"backendPort":80,"privateIpAddress":"10.224.0.4"}],"outboundRules":[{"frontendIpAddress":"192.0.2.100","privateIpAddress":"10.224.0.4"},{"frontendIpAddress":"192.0.2.100","privateIpAddress":"10.224.0.4"}]}}"#;
 
     /// A local stand-in for IMDS on loopback: answers `requests` connections, refusing (400)
     /// those without `Metadata: true` as IMDS does; the network answer is chunked.
@@ -267,6 +278,11 @@ mod tests {
             layer.lb_outbound_ips,
             Some(vec!["192.0.2.100".parse().unwrap()])
         );
+        let frontends = layer.lb_frontends.unwrap();
+        assert_eq!(
+            frontends.iter().map(|f| f.ip).collect::<Vec<_>>(),
+            vec!["192.0.2.10".parse::<IpAddr>().unwrap()]
+        );
         assert_eq!(server.join().unwrap(), vec![NETWORK, LOADBALANCER]);
     }
 
@@ -297,7 +313,10 @@ mod tests {
     fn http_errors_and_bad_bodies_are_reported() {
         assert!(network("{}").is_err());
         assert!(network("not json").is_err());
-        assert!(outbound_ips(r#"{"loadbalancer":{}}"#).unwrap().is_empty());
+        assert_eq!(
+            lb_ips(r#"{"loadbalancer":{}}"#).unwrap(),
+            (Vec::new(), Vec::new())
+        );
         assert_eq!(dechunk("3\r\nabc\r\n0\r\n\r\n").as_deref(), Some("abc"));
         assert_eq!(dechunk("zz\r\n"), None);
     }

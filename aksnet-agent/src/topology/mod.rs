@@ -280,16 +280,28 @@ impl TopologyLayer {
         config::read_toml(path).map(|(layer, _)| layer)
     }
 
-    /// `self` over `lower`: every field `self` sets wins; LB frontends merge by IP.
+    /// `self` over `lower`: every field `self` sets wins; LB frontends merge by IP, and what a
+    /// frontend of `self` leaves unsaid (its Service, its policy) `lower`'s says.
     pub fn over(self, lower: TopologyLayer) -> TopologyLayer {
         let lb_frontends = match (self.lb_frontends, lower.lb_frontends) {
-            (Some(mine), Some(theirs)) => {
-                let mut merged = mine.clone();
-                merged.extend(
-                    theirs
-                        .into_iter()
-                        .filter(|f| !mine.iter().any(|m| m.ip == f.ip)),
-                );
+            (Some(mine), Some(mut theirs)) => {
+                let mut merged: Vec<LbFrontend> = mine
+                    .into_iter()
+                    .map(|m| match theirs.iter().position(|t| t.ip == m.ip) {
+                        Some(i) => {
+                            let t = theirs.remove(i);
+                            LbFrontend {
+                                service: m.service.or(t.service),
+                                external_traffic_policy: m
+                                    .external_traffic_policy
+                                    .or(t.external_traffic_policy),
+                                ..m
+                            }
+                        }
+                        None => m,
+                    })
+                    .collect();
+                merged.extend(theirs);
                 Some(merged)
             }
             (mine, theirs) => mine.or(theirs),

@@ -208,6 +208,28 @@ fn the_config_file_sets_the_new_facts() {
 const LAB_CONFIG_HEAD: &str = "cni = \"kubenet\"\nnode_ips = [\"10.224.0.4\"]\n";
 
 #[test]
+fn a_frontend_keeps_what_a_lower_layer_knows_of_it() {
+    let frontend = |service: Option<&str>, etp| LbFrontend {
+        ip: ip("192.0.2.10"),
+        service: service.map(str::to_string),
+        external_traffic_policy: etp,
+    };
+    let iptables = TopologyLayer {
+        lb_frontends: Some(vec![frontend(Some("default/app"), Some(Etp::Cluster))]),
+        ..Default::default()
+    };
+    let imds = TopologyLayer {
+        lb_frontends: Some(vec![frontend(None, None)]),
+        ..Default::default()
+    };
+    let merged = imds.over(iptables);
+    assert_eq!(
+        merged.lb_frontends,
+        Some(vec![frontend(Some("default/app"), Some(Etp::Cluster))])
+    );
+}
+
+#[test]
 fn dual_stack_pod_cidr_list() {
     let text = LAB_CONFIG.replace(
         "pod_cidr = \"10.244.0.0/16\"",
