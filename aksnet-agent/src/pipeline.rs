@@ -3,7 +3,7 @@
 
 use crate::capture::netns::{IfNames, Netns, NetnsError, NetnsTarget};
 use crate::capture::{self, CaptureError, CaptureHealth, SourceChoice};
-use crate::enrich::{self, EnrichConfig, Enricher, OwnerKind};
+use crate::enrich::{EnrichConfig, Enricher, OwnerKind};
 use crate::events::{EventKind, FlowEvent};
 use crate::flows::{FlowTable, InterfaceWait, Update, INTERFACES_WAIT};
 use crate::metrics::{
@@ -163,61 +163,15 @@ pub fn run(options: RunOptions) -> Result<(), AgentError> {
 pub fn topology(options: RunOptions) -> Result<(), AgentError> {
     let runtime = runtime()?;
     let result = runtime.block_on(async {
-        let agent = Agent::start(&options)?;
-        let mut found = {
-            let (given, netns) = (Arc::clone(&agent.given), Arc::clone(&agent.netns));
-            tokio::task::spawn_blocking(move || startup::discover_node(&given, &netns))
-                .await
-                .unwrap_or_default()
-        };
-        match enrich::connect(EnrichConfig::from_env()).await {
-            Ok(Some((client, node))) => {
-                let (layer, notes) = enrich::cluster::cluster_layer(client, Some(&node)).await;
-                found.api = Some(layer);
-                found.notes.extend(notes);
-            }
-            Ok(None) => found
-                .notes
-                .push("no Kubernetes API configured: facts from the API are not read".into()),
-            Err(e) => found.notes.push(e.to_string()),
-        }
-        let knowledge = Knowledge::build(&agent.given, found)?;
-        let out = std::io::stdout().lock();
-        print_report(&knowledge, options.dump.unwrap_or(Format::Text), out)
+        let Agent { given, netns, .. } = Agent::start(&options)?;
+        let knowledge = startup::discover_once(given, netns).await?;
+        let format = options.dump.unwrap_or(Format::Text);
+        knowledge
+            .write_report(format == Format::Json, std::io::stdout().lock())
             .map_err(AgentError::Output)
     });
     runtime.shutdown_timeout(SHUTDOWN_WAIT);
     result
-}
-
-fn print_report(knowledge: &Knowledge, format: Format, mut out: impl Write) -> std::io::Result<()> {
-    let report = knowledge.report();
-    if format == Format::Json {
-        let json = serde_json::to_string(&report).map_err(std::io::Error::other)?;
-        return writeln!(out, "{json}");
-    }
-    let width = report.facts.iter().map(|f| f.fact.len()).max().unwrap_or(0);
-    writeln!(out, "{:width$}  {:<10}  value", "fact", "source")?;
-    for f in &report.facts {
-        writeln!(
-            out,
-            "{:width$}  {:<10}  {}",
-            f.fact,
-            f.source.as_str(),
-            f.value
-        )?;
-    }
-    for m in &report.missing {
-        writeln!(out, "missing: {m}")?;
-    }
-    writeln!(out, "kube-proxy: {}", report.kube_proxy)?;
-    for b in &report.blind {
-        writeln!(out, "blind: {}", b.warning())?;
-    }
-    for note in &report.notes {
-        writeln!(out, "note: {note}")?;
-    }
-    Ok(())
 }
 
 /// `explain`: hop diagrams of flows read from a JSON dump, or of the first live flow(s) that

@@ -7,7 +7,7 @@
 //! missing is named, in the log, the metrics and every flow it leaves unclassified.
 
 use crate::capture::netns::Netns;
-use crate::enrich::Enricher;
+use crate::enrich::{self, EnrichConfig, Enricher};
 use crate::events::FlowEvent;
 use crate::metrics::Metrics;
 use crate::model::{Classification, Classifier, CniMismatch, Model, Verdict};
@@ -17,6 +17,7 @@ use crate::topology::{
     TopologyError, TopologyLayer,
 };
 use serde::Serialize;
+use std::io::Write;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -78,6 +79,17 @@ pub fn discover_node(given: &Given, netns: &Netns) -> Found {
     found
 }
 
+/// [`discover_node`] on a blocking thread: `iptables-save` and IMDS never hold an async one.
+async fn discover_node_blocking(given: &Arc<Given>, netns: &Arc<Netns>) -> Found {
+    let (given, netns) = (Arc::clone(given), Arc::clone(netns));
+    tokio::task::spawn_blocking(move || discover_node(&given, &netns))
+        .await
+        .unwrap_or_else(|e| Found {
+            notes: vec![format!("node discovery stopped: {e}")],
+            ..Found::default()
+        })
+}
+
 /// How often the Kubernetes API is read again: its facts (API server, Service CIDRs, pod CIDRs)
 /// change rarely, and every node of a large cluster asks.
 pub const API_REFRESH: Duration = Duration::from_secs(600);
@@ -98,14 +110,7 @@ async fn discover(
     enricher: &Enricher,
     api: &mut ApiFacts,
 ) -> Found {
-    let node = {
-        let (given, netns) = (Arc::clone(given), Arc::clone(netns));
-        tokio::task::spawn_blocking(move || discover_node(&given, &netns)).await
-    };
-    let mut found = node.unwrap_or_else(|e| Found {
-        notes: vec![format!("node discovery stopped: {e}")],
-        ..Found::default()
-    });
+    let mut found = discover_node_blocking(given, netns).await;
     if !enricher.is_enabled() {
         return found;
     }
@@ -121,6 +126,27 @@ async fn discover(
     found.api = Some(enricher.frontends_layer().over(api.layer.clone()));
     found.notes.extend(api.notes.iter().cloned());
     found
+}
+
+/// One round of discovery with the API read directly (no enrichment watches), for
+/// `aksnet-agent topology`.
+pub async fn discover_once(
+    given: Arc<Given>,
+    netns: Arc<Netns>,
+) -> Result<Knowledge, KnowledgeError> {
+    let mut found = discover_node_blocking(&given, &netns).await;
+    match enrich::connect(EnrichConfig::from_env()).await {
+        Ok(Some((client, node))) => {
+            let (layer, notes) = enrich::cluster::cluster_layer(client, Some(&node)).await;
+            found.api = Some(layer);
+            found.notes.extend(notes);
+        }
+        Ok(None) => found
+            .notes
+            .push("no Kubernetes API configured: facts from the API are not read".into()),
+        Err(e) => found.notes.push(e.to_string()),
+    }
+    Knowledge::build(&given, found)
 }
 
 /// Everything known about the topology, and the classifier built from it.
@@ -188,6 +214,33 @@ impl Knowledge {
                 .map(String::as_str)
                 .collect(),
         }
+    }
+
+    /// Writes [`Knowledge::report`]: one JSON object, or a table of facts followed by what is
+    /// missing, kube-proxy's mode, what blinds the agent and discovery's notes.
+    pub fn write_report(&self, json: bool, mut out: impl Write) -> std::io::Result<()> {
+        let report = self.report();
+        if json {
+            let text = serde_json::to_string(&report).map_err(std::io::Error::other)?;
+            return writeln!(out, "{text}");
+        }
+        let width = report.facts.iter().map(|f| f.fact.len()).max().unwrap_or(0);
+        writeln!(out, "{:width$}  {:<10}  value", "fact", "source")?;
+        for f in &report.facts {
+            let source = f.source.as_str();
+            writeln!(out, "{:width$}  {source:<10}  {}", f.fact, f.value)?;
+        }
+        for m in &report.missing {
+            writeln!(out, "missing: {m}")?;
+        }
+        writeln!(out, "kube-proxy: {}", report.kube_proxy)?;
+        for b in &report.blind {
+            writeln!(out, "blind: {}", b.warning())?;
+        }
+        for note in &report.notes {
+            writeln!(out, "note: {note}")?;
+        }
+        Ok(())
     }
 
     /// Logs what is known: each fact and its source, what is missing, and one WARN line per
