@@ -24,9 +24,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
-/// What the operator gave, fixed for the run.
+/// What the operator gave: flags and model fixed for the run, the config file read again by
+/// each round of discovery (a ConfigMap's update reaches the agent without a restart).
 #[derive(Clone, Debug)]
 pub struct Given {
+    pub config_path: Option<PathBuf>,
+    /// The config file as read at start.
     pub config: Option<TopologyLayer>,
     pub flags: TopologyLayer,
     /// `--model`, loaded once.
@@ -45,6 +48,7 @@ impl Given {
         ask_imds: bool,
     ) -> Result<Given, LoadError> {
         Ok(Given {
+            config_path: config.cloned(),
             config: config.map(|p| TopologyLayer::from_file(p)).transpose()?,
             flags,
             model: model.map(|p| Model::from_file(p)).transpose()?,
@@ -56,15 +60,25 @@ impl Given {
 /// What one round of discovery found, by source.
 #[derive(Clone, Debug, Default)]
 pub struct Found {
+    /// The config file as this round read it.
+    pub config: Option<TopologyLayer>,
     pub discovery: Discovery,
     pub imds: Option<TopologyLayer>,
     pub api: Option<TopologyLayer>,
     pub notes: Vec<String>,
 }
 
-/// Discovers the node (in `netns`) and asks IMDS, on the calling thread: both block.
+/// Reads the config file again, discovers the node (in `netns`) and asks IMDS, on the calling
+/// thread: all block. A config file that became unreadable or wrong is a warning, and the one
+/// read at start stays.
 pub fn discover_node(given: &Given, netns: &Netns) -> Found {
     let mut found = Found::default();
+    if let Some(path) = &given.config_path {
+        match TopologyLayer::from_file(path) {
+            Ok(layer) => found.config = Some(layer),
+            Err(e) => log::warn!("{e}; keeping the config read at start"),
+        }
+    }
     match netns.run_in(topology::discover) {
         Ok(discovery) => found.discovery = discovery,
         Err(e) => found
@@ -173,7 +187,8 @@ impl Knowledge {
         let mut layers = found.discovery.layers.clone();
         layers.extend(found.imds.clone().map(|l| (Source::Imds, l)));
         layers.extend(found.api.clone().map(|l| (Source::Api, l)));
-        layers.extend(given.config.clone().map(|l| (Source::Config, l)));
+        let config = found.config.clone().or_else(|| given.config.clone());
+        layers.extend(config.map(|l| (Source::Config, l)));
         layers.push((Source::Flag, given.flags.clone()));
         let facts = Facts::merge(layers);
         let missing = facts.missing();
@@ -465,6 +480,7 @@ mod tests {
 
     fn given(flags: TopologyLayer) -> Given {
         Given {
+            config_path: None,
             config: None,
             flags,
             model: None,
@@ -559,6 +575,29 @@ mod tests {
         // A public address is the internet whatever the vnet is.
         let internet = to("198.51.100.20:80");
         assert_ne!(internet.verdict, Verdict::Unclassified, "{internet:?}");
+    }
+
+    #[test]
+    fn each_round_reads_the_config_file_again() {
+        let path = std::env::temp_dir().join(format!("aksnet-startup-{}.toml", std::process::id()));
+        std::fs::write(&path, "cni = \"kubenet\"\n").unwrap();
+        let given = Given::load(Some(&path), TopologyLayer::default(), None, false).unwrap();
+        let netns = crate::capture::netns::NetnsTarget::Own.open().unwrap();
+        std::fs::write(
+            &path,
+            "cni = \"kubenet\"\nvnet_cidrs = [\"10.224.0.0/12\"]\n",
+        )
+        .unwrap();
+        let k = Knowledge::build(&given, discover_node(&given, &netns)).unwrap();
+        assert_eq!(k.facts.source("vnet_cidrs"), Some(Source::Config));
+        // A broken file keeps what was read at start.
+        std::fs::write(&path, "cni = \"token-ring\"\n").unwrap();
+        let found = discover_node(&given, &netns);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(found.config, None);
+        let k = Knowledge::build(&given, found).unwrap();
+        assert_eq!(k.classify.topology().map(|t| t.cni), Some(CniMode::Kubenet));
+        assert_eq!(k.facts.source("vnet_cidrs"), None);
     }
 
     #[test]
