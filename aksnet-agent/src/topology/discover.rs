@@ -340,7 +340,14 @@ pub(crate) fn derive(s: Sources) -> Discovery {
         ..Discovery::default()
     };
     let interfaces = from_interfaces(&s, &mut d);
-    let iptables = from_iptables(&s, interfaces.cni, &mut d);
+    let iptables = from_iptables(&s, &interfaces, &mut d);
+    if interfaces.local_pods.is_some() && interfaces.cni.or(iptables.cni).is_none() {
+        d.notes.push(
+            "azure-cni interfaces (azv* / azure0) with pods neither in the node subnet nor in \
+             kube-proxy's cluster CIDR: azure-cni with a pod subnet or Overlay; give it with --cni"
+                .into(),
+        );
+    }
     if !s.conntrack_loaded {
         d.blind.push(Blindness::ConntrackNotLoaded);
     }
@@ -399,14 +406,9 @@ fn from_interfaces(s: &Sources, d: &mut Discovery) -> TopologyLayer {
     } else if has(&|n| n.starts_with("azv") || n == "azure0") {
         let subnets = layer.node_subnet.clone().unwrap_or_default();
         let in_node_subnet = |ip: &IpAddr| subnets.iter().any(|c| c.contains(*ip));
+        // Pods elsewhere may be Overlay's: kube-proxy's cluster CIDR tells (from_iptables).
         if !pod_routes.is_empty() && pod_routes.iter().all(in_node_subnet) {
             layer.cni = Some(CniMode::AzureCni);
-        } else {
-            d.notes.push(
-                "azure-cni interfaces (azv* / azure0) but no pod in the node subnet: this is \
-                 azure-cni-overlay or azure-cni with a pod subnet; give it with --cni"
-                    .into(),
-            );
         }
         layer.local_pods = Some(pod_routes);
     } else {
@@ -422,8 +424,9 @@ fn from_interfaces(s: &Sources, d: &mut Discovery) -> TopologyLayer {
 
 /// kube-proxy's Services, frontends, endpoints and cluster CIDR, the Service CIDR its ClusterIPs
 /// fall in, and ip-masq-agent's configuration.
-fn from_iptables(s: &Sources, cni: Option<CniMode>, d: &mut Discovery) -> TopologyLayer {
+fn from_iptables(s: &Sources, interfaces: &TopologyLayer, d: &mut Discovery) -> TopologyLayer {
     let mut layer = TopologyLayer::default();
+    let mut cni = interfaces.cni;
     let mut rules = KubeProxyRules::default();
     for text in &s.nat_tables {
         let r = parse_iptables_save(text);
@@ -445,6 +448,18 @@ fn from_iptables(s: &Sources, cni: Option<CniMode>, d: &mut Discovery) -> Topolo
             }
         }
         rules.masq = rules.masq.or(r.masq);
+    }
+    // azure-cni interfaces whose pods all hold addresses of kube-proxy's cluster CIDR (not of the
+    // node subnet, or the interfaces would have said azure-cni): Overlay.
+    let pods = interfaces.local_pods.as_deref().unwrap_or_default();
+    if cni.is_none()
+        && !pods.is_empty()
+        && pods
+            .iter()
+            .all(|ip| rules.cluster_cidrs.iter().any(|c| c.contains(*ip)))
+    {
+        cni = Some(CniMode::AzureCniOverlay);
+        layer.cni = cni;
     }
     if s.nft_kube_proxy && !rules.has_kube_services {
         d.kube_proxy = KubeProxyMode::Nftables;
@@ -659,11 +674,23 @@ mod tests {
         let d = merged(&derive(base.clone()));
         assert_eq!(d.cni, Some(CniMode::AzureCni));
         assert_eq!(d.local_pods, Some(vec!["10.224.0.10".parse().unwrap()]));
-        let mut overlay = base;
-        overlay.routes[1] = route("10.244.0.10/32", "azv0011aabb");
-        let d = derive(overlay);
+        let mut pod_subnet = base;
+        pod_subnet.routes[1] = route("10.244.0.10/32", "azv0011aabb");
+        let d = derive(pod_subnet.clone());
         assert_eq!(merged(&d).cni, None);
-        assert!(d.notes[0].contains("azure-cni-overlay"), "{:?}", d.notes);
+        assert!(d.notes[0].contains("Overlay"), "{:?}", d.notes);
+        // kube-proxy's cluster CIDR holds the pods: Overlay.
+        let mut overlay = pod_subnet;
+        overlay.nat_tables = vec!["*nat\n:KUBE-SERVICES - [0:0]\n-A KUBE-SVC-A ! -s 10.244.0.0/16 -d 10.0.0.10/32 -p udp -m comment --comment \"kube-system/kube-dns:dns cluster IP\" -m udp --dport 53 -j KUBE-MARK-MASQ\nCOMMIT\n".into()];
+        let d = derive(overlay);
+        let l = merged(&d);
+        assert_eq!(l.cni, Some(CniMode::AzureCniOverlay));
+        assert_eq!(l.pod_cidr, Some(vec!["10.244.0.0/16".parse().unwrap()]));
+        assert!(
+            !d.notes.iter().any(|n| n.contains("--cni")),
+            "{:?}",
+            d.notes
+        );
     }
 
     #[test]
