@@ -62,11 +62,11 @@ impl fmt::Display for Refusal {
         match self {
             Refusal::Capabilities(caps) => {
                 let added: Vec<&str> = caps.iter().map(|c| &c["CAP_".len()..]).collect();
+                let caps = caps.join(" and ");
                 write!(
                     f,
-                    "the agent lacks {}: add {} to the container's \
-                     securityContext.capabilities.add (deploy/base/daemonset.yaml), or run it as root",
-                    caps.join(" and "),
+                    "the agent lacks {caps}: run the agent as root, or grant {caps} (in a \
+                     container: add {} to securityContext.capabilities.add)",
                     added.join(" and ")
                 )
             }
@@ -109,7 +109,7 @@ mod tests {
         assert_eq!(refusal, Refusal::Capabilities(vec!["CAP_BPF"]));
         assert!(refusal
             .to_string()
-            .starts_with("the agent lacks CAP_BPF: add BPF "));
+            .starts_with("the agent lacks CAP_BPF: run the agent as root, or grant CAP_BPF (in a container: add BPF "));
         let sys_admin_only = "0000000000200000";
         assert_eq!(
             Refusal::from_status(&status(sys_admin_only, "2")),
