@@ -7,8 +7,9 @@ use super::{io, ImageError};
 use crate::cmd::{run_quiet, succeeds, Cmd};
 use std::path::Path;
 
-/// The base image's name in podman's store.
-const BASE_IMAGE: &str = "localhost/aksnet-base:bookworm-minbase";
+/// The recipe's revision, in the cache's names: bump it when the recipe changes, so that a
+/// cached base made by an older one is not used.
+const REVISION: u32 = 2;
 const SUITE: &str = "bookworm";
 const MIRROR: &str = "http://deb.debian.org/debian";
 /// What bookworm-slim leaves out, so that packages installed later leave it out too.
@@ -19,13 +20,27 @@ path-exclude /usr/share/man/*
 path-exclude /usr/share/info/*
 path-exclude /usr/share/locale/*
 ";
+/// As bookworm-slim's apt configuration: no package cache (two 39 MB files) or downloaded package
+/// left in a layer after `apt-get install`.
+const SLIM_APT_CONF: &str = r#"Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+Acquire::Languages "none";
+"#;
+
+/// The base image's name in podman's store.
+fn base_image() -> String {
+    format!("localhost/aksnet-base:{SUITE}-minbase-r{REVISION}")
+}
 
 /// The base image's name, importing it (and running debootstrap) only when it is missing.
 pub fn ensure(podman: &Podman, work: &Path) -> Result<String, ImageError> {
-    if succeeds(podman.cmd().args(["image", "exists", BASE_IMAGE])) {
-        return Ok(BASE_IMAGE.into());
+    let image = base_image();
+    if succeeds(podman.cmd().args(["image", "exists", &image])) {
+        return Ok(image);
     }
-    let tarball = work.join(format!("debian-{SUITE}-minbase.tar"));
+    let tarball = work.join(format!("debian-{SUITE}-minbase-r{REVISION}.tar"));
     if !tarball.exists() {
         println!("image: debootstrap {SUITE} (minbase) from {MIRROR}, once (about 30 s)");
         let rootfs = work.join(format!("rootfs-{}", std::process::id()));
@@ -33,8 +48,8 @@ pub fn ensure(podman: &Podman, work: &Path) -> Result<String, ImageError> {
         let _ = std::fs::remove_dir_all(&rootfs);
         made?;
     }
-    run_quiet(podman.cmd().arg("import").arg(&tarball).arg(BASE_IMAGE))?;
-    Ok(BASE_IMAGE.into())
+    run_quiet(podman.cmd().arg("import").arg(&tarball).arg(&image))?;
+    Ok(image)
 }
 
 fn debootstrap(rootfs: &Path, tarball: &Path) -> Result<(), ImageError> {
@@ -60,10 +75,12 @@ fn debootstrap(rootfs: &Path, tarball: &Path) -> Result<(), ImageError> {
 }
 
 /// What debian:bookworm-slim also drops: the package cache and lists, documentation, manuals
-/// and translations.
+/// and translations, now and in later installs.
 fn slim(rootfs: &Path) -> Result<(), ImageError> {
     let cfg = rootfs.join("etc/dpkg/dpkg.cfg.d/slim");
     std::fs::write(&cfg, SLIM_DPKG_CFG).map_err(io("cannot write the dpkg config", &cfg))?;
+    let apt = rootfs.join("etc/apt/apt.conf.d/slim");
+    std::fs::write(&apt, SLIM_APT_CONF).map_err(io("cannot write the apt config", &apt))?;
     let kept_by_apt = |name: &str| name != "partial" && name != "lock";
     empty(&rootfs.join("var/cache/apt"), |name| name.ends_with(".bin"))?;
     empty(&rootfs.join("var/cache/apt/archives"), |name| {

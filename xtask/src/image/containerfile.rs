@@ -12,6 +12,9 @@ const AGENT_IN_BUILDER: &str = "/out/aksnet-agent";
 pub const AGENT_IN_CONTEXT: &str = "aksnet-agent";
 /// The global `ARG` naming the runtime stage's base image.
 pub const BASE_ARG: &str = "RUNTIME_BASE";
+/// The label of the stage holding the host's binary, by which the build removes it afterwards
+/// (the runtime stage copies from it, so nothing is based on it).
+pub const AGENT_STAGE_LABEL: &str = "io.aksnet.stage=host-agent";
 
 /// The Dockerfile `text` with the builder stage replaced by one that holds the context's
 /// `aksnet-agent` at the path the runtime stage copies it from.
@@ -52,6 +55,7 @@ pub fn with_prebuilt_agent(text: &str) -> Result<String, String> {
             out.push_str(&format!(
                 "# The agent built on the host (cargo xtask image).\n\
                  FROM scratch AS {BUILDER}\n\
+                 LABEL {AGENT_STAGE_LABEL}\n\
                  COPY {AGENT_IN_CONTEXT} {AGENT_IN_BUILDER}\n\n"
             ));
         } else {
@@ -105,7 +109,10 @@ mod tests {
             .expect("the Dockerfile has a runtime stage");
         assert!(out.ends_with(runtime), "{out}");
         assert!(!out.contains("cargo build"), "{out}");
-        assert!(out.contains("FROM scratch AS builder\nCOPY aksnet-agent /out/aksnet-agent\n"));
+        assert!(out.contains(
+            "FROM scratch AS builder\nLABEL io.aksnet.stage=host-agent\n\
+             COPY aksnet-agent /out/aksnet-agent\n"
+        ));
     }
 
     #[test]

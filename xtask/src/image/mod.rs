@@ -111,6 +111,17 @@ fn build_in(
             .args(["-t", tag])
             .arg(context),
     )?;
+    // The stage holding the binary is a layer of its own, as large as the binary, and nothing
+    // is based on it: remove it (and any an earlier build left).
+    let stages = podman
+        .cmd()
+        .args(["images", "--all", "--quiet", "--filter"])
+        .arg(format!("label={}", containerfile::AGENT_STAGE_LABEL))
+        .output_string()?;
+    let stages: Vec<&str> = stages.split_whitespace().collect();
+    if !stages.is_empty() {
+        run_quiet(podman.cmd().args(["rmi", "--force"]).args(&stages))?;
+    }
     let size = podman
         .cmd()
         .args(["image", "inspect", "--format", "{{.Size}}", tag])
