@@ -7,7 +7,7 @@
 //! seccomp profile, `/sys/kernel/btf` read-only, the config from a mounted ConfigMap directory,
 //! the DaemonSet's arguments and environment, and host networking meaning a lab node's namespace.
 //! The test adds only `--dump --output json --show-ends --metrics-listen 0.0.0.0:9965` after the
-//! DaemonSet's arguments, to see each flow.
+//! DaemonSet's arguments, to see each flow, and `--duration 120` as a bound.
 //!
 //! - `RuntimeDefault` under podman 4.3 (its own profile) and under containerd's rules (what AKS
 //!   applies): the agent attaches, captures every lab scenario exactly as `conntrack -E` sees it,
@@ -192,6 +192,9 @@ fn daemonset_captures_exactly(
         "--show-ends",
         "--metrics-listen",
         METRICS,
+        // A bound on the run even if the test never stops it.
+        "--duration",
+        "120",
     ];
     let command = rig.command(pod, &lab, &name, default, &dump);
     let mut agent = Agent::spawn(command).unwrap_or_else(|e| {
