@@ -150,6 +150,124 @@ impl Rig<'_> {
     }
 }
 
+/// Capability names in the kernel's bit order (include/uapi/linux/capability.h).
+const CAPABILITIES: [&str; 41] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+];
+
+/// What the kernel says of the agent in container `name` (its pid 1, seen from the host): it
+/// holds exactly `caps` (effective, permitted and bounding), no_new_privs and a seccomp filter are
+/// set, and the root, the config and `/sys/kernel/btf` are mounted read-only, as `pod` says.
+fn confinement(podman: &Podman, name: &str, caps: &[String], pod: &AgentPod) -> Vec<String> {
+    let pid = podman
+        .cmd()
+        .args(["inspect", "--format", "{{.State.Pid}}", name])
+        .output_string()
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let proc_dir = PathBuf::from("/proc").join(pid.trim());
+    let status = std::fs::read_to_string(proc_dir.join("status")).unwrap();
+    let mountinfo = std::fs::read_to_string(proc_dir.join("mountinfo")).unwrap();
+    let field = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let expected: u64 = caps
+        .iter()
+        .map(|c| {
+            let bit = CAPABILITIES
+                .iter()
+                .position(|known| c.strip_prefix("CAP_") == Some(known))
+                .unwrap_or_else(|| panic!("unknown capability {c}"));
+            1u64 << bit
+        })
+        .sum();
+    let mut failures = Vec::new();
+    for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        let held = u64::from_str_radix(&field(set), 16).unwrap_or(u64::MAX);
+        if held != expected {
+            failures.push(format!(
+                "{set} {held:016x}, the DaemonSet grants {expected:016x}"
+            ));
+        }
+    }
+    if field("CapAmb:") != "0000000000000000" || field("CapInh:") != "0000000000000000" {
+        failures.push(format!("ambient or inheritable capabilities: {status}"));
+    }
+    if field("NoNewPrivs:") != "1" {
+        failures.push("no_new_privs is not set (allowPrivilegeEscalation: false)".into());
+    }
+    if field("Seccomp:") != "2" {
+        failures.push(format!(
+            "seccomp mode {}, expected a filter",
+            field("Seccomp:")
+        ));
+    }
+    // mountinfo: id parent major:minor root mount-point options ...
+    let read_only = |point: &str| {
+        mountinfo.lines().any(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            fields.get(4) == Some(&point)
+                && fields
+                    .get(5)
+                    .is_some_and(|o| o.split(',').any(|o| o == "ro"))
+        })
+    };
+    let mounts = pod.container().volume_mounts.iter();
+    let ro_points = mounts
+        .filter(|m| m.read_only)
+        .map(|m| m.mount_path.as_str());
+    for point in std::iter::once("/").chain(ro_points) {
+        if !read_only(point) {
+            failures.push(format!("{point} is not mounted read-only in the container"));
+        }
+    }
+    failures
+}
+
 /// Polls `url` from the node namespace (outside the container) until it answers 2xx, for at most
 /// `timeout`; returns the body.
 fn scrape(node: &str, url: &str, timeout: Duration) -> Result<String, String> {
@@ -207,6 +325,7 @@ fn daemonset_captures_exactly(
             failures.push(format!("no log line on why eBPF is off: {e}"));
         }
     }
+    failures.extend(confinement(rig.podman, &name, &caps, pod));
     let scenarios = Scenario::all(cni);
     run_scenarios(&lab, &scenarios);
     let mut answers = Vec::new();
