@@ -3,7 +3,7 @@
 //! tarball in the image work directory and as an image in podman's store.
 
 use super::podman::Podman;
-use super::{io, ImageError};
+use super::{io, ImageError, BUILD_LIMIT};
 use crate::cmd::{run_quiet, succeeds, Cmd};
 use std::path::Path;
 
@@ -48,15 +48,22 @@ pub fn ensure(podman: &Podman, work: &Path) -> Result<String, ImageError> {
         let _ = std::fs::remove_dir_all(&rootfs);
         made?;
     }
-    run_quiet(podman.cmd().arg("import").arg(&tarball).arg(&image))?;
+    run_quiet(
+        podman
+            .cmd_within(BUILD_LIMIT)
+            .arg("import")
+            .arg(&tarball)
+            .arg(&image),
+    )?;
     Ok(image)
 }
 
 fn debootstrap(rootfs: &Path, tarball: &Path) -> Result<(), ImageError> {
     let _ = std::fs::remove_dir_all(rootfs);
     run_quiet(
-        Cmd::new("debootstrap")
-            .args(["--variant=minbase", SUITE])
+        Cmd::new("timeout")
+            .arg(BUILD_LIMIT.as_secs().to_string())
+            .args(["debootstrap", "--variant=minbase", SUITE])
             .arg(rootfs)
             .arg(MIRROR),
     )?;

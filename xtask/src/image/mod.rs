@@ -52,6 +52,10 @@ pub(crate) fn io<'a>(
     }
 }
 
+/// Bound of the slow steps: debootstrap, the image build (its `apt-get install` reaches Debian's
+/// mirror), the import.
+pub(crate) const BUILD_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// An image in podman's store.
 pub struct Built {
     pub tag: String,
@@ -101,7 +105,7 @@ fn build_in(
     std::fs::copy(agent, &binary).map_err(io("cannot copy the agent binary", agent))?;
     run_quiet(
         podman
-            .cmd()
+            .cmd_within(BUILD_LIMIT)
             // Nothing is pulled: the base is local, the builder stage is `scratch`.
             .args(["build", "--pull=never", "--network", "host"])
             .arg("--build-arg")

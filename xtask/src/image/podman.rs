@@ -33,7 +33,16 @@ impl Podman {
         Cmd::new("podman").env("CONTAINERS_CONF", &self.conf)
     }
 
-    /// The same, for a process the caller supervises (a container run in the foreground).
+    /// A podman command line killed after `limit` (exit status 124: `timeout` ended it), for the
+    /// steps that reach the network or copy much: builds and imports.
+    pub fn cmd_within(&self, limit: std::time::Duration) -> Cmd {
+        Cmd::new("timeout")
+            .arg(limit.as_secs().to_string())
+            .arg("podman")
+            .env("CONTAINERS_CONF", &self.conf)
+    }
+
+    /// A podman command, for a process the caller supervises (a container run in the foreground).
     pub fn command(&self) -> std::process::Command {
         let mut command = std::process::Command::new("podman");
         command.env("CONTAINERS_CONF", &self.conf);
