@@ -4,6 +4,11 @@
 # The agent binary embeds its eBPF object: aksnet-agent/build.rs builds aksnet-ebpf with nightly
 # and bpf-linker, so the builder needs both besides the stable toolchain.
 
+# The runtime stage's base. `cargo xtask image` builds the runtime stage on a Debian bookworm
+# made by debootstrap (no registry needed) and replaces the builder stage with the agent built on
+# the host at the same path; everything from `FROM ... AS runtime` on is built as written here.
+ARG RUNTIME_BASE=debian:bookworm-slim
+
 # Stable 1.95 builds the agent (workspace rust-version); glibc matches the final stage's
 # (both Debian bookworm).
 FROM rust:1.95-bookworm AS builder
@@ -39,7 +44,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 # Small runtime: the binary, iptables for discovery (`iptables-save`, in both the legacy and the
 # nft flavour: AKS node images differ in which backend kube-proxy uses) and CA roots.
-FROM debian:bookworm-slim
+FROM ${RUNTIME_BASE} AS runtime
 RUN apt-get update \
  && apt-get install -y --no-install-recommends iptables ca-certificates \
  && rm -rf /var/lib/apt/lists/*

@@ -77,7 +77,7 @@ impl Agent {
                 command
             }
         };
-        let mut child = command
+        command
             .args([
                 "--dump",
                 "--output",
@@ -90,11 +90,19 @@ impl Agent {
             .args(["--duration", "120"])
             .args(args)
             .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
+            .envs(env.iter().copied());
+        Agent::spawn(command)
+            .unwrap_or_else(|e| panic!("aksnet-agent --source {source} did not attach: {e}"))
+    }
+
+    /// Starts `command`, an agent writing dump lines on stdout and its log on stderr (directly or
+    /// through a container runtime), and waits for its capture to be attached.
+    pub fn spawn(mut command: Command) -> Result<Agent, String> {
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("cannot start aksnet-agent");
+            .map_err(|e| format!("cannot start {:?}: {e}", command.get_program()))?;
         let stderr = child.stderr.take().expect("piped");
         let (log_tx, log) = mpsc::channel();
         std::thread::spawn(move || {
@@ -112,9 +120,9 @@ impl Agent {
         };
         if let Err(e) = agent.wait_for_log(ATTACHED, Duration::from_secs(30)) {
             let status = agent.child.try_wait().ok().flatten();
-            panic!("aksnet-agent --source {source} did not attach: {e} (exit: {status:?})");
+            return Err(format!("{e} (exit: {status:?})"));
         }
-        agent
+        Ok(agent)
     }
 
     /// Waits until the agent has logged a line containing `needle` (at any time since it

@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod conntrack;
+pub mod exactness;
 pub mod kubeapi;
 pub mod prometheus;
 

@@ -3,5 +3,6 @@
 pub mod bench;
 pub mod check;
 pub mod cmd;
+pub mod image;
 pub mod lab;
 pub mod setup;

@@ -31,6 +31,9 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         agent: Option<std::path::PathBuf>,
     },
+    /// Build the agent's runtime image (the Dockerfile's runtime stage) with podman, offline: the
+    /// base from debootstrap, the agent built here. Reports its size.
+    Image,
     /// The node lab: a one-node AKS network in network namespaces.
     #[command(subcommand)]
     Lab(LabCommand),
@@ -50,6 +53,7 @@ fn main() -> anyhow::Result<()> {
                 state_dir: DEFAULT_STATE_DIR.into(),
             })?
         }
+        Command::Image => xtask::image::run(workspace)?,
         Command::Lab(cmd) => xtask::lab::cli::execute(cmd)?,
         Command::Bench { quick, agent } => {
             xtask::bench::run(workspace, &xtask::bench::Plan::new(quick), agent.as_deref())?;

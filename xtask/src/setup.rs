@@ -19,6 +19,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "curl",         // HTTP(S) clients of the lab scenarios
     "socat",        // the lab pods' HTTP and UDP echo servers
     "prometheus",   // real Prometheus server and promtool for the metrics tests
+    "podman",       // the runtime image's build and the container test (xtask image)
+    "runc",         // podman's OCI runtime here: crun refuses hybrid cgroups
+    "debootstrap",  // the runtime image's Debian base, with no registry
 ];
 
 /// PyPI packages: the manifests' schema validator.

@@ -28,11 +28,13 @@ const LOST_POLL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
-    #[error("the kernel refused to create BPF map {map} ({source}): run the agent as root, or grant CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN")]
+    #[error("the kernel refused to create BPF map {map} ({source}): {refusal}")]
     NotPermitted {
         map: String,
         #[source]
         source: std::io::Error,
+        /// What to change: a capability, or the seccomp profile.
+        refusal: super::privileges::Refusal,
     },
     #[error("no usable kernel BTF: {0}; use --source netlink on this kernel")]
     NoBtf(String),
@@ -309,13 +311,20 @@ fn per_cpu_counter(ebpf: &mut Ebpf, name: &str) -> Result<PerCpuArray<MapData, u
         .map_err(|err| EbpfError::Object(format!("map {name}: {}", chain(&err))))
 }
 
-/// EPERM on map creation means missing privileges; anything else is reported as is.
+/// EPERM on map creation means missing privileges, and so does ENOSYS under a seccomp filter (a
+/// profile's default answer to calls it does not list); anything else is reported as is.
 fn object_error(err: aya::EbpfError) -> EbpfError {
+    use super::privileges::Refusal;
     if let aya::EbpfError::MapError(aya::maps::MapError::CreateError { name, io_error }) = &err {
-        if io_error.raw_os_error() == Some(libc::EPERM) {
+        let refusal = Refusal::of_this_process();
+        let errno = io_error.raw_os_error();
+        if errno == Some(libc::EPERM)
+            || (errno == Some(libc::ENOSYS) && refusal == Refusal::Seccomp)
+        {
             return EbpfError::NotPermitted {
                 map: name.clone(),
-                source: std::io::Error::from_raw_os_error(libc::EPERM),
+                source: std::io::Error::from_raw_os_error(errno.unwrap_or(libc::EPERM)),
+                refusal,
             };
         }
     }

@@ -11,6 +11,7 @@ pub mod btf;
 pub mod ebpf;
 pub mod netlink;
 pub mod netns;
+pub mod privileges;
 
 use crate::events::{FlowEvent, SourceKind};
 use std::sync::atomic::{AtomicU64, Ordering};

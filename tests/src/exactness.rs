@@ -1,0 +1,92 @@
+//! What "the agent captured the lab exactly" means, for any way the agent is run: every
+//! connection reported opened once and ended once, the same translations as `conntrack -E` saw
+//! (both ways), and each scenario's expected entries with their NAT, on their path, conforming.
+
+use crate::agent::{dumped, of_event, reported, Dumped};
+use crate::conntrack::Entry;
+use serde_json::Value;
+use xtask::lab::{NatKind, Scenario};
+
+fn nat_names(kind: NatKind) -> Vec<&'static str> {
+    match kind {
+        NatKind::None => vec![],
+        NatKind::Dnat => vec!["dnat"],
+        NatKind::Snat => vec!["snat"],
+        NatKind::DnatSnat => vec!["dnat", "snat"],
+    }
+}
+
+/// Every way the agent's dump `lines` fall short of the witness's `witnessed` entries and of
+/// `scenarios`' expectations, after the node's table was flushed (so every connection ended);
+/// empty when the capture was exact. Also returns the number of flows reported opened.
+pub fn capture_failures(
+    scenarios: &[Scenario],
+    witnessed: &[Entry],
+    lines: &[Value],
+) -> (usize, Vec<String>) {
+    let opened: Vec<Dumped> = of_event(lines, "new").filter_map(dumped).collect();
+    let ended: Vec<Dumped> = of_event(lines, "destroy").filter_map(dumped).collect();
+    let mut failures = Vec::new();
+    for (i, a) in opened.iter().enumerate() {
+        if opened[..i]
+            .iter()
+            .any(|b| b.proto == a.proto && b.original == a.original)
+        {
+            failures.push(format!("reported twice: {}", a.line));
+        }
+    }
+    for d in &opened {
+        let ends: Vec<&Dumped> = ended
+            .iter()
+            .filter(|e| e.proto == d.proto && e.original == d.original)
+            .collect();
+        match ends.as_slice() {
+            [end] if end.reply == d.reply => {}
+            [] => failures.push(format!("never reported ended: {}", d.line)),
+            many => failures.push(format!("{} ends for {}", many.len(), d.line)),
+        }
+    }
+    let same = |d: &Dumped, e: &Entry| {
+        d.proto == e.proto && d.original == e.original && d.reply == e.reply
+    };
+    for entry in witnessed {
+        if !opened.iter().any(|d| same(d, entry)) {
+            failures.push(format!(
+                "conntrack -E saw it, the agent did not: {}",
+                entry.line
+            ));
+        }
+    }
+    for d in &opened {
+        if !witnessed.iter().any(|e| same(d, e)) {
+            failures.push(format!(
+                "the agent reported it, conntrack -E did not: {}",
+                d.line
+            ));
+        }
+    }
+    for scenario in scenarios {
+        for expected in scenario.expected_on_node() {
+            for d in reported(&opened, scenario, expected, &mut failures) {
+                if d.nat != nat_names(expected.nat) {
+                    failures.push(format!(
+                        "{}: NAT {:?}, expected {expected}",
+                        scenario.name, d.nat
+                    ));
+                }
+                if d.path.as_deref() != Some(expected.path.as_str()) || d.verdict != "conforms" {
+                    failures.push(format!(
+                        "{}: classified {:?} {} ({:?}), expected {} conforms: {}",
+                        scenario.name,
+                        d.path,
+                        d.verdict,
+                        d.reason,
+                        expected.path.as_str(),
+                        d.line
+                    ));
+                }
+            }
+        }
+    }
+    (opened.len(), failures)
+}
