@@ -6,6 +6,7 @@ use crate::capture::{self, CaptureError, CaptureHealth, SourceChoice};
 use crate::enrich::{EnrichConfig, Enricher, OwnerKind};
 use crate::events::{EventKind, FlowEvent};
 use crate::flows::{FlowTable, InterfaceWait, Update, INTERFACES_WAIT};
+use crate::metrics::conntrack::ConntrackReader;
 use crate::metrics::{
     self, FlowObservation, Metrics, MetricsConfig, MetricsError, NatHop, Readiness,
 };
@@ -60,6 +61,8 @@ pub struct RunOptions {
     pub metrics_listen: Option<SocketAddr>,
     pub allocated_outbound_ports: Option<u32>,
     pub node_pool_size: Option<u32>,
+    /// The outbound device's idle timeout: how long it keeps an ended flow's SNAT port.
+    pub outbound_idle_timeout_minutes: Option<u32>,
     /// Live flows held before the oldest is evicted.
     pub max_flows: Option<usize>,
     pub show_ends: bool,
@@ -356,9 +359,17 @@ impl Agent {
             listen,
             allocated_outbound_ports: options.allocated_outbound_ports,
             node_pool_size: options.node_pool_size.unwrap_or(defaults.node_pool_size),
+            outbound_idle_timeout_minutes: options
+                .outbound_idle_timeout_minutes
+                .unwrap_or(defaults.outbound_idle_timeout_minutes),
+            outbound_type: self.classifier.topology().outbound_type,
             ..defaults
         };
         let metrics = Arc::new(Metrics::new(&config)?);
+        match ConntrackReader::open(&self.netns) {
+            Ok(reader) => metrics.set_conntrack(reader)?,
+            Err(err) => log::warn!("conntrack table metrics off: {err}"),
+        }
         let listener = metrics::bind(config.listen).await?;
         log::info!(
             "serving /metrics, /healthz and /readyz on {}",
@@ -509,9 +520,26 @@ impl<W: Write> Pipeline<W> {
             );
             let hops = nat_hops(&class, self.classifier.topology().outbound_type);
             metrics.observe_new(&observation(event, &class, &hops, pod.as_deref()));
+            if let Some(lost) = dump::client_address_lost(&class) {
+                let service = self.service_of(event, &view.names);
+                metrics.observe_client_address_lost(service.as_deref(), lost.hop_class);
+            }
         }
         view.classification = Some(&class);
         self.write(&view)
+    }
+
+    /// The Service an inbound connection was addressed to: the enrichment's name for its
+    /// destination, else the LB frontend's Service from the topology.
+    fn service_of(&self, event: &FlowEvent, names: &BTreeMap<IpAddr, String>) -> Option<String> {
+        names.get(&event.orig.dst).cloned().or_else(|| {
+            self.classifier
+                .topology()
+                .lb_frontends
+                .iter()
+                .find(|frontend| frontend.ip == event.orig.dst)
+                .and_then(|frontend| frontend.service.clone())
+        })
     }
 
     fn view<'a>(
@@ -627,6 +655,14 @@ fn nat_hops(class: &Classification, outbound: OutboundType) -> Vec<NatHop> {
             HopKind::NodeSnat => Some(NatHop::NodeSnat),
             HopKind::OutboundSnat if outbound == OutboundType::LoadBalancer => {
                 Some(NatHop::LbSnatInferred)
+            }
+            HopKind::OutboundSnat
+                if matches!(
+                    outbound,
+                    OutboundType::ManagedNatGateway | OutboundType::UserAssignedNatGateway
+                ) =>
+            {
+                Some(NatHop::NatGatewaySnatInferred)
             }
             _ => None,
         })
