@@ -271,7 +271,7 @@ fn kubenet_snat_exhaustion_is_forecast_and_alerted_before_connections_fail() {
     .lines()
     .filter(|l| l.contains("ESTABLISHED"))
     .count();
-    if lb_entries < LB_PORTS * 9 / 10 || lb_entries > LB_PORTS {
+    if !(LB_PORTS * 9 / 10..=LB_PORTS).contains(&lb_entries) {
         failures.push(format!(
             "the LB holds {lb_entries} established connections to {dest}: its {LB_PORTS}-port \
              range did not run out"
