@@ -521,7 +521,7 @@ impl<W: Write> Pipeline<W> {
             let hops = nat_hops(&class, self.classifier.topology().outbound_type);
             metrics.observe_new(&observation(event, &class, &hops, pod.as_deref()));
             if let Some(lost) = dump::client_address_lost(&class) {
-                let service = self.service_of(event, &view.names);
+                let service = self.service_of(event);
                 metrics.observe_client_address_lost(service.as_deref(), lost.hop_class);
             }
         }
@@ -529,17 +529,23 @@ impl<W: Write> Pipeline<W> {
         self.write(&view)
     }
 
-    /// The Service an inbound connection was addressed to: the enrichment's name for its
-    /// destination, else the LB frontend's Service from the topology.
-    fn service_of(&self, event: &FlowEvent, names: &BTreeMap<IpAddr, String>) -> Option<String> {
-        names.get(&event.orig.dst).cloned().or_else(|| {
-            self.classifier
-                .topology()
-                .lb_frontends
-                .iter()
-                .find(|frontend| frontend.ip == event.orig.dst)
-                .and_then(|frontend| frontend.service.clone())
-        })
+    /// The Service an inbound connection was addressed to (its frontend, cluster IP or node
+    /// port), as the enrichment or else the topology's LB frontends know it; `None` when it was
+    /// addressed to a pod directly (Application Gateway, AGC).
+    fn service_of(&self, event: &FlowEvent) -> Option<String> {
+        let dst = &event.orig;
+        self.enricher
+            .lookup_port(dst.dst, event.proto, dst.dport)
+            .filter(|owner| owner.kind == OwnerKind::Service)
+            .map(|owner| owner.to_string())
+            .or_else(|| {
+                self.classifier
+                    .topology()
+                    .lb_frontends
+                    .iter()
+                    .find(|frontend| frontend.ip == dst.dst)
+                    .and_then(|frontend| frontend.service.clone())
+            })
     }
 
     fn view<'a>(

@@ -10,6 +10,10 @@
 //!   each about half of the destination's flows;
 //! - the failure is the LB running out (its conntrack table holds the SNAT'd connections).
 //!
+//! Before the fill, inbound scenarios check the client-address counter: an
+//! `externalTrafficPolicy: Cluster` Service's connection counts under its Service and kube-proxy's
+//! MASQUERADE, an Application Gateway's under the gateway.
+//!
 //! Built as a test of aksnet-agent (see its Cargo.toml). Needs root and Debian's prometheus.
 
 use aksnet_agent::capture::netns::{Netns, NetnsTarget};
@@ -25,7 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 use xtask::lab::topology::plan;
-use xtask::lab::{Cni, Host, Lab, LabOptions};
+use xtask::lab::{Cni, Host, Lab, LabOptions, Scenario};
 
 const METRICS: &str = "127.0.0.1:9965";
 const PROMETHEUS: &str = "127.0.0.1:9090";
@@ -200,6 +204,32 @@ fn kubenet_snat_exhaustion_is_forecast_and_alerted_before_connections_fail() {
         .filter(|up| *up == 1.0)
         .expect("Prometheus does not scrape the agent");
 
+    let mut failures = Vec::new();
+    // Whose client address is lost, and where.
+    let app = lab
+        .topology()
+        .services
+        .iter()
+        .find(|s| s.lb_ip == Some(plan::FRONTEND_APP))
+        .expect("the app Service's LB frontend")
+        .namespaced_name();
+    for (scenario, service, hop) in [
+        ("lb-inbound-tcp", app.as_str(), "kube_proxy_masquerade"),
+        ("agic-inbound", "", "application_gateway"),
+    ] {
+        lab.run(&Scenario::find(Cni::Kubenet, scenario).unwrap())
+            .unwrap_or_else(|e| panic!("{scenario}: {e}"));
+        let promql =
+            format!("aksnet_client_address_lost_total{{service=\"{service}\",hop=\"{hop}\"}}");
+        let seen = prometheus.wait_for(&promql, SETTLE, |n| n >= 1.0).unwrap();
+        println!("{scenario}: {promql} = {seen:?}");
+        if !seen.is_some_and(|n| n >= 1.0) {
+            failures.push(format!(
+                "{scenario}: {promql} is {seen:?}, expected at least 1"
+            ));
+        }
+    }
+
     let open = |host: Host| NetnsTarget::Named(lab.netns(host)).open().unwrap();
     let server = Server::start(&open(Host::Inet));
     let pods = [Host::PodApp, Host::PodIngress].map(|host| {
@@ -245,7 +275,6 @@ fn kubenet_snat_exhaustion_is_forecast_and_alerted_before_connections_fail() {
     }
     std::thread::sleep(SETTLE);
 
-    let mut failures = Vec::new();
     let Some(failed_at) = failed_at else {
         panic!(
             "no connection failed after {} were opened in {:?}: the LB's range did not run out",

@@ -188,6 +188,8 @@ struct ConntrackMetrics {
     early_drop: IntCounter,
     invalid: IntCounter,
     clash_resolve: IntCounter,
+    /// The last read failed (and was logged).
+    failing: bool,
 }
 
 impl ConntrackMetrics {
@@ -226,6 +228,7 @@ impl ConntrackMetrics {
                 "aksnet_conntrack_clash_resolve_total",
                 "Insert clashes conntrack resolved without dropping, summed over CPUs.",
             )?,
+            failing: false,
         })
     }
 
@@ -493,9 +496,16 @@ impl Metrics {
         }
         if let Some((reader, families)) = &mut state.conntrack {
             match reader.read() {
-                Ok(stats) => families.set(&stats),
-                // The last values stay; the next scrape tries again.
-                Err(e) => log::warn!("conntrack statistics: {e}"),
+                Ok(stats) => {
+                    families.set(&stats);
+                    families.failing = false;
+                }
+                // The last values stay; the next scrape tries again. One warning per outage.
+                Err(e) if !families.failing => {
+                    log::warn!("conntrack statistics: {e}; keeping the last values");
+                    families.failing = true;
+                }
+                Err(e) => log::debug!("conntrack statistics: {e}"),
             }
         }
         let mut text = String::new();
