@@ -701,6 +701,43 @@ mod tests {
     const BASE: &str = "node_ips = [\"10.224.0.4\"]\nvnet_cidrs = [\"10.224.0.0/12\"]\nservice_cidr = \"10.0.0.0/16\"\n";
 
     #[test]
+    fn the_outbound_type_decides_whose_snat_ports_a_flow_holds() {
+        let cni = CniMode::Kubenet;
+        let classifier = Classifier::new(
+            Model::load_builtin(cni).unwrap(),
+            crate::model::tests::lab_topology(cni),
+        )
+        .unwrap();
+        let event = crate::model::tests::flow(
+            crate::events::Proto::Tcp,
+            "10.244.0.10:40000",
+            "198.51.100.20:80",
+            "10.224.0.4:40000",
+            "198.51.100.20:80",
+        );
+        let class = classifier.classify(&event);
+        let outbound = |t| {
+            nat_hops(&class, t)
+                .into_iter()
+                .filter(|hop| *hop != NatHop::NodeSnat)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            outbound(OutboundType::LoadBalancer),
+            [NatHop::LbSnatInferred]
+        );
+        assert_eq!(
+            outbound(OutboundType::ManagedNatGateway),
+            [NatHop::NatGatewaySnatInferred]
+        );
+        assert_eq!(
+            outbound(OutboundType::UserAssignedNatGateway),
+            [NatHop::NatGatewaySnatInferred]
+        );
+        assert_eq!(outbound(OutboundType::UserDefinedRouting), []);
+    }
+
+    #[test]
     fn an_unnamed_pod_is_labelled_by_its_address_and_other_sources_not_at_all() {
         let kubenet = topology(&format!(
             "cni = \"kubenet\"\npod_cidr = \"10.244.0.0/16\"\n{BASE}"
