@@ -68,6 +68,10 @@ struct CommonArgs {
     /// load balancer default is 30 minutes, 0 frees ports when the node's entry ends.
     #[arg(long, value_name = "MINUTES", global = true)]
     outbound_idle_timeout: Option<u32>,
+    /// Public IP addresses of the NAT gateway (64 512 SNAT ports each), where the topology's
+    /// outbound_type is a NAT gateway.
+    #[arg(long, value_name = "N", global = true)]
+    nat_gateway_public_ips: Option<u32>,
     /// Live flows held before the oldest is evicted (each costs about 600 bytes).
     #[arg(long, value_name = "N", global = true)]
     max_flows: Option<usize>,
@@ -140,6 +144,7 @@ fn main() -> ExitCode {
         allocated_outbound_ports: common.allocated_outbound_ports,
         node_pool_size: common.node_pool_size,
         outbound_idle_timeout_minutes: common.outbound_idle_timeout,
+        nat_gateway_public_ips: common.nat_gateway_public_ips,
         max_flows: common.max_flows,
         show_ends: common.show_ends,
     };

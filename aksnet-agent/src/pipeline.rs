@@ -63,6 +63,8 @@ pub struct RunOptions {
     pub node_pool_size: Option<u32>,
     /// The outbound device's idle timeout: how long it keeps an ended flow's SNAT port.
     pub outbound_idle_timeout_minutes: Option<u32>,
+    /// Public IPs of the NAT gateway, when the outbound type is one.
+    pub nat_gateway_public_ips: Option<u32>,
     /// Live flows held before the oldest is evicted.
     pub max_flows: Option<usize>,
     pub show_ends: bool,
@@ -363,6 +365,9 @@ impl Agent {
                 .outbound_idle_timeout_minutes
                 .unwrap_or(defaults.outbound_idle_timeout_minutes),
             outbound_type: self.classifier.topology().outbound_type,
+            nat_gateway_public_ips: options
+                .nat_gateway_public_ips
+                .unwrap_or(defaults.nat_gateway_public_ips),
             ..defaults
         };
         let metrics = Arc::new(Metrics::new(&config)?);
