@@ -8,7 +8,8 @@
 //! - the agent's time-to-exhaustion forecast falls as the ports fill;
 //! - the per-destination, per-pod metric names both pods, and the shipped recording rule gives
 //!   each about half of the destination's flows;
-//! - the failure is the LB running out (its conntrack table holds the SNAT'd connections).
+//! - the failure is the LB running out (its conntrack table holds the SNAT'd connections);
+//! - the node's conntrack entries and limit are exported (`nf_conntrack_max` from /proc).
 //!
 //! Before the fill, inbound scenarios check the client-address counter: an
 //! `externalTrafficPolicy: Cluster` Service's connection counts under its Service and kube-proxy's
@@ -363,6 +364,20 @@ fn kubenet_snat_exhaustion_is_forecast_and_alerted_before_connections_fail() {
             other => failures.push(format!("{name}: flows and share {other:?}")),
         }
     }
+    // The node's conntrack pressure, as the agent exports it: the held connections are there.
+    let entries = value(&prometheus, "aksnet_conntrack_entries");
+    let limit = value(&prometheus, "aksnet_conntrack_entries_limit");
+    let proc_max: f64 = in_netns(&node, &["cat", "/proc/sys/net/netfilter/nf_conntrack_max"])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    if !entries.is_some_and(|n| n >= failed_at as f64) || limit != Some(proc_max) {
+        failures.push(format!(
+            "conntrack entries {entries:?} (expected at least {failed_at}), limit {limit:?} \
+             (nf_conntrack_max {proc_max})"
+        ));
+    }
     let pressure = value(&prometheus, "aksnet_lb_snat_port_pressure_ratio");
     if !pressure.is_some_and(|p| p >= 0.9) {
         failures.push(format!("pressure at exhaustion is {pressure:?}"));
@@ -378,10 +393,13 @@ fn kubenet_snat_exhaustion_is_forecast_and_alerted_before_connections_fail() {
     println!(
         "kubenet: {failed_at} connections opened ({accepted} accepted) before the first failed; \
          the LB held {lb_entries} of its {LB_PORTS} ports; the exhaustion alert fired at \
-         {} connections; the forecast fell from {:.0} s to {:.0} s; pressure {:.3}",
+         {} connections; the forecast fell from {:.0} s to {:.0} s; pressure {:.3}; node \
+         conntrack {} of {} entries",
         alert_at.unwrap(),
         forecasts.first().unwrap().1,
         forecasts.last().unwrap().1,
-        pressure.unwrap()
+        pressure.unwrap(),
+        entries.unwrap(),
+        proc_max
     );
 }

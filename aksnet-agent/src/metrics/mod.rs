@@ -163,6 +163,9 @@ pub struct Metrics {
     capture_hooks: IntGaugeVec,
     /// Also serialises scrapes, which rewrite the gauges before encoding them.
     state: Mutex<State>,
+    /// The observed namespace's conntrack statistics and their metrics, once attached. Apart
+    /// from `state`: a scrape asks the kernel without holding up the flows.
+    conntrack: Mutex<Option<(ConntrackReader, ConntrackMetrics)>>,
 }
 
 struct State {
@@ -174,8 +177,6 @@ struct State {
     services_counted: HashSet<String>,
     /// Usage of the busiest destination over time, for the time-to-exhaustion forecast.
     forecast: Forecast,
-    /// The observed namespace's conntrack statistics and their metrics, once attached.
-    conntrack: Option<(ConntrackReader, ConntrackMetrics)>,
 }
 
 /// The conntrack pressure families, registered only once a reader is attached: no made-up
@@ -390,8 +391,8 @@ impl Metrics {
                 pods_counted: HashSet::new(),
                 services_counted: HashSet::new(),
                 forecast: Forecast::new(FORECAST_WINDOW, FORECAST_SPACING),
-                conntrack: None,
             }),
+            conntrack: Mutex::new(None),
             registry,
         })
     }
@@ -471,12 +472,12 @@ impl Metrics {
 
     /// Reads the observed namespace's conntrack statistics at every scrape from now on.
     pub fn set_conntrack(&self, reader: ConntrackReader) -> Result<(), MetricsError> {
-        let mut state = self.lock();
-        if let Some((_, families)) = state.conntrack.take() {
-            state.conntrack = Some((reader, families));
-            return Ok(());
-        }
-        state.conntrack = Some((reader, ConntrackMetrics::register(&self.registry)?));
+        let mut conntrack = lock(&self.conntrack);
+        let families = match conntrack.take() {
+            Some((_, families)) => families,
+            None => ConntrackMetrics::register(&self.registry)?,
+        };
+        *conntrack = Some((reader, families));
         Ok(())
     }
 
@@ -488,13 +489,9 @@ impl Metrics {
 
     /// The text exposition (format 0.0.4) of every metric, as of now.
     pub fn render(&self) -> Result<String, MetricsError> {
-        let mut state = self.lock();
-        let state = &mut *state;
-        self.refresh_snat(&mut state.snat, &mut state.forecast, Instant::now());
-        if let Some((health, source)) = &state.capture {
-            self.refresh_capture(health, *source);
-        }
-        if let Some((reader, families)) = &mut state.conntrack {
+        // Held to the end: it also serialises scrapes.
+        let mut conntrack = lock(&self.conntrack);
+        if let Some((reader, families)) = &mut *conntrack {
             match reader.read() {
                 Ok(stats) => {
                     families.set(&stats);
@@ -508,6 +505,12 @@ impl Metrics {
                 Err(e) => log::debug!("conntrack statistics: {e}"),
             }
         }
+        let mut state = self.lock();
+        let state = &mut *state;
+        self.refresh_snat(&mut state.snat, &mut state.forecast, Instant::now());
+        if let Some((health, source)) = &state.capture {
+            self.refresh_capture(health, *source);
+        }
         let mut text = String::new();
         TextEncoder::new()
             .encode_utf8(&self.registry.gather(), &mut text)
@@ -516,10 +519,7 @@ impl Metrics {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // The state stays consistent across a panic elsewhere: every update is one call.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.state)
     }
 
     fn refresh_snat(&self, table: &mut SnatTable, forecast: &mut Forecast, now: Instant) {
@@ -603,6 +603,13 @@ impl Metrics {
                 .set(i64::from(hook.attached));
         }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The state stays consistent across a panic elsewhere: every update is one call.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Replaces a gauge's series with the `n` largest `values` and the sum of the rest under `other`.
