@@ -2,10 +2,12 @@
 //! namespace this test creates, the ctnetlink statistics reader must report what `conntrack -S`
 //! prints (per-CPU counters summed) and what `/proc/sys/net/netfilter/nf_conntrack_count` and
 //! `nf_conntrack_max` say, before and after traffic that adds a known number of entries and of
-//! invalid packets. Traffic stays on the namespace's loopback; nothing links to the host.
+//! invalid packets; and the agent's metrics must export those figures. Traffic stays on the
+//! namespace's loopback; nothing links to the host.
 
 use aksnet_agent::capture::netns::{Netns, NetnsTarget};
 use aksnet_agent::metrics::conntrack::{ConntrackReader, ConntrackStats};
+use aksnet_agent::metrics::{Metrics, MetricsConfig};
 use std::collections::BTreeMap;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -215,6 +217,38 @@ fn conntrack_statistics_match_conntrack_tools_and_proc() {
         (after.drop, after.early_drop),
         (before.drop, before.early_drop)
     );
+
+    // What the agent exports is what the tools say.
+    let metrics = Metrics::new(&MetricsConfig::default()).unwrap();
+    metrics
+        .set_conntrack(ConntrackReader::open(&netns).unwrap())
+        .unwrap();
+    let text = metrics.render().unwrap();
+    let exported = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("{name} is not exported:\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    let tools = ns.conntrack_s();
+    let expected = [
+        ("aksnet_conntrack_entries", ns.sysctl("nf_conntrack_count")),
+        (
+            "aksnet_conntrack_entries_limit",
+            ns.sysctl("nf_conntrack_max"),
+        ),
+        (
+            "aksnet_conntrack_insert_failed_total",
+            tools["insert_failed"],
+        ),
+        ("aksnet_conntrack_drop_total", tools["drop"]),
+        ("aksnet_conntrack_early_drop_total", tools["early_drop"]),
+        ("aksnet_conntrack_invalid_total", tools["invalid"]),
+    ];
+    for (name, value) in expected {
+        assert_eq!(exported(name), value, "{name}");
+    }
     drop(held);
     println!(
         "conntrack statistics match conntrack -S and /proc: {} entries of {} max, {} inserts, \

@@ -8,7 +8,8 @@
 //! - the agent's time-to-exhaustion forecast falls as the ports fill;
 //! - the per-destination, per-pod metric names both pods, and the shipped recording rule gives
 //!   each about half of the destination's flows;
-//! - the failure is the LB running out (its conntrack table holds the SNAT'd connections);
+//! - the failure is the LB running out (its conntrack table holds the SNAT'd connections, and
+//!   its insert failures, read by the agent's statistics reader, are those `conntrack -S` shows);
 //! - the node's conntrack entries and limit are exported (`nf_conntrack_max` from /proc).
 //!
 //! Before the fill, inbound scenarios check the client-address counter: an
@@ -18,6 +19,7 @@
 //! Built as a test of aksnet-agent (see its Cargo.toml). Needs root and Debian's prometheus.
 
 use aksnet_agent::capture::netns::{Netns, NetnsTarget};
+use aksnet_agent::metrics::conntrack::ConntrackReader;
 use aksnet_tests::agent::assert_no_failures;
 use aksnet_tests::kubeapi::KubeApi;
 use aksnet_tests::prometheus::{in_netns, Prometheus};
@@ -364,6 +366,29 @@ fn kubenet_snat_exhaustion_is_forecast_and_alerted_before_connections_fail() {
             other => failures.push(format!("{name}: flows and share {other:?}")),
         }
     }
+    // Where the LB ran out, conntrack failed to insert the connection it could not SNAT: the
+    // statistics reader sees the insert failures `conntrack -S` sees there.
+    let lb_stats = ConntrackReader::open(&open(Host::Lb))
+        .unwrap()
+        .read()
+        .unwrap();
+    let lb_tool_failures: u64 = in_netns(&lab.netns(Host::Lb), &["conntrack", "-S"])
+        .unwrap()
+        .split_whitespace()
+        .filter_map(|field| field.strip_prefix("insert_failed="))
+        .map(|n| n.parse::<u64>().unwrap())
+        .sum();
+    println!(
+        "LB namespace: {} insert failures (conntrack -S: {lb_tool_failures})",
+        lb_stats.insert_failed
+    );
+    if lb_stats.insert_failed == 0 || lb_stats.insert_failed != lb_tool_failures {
+        failures.push(format!(
+            "LB namespace insert failures: reader {}, conntrack -S {lb_tool_failures}",
+            lb_stats.insert_failed
+        ));
+    }
+
     // The node's conntrack pressure, as the agent exports it: the held connections are there.
     let entries = value(&prometheus, "aksnet_conntrack_entries");
     let limit = value(&prometheus, "aksnet_conntrack_entries_limit");

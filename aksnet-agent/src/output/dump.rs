@@ -441,5 +441,30 @@ mod tests {
         for (src, dst, nat_src, nat_dst) in kept {
             assert_eq!(lost(k, src, dst, nat_src, nat_dst), None, "{src} -> {dst}");
         }
+
+        // The JSON line carries it; a flow that keeps its client address has no such field.
+        let topology = crate::model::tests::lab_topology(k);
+        let classifier = Classifier::new(Model::load_builtin(k).unwrap(), topology).unwrap();
+        let ev = lb_event();
+        let class = classifier.classify(&ev);
+        let line = json_line(&FlowView {
+            classification: Some(&class),
+            ..view(&ev)
+        });
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            v["client_address_lost"]["hop"], "kube-proxy MASQUERADE (KUBE-MARK-MASQ)",
+            "{line}"
+        );
+        assert!(v["client_address_lost"]["fix"]
+            .as_str()
+            .unwrap()
+            .contains("externalTrafficPolicy: Local"));
+        assert!(
+            read_line(&line).is_ok(),
+            "explain --from-dump still reads it"
+        );
+        let plain: serde_json::Value = serde_json::from_str(&json_line(&view(&ev))).unwrap();
+        assert!(plain.get("client_address_lost").is_none());
     }
 }
