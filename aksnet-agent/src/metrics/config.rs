@@ -17,7 +17,7 @@ const MAX_ALLOCATED_PORTS: u32 = 64_000;
 const MAX_DEFAULT_POOL: u32 = 1000;
 
 /// SNAT ports a NAT gateway has per public IP address, shared by the subnet's nodes.
-pub const NAT_GATEWAY_PORTS_PER_IP: u32 = 64_512;
+const NAT_GATEWAY_PORTS_PER_IP: u32 = 64_512;
 
 /// A NAT gateway takes at most 16 public IP addresses.
 const MAX_NAT_GATEWAY_IPS: u32 = 16;

@@ -17,7 +17,7 @@ mod forecast;
 mod http;
 pub mod snat;
 
-pub use config::{MetricsConfig, DEFAULT_PORT, NAT_GATEWAY_PORTS_PER_IP};
+pub use config::{MetricsConfig, DEFAULT_PORT};
 pub use http::{bind, serve, Readiness};
 
 use crate::capture::CaptureHealth;
@@ -312,9 +312,9 @@ impl Metrics {
             )?,
             lb_snat_flows: reg.int_gauge_vec(
                 "aksnet_lb_snat_destination_flows",
-                "Live connections through the Azure Load Balancer's SNAT by destination; \
-                 each holds one of the node's SNAT ports for that destination (top N; the \
-                 rest summed under other).",
+                "Live connections through the outbound SNAT (the Azure Load Balancer's, or the \
+                 NAT gateway's) by destination; each holds one of the node's SNAT ports for \
+                 that destination (top N; the rest summed under other).",
                 &["dst_ip", "dst_port", "proto"],
             )?,
             top_pods: config.top_pods_per_destination,
