@@ -6,6 +6,8 @@
 #  2. Cross-object checks no schema can make: the PodMonitor, the Service and the prometheus.io
 #     annotations all point at the agent's named metrics port, and the PodMonitor selects the
 #     agent's pods.
+#  3. The monitoring component (components/monitoring, off by default) on the kubenet overlay:
+#     schema-valid, its PrometheusRule and Grafana dashboard ConfigMap where they belong.
 # Exits non-zero on any failure. Needs kubectl (or kustomize) and `pip install kubernetes-validate`.
 set -euo pipefail
 
@@ -98,6 +100,62 @@ EOF
     fi
     echo "ok   $name: $(grep -c '^kind:' "$out") objects, valid for Kubernetes ${versions[*]} (PodMonitor: CRD, schema not known to kubernetes-validate, checked by hand)"
 done
+
+# The monitoring component (off by default) on top of an overlay: schema-valid, the
+# PrometheusRule in the agent's namespace, the dashboard ConfigMap labelled for Grafana's sidecar
+# and holding valid JSON. Its rules are checked by components/monitoring/check.sh (promtool).
+with="$work/with-monitoring"
+mkdir -p "$with"
+printf 'resources:\n  - %s\ncomponents:\n  - %s\n' \
+    "$(realpath --relative-to="$with" "$deploy_dir/overlays/kubenet")" \
+    "$(realpath --relative-to="$with" "$deploy_dir/components/monitoring")" >"$with/kustomization.yaml"
+checked=$((checked + 1))
+out="$work/with-monitoring.yaml"
+if ! render "$with" >"$out" 2>"$work/render.err"; then
+    echo "FAIL kubenet + components/monitoring: kustomize cannot render it:"
+    cat "$work/render.err"
+    failed=$((failed + 1))
+else
+    args=()
+    for v in "${versions[@]}"; do args+=(-k "$v"); done
+    rc=0
+    kubernetes-validate --strict --quiet "${args[@]}" "$out" >"$work/validate.out" 2>&1 || rc=$?
+    if [ "$rc" -ne 0 ] || grep -v -e '^WARN .*for kind PodMonitor with api version monitoring.coreos.com/v1 ' \
+        -e '^WARN .*for kind PrometheusRule with api version monitoring.coreos.com/v1 ' "$work/validate.out" | grep -q .; then
+        cat "$work/validate.out"
+        echo "FAIL kubenet + components/monitoring: schema validation (kubernetes-validate exit $rc)"
+        failed=$((failed + 1))
+    elif ! python3 - "$out" <<'EOF'
+import json
+import sys
+import yaml
+
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+problems = []
+rules = [d for d in docs if d["kind"] == "PrometheusRule"]
+if len(rules) != 1 or rules[0]["metadata"].get("namespace") != "aksnet":
+    problems.append("expected one PrometheusRule in namespace aksnet")
+boards = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "aksnet-grafana-dashboard"]
+if len(boards) != 1:
+    problems.append("expected the aksnet-grafana-dashboard ConfigMap")
+else:
+    if boards[0]["metadata"].get("labels", {}).get("grafana_dashboard") != "1":
+        problems.append("the dashboard ConfigMap lacks the grafana_dashboard label")
+    try:
+        json.loads(boards[0]["data"]["aksnet.json"])
+    except (KeyError, ValueError) as e:
+        problems.append(f"the dashboard ConfigMap holds no valid aksnet.json: {e}")
+for p in problems:
+    print("ERROR", p)
+sys.exit(1 if problems else 0)
+EOF
+    then
+        echo "FAIL kubenet + components/monitoring: cross-object checks"
+        failed=$((failed + 1))
+    else
+        echo "ok   kubenet + components/monitoring: $(grep -c '^kind:' "$out") objects (PrometheusRule: CRD, rules checked by promtool)"
+    fi
+fi
 
 if [ "$checked" -eq 0 ]; then
     echo "validate.sh: no overlay found under $deploy_dir/overlays" >&2

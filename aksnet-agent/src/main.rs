@@ -72,6 +72,14 @@ struct CommonArgs {
     /// Nodes in the load balancer's backend pool, which sets Azure's default port allocation.
     #[arg(long, value_name = "NODES", global = true)]
     node_pool_size: Option<u32>,
+    /// How long the load balancer (or NAT gateway) keeps an ended connection's SNAT port; AKS's
+    /// load balancer default is 30 minutes, 0 frees ports when the node's entry ends.
+    #[arg(long, value_name = "MINUTES", global = true)]
+    outbound_idle_timeout: Option<u32>,
+    /// Public IP addresses of the NAT gateway (64 512 SNAT ports each), where the topology's
+    /// outbound_type is a NAT gateway.
+    #[arg(long, value_name = "N", global = true)]
+    nat_gateway_public_ips: Option<u32>,
     /// Live flows held before the oldest is evicted (each costs about 600 bytes).
     #[arg(long, value_name = "N", global = true)]
     max_flows: Option<usize>,
@@ -290,6 +298,8 @@ fn main() -> ExitCode {
         metrics_listen: common.metrics_listen,
         allocated_outbound_ports: common.allocated_outbound_ports,
         node_pool_size: common.node_pool_size,
+        outbound_idle_timeout_minutes: common.outbound_idle_timeout,
+        nat_gateway_public_ips: common.nat_gateway_public_ips,
         max_flows: common.max_flows,
         show_ends: common.show_ends,
     };

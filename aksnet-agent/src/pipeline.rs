@@ -6,6 +6,7 @@ use crate::capture::{self, CaptureError, CaptureHealth, SourceChoice};
 use crate::enrich::{EnrichConfig, Enricher, OwnerKind};
 use crate::events::{EventKind, FlowEvent};
 use crate::flows::{FlowTable, InterfaceWait, Update, INTERFACES_WAIT};
+use crate::metrics::conntrack::ConntrackReader;
 use crate::metrics::{
     self, FlowObservation, Metrics, MetricsConfig, MetricsError, NatHop, Readiness,
 };
@@ -63,6 +64,10 @@ pub struct RunOptions {
     pub metrics_listen: Option<SocketAddr>,
     pub allocated_outbound_ports: Option<u32>,
     pub node_pool_size: Option<u32>,
+    /// The outbound device's idle timeout: how long it keeps an ended flow's SNAT port.
+    pub outbound_idle_timeout_minutes: Option<u32>,
+    /// Public IPs of the NAT gateway, when the outbound type is one.
+    pub nat_gateway_public_ips: Option<u32>,
     /// Live flows held before the oldest is evicted.
     pub max_flows: Option<usize>,
     pub show_ends: bool,
@@ -381,9 +386,26 @@ impl Agent {
             listen,
             allocated_outbound_ports: options.allocated_outbound_ports,
             node_pool_size: options.node_pool_size.unwrap_or(defaults.node_pool_size),
+            outbound_idle_timeout_minutes: options
+                .outbound_idle_timeout_minutes
+                .unwrap_or(defaults.outbound_idle_timeout_minutes),
+            // Only the operator says it (no node reveals it): the flags over the config file.
+            outbound_type: self
+                .given
+                .flags
+                .outbound_type
+                .or_else(|| self.given.config.as_ref()?.outbound_type)
+                .unwrap_or_default(),
+            nat_gateway_public_ips: options
+                .nat_gateway_public_ips
+                .unwrap_or(defaults.nat_gateway_public_ips),
             ..defaults
         };
         let metrics = Arc::new(Metrics::new(&config)?);
+        match ConntrackReader::open(&self.netns) {
+            Ok(reader) => metrics.set_conntrack(reader)?,
+            Err(err) => log::warn!("conntrack table metrics off: {err}"),
+        }
         let listener = metrics::bind(config.listen).await?;
         log::info!(
             "serving /metrics, /healthz and /readyz on {}",
@@ -507,9 +529,32 @@ impl<W: Write> Pipeline<W> {
             let outbound = topology.map_or(OutboundType::default(), |t| t.outbound_type);
             let hops = nat_hops(&class, outbound);
             metrics.observe_new(&observation(event, &class, &hops, pod.as_deref()));
+            if let Some(lost) = dump::client_address_lost(&class) {
+                let service = self.service_of(event);
+                metrics.observe_client_address_lost(service.as_deref(), lost.hop_class);
+            }
         }
         view.classification = Some(&class);
         self.write(&view)
+    }
+
+    /// The Service an inbound connection was addressed to (its frontend, cluster IP or node
+    /// port), as the enrichment or else the topology's LB frontends know it; `None` when it was
+    /// addressed to a pod directly (Application Gateway, AGC).
+    fn service_of(&self, event: &FlowEvent) -> Option<String> {
+        let dst = &event.orig;
+        self.enricher
+            .lookup_port(dst.dst, event.proto, dst.dport)
+            .filter(|owner| owner.kind == OwnerKind::Service)
+            .map(|owner| owner.to_string())
+            .or_else(|| {
+                self.classifier
+                    .topology()?
+                    .lb_frontends
+                    .iter()
+                    .find(|frontend| frontend.ip == dst.dst)
+                    .and_then(|frontend| frontend.service.clone())
+            })
     }
 
     fn view<'a>(
@@ -626,6 +671,14 @@ fn nat_hops(class: &Classification, outbound: OutboundType) -> Vec<NatHop> {
             HopKind::OutboundSnat if outbound == OutboundType::LoadBalancer => {
                 Some(NatHop::LbSnatInferred)
             }
+            HopKind::OutboundSnat
+                if matches!(
+                    outbound,
+                    OutboundType::ManagedNatGateway | OutboundType::UserAssignedNatGateway
+                ) =>
+            {
+                Some(NatHop::NatGatewaySnatInferred)
+            }
             _ => None,
         })
         .collect()
@@ -649,12 +702,50 @@ fn deviation_class(class: &Classification) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{Classifier, Model};
 
     fn topology(config: &str) -> Topology {
         Topology::from_layers([toml::from_str::<TopologyLayer>(config).unwrap()]).unwrap()
     }
 
     const BASE: &str = "node_ips = [\"10.224.0.4\"]\nvnet_cidrs = [\"10.224.0.0/12\"]\nservice_cidr = \"10.0.0.0/16\"\n";
+
+    #[test]
+    fn the_outbound_type_decides_whose_snat_ports_a_flow_holds() {
+        let cni = CniMode::Kubenet;
+        let classifier = Classifier::new(
+            Model::load_builtin(cni).unwrap(),
+            crate::model::tests::lab_topology(cni),
+        )
+        .unwrap();
+        let event = crate::model::tests::flow(
+            crate::events::Proto::Tcp,
+            "10.244.0.10:40000",
+            "198.51.100.20:80",
+            "10.224.0.4:40000",
+            "198.51.100.20:80",
+        );
+        let class = classifier.classify(&event);
+        let outbound = |t| {
+            nat_hops(&class, t)
+                .into_iter()
+                .filter(|hop| *hop != NatHop::NodeSnat)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            outbound(OutboundType::LoadBalancer),
+            [NatHop::LbSnatInferred]
+        );
+        assert_eq!(
+            outbound(OutboundType::ManagedNatGateway),
+            [NatHop::NatGatewaySnatInferred]
+        );
+        assert_eq!(
+            outbound(OutboundType::UserAssignedNatGateway),
+            [NatHop::NatGatewaySnatInferred]
+        );
+        assert_eq!(outbound(OutboundType::UserDefinedRouting), []);
+    }
 
     #[test]
     fn an_unnamed_pod_is_labelled_by_its_address_and_other_sources_not_at_all() {

@@ -45,6 +45,16 @@ impl Prometheus {
         listen: SocketAddr,
         target: SocketAddr,
     ) -> Result<Prometheus, String> {
+        Self::start_with_rules(netns, listen, target, None)
+    }
+
+    /// [`start`](Self::start), also evaluating the rule file `rules` every second.
+    pub fn start_with_rules(
+        netns: &str,
+        listen: SocketAddr,
+        target: SocketAddr,
+        rules: Option<&std::path::Path>,
+    ) -> Result<Prometheus, String> {
         let dir =
             std::env::temp_dir().join(format!("aksnet-prometheus-{}-{netns}", std::process::id()));
         std::fs::create_dir_all(dir.join("data"))
@@ -57,10 +67,13 @@ impl Prometheus {
             child: None,
         };
         let config = prometheus.dir.join("prometheus.yml");
-        let text = format!(
+        let mut text = format!(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
              scrape_configs:\n  - job_name: aksnet\n    static_configs:\n      - targets: ['{target}']\n"
         );
+        if let Some(rules) = rules {
+            text.push_str(&format!("rule_files:\n  - '{}'\n", rules.display()));
+        }
         std::fs::write(&config, text)
             .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
         let child = Command::new("ip")

@@ -39,6 +39,12 @@ pub fn run(workspace: &Path) -> Result<()> {
         ]),
     )?;
     step(
+        "alert and recording rules (promtool check rules, promtool test rules)",
+        Cmd::new("bash")
+            .arg(workspace.join("deploy/components/monitoring/check.sh"))
+            .current_dir(workspace),
+    )?;
+    step(
         "Kubernetes manifests against the OpenAPI schemas",
         Cmd::new("bash")
             .arg(workspace.join("deploy/validate.sh"))

@@ -7,7 +7,7 @@
 //! already carries the translated reply tuple; UPDATE would add an event per TCP state change.
 //! The kernel reports no interfaces here, so `in_ifindex`/`out_ifindex` are always `None`.
 
-mod parse;
+pub(crate) mod parse;
 
 pub use parse::{parse_datagram, ParseError};
 
@@ -169,40 +169,7 @@ fn ensure_events_enabled(label: &str) -> Result<(), NetlinkError> {
 /// Opens, binds and subscribes the event socket in the current thread's namespace.
 fn open_event_socket(label: &str, options: NetlinkOptions) -> Result<OwnedFd, NetlinkError> {
     let rcvbuf = options.rcvbuf_bytes;
-    let fail = |action: &'static str| NetlinkError::Socket {
-        action,
-        netns: label.to_string(),
-        source: io::Error::last_os_error(),
-    };
-    // SAFETY: plain socket(2) call; the result is checked before use.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_NETFILTER,
-        )
-    };
-    if fd < 0 {
-        return Err(fail("create"));
-    }
-    // SAFETY: fd was just returned by socket(2) and is owned by nobody else.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-
-    // SAFETY: sockaddr_nl is plain data; all-zero is a valid value.
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    // SAFETY: addr is a valid sockaddr_nl and the length matches it.
-    let rc = unsafe {
-        libc::bind(
-            sock.as_raw_fd(),
-            (&addr as *const libc::sockaddr_nl).cast(),
-            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(fail("bind"));
-    }
-
+    let sock = open_socket(label)?;
     let groups: &[u32] = if options.new_events {
         &[NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY]
     } else {
@@ -258,7 +225,51 @@ fn open_event_socket(label: &str, options: NetlinkOptions) -> Result<OwnedFd, Ne
     Ok(sock)
 }
 
-fn set_opt<T>(sock: &OwnedFd, level: libc::c_int, name: libc::c_int, value: T) -> io::Result<()> {
+/// A ctnetlink socket, bound, in the current thread's namespace (the conntrack statistics
+/// requests of `metrics::conntrack` use it too).
+pub(crate) fn open_socket(label: &str) -> Result<OwnedFd, NetlinkError> {
+    let fail = |action: &'static str| NetlinkError::Socket {
+        action,
+        netns: label.to_string(),
+        source: io::Error::last_os_error(),
+    };
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_NETFILTER,
+        )
+    };
+    if fd < 0 {
+        return Err(fail("create"));
+    }
+    // SAFETY: fd was just returned by socket(2) and is owned by nobody else.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+
+    // SAFETY: sockaddr_nl is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    // SAFETY: addr is a valid sockaddr_nl and the length matches it.
+    let rc = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_nl).cast(),
+            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(fail("bind"));
+    }
+    Ok(sock)
+}
+
+pub(crate) fn set_opt<T>(
+    sock: &OwnedFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: T,
+) -> io::Result<()> {
     // SAFETY: value lives across the call and the length is its size.
     let rc = unsafe {
         libc::setsockopt(

@@ -2,8 +2,10 @@
 //! agent's configuration).
 
 use super::MetricsError;
+use crate::topology::OutboundType;
 use serde::Deserialize;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
 
 /// Default port of the metrics endpoint.
 pub const DEFAULT_PORT: u16 = 9965;
@@ -13,6 +15,12 @@ const MAX_ALLOCATED_PORTS: u32 = 64_000;
 
 /// The largest backend pool Azure's default port allocation covers.
 const MAX_DEFAULT_POOL: u32 = 1000;
+
+/// SNAT ports a NAT gateway has per public IP address, shared by the subnet's nodes.
+const NAT_GATEWAY_PORTS_PER_IP: u32 = 64_512;
+
+/// A NAT gateway takes at most 16 public IP addresses.
+const MAX_NAT_GATEWAY_IPS: u32 = 16;
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -27,6 +35,18 @@ pub struct MetricsConfig {
     pub node_pool_size: u32,
     /// How many label sets each per-destination gauge keeps; the rest is summed into `other`.
     pub top_destinations: usize,
+    /// How many source pods the per-destination, per-pod gauge keeps for each destination; the
+    /// rest is summed into `pod="other"`.
+    pub top_pods_per_destination: usize,
+    /// How long the outbound device keeps an ended flow's SNAT port (the outbound rule's idle
+    /// timeout, AKS `--load-balancer-idle-timeout`; AKS's default is 30 minutes). 0: ports are
+    /// free as soon as the node's conntrack entry ends.
+    pub outbound_idle_timeout_minutes: u32,
+    /// Which device SNATs outbound flows off the node (the topology's `outbound_type`): the LB's
+    /// outbound rule, or a NAT gateway, whose ports are counted per public IP instead.
+    pub outbound_type: OutboundType,
+    /// Public IP addresses of the NAT gateway, with `outbound_type` a NAT gateway (1–16).
+    pub nat_gateway_public_ips: u32,
 }
 
 impl Default for MetricsConfig {
@@ -36,13 +56,39 @@ impl Default for MetricsConfig {
             allocated_outbound_ports: None,
             node_pool_size: 1,
             top_destinations: 20,
+            top_pods_per_destination: 5,
+            outbound_idle_timeout_minutes: 30,
+            outbound_type: OutboundType::LoadBalancer,
+            nat_gateway_public_ips: 1,
         }
     }
 }
 
 impl MetricsConfig {
-    /// SNAT ports the LB gives one node, as the configuration implies.
+    /// How long an ended flow's outbound port stays held.
+    pub fn outbound_idle_timeout(&self) -> Duration {
+        Duration::from_secs(u64::from(self.outbound_idle_timeout_minutes) * 60)
+    }
+
+    /// SNAT ports the outbound device gives this node per destination, as the configuration
+    /// implies: the LB's allocation, or for a NAT gateway all its ports (the subnet's nodes share
+    /// them, so this node's share may be smaller).
     pub fn snat_ports_per_node(&self) -> Result<u32, MetricsError> {
+        match self.outbound_type {
+            OutboundType::ManagedNatGateway | OutboundType::UserAssignedNatGateway => {
+                match self.nat_gateway_public_ips {
+                    ips @ 1..=MAX_NAT_GATEWAY_IPS => Ok(ips * NAT_GATEWAY_PORTS_PER_IP),
+                    ips => Err(MetricsError::Config(format!(
+                        "nat_gateway_public_ips = {ips}: a NAT gateway has 1 to \
+                         {MAX_NAT_GATEWAY_IPS} public IP addresses; set the number it has"
+                    ))),
+                }
+            }
+            _ => self.lb_snat_ports_per_node(),
+        }
+    }
+
+    fn lb_snat_ports_per_node(&self) -> Result<u32, MetricsError> {
         match self.allocated_outbound_ports {
             Some(ports @ 1..=MAX_ALLOCATED_PORTS) => Ok(ports),
             Some(ports) if ports > MAX_ALLOCATED_PORTS => Err(MetricsError::Config(format!(
@@ -118,6 +164,32 @@ mod tests {
         config.node_pool_size = 2000;
         let err = config.snat_ports_per_node().unwrap_err().to_string();
         assert!(err.contains("allocated_outbound_ports"), "{err}");
+    }
+
+    #[test]
+    fn a_nat_gateway_counts_its_ports_per_public_ip() {
+        let mut config = MetricsConfig {
+            outbound_type: OutboundType::ManagedNatGateway,
+            allocated_outbound_ports: Some(1024),
+            ..MetricsConfig::default()
+        };
+        assert_eq!(config.snat_ports_per_node().unwrap(), 64_512);
+        config.nat_gateway_public_ips = 2;
+        config.outbound_type = OutboundType::UserAssignedNatGateway;
+        assert_eq!(config.snat_ports_per_node().unwrap(), 129_024);
+        config.nat_gateway_public_ips = 17;
+        let err = config.snat_ports_per_node().unwrap_err().to_string();
+        assert!(err.contains("nat_gateway_public_ips = 17"), "{err}");
+        config.outbound_type = OutboundType::LoadBalancer;
+        assert_eq!(config.snat_ports_per_node().unwrap(), 1024);
+    }
+
+    #[test]
+    fn idle_timeout_defaults_to_aks_30_minutes() {
+        let config = MetricsConfig::default();
+        assert_eq!(config.outbound_idle_timeout(), Duration::from_secs(1800));
+        let config: MetricsConfig = toml::from_str("outbound_idle_timeout_minutes = 0").unwrap();
+        assert!(config.outbound_idle_timeout().is_zero());
     }
 
     #[test]

@@ -8,11 +8,15 @@
 //!   tuple in one table: such a collision means the older entry's end was missed, so it is dropped
 //!   and reported as a conflict;
 //! - what runs out at the LB is the number of concurrent flows from one node to the same
-//!   destination IP, port and protocol, whatever the node-side source address.
+//!   destination IP, port and protocol, whatever the node-side source address;
+//! - the outbound device (the LB's outbound rule, or a NAT gateway) keeps a flow's port until its
+//!   idle timeout after the node's conntrack entry ends (AKS's LB default: 30 minutes), so ended
+//!   flows still count against the allocation until then.
 
 use crate::events::{FlowKey, Proto, Tuple};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 /// A destination as the LB's SNAT port allocation counts it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -41,19 +45,26 @@ pub enum Opened {
     Conflict { stale: FlowKey },
 }
 
-/// Live SNAT'ed connections of one node.
+/// Live SNAT'ed connections of one node, and the outbound ports ended ones still hold.
 #[derive(Debug, Default)]
 pub struct SnatTable {
     live: HashMap<FlowKey, Entry>,
     /// Who holds each translated tuple: conntrack keeps these unique per table (netns, zone).
     holders: HashMap<TranslatedKey, FlowKey>,
+    /// How long the outbound device keeps an ended flow's port; zero: not at all.
+    idle_timeout: Duration,
+    /// Ports of ended flows the outbound device still holds, per destination: when they are
+    /// released and how many, oldest first. Ends within one second share an entry, which bounds
+    /// each destination's queue by the idle timeout in seconds.
+    held: HashMap<Destination, VecDeque<(Instant, u64)>>,
 }
 
 #[derive(Debug)]
 struct Entry {
     translated: Tuple,
-    /// The Azure LB SNATs this connection too, so it holds one of the node's LB SNAT ports.
-    through_lb: bool,
+    /// The outbound device (Azure LB outbound rule or NAT gateway) SNATs this connection too, so
+    /// it holds one of that device's ports for its destination.
+    outbound: bool,
     pod: Option<String>,
 }
 
@@ -85,26 +96,52 @@ pub struct Usage {
     pub ports_in_use: HashMap<SourceDestination, u64>,
     /// Concurrent flows through the LB's SNAT per destination: each holds one LB SNAT port.
     pub lb_flows: HashMap<Destination, u64>,
+    /// The same flows per destination and source pod (`None`: not from a pod).
+    pub lb_pod_flows: HashMap<Destination, HashMap<Option<String>, u64>>,
+    /// Ports the outbound device still holds for ended flows, per destination.
+    pub held_after_close: HashMap<Destination, u64>,
 }
 
 impl Usage {
-    /// The busiest destination's share of the ports the LB allocated to the node: the node runs
-    /// out of SNAT ports for a destination when this reaches 1.
+    /// Ports of the allocation in use per destination: live flows plus ports held after close.
+    pub fn ports_accounted(&self) -> HashMap<Destination, u64> {
+        let mut sum = self.lb_flows.clone();
+        for (dest, held) in &self.held_after_close {
+            *sum.entry(*dest).or_default() += held;
+        }
+        sum
+    }
+
+    /// The busiest destination's share of the ports the outbound device allocated to the node,
+    /// ports held after close included: new connections to it fail when this reaches 1.
     pub fn pressure(&self, allocated_ports: u32) -> f64 {
-        let busiest = self.lb_flows.values().copied().max().unwrap_or(0);
-        busiest as f64 / f64::from(allocated_ports)
+        self.busiest() as f64 / f64::from(allocated_ports)
+    }
+
+    /// Ports in use towards the busiest destination, held ones included.
+    pub fn busiest(&self) -> u64 {
+        self.ports_accounted().into_values().max().unwrap_or(0)
     }
 }
 
 impl SnatTable {
+    /// A table whose ended flows keep their outbound port for `idle_timeout`.
+    pub fn new(idle_timeout: Duration) -> SnatTable {
+        SnatTable {
+            idle_timeout,
+            ..SnatTable::default()
+        }
+    }
+
     /// Records a live SNAT'ed connection. `translated` is its tuple after NAT in the original
-    /// direction; `through_lb` says whether the Azure LB SNATs it as well; `pod` owns the original
-    /// source, where known. Protocols without ports (ICMP) hold no SNAT port and are ignored.
+    /// direction; `outbound` says whether the outbound device (LB or NAT gateway) SNATs it as
+    /// well; `pod` owns the original source, where known. Protocols without ports (ICMP) hold no
+    /// SNAT port and are ignored.
     pub fn open(
         &mut self,
         key: FlowKey,
         translated: Tuple,
-        through_lb: bool,
+        outbound: bool,
         pod: Option<&str>,
     ) -> Option<Opened> {
         if !key.proto.has_ports() {
@@ -121,7 +158,7 @@ impl SnatTable {
             key,
             Entry {
                 translated,
-                through_lb,
+                outbound,
                 pod: pod.map(str::to_owned),
             },
         );
@@ -132,16 +169,53 @@ impl SnatTable {
         })
     }
 
-    /// Forgets a connection that ended. Returns whether it was live here.
-    pub fn close(&mut self, key: &FlowKey) -> bool {
-        let Some(entry) = self.live.remove(key) else {
+    /// A connection ended at `now`: it leaves the table, and its outbound port stays held until
+    /// the idle timeout. Returns whether it was live here.
+    pub fn end(&mut self, key: &FlowKey, now: Instant) -> bool {
+        let Some(entry) = self.remove(key) else {
             return false;
         };
+        if entry.outbound && !self.idle_timeout.is_zero() {
+            let release = now + self.idle_timeout;
+            let queue = self
+                .held
+                .entry(destination(key, &entry.translated))
+                .or_default();
+            match queue.back_mut() {
+                Some((at, n))
+                    if release.saturating_duration_since(*at) < Duration::from_secs(1) =>
+                {
+                    *n += 1
+                }
+                _ => queue.push_back((release, 1)),
+            }
+        }
+        true
+    }
+
+    /// Forgets a connection without holding its port (its end was missed, or it changed).
+    /// Returns whether it was live here.
+    pub fn close(&mut self, key: &FlowKey) -> bool {
+        self.remove(key).is_some()
+    }
+
+    fn remove(&mut self, key: &FlowKey) -> Option<Entry> {
+        let entry = self.live.remove(key)?;
         let slot = TranslatedKey::new(key, &entry.translated);
         if self.holders.get(&slot) == Some(key) {
             self.holders.remove(&slot);
         }
-        true
+        Some(entry)
+    }
+
+    /// Releases the ports whose idle timeout passed by `now`.
+    pub fn expire(&mut self, now: Instant) {
+        self.held.retain(|_, queue| {
+            while queue.front().is_some_and(|(at, _)| *at <= now) {
+                queue.pop_front();
+            }
+            !queue.is_empty()
+        });
     }
 
     /// Number of live SNAT'ed connections.
@@ -153,32 +227,49 @@ impl SnatTable {
         self.live.is_empty()
     }
 
-    /// Aggregates the live connections. Linear in their number: meant for scrape time.
+    /// Aggregates the live connections and the held ports (call [`expire`](Self::expire)
+    /// first). Linear in their number: meant for scrape time.
     pub fn usage(&self) -> Usage {
         let mut usage = Usage::default();
         let mut ports: HashMap<SourceDestination, HashSet<u16>> = HashMap::new();
         for (key, entry) in &self.live {
             let t = &entry.translated;
-            let dest = Destination {
-                proto: key.proto,
-                ip: t.dst,
-                port: t.dport,
-            };
+            let dest = destination(key, t);
             let sd = SourceDestination { src: t.src, dest };
             *usage
                 .connections
                 .entry((sd, entry.pod.clone()))
                 .or_default() += 1;
             ports.entry(sd).or_default().insert(t.sport);
-            if entry.through_lb {
+            if entry.outbound {
                 *usage.lb_flows.entry(dest).or_default() += 1;
+                *usage
+                    .lb_pod_flows
+                    .entry(dest)
+                    .or_default()
+                    .entry(entry.pod.clone())
+                    .or_default() += 1;
             }
         }
         usage.ports_in_use = ports
             .into_iter()
             .map(|(sd, set)| (sd, set.len() as u64))
             .collect();
+        usage.held_after_close = self
+            .held
+            .iter()
+            .map(|(dest, queue)| (*dest, queue.iter().map(|(_, n)| n).sum()))
+            .collect();
         usage
+    }
+}
+
+/// Where a connection goes after the node's NAT: what the outbound device counts ports for.
+fn destination(key: &FlowKey, translated: &Tuple) -> Destination {
+    Destination {
+        proto: key.proto,
+        ip: translated.dst,
+        port: translated.dport,
     }
 }
 
@@ -350,6 +441,83 @@ mod tests {
         k.proto = Proto::Icmp;
         assert_eq!(table.open(k, t, true, None), None);
         assert!(table.is_empty());
+    }
+
+    #[test]
+    fn ended_outbound_flows_hold_their_port_until_the_idle_timeout() {
+        let idle = Duration::from_secs(1800);
+        let mut table = SnatTable::new(idle);
+        let t0 = Instant::now();
+        let (k1, t1) = pod_conn(40000, 50000, "198.51.100.7", 443);
+        let (k2, t2) = pod_conn(40001, 50001, "198.51.100.7", 443);
+        let (node_only, t3) = pod_conn(40002, 50002, "10.224.0.9", 443);
+        table.open(k1, t1, true, Some("web/a"));
+        table.open(k2, t2, true, Some("web/a"));
+        table.open(node_only, t3, false, Some("web/a"));
+        assert!(table.end(&k1, t0));
+        assert!(
+            table.end(&node_only, t0),
+            "ended, but never held an outbound port"
+        );
+        assert!(!table.end(&k1, t0), "a second end changes nothing");
+        let dest = dest("198.51.100.7", 443);
+        let usage = table.usage();
+        assert_eq!(usage.lb_flows[&dest], 1);
+        assert_eq!(usage.held_after_close[&dest], 1);
+        assert_eq!(usage.held_after_close.len(), 1);
+        assert_eq!(usage.pressure(4), 2.0 / 4.0, "live plus held");
+        table.end(&k2, t0 + Duration::from_secs(60));
+        table.expire(t0 + idle);
+        let usage = table.usage();
+        assert_eq!(
+            usage.held_after_close[&dest], 1,
+            "k1 released, k2 still held"
+        );
+        assert!(usage.lb_flows.is_empty());
+        table.expire(t0 + idle + Duration::from_secs(60));
+        assert_eq!(table.usage().pressure(4), 0.0);
+    }
+
+    #[test]
+    fn ends_within_a_second_share_one_entry_and_a_missed_end_holds_nothing() {
+        let mut table = SnatTable::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        for i in 0..100u16 {
+            let (k, t) = pod_conn(40000 + i, 50000 + i, "198.51.100.7", 443);
+            table.open(k, t, true, None);
+            table.end(&k, t0 + Duration::from_millis(u64::from(i) * 5));
+        }
+        let queue = &table.held[&dest("198.51.100.7", 443)];
+        assert_eq!(queue.len(), 1);
+        assert_eq!(queue[0].1, 100);
+        let (k, t) = pod_conn(41000, 51000, "198.51.100.7", 443);
+        table.open(k, t, true, None);
+        assert!(table.close(&k));
+        assert_eq!(
+            table.usage().held_after_close[&dest("198.51.100.7", 443)],
+            100
+        );
+        assert_eq!(SnatTable::default().idle_timeout, Duration::ZERO);
+    }
+
+    #[test]
+    fn outbound_flows_are_counted_per_destination_and_pod() {
+        let mut table = SnatTable::default();
+        let pods = [Some("web/a"), Some("web/a"), Some("web/b"), None];
+        for (i, pod) in (0u16..).zip(pods) {
+            let (k, t) = pod_conn(40000 + i, 50000 + i, "198.51.100.7", 443);
+            table.open(k, t, true, pod);
+        }
+        let (k, t) = pod_conn(41000, 51000, "203.0.113.9", 443);
+        table.open(k, t, true, Some("web/b"));
+        let usage = table.usage();
+        let to_7 = &usage.lb_pod_flows[&dest("198.51.100.7", 443)];
+        assert_eq!(to_7[&Some("web/a".to_owned())], 2);
+        assert_eq!(to_7[&Some("web/b".to_owned())], 1);
+        assert_eq!(to_7[&None], 1);
+        let to_9 = &usage.lb_pod_flows[&dest("203.0.113.9", 443)];
+        assert_eq!(to_9.len(), 1);
+        assert_eq!(usage.busiest(), 4);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `--dump`: one line per flow as it is seen, as text for a person or JSON for a program.
 
 use crate::events::{EventKind, FlowEvent, Proto, SourceKind, Tuple};
-use crate::model::{Classification, Verdict};
+use crate::model::{Classification, Evidence, HopKind, Verdict};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -51,6 +51,70 @@ struct JsonLine<'a> {
     /// `path`, `verdict`, `hops`, `reason` (and the model row's `seed` sentence).
     #[serde(flatten)]
     classification: Option<&'a Classification>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_address_lost: Option<ClientAddressLost>,
+}
+
+/// An inbound connection that reaches its pod without the client's address: which hop replaced
+/// it, and what keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ClientAddressLost {
+    /// The hop, in the model's words, e.g. "kube-proxy MASQUERADE (KUBE-MARK-MASQ)".
+    pub hop: String,
+    /// A short fixed name of the hop, for metric labels: `kube_proxy_masquerade`,
+    /// `application_gateway`, `application_gateway_for_containers` or `ingress_proxy`.
+    #[serde(skip)]
+    pub hop_class: &'static str,
+    /// What the operator can do to get the client address.
+    pub fix: &'static str,
+}
+
+const FIX_ETP_LOCAL: &str = "set `externalTrafficPolicy: Local` on the Service: the load \
+    balancer then sends only to nodes with a ready pod and kube-proxy keeps the client address";
+const FIX_XFF: &str = "the proxy terminates the client's connection and opens its own: read the \
+    client address from the X-Forwarded-For header it adds";
+
+/// Health probes come from Azure's probe address, not from a client whose address matters.
+const HEALTH_PROBE_PATH: &str = "lb-health-probe";
+
+/// Whether the client's address was replaced on the way to the pod, and by which hop: a proxy
+/// that terminates the client's connection (Application Gateway, AGC, an ingress controller), or
+/// the node's MASQUERADE of a connection that also went through kube-proxy's DNAT
+/// (`externalTrafficPolicy: Cluster`).
+pub fn client_address_lost(class: &Classification) -> Option<ClientAddressLost> {
+    if class
+        .path
+        .as_ref()
+        .is_some_and(|p| p.0 == HEALTH_PROBE_PATH)
+    {
+        return None;
+    }
+    let seen = || {
+        class
+            .hops
+            .iter()
+            .filter(|hop| hop.evidence != Evidence::ExpectedNotSeen)
+    };
+    let lost = |hop: &crate::model::Hop, hop_class, fix| ClientAddressLost {
+        hop: hop.what.clone(),
+        hop_class,
+        fix,
+    };
+    if let Some(proxy) = seen().find_map(|hop| match hop.kind {
+        HopKind::AppgwProxy => Some((hop, "application_gateway")),
+        HopKind::AgcProxy => Some((hop, "application_gateway_for_containers")),
+        HopKind::IngressProxy => Some((hop, "ingress_proxy")),
+        _ => None,
+    }) {
+        return Some(lost(proxy.0, proxy.1, FIX_XFF));
+    }
+    let from_client = class
+        .hops
+        .first()
+        .is_some_and(|hop| hop.kind == HopKind::Client);
+    let dnat = seen().any(|hop| hop.kind == HopKind::NodeDnat);
+    let masquerade = seen().find(|hop| hop.kind == HopKind::NodeSnat)?;
+    (from_client && dnat).then(|| lost(masquerade, "kube_proxy_masquerade", FIX_ETP_LOCAL))
 }
 
 /// The fields of a JSON dump line that make up the flow again (`explain --from-dump`).
@@ -165,6 +229,7 @@ fn json_line(view: &FlowView<'_>) -> String {
         bytes: ev.bytes,
         names: &view.names,
         classification: view.classification,
+        client_address_lost: view.classification.and_then(client_address_lost),
     };
     serde_json::to_string(&line).expect("dump lines hold only serialisable plain data")
 }
@@ -298,5 +363,108 @@ mod tests {
             (Some("eth0"), Some("cbr0"))
         );
         assert!(read_line("{}").is_err());
+    }
+
+    #[test]
+    fn names_the_hop_that_lost_the_client_address_and_the_fix() {
+        use crate::model::tests::flow;
+        use crate::model::{Classifier, Model};
+        use crate::topology::CniMode;
+        let lost = |cni, src: &str, dst: &str, nat_src: &str, nat_dst: &str| {
+            let topology = crate::model::tests::lab_topology(cni);
+            let classifier = Classifier::new(Model::load_builtin(cni).unwrap(), topology).unwrap();
+            let class = classifier.classify(&flow(Proto::Tcp, src, dst, nat_src, nat_dst));
+            assert_ne!(class.verdict, Verdict::Unclassified, "{class:?}");
+            client_address_lost(&class)
+        };
+        let k = CniMode::Kubenet;
+        let etp_cluster = lost(
+            k,
+            "203.0.113.10:40000",
+            "192.0.2.10:80",
+            "10.244.0.1:40000",
+            "10.244.0.10:8080",
+        )
+        .expect("eTP Cluster MASQUERADEs the client");
+        assert_eq!(etp_cluster.hop_class, "kube_proxy_masquerade");
+        assert!(etp_cluster.hop.contains("MASQUERADE"), "{etp_cluster:?}");
+        assert!(etp_cluster.fix.contains("externalTrafficPolicy: Local"));
+        let json = serde_json::to_value(&etp_cluster).unwrap();
+        assert_eq!(json.as_object().unwrap().len(), 2, "hop and fix: {json}");
+
+        let appgw = lost(
+            k,
+            "10.226.0.4:50000",
+            "10.244.0.10:8080",
+            "10.226.0.4:50000",
+            "10.244.0.10:8080",
+        )
+        .expect("the Application Gateway terminates the client connection");
+        assert_eq!(appgw.hop_class, "application_gateway");
+        assert!(appgw.fix.contains("X-Forwarded-For"));
+        let agc = lost(
+            CniMode::AzureCni,
+            "10.228.0.4:50000",
+            "10.224.0.10:8080",
+            "10.228.0.4:50000",
+            "10.224.0.10:8080",
+        )
+        .expect("AGC terminates the client connection");
+        assert_eq!(agc.hop_class, "application_gateway_for_containers");
+
+        let kept = [
+            (
+                "203.0.113.10:40001",
+                "192.0.2.12:80",
+                "203.0.113.10:40001",
+                "10.244.0.13:8080",
+            ),
+            (
+                "10.244.0.10:40000",
+                "198.51.100.20:80",
+                "10.224.0.4:40000",
+                "198.51.100.20:80",
+            ),
+            (
+                "10.244.0.10:40007",
+                "10.0.80.80:80",
+                "10.244.0.1:40007",
+                "10.244.0.10:8080",
+            ),
+            (
+                "168.63.129.16:60001",
+                "10.224.0.4:30080",
+                "10.244.0.1:60001",
+                "10.244.0.10:8080",
+            ),
+        ];
+        for (src, dst, nat_src, nat_dst) in kept {
+            assert_eq!(lost(k, src, dst, nat_src, nat_dst), None, "{src} -> {dst}");
+        }
+
+        // The JSON line carries it; a flow that keeps its client address has no such field.
+        let topology = crate::model::tests::lab_topology(k);
+        let classifier = Classifier::new(Model::load_builtin(k).unwrap(), topology).unwrap();
+        let ev = lb_event();
+        let class = classifier.classify(&ev);
+        let line = json_line(&FlowView {
+            classification: Some(&class),
+            ..view(&ev)
+        });
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            v["client_address_lost"]["hop"], "kube-proxy MASQUERADE (KUBE-MARK-MASQ)",
+            "{line}"
+        );
+        assert!(v["client_address_lost"]["fix"]
+            .as_str()
+            .unwrap()
+            .contains("externalTrafficPolicy: Local"));
+        assert!(
+            read_line(&line).is_ok(),
+            "explain --from-dump still reads it"
+        );
+        let plain: serde_json::Value = serde_json::from_str(&json_line(&view(&ev))).unwrap();
+        assert!(plain.get("client_address_lost").is_none());
     }
 }

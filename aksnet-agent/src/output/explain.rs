@@ -52,6 +52,9 @@ pub fn render(ev: &FlowEvent, c: &Classification) -> String {
     if let Some(reason) = &c.reason {
         let _ = writeln!(out, "reason: {reason}");
     }
+    if let Some(lost) = crate::output::dump::client_address_lost(c) {
+        let _ = writeln!(out, "client address lost at [{}]: {}", lost.hop, lost.fix);
+    }
     out
 }
 
@@ -120,6 +123,7 @@ path lb-inbound (etp-cluster), kubenet model: conforms
 [Pod] 10.244.0.10:8080 (observed)
 seed: \"O TCP handshake (SYN, SYN-ACK, ACK) é feito entre o cliente e o IP do Load Balancer (frontend IP).\"
 refined by aks-facts: the handshake runs end to end between client and pod through the node's DNAT (floating IP): one conntrack entry, one path. With externalTrafficPolicy Cluster KUBE-MARK-MASQ + KUBE-POSTROUTING also SNAT it (cbr0's gateway for a local pod, the node IP for one on another node), so the client address is lost; the seed omits this SNAT.
+client address lost at [kube-proxy MASQUERADE (KUBE-MARK-MASQ)]: set `externalTrafficPolicy: Local` on the Service: the load balancer then sends only to nodes with a ready pod and kube-proxy keeps the client address
 ";
         assert_eq!(render(&ev, &c), expected);
     }

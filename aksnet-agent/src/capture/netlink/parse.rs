@@ -8,7 +8,7 @@ use crate::events::{EventKind, FlowEvent, Proto, SourceKind, Tuple};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::SystemTime;
 
-const NLMSG_HDRLEN: usize = 16;
+pub(crate) const NLMSG_HDRLEN: usize = 16;
 const NLA_HDRLEN: usize = 4;
 /// `NLM_F_CREATE`: set on ctnetlink NEW events, absent on UPDATE events (same message type).
 const NLM_F_CREATE: u16 = 0x400;
@@ -20,9 +20,9 @@ pub const NFNLGRP_CONNTRACK_NEW: u32 = 1;
 pub const NFNLGRP_CONNTRACK_DESTROY: u32 = 3;
 
 /// `nlmsg_type` is `subsystem << 8 | message`.
-const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+pub(crate) const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 /// `struct nfgenmsg`: family, version, big-endian resource id.
-const NFGENMSG_LEN: usize = 4;
+pub(crate) const NFGENMSG_LEN: usize = 4;
 
 /// `enum cntl_msg_types`.
 const IPCTNL_MSG_CT_NEW: u16 = 0;
@@ -269,12 +269,12 @@ fn parse_counters(payload: &[u8]) -> Result<(u64, u64), ParseError> {
     Ok((packets, bytes))
 }
 
-fn align4(n: usize) -> usize {
+pub(crate) fn align4(n: usize) -> usize {
     (n + 3) & !3
 }
 
 /// Iterates `(type, payload)` over a run of netlink attributes; stops after the first error.
-struct Attrs<'a>(&'a [u8]);
+pub(crate) struct Attrs<'a>(pub(crate) &'a [u8]);
 
 impl<'a> Iterator for Attrs<'a> {
     type Item = Result<(u16, &'a [u8]), ParseError>;
@@ -318,7 +318,7 @@ fn be_u16(value: &[u8], name: &'static str) -> Result<u16, ParseError> {
     fixed(value, name).map(u16::from_be_bytes)
 }
 
-fn be_u32(value: &[u8], name: &'static str) -> Result<u32, ParseError> {
+pub(crate) fn be_u32(value: &[u8], name: &'static str) -> Result<u32, ParseError> {
     fixed(value, name).map(u32::from_be_bytes)
 }
 
