@@ -1,13 +1,19 @@
 //! Matches a flow against a model's rows and compares the NAT the node applied with the NAT the
 //! matched row expects.
 
-use super::{Direction, DnatExpect, HopKind, Model, ModelEvidence, PathRow, SnatSource};
-use crate::events::{Endpoint, FlowEvent, Tuple};
+use super::compiled::{FlowFacts, Template, Var};
+use super::{
+    CompiledRow, Direction, DnatExpect, HopKind, Model, ModelEvidence, PathRow, SnatSource,
+};
+use crate::events::{Endpoint, FlowEvent, Nat, Proto, Tuple};
 use crate::topology::{
-    is_pod_interface, AddrClass, CniMode, Dataplane, ServiceKind, ServiceRef, Topology,
+    is_pod_interface, AddrClass, CniMode, Dataplane, Etp, OutboundType, ServiceKind, ServiceRef,
+    Topology,
 };
 use serde::Serialize;
+use std::cell::OnceCell;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// A path id from the model (`lb-inbound`, `pod-to-internet`, ...).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -44,7 +50,7 @@ pub enum Evidence {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Hop {
     pub kind: HopKind,
-    /// What the hop is, in the seed's words, e.g. "Azure Load Balancer (L4)".
+    /// What the hop is, in operator words, e.g. "Azure Load Balancer (floating IP)".
     pub what: String,
     pub evidence: Evidence,
     /// False for NAT conntrack shows but the model does not have.
@@ -61,22 +67,166 @@ pub struct Hop {
     pub after: Option<String>,
 }
 
-/// The result of classifying one flow.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// A hop without its texts: what the metrics need, computed without rendering anything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HopMark {
+    pub kind: HopKind,
+    pub evidence: Evidence,
+    /// False for NAT conntrack shows but the model does not have.
+    pub in_model: bool,
+}
+
+/// The result of classifying one flow. Path and verdict are decided at once; the hop texts, the
+/// reason and the seed quotation are rendered only when asked for ([`Classification::hops`],
+/// [`Classification::reason`], serialising it), which the daemon without `--dump` never does.
+#[derive(Clone, Debug)]
 pub struct Classification {
     pub path: Option<PathId>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub variant: Option<String>,
     pub cni: CniMode,
     pub verdict: Verdict,
-    pub hops: Vec<Hop>,
+    detail: Detail,
+}
+
+/// What rendering needs later: the classifier (shared), the flow and the matched row.
+#[derive(Clone, Debug)]
+struct Detail {
+    classifier: Classifier,
+    event: FlowEvent,
+    in_iface: Option<String>,
+    out_iface: Option<String>,
+    outcome: Outcome,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Outcome {
+    /// Cilium's eBPF dataplane: conntrack does not show the NAT.
+    Cilium,
+    NoRow,
+    Row(usize),
+}
+
+/// The JSON form: the fields of the dump line's classification.
+#[derive(Serialize)]
+struct Rendered<'a> {
+    path: &'a Option<PathId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    variant: &'a Option<String>,
+    cni: CniMode,
+    verdict: Verdict,
+    hops: Vec<Hop>,
     /// Why it deviates or is unclassified, in operator words.
-    pub reason: Option<String>,
+    reason: Option<String>,
     /// The seed sentence the matched row encodes, and aks-facts' correction of it.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub seed: Option<String>,
+    seed: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub refines: Option<String>,
+    refines: Option<&'a str>,
+    /// What each address is: `src`, `dst` and, after a DNAT, `nat_dst`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    classes: Option<Classes>,
+}
+
+#[derive(Serialize)]
+struct Classes {
+    src: AddrClass,
+    dst: AddrClass,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nat_dst: Option<AddrClass>,
+}
+
+impl Serialize for Classification {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let classes = self.with_facts(|_, f| Classes {
+            src: f.src_class,
+            dst: f.dst_class,
+            nat_dst: f.nat.dnat.then_some(f.nat_dst_class),
+        });
+        Rendered {
+            path: &self.path,
+            variant: &self.variant,
+            cni: self.cni,
+            verdict: self.verdict,
+            hops: self.hops(),
+            reason: self.reason(),
+            seed: self.seed(),
+            refines: self.refines(),
+            classes,
+        }
+        .serialize(s)
+    }
+}
+
+impl Classification {
+    fn row(&self) -> Option<(&PathRow, &CompiledRow)> {
+        match self.detail.outcome {
+            Outcome::Row(r) => {
+                let m = &self.detail.classifier.inner.model;
+                Some((&m.paths[r], &m.compiled[r]))
+            }
+            Outcome::Cilium | Outcome::NoRow => None,
+        }
+    }
+
+    /// Runs `f` on the flow's facts, recomputed (they borrow the classifier's topology).
+    fn with_facts<T>(&self, f: impl FnOnce(&Classifier, &Facts) -> T) -> Option<T> {
+        let d = &self.detail;
+        if matches!(d.outcome, Outcome::Cilium) {
+            return None;
+        }
+        let facts = d
+            .classifier
+            .facts(&d.event, d.in_iface.as_deref(), d.out_iface.as_deref());
+        Some(f(&d.classifier, &facts))
+    }
+
+    /// The seed sentence the matched row encodes.
+    pub fn seed(&self) -> Option<&str> {
+        self.row().map(|(row, _)| row.seed.as_str())
+    }
+
+    /// How aks-facts corrects the seed for this row.
+    pub fn refines(&self) -> Option<&str> {
+        self.row().and_then(|(row, _)| row.refines.as_deref())
+    }
+
+    /// The hops' kinds and evidence, without their texts.
+    pub fn hop_marks(&self) -> Vec<HopMark> {
+        let Some((row, _)) = self.row() else {
+            return Vec::new();
+        };
+        let c = &self.detail.classifier;
+        plan(row, self.detail.event.nat(), c.topology().outbound_type)
+            .into_iter()
+            .map(|(_, mark)| mark)
+            .collect()
+    }
+
+    /// The hop chain, rendered.
+    pub fn hops(&self) -> Vec<Hop> {
+        let Some((row, compiled)) = self.row() else {
+            return Vec::new();
+        };
+        self.with_facts(|c, f| c.hops(row, compiled, f))
+            .unwrap_or_default()
+    }
+
+    /// Why it deviates or is unclassified, in operator words; `None` when it conforms.
+    pub fn reason(&self) -> Option<String> {
+        match self.detail.outcome {
+            Outcome::Cilium => Some(
+                "this node runs Cilium's eBPF dataplane: service NAT and masquerading happen in \
+                 eBPF, not in netfilter conntrack, so the node-side NAT cannot be checked"
+                    .into(),
+            ),
+            Outcome::NoRow => self.with_facts(|c, f| c.unclassified_reason(f)),
+            Outcome::Row(_) if self.verdict == Verdict::Conforms => None,
+            Outcome::Row(_) => {
+                let (row, compiled) = self.row()?;
+                self.with_facts(|c, f| c.deviations(row, compiled, f).join("; also "))
+            }
+        }
+    }
 }
 
 /// Why a classifier cannot be built.
@@ -88,27 +238,84 @@ pub struct CniMismatch {
     pub topology: CniMode,
 }
 
-/// Classifies flows of one node against one model.
+/// Classifies flows of one node against one model. Cloning shares the model and topology.
 #[derive(Clone, Debug)]
 pub struct Classifier {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
     model: Model,
     topology: Topology,
 }
 
-/// Everything about one flow the rows and templates look at.
+/// Everything about one flow the rows and templates look at. Service lookups are made once,
+/// and only if a row asks.
 struct Facts<'a> {
-    ev: &'a FlowEvent,
+    topology: &'a Topology,
+    proto: Proto,
     orig: Tuple,
     tr: Tuple,
+    nat: Nat,
     src_class: AddrClass,
     dst_class: AddrClass,
+    /// The class of the destination after the node's DNAT (the same as `dst_class` without).
+    nat_dst_class: AddrClass,
     direction: Direction,
     /// DNATed back to its own source address (see `PathRow::hairpin`).
     hairpin: bool,
-    dst_service: Option<ServiceRef>,
-    src_service: Option<String>,
-    in_iface: Option<String>,
-    out_iface: Option<String>,
+    dst_service: OnceCell<Option<ServiceRef<'a>>>,
+    src_service: OnceCell<Option<&'a str>>,
+    in_iface: Option<&'a str>,
+    out_iface: Option<&'a str>,
+}
+
+impl<'a> Facts<'a> {
+    fn dst_service_ref(&self) -> Option<ServiceRef<'a>> {
+        *self.dst_service.get_or_init(|| {
+            self.topology
+                .service_at(self.proto, self.orig.dst, self.orig.dport)
+        })
+    }
+}
+
+impl FlowFacts for Facts<'_> {
+    fn src_class(&self) -> AddrClass {
+        self.src_class
+    }
+    fn dst_class(&self) -> AddrClass {
+        self.dst_class
+    }
+    fn nat_dst_class(&self) -> AddrClass {
+        self.nat_dst_class
+    }
+    fn proto(&self) -> Proto {
+        self.proto
+    }
+    fn dport(&self) -> u16 {
+        self.orig.dport
+    }
+    fn hairpin(&self) -> bool {
+        self.hairpin
+    }
+    fn dst_etp(&self) -> Option<Etp> {
+        self.dst_service_ref().and_then(|s| s.etp)
+    }
+    fn src_service(&self) -> Option<&str> {
+        *self
+            .src_service
+            .get_or_init(|| self.topology.service_of_endpoint(self.orig.src))
+    }
+    fn dst_service(&self) -> Option<&str> {
+        self.dst_service_ref().and_then(|s| s.name)
+    }
+}
+
+/// Which of the node's NATs differ from the row's expectation.
+struct Problems {
+    dnat: bool,
+    snat: bool,
 }
 
 impl Classifier {
@@ -120,20 +327,22 @@ impl Classifier {
                 topology: topology.cni,
             });
         }
-        Ok(Classifier { model, topology })
+        Ok(Classifier {
+            inner: Arc::new(Inner { model, topology }),
+        })
     }
 
     pub fn topology(&self) -> &Topology {
-        &self.topology
+        &self.inner.topology
     }
 
     pub fn model(&self) -> &Model {
-        &self.model
+        &self.inner.model
     }
 
     /// Classifies a flow, naming its interfaces from the topology's interface list.
     pub fn classify(&self, ev: &FlowEvent) -> Classification {
-        let name = |i: Option<u32>| i.and_then(|i| self.topology.interface_name(i));
+        let name = |i: Option<u32>| i.and_then(|i| self.topology().interface_name(i));
         self.classify_with_interfaces(ev, name(ev.in_ifindex), name(ev.out_ifindex))
     }
 
@@ -146,78 +355,67 @@ impl Classifier {
         in_iface: Option<&str>,
         out_iface: Option<&str>,
     ) -> Classification {
-        let unclassified = |reason: String| Classification {
-            path: None,
-            variant: None,
-            cni: self.topology.cni,
-            verdict: Verdict::Unclassified,
-            hops: Vec::new(),
-            reason: Some(reason),
-            seed: None,
-            refines: None,
-        };
-        if self.topology.dataplane == Dataplane::Cilium {
-            return unclassified(
-                "this node runs Cilium's eBPF dataplane: service NAT and masquerading happen in \
-                 eBPF, not in netfilter conntrack, so the node-side NAT cannot be checked"
-                    .into(),
-            );
-        }
-        let facts = self.facts(ev, in_iface, out_iface);
-        let Some(row) = self.model.paths.iter().find(|r| matches(r, &facts)) else {
-            let service = match &facts.dst_service {
-                Some(s) => format!(
-                    ", destination Service {} (externalTrafficPolicy {})",
-                    s.name.as_deref().unwrap_or("unknown"),
-                    s.etp
-                        .map_or("unknown: declare it in lb_frontends".into(), |e| e
-                            .to_string())
-                ),
-                None => String::new(),
-            };
-            return unclassified(format!(
-                "no {} model path for {} {} ({}) -> {} ({}), {}{service}",
-                self.topology.cni,
-                ev.proto,
-                Endpoint(facts.orig.src, facts.orig.sport),
-                facts.src_class.describe(),
-                Endpoint(facts.orig.dst, facts.orig.dport),
-                facts.dst_class.describe(),
-                facts.direction.as_str(),
-            ));
-        };
-        let mut problems = self.deviations(row, &facts);
-        let hops = self.hops(row, &facts);
-        let verdict = if problems.is_empty() {
-            Verdict::Conforms
+        let model = &self.inner.model;
+        let (outcome, verdict) = if self.topology().dataplane == Dataplane::Cilium {
+            (Outcome::Cilium, Verdict::Unclassified)
         } else {
-            Verdict::Deviates
+            let f = self.facts(ev, in_iface, out_iface);
+            let found = model
+                .candidates
+                .of(f.direction)
+                .iter()
+                .copied()
+                .find(|&r| model.compiled[r].matcher.matches(&f));
+            match found {
+                None => (Outcome::NoRow, Verdict::Unclassified),
+                Some(r) => {
+                    let p = self.problems(&model.paths[r], &f);
+                    let verdict = if p.dnat || p.snat {
+                        Verdict::Deviates
+                    } else {
+                        Verdict::Conforms
+                    };
+                    (Outcome::Row(r), verdict)
+                }
+            }
+        };
+        let row = match outcome {
+            Outcome::Row(r) => Some(&model.paths[r]),
+            Outcome::Cilium | Outcome::NoRow => None,
         };
         Classification {
-            path: Some(PathId(row.id().to_string())),
-            variant: row.variant.clone(),
-            cni: self.topology.cni,
+            path: row.map(|r| PathId(r.id().to_string())),
+            variant: row.and_then(|r| r.variant.clone()),
+            cni: self.topology().cni,
             verdict,
-            hops,
-            reason: (!problems.is_empty()).then(|| std::mem::take(&mut problems).join("; also ")),
-            seed: Some(row.seed.clone()),
-            refines: row.refines.clone(),
+            detail: Detail {
+                classifier: self.clone(),
+                event: ev.clone(),
+                in_iface: in_iface.map(str::to_string),
+                out_iface: out_iface.map(str::to_string),
+                outcome,
+            },
         }
     }
 
     fn facts<'a>(
-        &self,
-        ev: &'a FlowEvent,
-        in_iface: Option<&str>,
-        out_iface: Option<&str>,
+        &'a self,
+        ev: &FlowEvent,
+        in_iface: Option<&'a str>,
+        out_iface: Option<&'a str>,
     ) -> Facts<'a> {
-        let t = &self.topology;
+        let t = self.topology();
         let (orig, tr, nat) = (ev.orig, ev.translated(), ev.nat());
         let src_pod_side = in_iface.is_some_and(is_pod_interface);
+        let out_pod_side = out_iface.is_some_and(is_pod_interface);
         // After a DNAT the pod is the translated destination, not the original one.
-        let dst_pod_side = out_iface.is_some_and(is_pod_interface) && !nat.dnat;
         let src_class = t.class_of(orig.src, src_pod_side);
-        let dst_class = t.class_of(orig.dst, dst_pod_side);
+        let dst_class = t.class_of(orig.dst, out_pod_side && !nat.dnat);
+        let nat_dst_class = if nat.dnat {
+            t.class_of(tr.dst, out_pod_side)
+        } else {
+            dst_class
+        };
         use AddrClass::*;
         let local_src = matches!(src_class, Pod | NodeIp | BridgeGateway | Loopback);
         let local_dst = matches!(
@@ -230,93 +428,126 @@ impl Classifier {
             _ => Direction::Inbound,
         };
         Facts {
-            ev,
+            topology: t,
+            proto: ev.proto,
             orig,
             tr,
+            nat,
             src_class,
             dst_class,
+            nat_dst_class,
             direction,
             hairpin: nat.dnat && tr.dst == orig.src,
-            dst_service: t.service_at(ev.proto, orig.dst, orig.dport),
-            src_service: t.service_of_endpoint(orig.src).map(str::to_string),
-            in_iface: in_iface.map(str::to_string),
-            out_iface: out_iface.map(str::to_string),
+            dst_service: OnceCell::new(),
+            src_service: OnceCell::new(),
+            in_iface,
+            out_iface,
+        }
+    }
+
+    fn problems(&self, row: &PathRow, f: &Facts) -> Problems {
+        let dnat = matches!(
+            (row.nat.dnat, f.nat.dnat),
+            (DnatExpect::Yes, false) | (DnatExpect::No, true)
+        );
+        let allowed = &row.nat.snat;
+        let snat_ok = self.snat_source(f).is_some_and(|o| allowed.contains(&o))
+            || (!f.nat.snat && allowed.contains(&SnatSource::Kept));
+        Problems {
+            dnat,
+            snat: !snat_ok,
         }
     }
 
     /// Fills a row's template with this flow's facts.
-    fn render(&self, template: &str, f: &Facts) -> String {
-        let t = &self.topology;
-        let unknown = || "unknown".to_string();
-        let values: [(&str, String); 14] = [
-            ("src", f.orig.src.to_string()),
-            ("dst", f.orig.dst.to_string()),
-            ("dport", f.orig.dport.to_string()),
-            ("nat_src", f.tr.src.to_string()),
-            ("nat_dst", f.tr.dst.to_string()),
-            ("src_service", f.src_service.clone().unwrap_or_else(unknown)),
-            (
-                "dst_service",
-                f.dst_service
-                    .as_ref()
-                    .and_then(|s| s.name.clone())
-                    .unwrap_or_else(unknown),
-            ),
-            (
-                "etp",
-                f.dst_service
-                    .as_ref()
-                    .and_then(|s| s.etp)
-                    .map(|e| e.to_string())
-                    .unwrap_or_else(unknown),
-            ),
-            ("cni", t.cni.to_string()),
-            (
-                "node_ip",
-                join(same_family(&t.node_ips, f.orig.src)).unwrap_or_else(unknown),
-            ),
-            (
-                "lb_outbound",
-                join(&t.lb_outbound_ips).unwrap_or_else(|| "not configured".into()),
-            ),
-            ("outbound", t.outbound_type.snat_device().to_string()),
-            ("in_iface", f.in_iface.clone().unwrap_or_else(unknown)),
-            ("out_iface", f.out_iface.clone().unwrap_or_else(unknown)),
-        ];
-        values.iter().fold(template.to_string(), |s, (k, v)| {
-            s.replace(&format!("{{{k}}}"), v)
+    fn render(&self, template: &Template, f: &Facts) -> String {
+        let t = self.topology();
+        template.fill(|var, out| {
+            let unknown = "unknown";
+            let text = match var {
+                Var::Src => f.orig.src.to_string(),
+                Var::Dst => f.orig.dst.to_string(),
+                Var::Dport => f.orig.dport.to_string(),
+                Var::NatSrc => f.tr.src.to_string(),
+                Var::NatDst => f.tr.dst.to_string(),
+                Var::SrcService => f.src_service().unwrap_or(unknown).to_string(),
+                Var::DstService => f.dst_service().unwrap_or(unknown).to_string(),
+                Var::Etp => f.dst_etp().map_or(unknown.into(), |e| e.to_string()),
+                Var::Cni => t.cni.to_string(),
+                Var::NodeIp => join(same_family(&t.node_ips, f.orig.src)).unwrap_or(unknown.into()),
+                Var::LbOutbound => {
+                    join(&t.lb_outbound_ips).unwrap_or_else(|| "not configured".into())
+                }
+                Var::Outbound => t.outbound_type.snat_device().to_string(),
+                Var::InIface => f.in_iface.unwrap_or(unknown).to_string(),
+                Var::OutIface => f.out_iface.unwrap_or(unknown).to_string(),
+                Var::SrcClass => f.src_class.describe().to_string(),
+            };
+            out.push_str(&text);
         })
     }
 
-    fn deviations(&self, row: &PathRow, f: &Facts) -> Vec<String> {
-        let nat = f.ev.nat();
+    fn unclassified_reason(&self, f: &Facts) -> String {
+        let service = match f.dst_service_ref() {
+            Some(s) => format!(
+                ", destination Service {} (externalTrafficPolicy {})",
+                s.name.unwrap_or("unknown"),
+                s.etp
+                    .map_or("unknown: declare it in lb_frontends".into(), |e| e
+                        .to_string())
+            ),
+            None => String::new(),
+        };
+        let translated = if f.nat.dnat {
+            format!(
+                ", DNATed to {} ({})",
+                Endpoint(f.tr.dst, f.tr.dport),
+                f.nat_dst_class.describe()
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "no {} model path for {} {} ({}) -> {} ({}){translated}, {}{service}",
+            self.topology().cni,
+            f.proto,
+            Endpoint(f.orig.src, f.orig.sport),
+            f.src_class.describe(),
+            Endpoint(f.orig.dst, f.orig.dport),
+            f.dst_class.describe(),
+            f.direction.as_str(),
+        )
+    }
+
+    fn deviations(&self, row: &PathRow, compiled: &CompiledRow, f: &Facts) -> Vec<String> {
+        let problems = self.problems(row, f);
         let subject = format!(
             "{} {}",
-            self.topology.cni,
-            self.render(row.describe.get_ref(), f)
+            self.topology().cni,
+            self.render(&compiled.describe, f)
         );
         let hint = |h: &Option<String>| h.as_ref().map(|h| format!("; {h}")).unwrap_or_default();
         let mut out = Vec::new();
-        match (row.nat.dnat, nat.dnat) {
-            (DnatExpect::Yes, false) => out.push(format!(
-                "{subject} was not DNATed on the node; the model expects kube-proxy to DNAT it to a pod{}",
-                hint(&row.nat.hint_dnat)
-            )),
-            (DnatExpect::No, true) => out.push(format!(
-                "{subject} was DNATed on the node to {}; the model expects no DNAT{}",
-                Endpoint(f.tr.dst, f.tr.dport),
-                hint(&row.nat.hint_dnat)
-            )),
-            _ => {}
+        if problems.dnat {
+            out.push(if f.nat.dnat {
+                format!(
+                    "{subject} was DNATed on the node to {}; the model expects no DNAT{}",
+                    Endpoint(f.tr.dst, f.tr.dport),
+                    hint(&row.nat.hint_dnat)
+                )
+            } else {
+                format!(
+                    "{subject} was not DNATed on the node; the model expects kube-proxy to DNAT it{}",
+                    hint(&row.nat.hint_dnat)
+                )
+            });
         }
-        let observed = self.snat_source(f);
-        let allowed = &row.nat.snat;
-        if observed.is_some_and(|o| allowed.contains(&o))
-            || (!nat.snat && allowed.contains(&SnatSource::Kept))
-        {
+        if !problems.snat {
             return out;
         }
-        let expected = allowed
+        let expected = row
+            .nat
+            .snat
             .iter()
             .filter(|s| **s != SnatSource::Kept)
             .map(|s| s.describe())
@@ -337,12 +568,13 @@ impl Classifier {
         let upstream_rewrite = row
             .hops
             .iter()
-            .take_while(|h| h.kind != HopKind::Node)
-            .find(|h| matches!(h.kind, HopKind::AppgwProxy | HopKind::AgcProxy));
-        out.push(match (nat.snat, expected.is_empty(), upstream_rewrite) {
-            (true, true, Some(proxy)) => format!(
+            .zip(&compiled.labels)
+            .take_while(|(h, _)| h.kind != HopKind::Node)
+            .find(|(h, _)| matches!(h.kind, HopKind::AppgwProxy | HopKind::AgcProxy));
+        out.push(match (f.nat.snat, expected.is_empty(), upstream_rewrite) {
+            (true, true, Some((_, label))) => format!(
                 "double SNAT: {subject} already had its source replaced by the {} (inferred), and the node SNATed it again to {to}; the model has one source rewrite{}",
-                proxy.label,
+                self.render(label, f),
                 hint_snat
             ),
             (true, true, None) => format!(
@@ -369,17 +601,17 @@ impl Classifier {
     fn node_policy_note(&self, row: &PathRow, f: &Facts) -> Option<String> {
         let declared = row.etp?;
         let programmed = self
-            .topology
+            .topology()
             .services
             .iter()
             .find(|s| {
                 s.kind == ServiceKind::LoadBalancer
                     && s.ip == Some(f.orig.dst)
                     && s.port == f.orig.dport
-                    && s.proto == f.ev.proto
+                    && s.proto == f.proto
             })
             .and_then(|s| s.etp)?;
-        let unexpected_snat = f.ev.nat().snat && row.nat.snat == [SnatSource::Kept];
+        let unexpected_snat = f.nat.snat && row.nat.snat == [SnatSource::Kept];
         if programmed != declared {
             Some(format!(
                 "kube-proxy's rules on this node program it as externalTrafficPolicy {programmed}, not the declared {declared}"
@@ -396,10 +628,10 @@ impl Classifier {
     /// The class of the source the node SNATed to, `Kept` without SNAT, `None` when it is
     /// neither the node IP nor cbr0's gateway.
     fn snat_source(&self, f: &Facts) -> Option<SnatSource> {
-        if !f.ev.nat().snat {
+        if !f.nat.snat {
             return Some(SnatSource::Kept);
         }
-        match self.topology.class_of(f.tr.src, false) {
+        match self.topology().class_of(f.tr.src, false) {
             AddrClass::NodeIp => Some(SnatSource::NodeIp),
             AddrClass::BridgeGateway => Some(SnatSource::BridgeGateway),
             _ if f.tr.src == f.orig.src => Some(SnatSource::Kept), // port-only rewrite
@@ -416,44 +648,26 @@ impl Classifier {
         }
     }
 
-    fn hops(&self, row: &PathRow, f: &Facts) -> Vec<Hop> {
-        let nat = f.ev.nat();
-        let last = row.hops.len() - 1;
-        let mandatory = |k: HopKind| match k {
-            HopKind::NodeDnat => row.nat.dnat == DnatExpect::Yes,
-            HopKind::NodeSnat => !row.nat.snat.contains(&SnatSource::Kept),
-            _ => true,
-        };
-        let mut hops: Vec<Hop> = row
-            .hops
-            .iter()
+    fn hops(&self, row: &PathRow, compiled: &CompiledRow, f: &Facts) -> Vec<Hop> {
+        let planned = plan(row, f.nat, self.topology().outbound_type);
+        let last = planned.len() - 1;
+        planned
+            .into_iter()
             .enumerate()
-            .filter(|(_, spec)| {
-                // A NAT the model allows but does not require is shown only when it happened.
-                let seen = match spec.kind {
-                    HopKind::NodeDnat => nat.dnat,
-                    HopKind::NodeSnat => nat.snat,
-                    _ => true,
-                };
-                seen || mandatory(spec.kind)
-            })
-            .map(|(i, spec)| {
-                let inferred = *spec.evidence.get_ref() == ModelEvidence::Inferred;
-                let seen = match spec.kind {
-                    HopKind::NodeDnat => nat.dnat,
-                    HopKind::NodeSnat => nat.snat,
-                    _ => true,
+            .map(|(i, (spec, mark))| {
+                let what = match (spec, mark.kind) {
+                    (Some(s), _) => self.render(&compiled.labels[s], f),
+                    (None, HopKind::NodeDnat) => "Node DNAT (not in the model)".into(),
+                    (None, _) => "Node SNAT (not in the model)".into(),
                 };
                 let mut hop = Hop {
-                    kind: spec.kind,
-                    what: self.render(&spec.label, f),
-                    evidence: match (inferred, seen) {
-                        (true, _) => Evidence::Inferred,
-                        (false, true) => Evidence::Observed,
-                        (false, false) => Evidence::ExpectedNotSeen,
-                    },
-                    in_model: true,
-                    inferred_from: spec.from.as_ref().map(|t| self.render(t.get_ref(), f)),
+                    kind: mark.kind,
+                    what,
+                    evidence: mark.evidence,
+                    in_model: mark.in_model,
+                    inferred_from: spec
+                        .and_then(|s| compiled.froms[s].as_ref())
+                        .map(|t| self.render(t, f)),
                     at: None,
                     before: None,
                     after: None,
@@ -461,29 +675,7 @@ impl Classifier {
                 self.place(&mut hop, i == 0, i == last, f);
                 hop
             })
-            .collect();
-        // NAT conntrack shows that the model does not have goes just before the far end.
-        for (kind, happened) in [(HopKind::NodeDnat, nat.dnat), (HopKind::NodeSnat, nat.snat)] {
-            if happened && !row.hops.iter().any(|h| h.kind == kind) {
-                let mut hop = Hop {
-                    kind,
-                    what: match kind {
-                        HopKind::NodeDnat => "node DNAT (not in the model)".into(),
-                        _ => "node SNAT (not in the model)".into(),
-                    },
-                    evidence: Evidence::Observed,
-                    in_model: false,
-                    inferred_from: None,
-                    at: None,
-                    before: None,
-                    after: None,
-                };
-                self.place(&mut hop, false, false, f);
-                let at = hops.len() - 1;
-                hops.insert(at, hop);
-            }
-        }
-        hops
+            .collect()
     }
 
     /// Sets a hop's addresses from the flow, by kind and position.
@@ -501,13 +693,7 @@ impl Classifier {
             }
             HopKind::OutboundSnat => {
                 hop.before = ep(t.src, t.sport);
-                hop.after = Some(
-                    match same_family(&self.topology.lb_outbound_ips, t.src).first() {
-                        Some(IpAddr::V4(ip)) => format!("{ip}:*"),
-                        Some(IpAddr::V6(ip)) => format!("[{ip}]:*"),
-                        None => "an outbound public IP (lb_outbound_ips not configured)".into(),
-                    },
-                );
+                hop.after = Some(self.outbound_address(t.src));
             }
             HopKind::AzureLb => {
                 hop.before = ep(o.dst, o.dport);
@@ -519,21 +705,27 @@ impl Classifier {
                 hop.after = ep(o.src, o.sport);
             }
             HopKind::Node => {
-                let ifaces = match (&f.in_iface, &f.out_iface) {
+                let ifaces = match (f.in_iface, f.out_iface) {
                     (None, None) => String::new(),
-                    (i, o) => format!(
-                        " (in {}, out {})",
-                        i.as_deref().unwrap_or("?"),
-                        o.as_deref().unwrap_or("?")
-                    ),
+                    (i, o) => format!(" (in {}, out {})", i.unwrap_or("?"), o.unwrap_or("?")),
                 };
                 hop.at = Some(format!(
                     "{}{ifaces}",
-                    join(same_family(&self.topology.node_ips, o.src))
+                    join(same_family(&self.topology().node_ips, o.src))
                         .unwrap_or_else(|| "node".into())
                 ));
             }
             HopKind::Client | HopKind::Pod | HopKind::Destination | HopKind::IngressProxy => {
+                // An endpoint on another node is reached through this node's routes.
+                if last
+                    && hop.kind == HopKind::Pod
+                    && matches!(
+                        f.nat_dst_class,
+                        AddrClass::RemotePod | AddrClass::NodeSubnet
+                    )
+                {
+                    hop.what.push_str(" on another node");
+                }
                 // An inferred endpoint (the client behind a proxy) has no address on the node.
                 hop.at = if hop.evidence == Evidence::Inferred {
                     None
@@ -547,49 +739,74 @@ impl Classifier {
             }
         }
     }
-}
 
-fn matches(row: &PathRow, f: &Facts) -> bool {
-    let glob_any = |pats: &[String], name: Option<&str>| {
-        pats.is_empty() || name.is_some_and(|n| pats.iter().any(|p| glob(p, n)))
-    };
-    let dst_service = f.dst_service.as_ref().and_then(|s| s.name.as_deref());
-    row.direction == f.direction
-        && row.src.contains(&f.src_class)
-        && row.dst.contains(&f.dst_class)
-        && (row.proto.is_empty() || row.proto.iter().any(|p| p.matches(f.ev.proto)))
-        && (row.dports.is_empty()
-            || row
-                .dports
-                .iter()
-                .any(|r| (r.0..=r.1).contains(&f.orig.dport)))
-        && (row.etp.is_none() || row.etp == f.dst_service.as_ref().and_then(|s| s.etp))
-        && (!row.hairpin || f.hairpin)
-        && glob_any(&row.src_service, f.src_service.as_deref())
-        && glob_any(&row.dst_service, dst_service)
-}
-
-/// `*` matches any run of characters; nothing else is special.
-fn glob(pattern: &str, name: &str) -> bool {
-    let parts: Vec<&str> = pattern.split('*').collect();
-    if parts.len() == 1 {
-        return pattern == name;
-    }
-    let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !name.starts_with(first)
-        || !name[first.len()..].ends_with(last)
-        || name.len() < first.len() + last.len()
-    {
-        return false;
-    }
-    let mut rest = &name[first.len()..name.len() - last.len()];
-    for mid in &parts[1..parts.len() - 1] {
-        match rest.find(mid) {
-            Some(i) => rest = &rest[i + mid.len()..],
-            None => return false,
+    /// The address the outbound type's device SNATs to, as far as the topology knows it.
+    fn outbound_address(&self, like: IpAddr) -> String {
+        let t = self.topology();
+        let configured = same_family(&t.lb_outbound_ips, like);
+        match (t.outbound_type, configured.first()) {
+            (OutboundType::LoadBalancer, Some(IpAddr::V4(ip))) => format!("{ip}:*"),
+            (OutboundType::LoadBalancer, Some(IpAddr::V6(ip))) => format!("[{ip}]:*"),
+            (OutboundType::LoadBalancer, None) => {
+                "an outbound public IP of the LB (lb_outbound_ips not configured)".into()
+            }
+            (OutboundType::ManagedNatGateway | OutboundType::UserAssignedNatGateway, _) => {
+                "the NAT gateway's public IP".into()
+            }
+            (OutboundType::UserDefinedRouting, _) => "the firewall's public IP".into(),
+            (OutboundType::None, _) => "no SNAT".into(),
         }
     }
-    true
+}
+
+/// The hops a row shows for a flow with this NAT, without texts: each with its row hop index,
+/// or `None` for NAT conntrack shows that the model does not have (placed just before the far
+/// end). A NAT the model allows but does not require is shown only when it happened; the
+/// off-node SNAT only when the outbound type has a device that does it.
+fn plan(row: &PathRow, nat: Nat, outbound: OutboundType) -> Vec<(Option<usize>, HopMark)> {
+    let required = |k: HopKind| match k {
+        HopKind::NodeDnat => row.nat.dnat == DnatExpect::Yes,
+        HopKind::NodeSnat => !row.nat.snat.contains(&SnatSource::Kept),
+        _ => true,
+    };
+    let seen = |k: HopKind| match k {
+        HopKind::NodeDnat => nat.dnat,
+        HopKind::NodeSnat => nat.snat,
+        _ => true,
+    };
+    let mut hops: Vec<(Option<usize>, HopMark)> = row
+        .hops
+        .iter()
+        .enumerate()
+        .filter(|(_, spec)| seen(spec.kind) || required(spec.kind))
+        .filter(|(_, spec)| !(spec.kind == HopKind::OutboundSnat && outbound == OutboundType::None))
+        .map(|(i, spec)| {
+            let inferred = *spec.evidence.get_ref() == ModelEvidence::Inferred;
+            let evidence = match (inferred, seen(spec.kind)) {
+                (true, _) => Evidence::Inferred,
+                (false, true) => Evidence::Observed,
+                (false, false) => Evidence::ExpectedNotSeen,
+            };
+            let mark = HopMark {
+                kind: spec.kind,
+                evidence,
+                in_model: true,
+            };
+            (Some(i), mark)
+        })
+        .collect();
+    for (kind, happened) in [(HopKind::NodeDnat, nat.dnat), (HopKind::NodeSnat, nat.snat)] {
+        if happened && !row.hops.iter().any(|h| h.kind == kind) {
+            let mark = HopMark {
+                kind,
+                evidence: Evidence::Observed,
+                in_model: false,
+            };
+            let at = hops.len() - 1;
+            hops.insert(at, (None, mark));
+        }
+    }
+    hops
 }
 
 fn same_family(ips: &[IpAddr], like: IpAddr) -> Vec<IpAddr> {

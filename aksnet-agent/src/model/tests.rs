@@ -46,6 +46,18 @@ pub(crate) fn lab_topology(cni: CniMode) -> Topology {
             "pod_cidr = [\"10.244.0.0/16\", \"fd00:10:244::/56\"]",
         )
     };
+    config = config.replace(
+        "node_subnet = \"10.224.0.0/16\"",
+        "node_subnet = [\"10.224.0.0/16\", \"fd00:10:224::/64\"]\n\
+         api_server = [\"198.51.100.50\", \"10.229.0.4\"]\n\
+         private_ranges = [\"172.16.0.0/16\"]",
+    );
+    if cni != CniMode::AzureCni {
+        config = config.replace(
+            "service_cidr",
+            "node_pod_cidrs = [\"10.244.0.0/24\", \"fd00:10:244::/64\"]\nservice_cidr",
+        );
+    }
     config.push_str(
         "\n[[lb_frontends]]\nip = \"2001:db8:f::10\"\nservice = \"default/app\"\nexternal_traffic_policy = \"Cluster\"\n\
          \n[[lb_frontends]]\nip = \"192.0.2.12\"\nservice = \"default/web\"\nexternal_traffic_policy = \"Local\"\n",
@@ -69,12 +81,18 @@ pub(crate) fn lab_topology(cni: CniMode) -> Topology {
                 Etp::Local,
             ),
         ]),
-        endpoints: Some(vec![ServiceEndpoint {
-            name: "ingress-nginx/ingress-nginx-controller:http".into(),
-            ip: ip(&format!("{pods}.12")),
-            port: 80,
-            proto: Proto::Tcp,
-        }]),
+        // The ingress controller has a pod here and one on another node.
+        endpoints: Some(
+            [format!("{pods}.12"), remote_pod(cni, 12)]
+                .iter()
+                .map(|addr| ServiceEndpoint {
+                    name: "ingress-nginx/ingress-nginx-controller:http".into(),
+                    ip: ip(addr),
+                    port: 80,
+                    proto: Proto::Tcp,
+                })
+                .collect(),
+        ),
         bridge_gateways: (cni == CniMode::Kubenet)
             .then(|| vec![ip("10.244.0.1"), ip("fd00:10:244::1")]),
         local_pods: (cni == CniMode::AzureCni).then(|| {
@@ -86,6 +104,15 @@ pub(crate) fn lab_topology(cni: CniMode) -> Topology {
         ..Default::default()
     };
     Topology::from_layers([discovered, config]).unwrap()
+}
+
+/// A pod on another node: in the pod CIDR outside this node's /24 (kubenet, Overlay), another
+/// secondary IP of the node subnet (flat azure-cni).
+fn remote_pod(cni: CniMode, host: u8) -> String {
+    match cni {
+        CniMode::AzureCni => format!("10.224.0.{}", 50 + host),
+        _ => format!("10.244.1.{host}"),
+    }
 }
 
 fn classifier(cni: CniMode) -> Classifier {
@@ -199,6 +226,89 @@ const CONFORMING: &[(CniMode, Proto, &str, &str, &str, &str, &str)] = &[
     (CniMode::AzureCniOverlay, Tcp, "[fd00:10:244::20]:40000", "[2001:db8:f::10]:80", "[fd00:10:224::4]:40000", "[fd00:10:244::10]:8080", "pod-to-frontend/etp-cluster"),
     (CniMode::AzureCniOverlay, Tcp, "10.244.0.20:40001", "192.0.2.12:80", "10.244.0.20:40001", "10.244.0.13:8080", "pod-to-frontend/etp-local"),
     (CniMode::AzureCniOverlay, Tcp, "10.244.0.13:40002", "192.0.2.12:80", "10.224.0.4:40002", "10.244.0.13:8080", "pod-to-frontend/etp-local-hairpin"),
+    // Everyday traffic beyond the seed (aks-facts): the API server through the `kubernetes`
+    // Service and directly, public (198.51.100.50) and private (10.229.0.4, VNet Integration).
+    (CniMode::Kubenet, Tcp, "10.244.0.10:40100", "10.0.0.1:443", "10.224.0.4:40100", "198.51.100.50:443", "pod-to-api-server/kubernetes-service-public"),
+    (CniMode::Kubenet, Tcp, "10.244.0.10:40101", "10.0.0.1:443", "10.224.0.4:40101", "10.229.0.4:443", "pod-to-api-server/kubernetes-service-private"),
+    (CniMode::Kubenet, Tcp, "10.244.0.10:40102", "198.51.100.50:443", "10.224.0.4:40102", "198.51.100.50:443", "pod-to-api-server/public"),
+    (CniMode::Kubenet, Tcp, "10.244.0.10:40103", "10.229.0.4:443", "10.224.0.4:40103", "10.229.0.4:443", "pod-to-api-server/private"),
+    (CniMode::Kubenet, Tcp, "10.224.0.4:50100", "198.51.100.50:443", "10.224.0.4:50100", "198.51.100.50:443", "node-outbound"),
+    (CniMode::Kubenet, Tcp, "10.224.0.4:50101", "10.229.0.4:443", "10.224.0.4:50101", "10.229.0.4:443", "node-to-vnet"),
+    (CniMode::AzureCni, Tcp, "10.224.0.10:40100", "10.0.0.1:443", "10.224.0.4:40100", "198.51.100.50:443", "pod-to-api-server/kubernetes-service-public"),
+    (CniMode::AzureCni, Tcp, "10.224.0.10:40101", "10.0.0.1:443", "10.224.0.10:40101", "10.229.0.4:443", "pod-to-api-server/kubernetes-service-private"),
+    (CniMode::AzureCni, Tcp, "10.224.0.10:40102", "198.51.100.50:443", "10.224.0.4:40102", "198.51.100.50:443", "pod-to-api-server/public"),
+    (CniMode::AzureCni, Tcp, "10.224.0.10:40103", "10.229.0.4:443", "10.224.0.10:40103", "10.229.0.4:443", "pod-to-api-server/private"),
+    (CniMode::AzureCni, Tcp, "10.224.0.4:50100", "198.51.100.50:443", "10.224.0.4:50100", "198.51.100.50:443", "node-outbound"),
+    (CniMode::AzureCni, Tcp, "10.224.0.4:50101", "10.229.0.4:443", "10.224.0.4:50101", "10.229.0.4:443", "node-to-vnet"),
+    (CniMode::AzureCniOverlay, Tcp, "10.244.0.10:40100", "10.0.0.1:443", "10.224.0.4:40100", "198.51.100.50:443", "pod-to-api-server/kubernetes-service-public"),
+    (CniMode::AzureCniOverlay, Tcp, "10.244.0.10:40101", "10.0.0.1:443", "10.224.0.4:40101", "10.229.0.4:443", "pod-to-api-server/kubernetes-service-private"),
+    (CniMode::AzureCniOverlay, Tcp, "10.244.0.10:40102", "198.51.100.50:443", "10.224.0.4:40102", "198.51.100.50:443", "pod-to-api-server/public"),
+    (CniMode::AzureCniOverlay, Tcp, "10.244.0.10:40103", "10.229.0.4:443", "10.224.0.4:40103", "10.229.0.4:443", "pod-to-api-server/private"),
+    (CniMode::AzureCniOverlay, Tcp, "10.224.0.4:50100", "198.51.100.50:443", "10.224.0.4:50100", "198.51.100.50:443", "node-outbound"),
+    (CniMode::AzureCniOverlay, Tcp, "10.224.0.4:50101", "10.229.0.4:443", "10.224.0.4:50101", "10.229.0.4:443", "node-to-vnet"),
+    // IMDS: masqLinkLocal SNATs it to the node IP on every CNI.
+    (CniMode::Kubenet, Tcp, "10.244.0.10:40110", "169.254.169.254:80", "10.224.0.4:40110", "169.254.169.254:80", "pod-to-imds"),
+    (CniMode::AzureCni, Tcp, "10.224.0.10:40110", "169.254.169.254:80", "10.224.0.4:40110", "169.254.169.254:80", "pod-to-imds"),
+    (CniMode::AzureCniOverlay, Tcp, "10.244.0.10:40110", "169.254.169.254:80", "10.224.0.4:40110", "169.254.169.254:80", "pod-to-imds"),
+    // kubelet and hostNetwork pods, from the vnet, the private API server and another node.
+    (CniMode::Kubenet, Tcp, "10.225.0.4:50200", "10.224.0.4:10250", "10.225.0.4:50200", "10.224.0.4:10250", "to-node-services"),
+    (CniMode::Kubenet, Tcp, "10.229.0.4:50201", "10.224.0.4:10250", "10.229.0.4:50201", "10.224.0.4:10250", "to-node-services"),
+    (CniMode::Kubenet, Tcp, "10.224.0.5:50202", "10.224.0.4:9100", "10.224.0.5:50202", "10.224.0.4:9100", "to-node-services"),
+    (CniMode::AzureCni, Tcp, "10.225.0.4:50200", "10.224.0.4:10250", "10.225.0.4:50200", "10.224.0.4:10250", "to-node-services"),
+    (CniMode::AzureCni, Tcp, "10.229.0.4:50201", "10.224.0.4:10250", "10.229.0.4:50201", "10.224.0.4:10250", "to-node-services"),
+    (CniMode::AzureCni, Tcp, "10.224.0.5:50202", "10.224.0.4:9100", "10.224.0.5:50202", "10.224.0.4:9100", "to-node-services"),
+    (CniMode::AzureCniOverlay, Tcp, "10.225.0.4:50200", "10.224.0.4:10250", "10.225.0.4:50200", "10.224.0.4:10250", "to-node-services"),
+    (CniMode::AzureCniOverlay, Tcp, "10.229.0.4:50201", "10.224.0.4:10250", "10.229.0.4:50201", "10.224.0.4:10250", "to-node-services"),
+    (CniMode::AzureCniOverlay, Tcp, "10.224.0.5:50202", "10.224.0.4:9100", "10.224.0.5:50202", "10.224.0.4:9100", "to-node-services"),
+    // Legs forwarded by another node: eTP Cluster / NodePort (from its node IP), ClusterIP (from a pod).
+    (CniMode::Kubenet, Tcp, "10.224.0.5:50300", "10.244.0.10:8080", "10.224.0.5:50300", "10.244.0.10:8080", "from-another-node"),
+    (CniMode::Kubenet, Tcp, "10.244.1.20:50301", "10.244.0.10:8080", "10.244.1.20:50301", "10.244.0.10:8080", "from-another-node"),
+    (CniMode::AzureCni, Tcp, "10.224.0.5:50300", "10.224.0.10:8080", "10.224.0.5:50300", "10.224.0.10:8080", "from-another-node"),
+    (CniMode::AzureCni, Tcp, "10.224.0.70:50301", "10.224.0.10:8080", "10.224.0.70:50301", "10.224.0.10:8080", "from-another-node"),
+    (CniMode::AzureCniOverlay, Tcp, "10.224.0.5:50300", "10.244.0.10:8080", "10.224.0.5:50300", "10.244.0.10:8080", "from-another-node"),
+    (CniMode::AzureCniOverlay, Tcp, "10.244.1.20:50301", "10.244.0.10:8080", "10.244.1.20:50301", "10.244.0.10:8080", "from-another-node"),
+    // This node's half: the endpoint it picks is on another node.
+    (CniMode::Kubenet, Tcp, "203.0.113.10:40010", "192.0.2.10:80", "10.224.0.4:40010", "10.244.1.10:8080", "lb-inbound/etp-cluster"),
+    (CniMode::AzureCni, Tcp, "203.0.113.10:40010", "192.0.2.10:80", "10.224.0.4:40010", "10.224.0.60:8080", "lb-inbound/etp-cluster"),
+    (CniMode::AzureCniOverlay, Tcp, "203.0.113.10:40010", "192.0.2.10:80", "10.224.0.4:40010", "10.244.1.10:8080", "lb-inbound/etp-cluster"),
+    (CniMode::Kubenet, Tcp, "10.244.0.10:40011", "10.0.80.80:80", "10.244.0.10:40011", "10.244.1.10:8080", "pod-to-service"),
+    (CniMode::AzureCniOverlay, Tcp, "10.244.0.10:40011", "10.0.80.80:80", "10.244.0.10:40011", "10.244.1.10:8080", "pod-to-service"),
+    (CniMode::AzureCni, Tcp, "10.224.0.10:40011", "10.0.80.80:80", "10.224.0.10:40011", "10.224.0.60:8080", "pod-to-service"),
+    (CniMode::Kubenet, Tcp, "10.244.0.10:40200", "10.244.1.10:8080", "10.244.0.10:40200", "10.244.1.10:8080", "pod-to-pod/other-node"),
+    (CniMode::AzureCniOverlay, Tcp, "10.244.0.10:40200", "10.244.1.10:8080", "10.244.0.10:40200", "10.244.1.10:8080", "pod-to-pod/other-node"),
+    (CniMode::AzureCni, Tcp, "10.224.0.10:40200", "10.224.0.60:8080", "10.224.0.10:40200", "10.224.0.60:8080", "pod-to-vnet"),
+    (CniMode::Kubenet, Tcp, "10.224.0.4:50600", "10.244.1.10:8080", "10.224.0.4:50600", "10.244.1.10:8080", "node-to-vnet"),
+    // The ingress upstream on another node, on both nodes: still proxied-by, never pod-to-vnet.
+    (CniMode::Kubenet, Tcp, "10.244.0.12:50010", "10.244.1.10:8080", "10.244.0.12:50010", "10.244.1.10:8080", "l7-ingress-upstream/pod-ip-other-node"),
+    (CniMode::Kubenet, Tcp, "10.244.1.12:50011", "10.244.0.10:8080", "10.244.1.12:50011", "10.244.0.10:8080", "l7-ingress-upstream/from-another-node"),
+    (CniMode::AzureCni, Tcp, "10.224.0.12:50010", "10.224.0.60:8080", "10.224.0.12:50010", "10.224.0.60:8080", "l7-ingress-upstream/pod-ip-other-node"),
+    (CniMode::AzureCni, Tcp, "10.224.0.62:50011", "10.224.0.10:8080", "10.224.0.62:50011", "10.224.0.10:8080", "l7-ingress-upstream/from-another-node"),
+    (CniMode::AzureCniOverlay, Tcp, "10.244.0.12:50010", "10.244.1.10:8080", "10.244.0.12:50010", "10.244.1.10:8080", "l7-ingress-upstream/pod-ip-other-node"),
+    (CniMode::AzureCniOverlay, Tcp, "10.244.1.12:50011", "10.244.0.10:8080", "10.244.1.12:50011", "10.244.0.10:8080", "l7-ingress-upstream/from-another-node"),
+    // AGIC on Overlay (AGIC 1.8+): the gateway reaches overlay pod IPs directly.
+    (CniMode::AzureCniOverlay, Tcp, "10.226.0.4:50000", "10.244.0.10:8080", "10.226.0.4:50000", "10.244.0.10:8080", "agic-inbound"),
+    // An internal LB frontend (192.0.2.12, eTP Local) from the vnet and from on-premises.
+    (CniMode::Kubenet, Tcp, "10.225.0.4:50400", "192.0.2.12:80", "10.225.0.4:50400", "10.244.0.13:8080", "vnet-client-to-pod/internal-lb-etp-local"),
+    (CniMode::AzureCni, Tcp, "10.225.0.4:50400", "192.0.2.12:80", "10.225.0.4:50400", "10.224.0.11:8080", "lb-inbound/etp-local"),
+    (CniMode::AzureCniOverlay, Tcp, "10.225.0.4:50400", "192.0.2.12:80", "10.225.0.4:50400", "10.244.0.13:8080", "vnet-client-to-pod/internal-lb-etp-local"),
+    (CniMode::Kubenet, Tcp, "172.16.5.5:50401", "192.0.2.10:80", "10.244.0.1:50401", "10.244.0.10:8080", "vnet-client-to-pod/internal-lb-etp-cluster"),
+    (CniMode::AzureCni, Tcp, "172.16.5.5:50401", "10.224.0.4:31080", "172.16.5.5:50401", "10.224.0.12:80", "vnet-client-to-pod/nodeport-etp-local"),
+    (CniMode::AzureCniOverlay, Tcp, "172.16.5.5:50401", "192.0.2.10:80", "10.224.0.4:50401", "10.244.0.10:8080", "vnet-client-to-pod/internal-lb-etp-cluster"),
+    // Declared private ranges (peered vnets, on-premises): node SNAT, never the LB's.
+    (CniMode::Kubenet, Tcp, "10.244.0.10:40500", "172.16.5.5:443", "10.224.0.4:40500", "172.16.5.5:443", "pod-to-private-range"),
+    (CniMode::AzureCni, Tcp, "10.224.0.10:40500", "172.16.5.5:443", "10.224.0.4:40500", "172.16.5.5:443", "pod-to-private-range"),
+    (CniMode::AzureCni, Tcp, "10.224.0.10:40501", "172.16.5.5:443", "10.224.0.10:40501", "172.16.5.5:443", "pod-to-private-range"),
+    (CniMode::AzureCniOverlay, Tcp, "10.244.0.10:40500", "172.16.5.5:443", "10.224.0.4:40500", "172.16.5.5:443", "pod-to-private-range"),
+    // Services whose endpoint is not a pod: a VM, a hostNetwork pod, a public address.
+    (CniMode::Kubenet, Tcp, "10.244.0.10:40300", "10.0.50.50:80", "10.224.0.4:40300", "10.225.0.9:80", "pod-to-service/endpoint-in-vnet"),
+    (CniMode::AzureCniOverlay, Tcp, "10.244.0.10:40300", "10.0.50.50:80", "10.224.0.4:40300", "10.224.0.5:9100", "pod-to-service/endpoint-in-vnet"),
+    (CniMode::AzureCni, Tcp, "10.224.0.10:40300", "10.0.50.50:80", "10.224.0.10:40300", "10.225.0.9:80", "pod-to-service"),
+    (CniMode::Kubenet, Tcp, "10.244.0.10:40301", "10.0.50.51:9100", "10.244.0.10:40301", "10.224.0.4:9100", "pod-to-service"),
+    (CniMode::AzureCni, Tcp, "10.224.0.10:40301", "10.0.50.51:9100", "10.224.0.10:40301", "10.224.0.4:9100", "pod-to-service"),
+    (CniMode::AzureCniOverlay, Tcp, "10.244.0.10:40301", "10.0.50.51:9100", "10.244.0.10:40301", "10.224.0.4:9100", "pod-to-service"),
+    (CniMode::Kubenet, Tcp, "10.244.0.10:40302", "10.0.50.52:443", "10.224.0.4:40302", "203.0.113.99:443", "pod-to-service/endpoint-on-internet"),
+    (CniMode::AzureCni, Tcp, "10.224.0.10:40302", "10.0.50.52:443", "10.224.0.4:40302", "203.0.113.99:443", "pod-to-service/endpoint-on-internet"),
+    (CniMode::AzureCniOverlay, Tcp, "10.244.0.10:40302", "10.0.50.52:443", "10.224.0.4:40302", "203.0.113.99:443", "pod-to-service/endpoint-on-internet"),
 ];
 
 #[test]
@@ -207,13 +317,13 @@ fn every_path_conforms_in_every_mode() {
         let c = classifier(cni).classify(&flow(proto, src, dst, nat_src, nat_dst));
         let row = format!("{cni} {proto} {src} -> {dst} (after NAT {nat_src} -> {nat_dst})");
         assert_path(&c, path, &row);
-        assert_eq!(c.verdict, Verdict::Conforms, "{row}: {:?}", c.reason);
+        assert_eq!(c.verdict, Verdict::Conforms, "{row}: {:?}", c.reason());
         assert!(
-            c.hops
+            c.hops()
                 .iter()
                 .all(|h| h.in_model && h.evidence != Evidence::ExpectedNotSeen),
             "{row}: {:?}",
-            c.hops
+            c.hops()
         );
     }
 }
@@ -228,20 +338,20 @@ const DEVIATING: &[(CniMode, Proto, [&str; 4], &str, &str)] = &[
     (CniMode::AzureCni, Tcp, ["203.0.113.11:41000", "192.0.2.11:80", "10.224.0.4:41000", "10.224.0.12:80"], "l7-ingress",
      "azure-cni l7-ingress to 192.0.2.11 (ingress-nginx/ingress-nginx-controller, declared externalTrafficPolicy Local) was SNATed to the node IP 10.224.0.4: the client address is lost"),
     (CniMode::Kubenet, Tcp, ["10.226.0.4:50000", "10.244.0.10:8080", "10.244.0.1:50000", "10.244.0.10:8080"], "agic-inbound",
-     "double SNAT: kubenet agic-inbound from Application Gateway 10.226.0.4 to pod 10.244.0.10 already had its source replaced by the Application Gateway (AGIC - Layer 7) (inferred), and the node SNATed it again to cbr0's gateway 10.244.0.1; the model has one source rewrite"),
+     "double SNAT: kubenet agic-inbound from Application Gateway 10.226.0.4 to pod 10.244.0.10 already had its source replaced by the Application Gateway (L7, terminates TLS) (inferred), and the node SNATed it again to cbr0's gateway 10.244.0.1; the model has one source rewrite"),
     (CniMode::Kubenet, Tcp, ["10.244.0.10:40000", "198.51.100.20:80", "10.244.0.10:40000", "198.51.100.20:80"], "pod-to-internet",
      "kubenet pod traffic to 198.51.100.20 on the internet kept its source 10.244.0.10 (no SNAT on the node); the model expects SNAT to the node IP; check ip-masq-agent"),
     (CniMode::AzureCni, Tcp, ["203.0.113.10:40000", "192.0.2.10:80", "203.0.113.10:40000", "192.0.2.10:80"], "lb-inbound",
-     "azure-cni lb-inbound to 192.0.2.10 (declared externalTrafficPolicy Cluster) was not DNATed on the node; the model expects kube-proxy to DNAT it to a pod"),
+     "azure-cni lb-inbound to 192.0.2.10 (declared externalTrafficPolicy Cluster) was not DNATed on the node; the model expects kube-proxy to DNAT it; check that kube-proxy has a `loadbalancer IP` rule"),
     (CniMode::AzureCniOverlay, Tcp, ["10.244.0.10:40002", "10.227.0.5:443", "10.244.0.10:40002", "10.227.0.5:443"], "pod-to-private-endpoint",
      "azure-cni-overlay pod traffic to private endpoint 10.227.0.5 kept its source 10.244.0.10 (no SNAT on the node); the model expects SNAT to the node IP"),
     // Each externalTrafficPolicy split: a Local Service whose flow the node masquerades anyway.
     (CniMode::AzureCni, Tcp, ["10.225.0.4:50002", "10.224.0.4:31080", "10.224.0.4:50002", "10.224.0.12:80"], "vnet-client-to-pod/nodeport-etp-local",
      "azure-cni vnet client 10.225.0.4 to NodePort 10.224.0.4:31080 (externalTrafficPolicy Local) was SNATed to the node IP 10.224.0.4: the client address is lost, the model expects it to be kept; check the Service's externalTrafficPolicy"),
     (CniMode::AzureCni, Tcp, ["10.226.0.4:50002", "10.224.0.4:31080", "10.224.0.4:50002", "10.224.0.12:80"], "agic-nodeport/etp-local",
-     "double SNAT: azure-cni agic-nodeport from Application Gateway 10.226.0.4 to NodePort 10.224.0.4:31080 (externalTrafficPolicy Local) already had its source replaced by the Application Gateway (inferred), and the node SNATed it again to the node IP 10.224.0.4; the model has one source rewrite; check the Service's externalTrafficPolicy"),
+     "double SNAT: azure-cni agic-nodeport from Application Gateway 10.226.0.4 to NodePort 10.224.0.4:31080 (externalTrafficPolicy Local) already had its source replaced by the Application Gateway (L7, terminates TLS) (inferred), and the node SNATed it again to the node IP 10.224.0.4; the model has one source rewrite; check the Service's externalTrafficPolicy"),
     (CniMode::AzureCniOverlay, Tcp, ["10.226.0.4:50002", "10.224.0.4:31080", "10.224.0.4:50002", "10.244.0.12:80"], "agic-nodeport/etp-local",
-     "double SNAT: azure-cni-overlay agic-nodeport from Application Gateway 10.226.0.4 to NodePort 10.224.0.4:31080 (externalTrafficPolicy Local) already had its source replaced by the Application Gateway (inferred), and the node SNATed it again to the node IP 10.224.0.4"),
+     "double SNAT: azure-cni-overlay agic-nodeport from Application Gateway 10.226.0.4 to NodePort 10.224.0.4:31080 (externalTrafficPolicy Local) already had its source replaced by the Application Gateway (L7, terminates TLS) (inferred), and the node SNATed it again to the node IP 10.224.0.4"),
     (CniMode::Kubenet, Tcp, ["10.244.0.20:40002", "192.0.2.12:80", "10.244.0.1:40002", "10.244.0.13:8080"], "pod-to-frontend/etp-local",
      "kubenet pod traffic to 192.0.2.12:80, an LB frontend or NodePort of default/web (externalTrafficPolicy Local) was SNATed to cbr0's gateway 10.244.0.1: the pod IP is lost, the model expects it to be kept; kube-proxy does not masquerade"),
     (CniMode::AzureCni, Tcp, ["10.224.0.10:40012", "192.0.2.12:80", "10.224.0.4:40012", "10.224.0.11:8080"], "pod-to-frontend/etp-local",
@@ -264,7 +374,7 @@ fn misconfigurations_deviate_with_operator_reasons() {
         let c = classifier(cni).classify(&flow(proto, src, dst, nat_src, nat_dst));
         assert_path(&c, path, &format!("{cni} {src} -> {dst}"));
         assert_eq!(c.verdict, Verdict::Deviates, "{c:?}");
-        let got = c.reason.unwrap();
+        let got = c.reason().unwrap();
         assert!(
             got.starts_with(reason),
             "expected: {reason}\n     got: {got}"
@@ -281,13 +391,13 @@ fn unexpected_nat_shows_as_a_hop_outside_the_model() {
         "10.224.0.4:40000",
         "10.224.0.8:80",
     ));
-    let extra: Vec<_> = c.hops.iter().filter(|h| !h.in_model).collect();
-    assert_eq!(extra.len(), 1, "{:?}", c.hops);
+    let extra: Vec<_> = c.hops().into_iter().filter(|h| !h.in_model).collect();
+    assert_eq!(extra.len(), 1, "{:?}", c.hops());
     assert_eq!(
         (extra[0].before.as_deref(), extra[0].after.as_deref()),
         (Some("10.224.0.10:40000"), Some("10.224.0.4:40000"))
     );
-    assert_eq!(c.hops.last().unwrap().kind, HopKind::Destination);
+    assert_eq!(c.hops().last().unwrap().kind, HopKind::Destination);
     let missing = classifier(CniMode::Kubenet).classify(&flow(
         Tcp,
         "10.244.0.10:40000",
@@ -296,7 +406,7 @@ fn unexpected_nat_shows_as_a_hop_outside_the_model() {
         "198.51.100.20:80",
     ));
     assert!(missing
-        .hops
+        .hops()
         .iter()
         .any(|h| h.kind == HopKind::NodeSnat && h.evidence == Evidence::ExpectedNotSeen));
 }
@@ -326,7 +436,7 @@ fn unclassified_says_why() {
     ));
     assert_eq!((c.path.as_ref(), c.verdict), (None, Verdict::Unclassified));
     assert_eq!(
-        c.reason.as_deref(),
+        c.reason().as_deref(),
         Some("no kubenet model path for tcp 203.0.113.10:40000 (internet) -> 10.224.0.4:22 (node IP), inbound")
     );
     // AGC is not supported with kubenet: its model has no such path.
@@ -351,7 +461,7 @@ fn unclassified_says_why() {
             "192.0.2.10:80",
         ));
     assert_eq!(c.verdict, Verdict::Unclassified);
-    assert!(c.reason.unwrap().contains("eBPF"));
+    assert!(c.reason().unwrap().contains("eBPF"));
 }
 
 #[test]
@@ -434,41 +544,108 @@ fn builtin_models_cover_the_lab_paths() {
     );
 }
 
-/// The operator's notes the rows cite. They live beside the checkout, not in it (CI has `shared/`
-/// next to the clone, read-only), and are read when the test runs rather than embedded: a copy in
-/// the repository would drift from the notes it is meant to check the citations against.
-const SEED_NOTES: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../shared/aks-traffic-paths.seed.md"
-);
-
+/// Every row quotes the seed note it encodes or extends: one line of the operator's notes, as
+/// written (they live outside the repository, so only the quotation's form is checked here).
 #[test]
-fn every_row_cites_the_seed_verbatim() {
-    let notes = std::fs::read_to_string(SEED_NOTES).unwrap_or_else(|e| {
-        panic!(
-            "cannot read the seed notes {SEED_NOTES}: {e}. The model tests check every row's \
-             `seed` against them: put the `shared/` directory (aks-traffic-paths.seed.md) beside \
-             the checkout, as CI has it"
-        )
-    });
-    let mut uncited = Vec::new();
+fn every_row_quotes_one_seed_line() {
     for cni in CniMode::ALL {
         for p in Model::load_builtin(cni).unwrap().paths() {
-            if !notes.contains(p.seed()) {
-                uncited.push(format!(
-                    "{cni} {}{}: {:?}",
-                    p.id(),
-                    p.variant().map(|v| format!("/{v}")).unwrap_or_default(),
-                    p.seed()
-                ));
+            let seed = p.seed();
+            let row = format!("{cni} {}/{}", p.id(), p.variant().unwrap_or("-"));
+            assert!(!seed.trim().is_empty(), "{row}: empty seed");
+            assert_eq!(
+                seed,
+                seed.trim(),
+                "{row}: the quotation has loose whitespace"
+            );
+            assert!(!seed.contains('\n'), "{row}: a seed quotation is one line");
+            assert!(seed.len() <= 200, "{row}: quote one line, not a passage");
+        }
+    }
+}
+
+/// Rows added for everyday traffic beyond the seed say which aks-facts bullet they follow.
+#[test]
+fn every_row_says_how_aks_facts_refines_it() {
+    for cni in CniMode::ALL {
+        for p in Model::load_builtin(cni).unwrap().paths() {
+            let refines = p.refines().unwrap_or_default();
+            if refines.contains("everyday traffic") {
+                assert!(
+                    refines.starts_with("aks-facts, everyday traffic ("),
+                    "{cni} {}: {refines}",
+                    p.id()
+                );
+            }
+        }
+        let m = Model::load_builtin(cni).unwrap();
+        for id in [
+            "pod-to-api-server",
+            "pod-to-imds",
+            "to-node-services",
+            "from-another-node",
+        ] {
+            let rows: Vec<_> = m.paths().iter().filter(|p| p.id() == id).collect();
+            assert!(!rows.is_empty(), "{cni} lacks {id}");
+            for p in rows {
+                assert!(
+                    p.refines()
+                        .is_some_and(|r| r.starts_with("aks-facts, everyday traffic (")),
+                    "{cni} {id}: cite the aks-facts bullet"
+                );
             }
         }
     }
-    assert!(
-        uncited.is_empty(),
-        "these rows' `seed` is not verbatim in {SEED_NOTES}:\n{}",
-        uncited.join("\n")
-    );
+}
+
+/// Words of the seed's Portuguese that must never reach what a person reads.
+const PORTUGUESE: &[&str] = &[
+    " para ",
+    " da ",
+    " do ",
+    " de ",
+    "não",
+    "ção",
+    "Cliente",
+    "Origem",
+    "Regras",
+    "outro",
+    " faz ",
+    "privado",
+    "direto",
+    "interno",
+    "Encaminha",
+    "IP da",
+    "IP do",
+];
+
+#[test]
+fn hop_names_reasons_and_hints_are_plain_english() {
+    for (cni, _, text) in BUILTIN {
+        let model = Model::load_builtin(cni).unwrap();
+        for p in model.paths() {
+            let mut read: Vec<&str> = vec![p.describe.get_ref()];
+            read.extend(p.hops.iter().map(|h| h.label.get_ref().as_str()));
+            read.extend(
+                p.hops
+                    .iter()
+                    .filter_map(|h| h.from.as_ref().map(|f| f.get_ref().as_str())),
+            );
+            read.extend(p.nat.hint_dnat.as_deref());
+            read.extend(p.nat.hint_snat.as_deref());
+            read.extend(p.keeps.as_deref());
+            for t in read {
+                for word in PORTUGUESE {
+                    assert!(
+                        !t.contains(word),
+                        "{cni} {}: {t:?} contains {word:?}",
+                        p.id()
+                    );
+                }
+            }
+        }
+        assert!(!text.is_empty());
+    }
 }
 
 fn model_err(text: &str) -> crate::topology::FileError {
@@ -516,7 +693,13 @@ fn malformed_models_name_file_line_and_field() {
         "{e}"
     );
 
-    let bad = KUBENET.replacen("  { kind = \"node-snat\", label = \"NAT para IP do Node (ip-masq-agent)\", evidence = \"observed\" },\n", "", 1);
+    // pod-to-internet's node SNAT, the hop just before its outbound SNAT.
+    let pod_to_internet_snat = "  { kind = \"node-snat\", label = \"Node SNAT (ip-masq-agent)\", evidence = \"observed\" },\n  { kind = \"outbound-snat\", label = \"{outbound}\", evidence = \"inferred\", from = \"destination {dst}";
+    let bad = KUBENET.replacen(
+        pod_to_internet_snat,
+        &pod_to_internet_snat[pod_to_internet_snat.find("\n").unwrap() + 1..],
+        1,
+    );
     let e = model_err(&bad);
     assert_eq!(e.field, "path.hops", "{e}");
     assert!(
@@ -524,7 +707,7 @@ fn malformed_models_name_file_line_and_field() {
         "{e}"
     );
 
-    let bad = KUBENET.replacen("kind = \"node-snat\", label = \"NAT para IP do Node (ip-masq-agent)\", evidence = \"observed\"", "kind = \"node-snat\", label = \"NAT para IP do Node (ip-masq-agent)\", evidence = \"inferred\", from = \"x\"", 1);
+    let bad = KUBENET.replacen("kind = \"node-snat\", label = \"Node SNAT (ip-masq-agent)\", evidence = \"observed\"", "kind = \"node-snat\", label = \"Node SNAT (ip-masq-agent)\", evidence = \"inferred\", from = \"x\"", 1);
     let e = model_err(&bad);
     assert_eq!(
         (e.line, e.field.as_str()),
@@ -536,8 +719,8 @@ fn malformed_models_name_file_line_and_field() {
     );
 
     let bad = KUBENET.replacen(
-        "variant = \"etp-cluster\"\ndirection = \"inbound\"\nsrc = [\"internet\", \"vnet\"]",
-        "variant = \"etp-local\"\ndirection = \"inbound\"\nsrc = [\"internet\", \"vnet\"]",
+        "variant = \"etp-cluster\"\ndirection = \"inbound\"\nsrc = [\"internet\", \"vnet\", \"private-range\"]",
+        "variant = \"etp-local\"\ndirection = \"inbound\"\nsrc = [\"internet\", \"vnet\", \"private-range\"]",
         1,
     );
     let e = model_err(&bad);
@@ -606,7 +789,7 @@ fn snat_of_a_declared_local_frontend_says_what_the_node_programs() {
         // The node's rules treat the Service as Cluster: that is the cause.
         let c = with_programmed_ingress(cni, Etp::Cluster).classify(&ev);
         assert_eq!(c.verdict, Verdict::Deviates, "{cni}: {c:?}");
-        let reason = c.reason.unwrap();
+        let reason = c.reason().unwrap();
         assert!(
             reason.contains("the client address is lost")
                 && reason.contains("kube-proxy's rules on this node program it as externalTrafficPolicy Cluster, not the declared Local"),
@@ -615,7 +798,7 @@ fn snat_of_a_declared_local_frontend_says_what_the_node_programs() {
         // The node's rules agree with the declaration: another rule SNATed it.
         let reason = with_programmed_ingress(cni, Etp::Local)
             .classify(&ev)
-            .reason
+            .reason()
             .unwrap();
         assert!(
             reason.contains("rules on this node agree (externalTrafficPolicy Local), so another nat rule rewrote the source")
@@ -631,5 +814,5 @@ fn snat_of_a_declared_local_frontend_says_what_the_node_programs() {
         "203.0.113.11:41000",
         "10.224.0.12:80",
     ));
-    assert_eq!((c.verdict, c.reason), (Verdict::Conforms, None));
+    assert_eq!((c.verdict, c.reason()), (Verdict::Conforms, None));
 }

@@ -191,7 +191,7 @@ fn text_line(view: &FlowView<'_>) -> String {
         let path = class.path.as_ref().map_or("-", |p| p.0.as_str());
         line.push_str(&format!(" path={path} {}", verdict_word(class.verdict)));
         if class.verdict != Verdict::Conforms {
-            if let Some(reason) = &class.reason {
+            if let Some(reason) = class.reason() {
                 line.push_str(&format!(" ({reason})"));
             }
         }
