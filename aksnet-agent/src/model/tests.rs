@@ -2,8 +2,8 @@ use super::*;
 use crate::events::testing::tcp_event;
 use crate::events::{EventKind, FlowEvent, Proto, SourceKind, Tuple};
 use crate::topology::{
-    tests::LAB_CONFIG, Dataplane, Etp, ServiceEndpoint, ServiceKind, ServicePort, Topology,
-    TopologyLayer,
+    tests::LAB_CONFIG, Dataplane, Etp, OutboundType, ServiceEndpoint, ServiceKind, ServicePort,
+    Topology, TopologyLayer,
 };
 use std::net::{IpAddr, SocketAddr};
 
@@ -60,7 +60,8 @@ pub(crate) fn lab_topology(cni: CniMode) -> Topology {
     }
     config.push_str(
         "\n[[lb_frontends]]\nip = \"2001:db8:f::10\"\nservice = \"default/app\"\nexternal_traffic_policy = \"Cluster\"\n\
-         \n[[lb_frontends]]\nip = \"192.0.2.12\"\nservice = \"default/web\"\nexternal_traffic_policy = \"Local\"\n",
+         \n[[lb_frontends]]\nip = \"192.0.2.12\"\nservice = \"default/web\"\nexternal_traffic_policy = \"Local\"\n\
+         \n[[lb_frontends]]\nip = \"192.0.2.13\"\nservice = \"app-routing-system/nginx\"\nexternal_traffic_policy = \"Cluster\"\n",
     );
     let config: TopologyLayer =
         crate::topology::parse_toml(std::path::Path::new("lab.toml"), &config).unwrap();
@@ -251,22 +252,22 @@ const CONFORMING: &[(CniMode, Proto, &str, &str, &str, &str, &str)] = &[
     (CniMode::AzureCni, Tcp, "10.224.0.10:40110", "169.254.169.254:80", "10.224.0.4:40110", "169.254.169.254:80", "pod-to-imds"),
     (CniMode::AzureCniOverlay, Tcp, "10.244.0.10:40110", "169.254.169.254:80", "10.224.0.4:40110", "169.254.169.254:80", "pod-to-imds"),
     // kubelet and hostNetwork pods, from the vnet, the private API server and another node.
-    (CniMode::Kubenet, Tcp, "10.225.0.4:50200", "10.224.0.4:10250", "10.225.0.4:50200", "10.224.0.4:10250", "to-node-services"),
-    (CniMode::Kubenet, Tcp, "10.229.0.4:50201", "10.224.0.4:10250", "10.229.0.4:50201", "10.224.0.4:10250", "to-node-services"),
-    (CniMode::Kubenet, Tcp, "10.224.0.5:50202", "10.224.0.4:9100", "10.224.0.5:50202", "10.224.0.4:9100", "to-node-services"),
-    (CniMode::AzureCni, Tcp, "10.225.0.4:50200", "10.224.0.4:10250", "10.225.0.4:50200", "10.224.0.4:10250", "to-node-services"),
-    (CniMode::AzureCni, Tcp, "10.229.0.4:50201", "10.224.0.4:10250", "10.229.0.4:50201", "10.224.0.4:10250", "to-node-services"),
-    (CniMode::AzureCni, Tcp, "10.224.0.5:50202", "10.224.0.4:9100", "10.224.0.5:50202", "10.224.0.4:9100", "to-node-services"),
-    (CniMode::AzureCniOverlay, Tcp, "10.225.0.4:50200", "10.224.0.4:10250", "10.225.0.4:50200", "10.224.0.4:10250", "to-node-services"),
-    (CniMode::AzureCniOverlay, Tcp, "10.229.0.4:50201", "10.224.0.4:10250", "10.229.0.4:50201", "10.224.0.4:10250", "to-node-services"),
-    (CniMode::AzureCniOverlay, Tcp, "10.224.0.5:50202", "10.224.0.4:9100", "10.224.0.5:50202", "10.224.0.4:9100", "to-node-services"),
+    (CniMode::Kubenet, Tcp, "10.225.0.4:50200", "10.224.0.4:10250", "10.225.0.4:50200", "10.224.0.4:10250", "vnet-to-node"),
+    (CniMode::Kubenet, Tcp, "10.229.0.4:50201", "10.224.0.4:10250", "10.229.0.4:50201", "10.224.0.4:10250", "vnet-to-node"),
+    (CniMode::Kubenet, Tcp, "10.224.0.5:50202", "10.224.0.4:9100", "10.224.0.5:50202", "10.224.0.4:9100", "vnet-to-node"),
+    (CniMode::AzureCni, Tcp, "10.225.0.4:50200", "10.224.0.4:10250", "10.225.0.4:50200", "10.224.0.4:10250", "vnet-to-node"),
+    (CniMode::AzureCni, Tcp, "10.229.0.4:50201", "10.224.0.4:10250", "10.229.0.4:50201", "10.224.0.4:10250", "vnet-to-node"),
+    (CniMode::AzureCni, Tcp, "10.224.0.5:50202", "10.224.0.4:9100", "10.224.0.5:50202", "10.224.0.4:9100", "vnet-to-node"),
+    (CniMode::AzureCniOverlay, Tcp, "10.225.0.4:50200", "10.224.0.4:10250", "10.225.0.4:50200", "10.224.0.4:10250", "vnet-to-node"),
+    (CniMode::AzureCniOverlay, Tcp, "10.229.0.4:50201", "10.224.0.4:10250", "10.229.0.4:50201", "10.224.0.4:10250", "vnet-to-node"),
+    (CniMode::AzureCniOverlay, Tcp, "10.224.0.5:50202", "10.224.0.4:9100", "10.224.0.5:50202", "10.224.0.4:9100", "vnet-to-node"),
     // Legs forwarded by another node: eTP Cluster / NodePort (from its node IP), ClusterIP (from a pod).
-    (CniMode::Kubenet, Tcp, "10.224.0.5:50300", "10.244.0.10:8080", "10.224.0.5:50300", "10.244.0.10:8080", "from-another-node"),
-    (CniMode::Kubenet, Tcp, "10.244.1.20:50301", "10.244.0.10:8080", "10.244.1.20:50301", "10.244.0.10:8080", "from-another-node"),
-    (CniMode::AzureCni, Tcp, "10.224.0.5:50300", "10.224.0.10:8080", "10.224.0.5:50300", "10.224.0.10:8080", "from-another-node"),
-    (CniMode::AzureCni, Tcp, "10.224.0.70:50301", "10.224.0.10:8080", "10.224.0.70:50301", "10.224.0.10:8080", "from-another-node"),
-    (CniMode::AzureCniOverlay, Tcp, "10.224.0.5:50300", "10.244.0.10:8080", "10.224.0.5:50300", "10.244.0.10:8080", "from-another-node"),
-    (CniMode::AzureCniOverlay, Tcp, "10.244.1.20:50301", "10.244.0.10:8080", "10.244.1.20:50301", "10.244.0.10:8080", "from-another-node"),
+    (CniMode::Kubenet, Tcp, "10.224.0.5:50300", "10.244.0.10:8080", "10.224.0.5:50300", "10.244.0.10:8080", "forwarded-by-node"),
+    (CniMode::Kubenet, Tcp, "10.244.1.20:50301", "10.244.0.10:8080", "10.244.1.20:50301", "10.244.0.10:8080", "pod-to-pod/from-another-node"),
+    (CniMode::AzureCni, Tcp, "10.224.0.5:50300", "10.224.0.10:8080", "10.224.0.5:50300", "10.224.0.10:8080", "forwarded-by-node"),
+    (CniMode::AzureCni, Tcp, "10.224.0.70:50301", "10.224.0.10:8080", "10.224.0.70:50301", "10.224.0.10:8080", "forwarded-by-node"),
+    (CniMode::AzureCniOverlay, Tcp, "10.224.0.5:50300", "10.244.0.10:8080", "10.224.0.5:50300", "10.244.0.10:8080", "forwarded-by-node"),
+    (CniMode::AzureCniOverlay, Tcp, "10.244.1.20:50301", "10.244.0.10:8080", "10.244.1.20:50301", "10.244.0.10:8080", "pod-to-pod/from-another-node"),
     // This node's half: the endpoint it picks is on another node.
     (CniMode::Kubenet, Tcp, "203.0.113.10:40010", "192.0.2.10:80", "10.224.0.4:40010", "10.244.1.10:8080", "lb-inbound/etp-cluster"),
     (CniMode::AzureCni, Tcp, "203.0.113.10:40010", "192.0.2.10:80", "10.224.0.4:40010", "10.224.0.60:8080", "lb-inbound/etp-cluster"),
@@ -309,6 +310,32 @@ const CONFORMING: &[(CniMode, Proto, &str, &str, &str, &str, &str)] = &[
     (CniMode::Kubenet, Tcp, "10.244.0.10:40302", "10.0.50.52:443", "10.224.0.4:40302", "203.0.113.99:443", "pod-to-service/endpoint-on-internet"),
     (CniMode::AzureCni, Tcp, "10.224.0.10:40302", "10.0.50.52:443", "10.224.0.4:40302", "203.0.113.99:443", "pod-to-service/endpoint-on-internet"),
     (CniMode::AzureCniOverlay, Tcp, "10.244.0.10:40302", "10.0.50.52:443", "10.224.0.4:40302", "203.0.113.99:443", "pod-to-service/endpoint-on-internet"),
+    // The rest of each model's rows, so that every row has a flow (see every_row_is_in_the_table_on_every_cni).
+    (CniMode::Kubenet, Tcp, "203.0.113.11:41001", "192.0.2.13:80", "10.244.0.1:41001", "10.244.0.12:80", "l7-ingress/etp-cluster"),
+    (CniMode::Kubenet, Udp, "203.0.113.10:5001", "192.0.2.12:53", "203.0.113.10:5001", "10.244.0.11:5353", "lb-inbound-udp/etp-local"),
+    (CniMode::Kubenet, Udp, "10.244.0.11:40600", "168.63.129.16:53", "10.224.0.4:40600", "168.63.129.16:53", "pod-to-azure-dns"),
+    (CniMode::Kubenet, Tcp, "10.244.0.12:50020", "10.0.80.80:80", "10.244.0.12:50020", "10.244.0.10:8080", "l7-ingress-upstream/service-upstream"),
+    (CniMode::Kubenet, Tcp, "10.244.0.10:40700", "10.244.0.11:8080", "10.244.0.10:40700", "10.244.0.11:8080", "pod-to-pod"),
+    (CniMode::Kubenet, Tcp, "10.224.0.4:50700", "10.0.80.80:80", "10.224.0.4:50700", "10.244.0.10:8080", "node-to-service"),
+    (CniMode::AzureCni, Tcp, "203.0.113.11:41001", "192.0.2.13:80", "10.224.0.4:41001", "10.224.0.12:80", "l7-ingress/etp-cluster"),
+    (CniMode::AzureCni, Udp, "203.0.113.10:5001", "192.0.2.12:53", "203.0.113.10:5001", "10.224.0.11:5353", "lb-inbound-udp/etp-local"),
+    (CniMode::AzureCni, Udp, "10.224.0.11:40600", "168.63.129.16:53", "10.224.0.4:40600", "168.63.129.16:53", "pod-to-azure-dns"),
+    (CniMode::AzureCni, Tcp, "10.224.0.12:50020", "10.0.80.80:80", "10.224.0.12:50020", "10.224.0.10:8080", "l7-ingress-upstream/service-upstream"),
+    (CniMode::AzureCni, Tcp, "10.224.0.10:40700", "10.224.0.11:8080", "10.224.0.10:40700", "10.224.0.11:8080", "pod-to-pod"),
+    (CniMode::AzureCni, Tcp, "10.224.0.4:50700", "10.0.80.80:80", "10.224.0.4:50700", "10.224.0.10:8080", "node-to-service"),
+    (CniMode::AzureCniOverlay, Tcp, "203.0.113.11:41001", "192.0.2.13:80", "10.224.0.4:41001", "10.244.0.12:80", "l7-ingress/etp-cluster"),
+    (CniMode::AzureCniOverlay, Udp, "203.0.113.10:5001", "192.0.2.12:53", "203.0.113.10:5001", "10.244.0.11:5353", "lb-inbound-udp/etp-local"),
+    (CniMode::AzureCniOverlay, Udp, "10.244.0.11:40600", "168.63.129.16:53", "10.224.0.4:40600", "168.63.129.16:53", "pod-to-azure-dns"),
+    (CniMode::AzureCniOverlay, Tcp, "10.244.0.12:50020", "10.0.80.80:80", "10.244.0.12:50020", "10.244.0.10:8080", "l7-ingress-upstream/service-upstream"),
+    (CniMode::AzureCniOverlay, Tcp, "10.244.0.10:40700", "10.244.0.11:8080", "10.244.0.10:40700", "10.244.0.11:8080", "pod-to-pod"),
+    (CniMode::AzureCniOverlay, Tcp, "10.224.0.4:50700", "10.0.80.80:80", "10.224.0.4:50700", "10.244.0.10:8080", "node-to-service"),
+    (CniMode::Kubenet, Tcp, "10.225.0.4:50002", "10.224.0.4:31080", "10.225.0.4:50002", "10.244.0.12:80", "vnet-client-to-pod/nodeport-etp-local"),
+    (CniMode::AzureCniOverlay, Tcp, "10.225.0.4:50002", "10.224.0.4:31080", "10.225.0.4:50002", "10.244.0.12:80", "vnet-client-to-pod/nodeport-etp-local"),
+    (CniMode::Kubenet, Tcp, "10.226.0.4:50002", "10.224.0.4:31080", "10.226.0.4:50002", "10.244.0.12:80", "agic-nodeport/etp-local"),
+    (CniMode::AzureCniOverlay, Tcp, "203.0.113.11:41000", "192.0.2.11:80", "203.0.113.11:41000", "10.244.0.12:80", "l7-ingress/etp-local"),
+    (CniMode::AzureCniOverlay, Tcp, "203.0.113.10:40001", "192.0.2.12:80", "203.0.113.10:40001", "10.244.0.13:8080", "lb-inbound/etp-local"),
+    (CniMode::AzureCniOverlay, Udp, "203.0.113.10:5000", "192.0.2.10:53", "10.224.0.4:5000", "10.244.0.11:5353", "lb-inbound-udp/etp-cluster"),
+    (CniMode::AzureCniOverlay, Tcp, "10.244.0.12:50000", "10.244.0.10:8080", "10.244.0.12:50000", "10.244.0.10:8080", "l7-ingress-upstream/pod-ip"),
 ];
 
 #[test]
@@ -582,8 +609,8 @@ fn every_row_says_how_aks_facts_refines_it() {
         for id in [
             "pod-to-api-server",
             "pod-to-imds",
-            "to-node-services",
-            "from-another-node",
+            "vnet-to-node",
+            "forwarded-by-node",
         ] {
             let rows: Vec<_> = m.paths().iter().filter(|p| p.id() == id).collect();
             assert!(!rows.is_empty(), "{cni} lacks {id}");
@@ -815,4 +842,204 @@ fn snat_of_a_declared_local_frontend_says_what_the_node_programs() {
         "10.224.0.12:80",
     ));
     assert_eq!((c.verdict, c.reason()), (Verdict::Conforms, None));
+}
+
+/// azure-cni with a pod subnet: pods outside this node's (listed) pods are on other nodes.
+fn pod_subnet_classifier() -> Classifier {
+    let mut t = lab_topology(CniMode::AzureCni);
+    t.pod_cidrs = vec!["10.240.0.0/16".parse().unwrap()];
+    t.local_pods = vec![ip("10.240.0.10"), ip("10.240.0.11")];
+    Classifier::new(Model::load_builtin(CniMode::AzureCni).unwrap(), t).unwrap()
+}
+
+/// (orig src, orig dst, src after NAT, dst after NAT, expected path) on [`pod_subnet_classifier`].
+#[rustfmt::skip]
+const POD_SUBNET: &[(&str, &str, &str, &str, &str)] = &[
+    ("10.240.0.10:40000", "10.240.1.10:8080", "10.240.0.10:40000", "10.240.1.10:8080", "pod-to-pod/other-node"),
+    ("10.240.1.10:40001", "10.240.0.10:8080", "10.240.1.10:40001", "10.240.0.10:8080", "pod-to-pod/from-another-node"),
+    ("10.240.0.10:40002", "10.240.0.11:8080", "10.240.0.10:40002", "10.240.0.11:8080", "pod-to-pod"),
+    ("10.240.0.10:40003", "10.0.80.80:80", "10.240.0.10:40003", "10.240.1.10:8080", "pod-to-service"),
+];
+
+#[test]
+fn azure_cni_pod_subnet_tells_pods_on_other_nodes() {
+    let cl = pod_subnet_classifier();
+    for &(src, dst, nat_src, nat_dst, path) in POD_SUBNET {
+        let c = cl.classify(&flow(Tcp, src, dst, nat_src, nat_dst));
+        assert_path(&c, path, src);
+        assert_eq!(c.verdict, Verdict::Conforms, "{src}: {:?}", c.reason());
+    }
+}
+
+/// The table tests exercise every row of every built-in model: a row no flow reaches is either
+/// dead or untested.
+#[test]
+fn every_row_is_in_the_table_on_every_cni() {
+    let mut missing = Vec::new();
+    for cni in CniMode::ALL {
+        let cl = classifier(cni);
+        let reached: Vec<(Option<PathId>, Option<String>)> = CONFORMING
+            .iter()
+            .filter(|row| row.0 == cni)
+            .map(|&(_, proto, src, dst, nat_src, nat_dst, _)| (proto, [src, dst, nat_src, nat_dst]))
+            .chain(
+                DEVIATING
+                    .iter()
+                    .filter(|row| row.0 == cni)
+                    .map(|&(_, proto, tuples, _, _)| (proto, tuples)),
+            )
+            .map(|(proto, [src, dst, nat_src, nat_dst])| {
+                let c = cl.classify(&flow(proto, src, dst, nat_src, nat_dst));
+                (c.path, c.variant)
+            })
+            .chain(POD_SUBNET.iter().filter(|_| cni == CniMode::AzureCni).map(
+                |&(src, dst, nat_src, nat_dst, _)| {
+                    let c =
+                        pod_subnet_classifier().classify(&flow(Tcp, src, dst, nat_src, nat_dst));
+                    (c.path, c.variant)
+                },
+            ))
+            .collect();
+        for p in cl.model().paths() {
+            let key = (
+                Some(PathId(p.id().to_string())),
+                p.variant().map(str::to_string),
+            );
+            if !reached.contains(&key) {
+                missing.push(format!("{cni} {}/{}", p.id(), p.variant().unwrap_or("-")));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "rows no table flow reaches:\n{}",
+        missing.join("\n")
+    );
+}
+
+#[test]
+fn a_private_address_in_no_known_range_names_the_missing_fact() {
+    // 172.20.0.5 is private but neither the vnet nor a declared range: no LB SNAT is inferred.
+    let c = classifier(CniMode::Kubenet).classify(&flow(
+        Tcp,
+        "10.244.0.10:40000",
+        "172.20.0.5:443",
+        "10.224.0.4:40000",
+        "172.20.0.5:443",
+    ));
+    assert_eq!(c.verdict, Verdict::Unclassified);
+    let reason = c.reason().unwrap();
+    assert!(reason.contains("private_ranges"), "{reason}");
+    assert!(c.hops().is_empty() && c.hop_marks().is_empty());
+}
+
+#[test]
+fn the_off_node_snat_hop_follows_the_outbound_type() {
+    let ev = flow(
+        Tcp,
+        "10.244.0.10:40000",
+        "198.51.100.20:80",
+        "10.224.0.4:40000",
+        "198.51.100.20:80",
+    );
+    for (outbound, device, after) in [
+        (
+            OutboundType::LoadBalancer,
+            Some("Azure Load Balancer outbound SNAT"),
+            "192.0.2.100:*",
+        ),
+        (
+            OutboundType::ManagedNatGateway,
+            Some("NAT gateway SNAT"),
+            "the NAT gateway's public IP",
+        ),
+        (
+            OutboundType::UserDefinedRouting,
+            Some("firewall / NVA SNAT (user-defined routing)"),
+            "the firewall's public IP",
+        ),
+        (OutboundType::None, None, ""),
+    ] {
+        let mut t = lab_topology(CniMode::Kubenet);
+        t.outbound_type = outbound;
+        let c = Classifier::new(Model::load_builtin(CniMode::Kubenet).unwrap(), t)
+            .unwrap()
+            .classify(&ev);
+        assert_eq!(c.verdict, Verdict::Conforms, "{outbound:?}");
+        let hops = c.hops();
+        let off_node = hops.iter().find(|h| h.kind == HopKind::OutboundSnat);
+        assert_eq!(off_node.map(|h| h.what.as_str()), device, "{outbound:?}");
+        if let Some(h) = off_node {
+            assert_eq!(h.after.as_deref(), Some(after), "{outbound:?}");
+        }
+        let marks = c.hop_marks();
+        assert_eq!(marks.len(), hops.len());
+        assert_eq!(
+            marks.iter().any(|m| m.kind == HopKind::OutboundSnat),
+            device.is_some()
+        );
+    }
+}
+
+#[test]
+fn an_endpoint_on_another_node_is_named_so() {
+    for (cni, endpoint) in [
+        (CniMode::Kubenet, "10.244.1.10:8080"),
+        (CniMode::AzureCni, "10.224.0.60:8080"),
+        (CniMode::AzureCniOverlay, "10.244.1.10:8080"),
+    ] {
+        let c = classifier(cni).classify(&flow(
+            Tcp,
+            "203.0.113.10:40000",
+            "192.0.2.10:80",
+            "10.224.0.4:40000",
+            endpoint,
+        ));
+        let last = c.hops().pop().unwrap();
+        assert_eq!(
+            (last.what.as_str(), last.at.as_deref()),
+            ("Pod on another node", Some(endpoint)),
+            "{cni}"
+        );
+    }
+}
+
+#[test]
+fn hop_names_say_where_the_client_is() {
+    // The same internal LB path from the vnet and from the internet.
+    let cl = classifier(CniMode::AzureCni);
+    for (client, name) in [
+        ("10.225.0.4:50000", "Client (vnet)"),
+        ("203.0.113.10:50000", "Client (internet)"),
+        ("172.16.5.5:50000", "Client (declared private range)"),
+    ] {
+        let c = cl.classify(&flow(
+            Tcp,
+            client,
+            "192.0.2.12:80",
+            client,
+            "10.224.0.11:8080",
+        ));
+        assert_eq!(c.hops()[0].what, name);
+    }
+}
+
+#[test]
+fn json_has_the_seed_and_what_each_address_is() {
+    let c = classifier(CniMode::Kubenet).classify(&flow(
+        Tcp,
+        "10.244.0.10:40100",
+        "10.0.0.1:443",
+        "10.224.0.4:40100",
+        "198.51.100.50:443",
+    ));
+    let v = serde_json::to_value(&c).unwrap();
+    assert_eq!(v["path"], "pod-to-api-server");
+    assert_eq!(v["variant"], "kubernetes-service-public");
+    assert_eq!(v["seed"], "# destination is internet");
+    assert_eq!(
+        v["classes"],
+        serde_json::json!({"src": "pod", "dst": "service-ip", "nat_dst": "api-server-public"})
+    );
+    assert_eq!(v["hops"][5]["what"], "API server (public endpoint)");
 }
