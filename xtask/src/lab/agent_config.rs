@@ -1,4 +1,4 @@
-//! The agent's topology config for this lab (format: notes/lab-plan.md; parsed by the classifier).
+//! The agent's topology config for each lab node (the keys of the agent's `TopologyLayer`).
 
 use crate::lab::topology::{node_facts, plan, Host, Topology};
 use serde::Serialize;

@@ -21,7 +21,8 @@ pub enum PathId {
     /// Application Gateway → node NodePort → DNAT (backend pool set up by hand, kubenet).
     AgicNodePort,
     /// A vnet client to a pod (azure-cni: pod IP; kubenet and Overlay: node IP + NodePort; every
-    /// CNI: an internal LB frontend, floating IP).
+    /// CNI: an internal LB frontend, floating IP). Clients in declared private ranges (peered
+    /// vnets, on-premises) take the same path, without the LB.
     VnetClientToPod,
     /// Pod → internet: node MASQUERADE, then the LB's outbound SNAT off the node.
     PodToInternet,

@@ -11,7 +11,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 /// Scenario names, in the order `Scenario::all` runs them (agic-nodeport: kubenet only;
 /// agc-inbound: azure-cni and Overlay only). To add one: a name here and an arm in `build`.
-pub const SCENARIO_NAMES: [&str; 19] = [
+pub const SCENARIO_NAMES: [&str; 20] = [
     "lb-inbound-tcp",
     "lb-inbound-udp",
     "lb-health-probe",
@@ -21,6 +21,7 @@ pub const SCENARIO_NAMES: [&str; 19] = [
     "agc-inbound",
     "vnet-client-to-pod",
     "internal-lb-from-vnet",
+    "onprem-to-nodeport",
     "pod-to-internet",
     "pod-to-vnet",
     "pod-to-private-endpoint",
@@ -627,6 +628,21 @@ fn build(topo: &Topology, name: &'static str) -> Option<Scenario> {
                 vec![lb_snat],
             )
         }
+        "onprem-to-nodeport" => (
+            "on-premises client (through the VPN gateway, a declared private range) → the node IP's NodePort → DNAT + MASQUERADE (eTP Cluster) → app pod",
+            vec![http(
+                Host::OnPrem,
+                format!("http://{node}:{}/", plan::APP_NODE_PORT),
+                Expect::from(&app_name, masq),
+            )],
+            vec![entry(
+                VnetClientToPod,
+                Tcp,
+                (any(plan::ON_PREMISES_CLIENT), at(node, plan::APP_NODE_PORT)),
+                (at(app, app_port), any(masq)),
+            )],
+            vec![],
+        ),
         "pod-to-api-server" => {
             let api = topo.api_server.ip();
             let port = plan::API_SERVER_PORT;
@@ -741,9 +757,9 @@ mod tests {
         assert!(Scenario::find(Cni::AzureCni, "agic-nodeport").is_err());
         assert!(Scenario::find(Cni::AzureCniOverlay, "agic-nodeport").is_err());
         assert!(Scenario::find(Cni::Kubenet, "agc-inbound").is_err());
-        assert_eq!(Scenario::all(Cni::Kubenet).len(), 18);
-        assert_eq!(Scenario::all(Cni::AzureCni).len(), 18);
-        assert_eq!(Scenario::all(Cni::AzureCniOverlay).len(), 18);
+        assert_eq!(Scenario::all(Cni::Kubenet).len(), 19);
+        assert_eq!(Scenario::all(Cni::AzureCni).len(), 19);
+        assert_eq!(Scenario::all(Cni::AzureCniOverlay).len(), 19);
     }
 
     #[test]

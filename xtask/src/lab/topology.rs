@@ -1,6 +1,6 @@
 //! The lab's declarative topology: every namespace, link, address, route, pod and Service, as data,
 //! for one CNI mode. `build` applies it; `agent_config` and the scenarios read it. The address plan
-//! is `notes/lab-plan.md` (shared with the classifier).
+//! is [`plan`].
 
 use crate::lab::hash::{hex, sha256};
 use std::fmt;
@@ -125,10 +125,12 @@ pub enum Host {
     ApiServer,
     /// The Instance Metadata Service at 169.254.169.254.
     Imds,
+    /// An on-premises client, connected to the vnet through a VPN gateway.
+    OnPrem,
 }
 
 impl Host {
-    pub const ALL: [Host; 16] = [
+    pub const ALL: [Host; 17] = [
         Host::Inet,
         Host::Lb,
         Host::Vnet,
@@ -145,6 +147,7 @@ impl Host {
         Host::Agc,
         Host::ApiServer,
         Host::Imds,
+        Host::OnPrem,
     ];
 
     /// The lab's AKS nodes.
@@ -168,11 +171,12 @@ impl Host {
             Host::Agc => "agc",
             Host::ApiServer => "apiserver",
             Host::Imds => "imds",
+            Host::OnPrem => "onprem",
         }
     }
 }
 
-/// The address plan (lab-plan.md). Pod addresses depend on the CNI: see [`pod_ip`].
+/// The address plan. Pod addresses depend on the CNI and the node: see [`pod_ip`].
 pub mod plan {
     use std::net::Ipv4Addr;
 
@@ -199,8 +203,11 @@ pub mod plan {
     pub const FABRIC_IMDS_GW: Ipv4Addr = Ipv4Addr::new(172, 31, 254, 1);
     pub const FABRIC_IMDS: Ipv4Addr = Ipv4Addr::new(172, 31, 254, 2);
     pub const VNET_CIDR: &str = "10.224.0.0/12";
-    /// An on-premises range (VPN / ExpressRoute) the operator declares as private.
+    /// An on-premises range (VPN / ExpressRoute) the operator declares as private, and a client
+    /// in it behind the vnet's VPN gateway.
     pub const ON_PREMISES_CIDR: &str = "192.168.0.0/16";
+    pub const ON_PREMISES_GW: Ipv4Addr = Ipv4Addr::new(192, 168, 10, 1);
+    pub const ON_PREMISES_CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 10, 4);
     pub const NODE_SUBNET: &str = "10.224.0.0/16";
     pub const NODE_GW: Ipv4Addr = Ipv4Addr::new(10, 224, 0, 1);
     pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 224, 0, 4);
@@ -818,7 +825,8 @@ fn internet_hosts() -> (Vec<HostSpec>, Vec<Link>) {
 }
 
 /// The vnet's own hosts (VM, Application Gateway, private endpoint, AGC, private API server,
-/// IMDS), each on its own link to the vnet router, and the router's routes to them.
+/// IMDS) and the on-premises client behind the VPN gateway, each on its own link to the vnet
+/// router, and the router's routes to them.
 fn vnet_hosts(vnet: &mut HostSpec) -> (Vec<HostSpec>, Vec<Link>) {
     let mut hosts = Vec::new();
     let mut links = Vec::new();
@@ -840,6 +848,13 @@ fn vnet_hosts(vnet: &mut HostSpec) -> (Vec<HostSpec>, Vec<Link>) {
             plan::FABRIC_IMDS_GW,
             plan::FABRIC_IMDS,
             30,
+        ),
+        (
+            Host::OnPrem,
+            "onprem",
+            plan::ON_PREMISES_GW,
+            plan::ON_PREMISES_CLIENT,
+            24,
         ),
     ];
     for (host, ifname, gw, ip, len) in subnets {
@@ -1103,6 +1118,34 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn pods_take_their_nodes_addresses_and_no_address_repeats() {
+        let in_cidr = |ip: Ipv4Addr, cidr: &str| {
+            let (net, len) = cidr.split_once('/').unwrap();
+            let (net, len): (Ipv4Addr, u32) = (net.parse().unwrap(), len.parse().unwrap());
+            u32::from(ip) >> (32 - len) == u32::from(net) >> (32 - len)
+        };
+        for cni in Cni::ALL {
+            let topo = Topology::new(cni);
+            let mut seen = std::collections::HashSet::new();
+            for node in Host::NODES {
+                let facts = node_facts(node);
+                assert!(seen.insert(facts.ip), "{cni}: {} repeats", facts.ip);
+                for pod in topo.pods_on(node) {
+                    assert!(seen.insert(pod.ip), "{cni}: {} repeats", pod.ip);
+                    assert_eq!(node_of(pod.host), node);
+                    let home = if cni.pods_in_vnet() {
+                        plan::NODE_SUBNET
+                    } else {
+                        facts.pod_cidr
+                    };
+                    assert!(in_cidr(pod.ip, home), "{cni}: {} not in {home}", pod.ip);
+                }
+            }
+            assert_eq!(topo.pods_on(Host::Node2).len(), 1, "{cni}");
         }
     }
 
