@@ -595,7 +595,7 @@ fn build(topo: &Topology, name: &'static str) -> Option<Scenario> {
         "pod-to-vnet" => {
             let seen = pod_source_seen_as(app, plan::VM_IP);
             (
-                "app pod → VM in the vnet (kubenet: SNAT to the node IP; azure-cni: the pod IP is kept)",
+                "app pod → VM in the vnet (kubenet and Overlay: SNAT to the node IP; azure-cni: the pod IP is kept)",
                 vec![http(Host::PodApp, format!("http://{}/", plan::VM_IP), Expect::from("vm", seen))],
                 vec![entry(PodToVnet, Tcp, (any(app), at(plan::VM_IP, 80)), (at(plan::VM_IP, 80), any(seen)))],
                 vec![],
@@ -678,7 +678,7 @@ fn build(topo: &Topology, name: &'static str) -> Option<Scenario> {
             vec![],
         ),
         "vnet-to-kubelet" => (
-            "VM in the vnet → kubelet on the node IP :10250 (as the API server's konnectivity tunnel and metrics scrapers do), no NAT",
+            "VM in the vnet → kubelet on the node IP :10250 (as metrics scrapers in the vnet do), no NAT",
             vec![http(
                 Host::Vm,
                 format!("http://{node}:{}/healthz", plan::KUBELET_PORT),
