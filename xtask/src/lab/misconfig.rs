@@ -98,13 +98,9 @@ pub struct Misconfig {
 }
 
 fn build(cni: Cni, name: &'static str) -> Option<Misconfig> {
-    // Overlay's misconfigurations are not defined yet: its lab runs clean only.
-    if cni == Cni::AzureCniOverlay {
-        return None;
-    }
     let masq = masquerade_to_pod_ip(cni);
     let (breaks, change, symptom, also_affects) = match name {
-        // kubenet does not keep vnet traffic unmasqueraded in the first place.
+        // kubenet and Overlay do not keep vnet traffic unmasqueraded in the first place.
         "missing-non-masquerade" if cni == Cni::AzureCni => (
             "ip-masq-agent's nonMasqueradeCIDRs lost the vnet: pod traffic to the vnet (VMs, \
              private endpoints, other pods) is MASQUERADEd to the node IP, so vnet peers see \
@@ -442,5 +438,6 @@ mod tests {
         }
         assert_eq!(Misconfig::all(Cni::Kubenet).len(), 2);
         assert_eq!(Misconfig::all(Cni::AzureCni).len(), 3);
+        assert_eq!(Misconfig::all(Cni::AzureCniOverlay).len(), 2);
     }
 }
