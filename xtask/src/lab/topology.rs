@@ -299,8 +299,9 @@ pub fn node_facts(node: Host) -> NodeFacts {
 /// The node a pod runs on.
 pub fn node_of(pod: Host) -> Host {
     match pod {
+        Host::PodApp | Host::PodUdp | Host::PodIngress | Host::PodCoreDns => Host::Node,
         Host::PodWeb => Host::Node2,
-        _ => Host::Node,
+        other => panic!("{other:?} is not a pod"),
     }
 }
 
