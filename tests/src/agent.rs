@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use xtask::lab::topology::plan;
-use xtask::lab::{ExpectedConntrack, Lab, Proto, Scenario, Tuple};
+use xtask::lab::{ExpectedConntrack, Host, Lab, Proto, Scenario, Tuple};
 
 /// The agent under test, stopped with SIGTERM when dropped.
 pub struct Agent {
@@ -49,7 +49,20 @@ impl Agent {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Agent {
-        let node = lab.node_netns();
+        Agent::start_on(binary, lab, Host::Node, placement, source, extra, env)
+    }
+
+    /// As [`Agent::start`], on `node` (`Host::Node` or `Host::Node2`) with that node's config.
+    pub fn start_on(
+        binary: &Path,
+        lab: &Lab,
+        node_host: Host,
+        placement: Placement,
+        source: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
+        let node = lab.netns(node_host);
         let mut command = match placement {
             Placement::Beside => {
                 let mut command = Command::new(binary);
@@ -72,7 +85,7 @@ impl Agent {
                 "--show-ends",
                 "--config",
             ])
-            .arg(lab.topology_path())
+            .arg(lab.agent_config_path(node_host))
             // A bound on the run even if the test never stops it.
             .args(["--duration", "120"])
             .args(extra)
