@@ -290,7 +290,9 @@ const CONFORMING: &[(CniMode, Proto, &str, &str, &str, &str, &str)] = &[
     (CniMode::AzureCniOverlay, Tcp, "10.226.0.4:50000", "10.244.0.10:8080", "10.226.0.4:50000", "10.244.0.10:8080", "agic-inbound"),
     // An internal LB frontend (192.0.2.12, eTP Local) from the vnet and from on-premises.
     (CniMode::Kubenet, Tcp, "10.225.0.4:50400", "192.0.2.12:80", "10.225.0.4:50400", "10.244.0.13:8080", "vnet-client-to-pod/internal-lb-etp-local"),
-    (CniMode::AzureCni, Tcp, "10.225.0.4:50400", "192.0.2.12:80", "10.225.0.4:50400", "10.224.0.11:8080", "lb-inbound/etp-local"),
+    (CniMode::AzureCni, Tcp, "10.225.0.4:50400", "192.0.2.12:80", "10.225.0.4:50400", "10.224.0.11:8080", "vnet-client-to-pod/internal-lb-etp-local"),
+    (CniMode::AzureCni, Tcp, "10.225.0.4:50402", "192.0.2.10:80", "10.224.0.4:50402", "10.224.0.10:8080", "vnet-client-to-pod/internal-lb-etp-cluster"),
+    (CniMode::AzureCni, Tcp, "203.0.113.10:40001", "192.0.2.12:80", "203.0.113.10:40001", "10.224.0.13:8080", "lb-inbound/etp-local"),
     (CniMode::AzureCniOverlay, Tcp, "10.225.0.4:50400", "192.0.2.12:80", "10.225.0.4:50400", "10.244.0.13:8080", "vnet-client-to-pod/internal-lb-etp-local"),
     (CniMode::Kubenet, Tcp, "172.16.5.5:50401", "192.0.2.10:80", "10.244.0.1:50401", "10.244.0.10:8080", "vnet-client-to-pod/internal-lb-etp-cluster"),
     (CniMode::AzureCni, Tcp, "172.16.5.5:50401", "10.224.0.4:31080", "172.16.5.5:50401", "10.224.0.12:80", "vnet-client-to-pod/nodeport-etp-local"),

@@ -465,7 +465,13 @@ impl Topology {
         } else if self.private_endpoints.contains(&ip) {
             AddrClass::PrivateEndpoint
         } else if in_any(&self.node_subnets) {
-            AddrClass::NodeSubnet
+            // Flat azure-cni gives pods secondary addresses of the node subnet: one that
+            // kube-proxy lists as a Service endpoint is taken for a pod on another node.
+            if self.cni == CniMode::AzureCni && self.endpoints.iter().any(|e| e.ip == ip) {
+                AddrClass::RemotePod
+            } else {
+                AddrClass::NodeSubnet
+            }
         } else if in_any(&self.vnet_cidrs) {
             AddrClass::Vnet
         } else if in_any(&self.private_ranges) {
@@ -578,7 +584,8 @@ pub enum AddrClass {
     BridgeGateway,
     /// A pod on this node.
     Pod,
-    /// A pod on another node (the pod CIDR outside this node's share).
+    /// A pod on another node: the pod CIDR outside this node's share; on flat azure-cni, a
+    /// node-subnet address kube-proxy lists as a Service endpoint.
     RemotePod,
     ServiceIp,
     /// The API server (an endpoint of `default/kubernetes`) at a public address.
