@@ -7,6 +7,7 @@
 
 mod classify;
 mod compiled;
+mod render;
 
 pub use classify::{
     Classification, Classifier, CniMismatch, Evidence, Hop, HopMark, PathId, Verdict,

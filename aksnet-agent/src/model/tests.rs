@@ -1045,3 +1045,24 @@ fn json_has_the_seed_and_what_each_address_is() {
     );
     assert_eq!(v["hops"][5]["what"], "API server (public endpoint)");
 }
+
+#[test]
+fn an_unknown_node_subnet_is_named_in_the_reason() {
+    let mut t = lab_topology(CniMode::Kubenet);
+    t.node_subnets.clear();
+    let c = Classifier::new(Model::load_builtin(CniMode::Kubenet).unwrap(), t)
+        .unwrap()
+        .classify(&flow(
+            Tcp,
+            "10.224.0.5:50300",
+            "10.244.0.10:8080",
+            "10.224.0.5:50300",
+            "10.244.0.10:8080",
+        ));
+    assert_eq!(c.verdict, Verdict::Unclassified);
+    assert!(
+        c.reason().unwrap().contains("(node_subnet)"),
+        "{:?}",
+        c.reason()
+    );
+}
