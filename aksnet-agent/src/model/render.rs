@@ -130,8 +130,12 @@ impl Classifier {
                 Var::Etp => f.dst_etp().map_or(unknown.into(), |e| e.to_string()),
                 Var::Cni => t.cni.to_string(),
                 Var::NodeIp => join(same_family(&t.node_ips, f.orig.src)).unwrap_or(unknown.into()),
-                Var::LbOutbound => join(same_family(&t.lb_outbound_ips, f.orig.src))
-                    .unwrap_or_else(|| "not configured".into()),
+                // lb_outbound_ips are the LB's: another outbound type's device has its own.
+                Var::LbOutbound => match t.outbound_type {
+                    OutboundType::LoadBalancer => join(same_family(&t.lb_outbound_ips, f.orig.src))
+                        .unwrap_or_else(|| "not configured".into()),
+                    _ => "the device's own, not visible from the node".into(),
+                },
                 Var::Outbound => t.outbound_type.snat_device().to_string(),
                 Var::InIface => f.in_iface.unwrap_or(unknown).to_string(),
                 Var::OutIface => f.out_iface.unwrap_or(unknown).to_string(),

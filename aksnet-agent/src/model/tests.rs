@@ -195,6 +195,8 @@ const CONFORMING: &[(CniMode, Proto, &str, &str, &str, &str, &str)] = &[
     (CniMode::AzureCni, Tcp, "10.226.0.4:50002", "10.224.0.4:31080", "10.226.0.4:50002", "10.224.0.12:80", "agic-nodeport/etp-local"),
     (CniMode::AzureCni, Tcp, "10.228.0.4:50000", "10.224.0.10:8080", "10.228.0.4:50000", "10.224.0.10:8080", "agc-inbound"),
     (CniMode::AzureCni, Tcp, "10.225.0.4:50000", "10.224.0.10:8080", "10.225.0.4:50000", "10.224.0.10:8080", "vnet-client-to-pod/pod-ip"),
+    // API Server VNet Integration reaches an azure-cni webhook pod directly.
+    (CniMode::AzureCni, Tcp, "10.229.0.4:50001", "10.224.0.12:8443", "10.229.0.4:50001", "10.224.0.12:8443", "vnet-client-to-pod/pod-ip"),
     (CniMode::AzureCni, Tcp, "10.225.0.4:50002", "10.224.0.4:31080", "10.225.0.4:50002", "10.224.0.12:80", "vnet-client-to-pod/nodeport-etp-local"),
     (CniMode::AzureCni, Tcp, "10.225.0.4:50003", "10.224.0.4:30080", "10.224.0.4:50003", "10.224.0.10:8080", "vnet-client-to-pod/nodeport-etp-cluster"),
     (CniMode::AzureCni, Tcp, "[fd00:10:224:1::4]:50000", "[fd00:10:224::4]:30080", "[fd00:10:224::4]:50000", "[fd00:10:224::10]:8080", "vnet-client-to-pod/nodeport-etp-cluster"),
@@ -973,6 +975,13 @@ fn the_off_node_snat_hop_follows_the_outbound_type() {
         assert_eq!(off_node.map(|h| h.what.as_str()), device, "{outbound:?}");
         if let Some(h) = off_node {
             assert_eq!(h.after.as_deref(), Some(after), "{outbound:?}");
+            // The LB's outbound IPs are named only when the LB is the device.
+            let from = h.inferred_from.as_deref().unwrap();
+            assert_eq!(
+                from.contains("192.0.2.100"),
+                outbound == OutboundType::LoadBalancer,
+                "{from}"
+            );
         }
         let marks = c.hop_marks();
         assert_eq!(marks.len(), hops.len());
