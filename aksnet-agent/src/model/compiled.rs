@@ -28,34 +28,57 @@ fn bit(c: AddrClass) -> u32 {
     1 << (c as u32)
 }
 
-/// A Service-name pattern: `*` matches any run of characters, nothing else is special.
+/// A Service-name pattern: `*` matches any run of characters, nothing else is special. Split
+/// once into the text before the first star, after the last, and between.
 #[derive(Clone, Debug)]
 pub(super) struct Glob {
-    parts: Vec<String>,
+    /// No star: the whole name.
+    exact: Option<String>,
+    prefix: String,
+    suffix: String,
+    middles: Vec<String>,
+    min_len: usize,
 }
 
 impl Glob {
     pub(super) fn new(pattern: &str) -> Glob {
+        let parts: Vec<&str> = pattern.split('*').collect();
+        let (prefix, suffix) = (parts[0], parts[parts.len() - 1]);
+        let middles: Vec<String> = match parts.len() {
+            0..=2 => Vec::new(),
+            n => parts[1..n - 1]
+                .iter()
+                .filter(|m| !m.is_empty())
+                .map(|m| m.to_string())
+                .collect(),
+        };
         Glob {
-            parts: pattern.split('*').map(str::to_string).collect(),
+            exact: (parts.len() == 1).then(|| pattern.to_string()),
+            min_len: prefix.len() + suffix.len() + middles.iter().map(String::len).sum::<usize>(),
+            prefix: prefix.to_string(),
+            suffix: suffix.to_string(),
+            middles,
         }
     }
 
     pub(super) fn matches(&self, name: &str) -> bool {
-        let parts = &self.parts;
-        if parts.len() == 1 {
-            return parts[0] == name;
+        if let Some(exact) = &self.exact {
+            return exact == name;
         }
-        let (first, last) = (&parts[0], &parts[parts.len() - 1]);
-        if name.len() < first.len() + last.len()
-            || !name.starts_with(first.as_str())
-            || !name.ends_with(last.as_str())
+        // Lengths first: most names fail here without comparing a byte.
+        if name.len() < self.min_len
+            || (!self.prefix.is_empty() && !name.starts_with(self.prefix.as_str()))
+            || (!self.suffix.is_empty() && !name.ends_with(self.suffix.as_str()))
         {
             return false;
         }
-        let mut rest = &name[first.len()..name.len() - last.len()];
-        for mid in &parts[1..parts.len() - 1] {
-            match rest.find(mid.as_str()) {
+        let mut rest = &name[self.prefix.len()..name.len() - self.suffix.len()];
+        for mid in &self.middles {
+            let found = match mid.as_bytes() {
+                [byte] => rest.bytes().position(|b| b == *byte),
+                _ => rest.find(mid.as_str()),
+            };
+            match found {
                 Some(i) => rest = &rest[i + mid.len()..],
                 None => return false,
             }
@@ -263,6 +286,9 @@ mod tests {
             ("a*b*c", "abc", true),
             ("a*b*c", "ac", false),
             ("ab*ba", "aba", false),
+            ("*", "", true),
+            ("a**b", "ab", true),
+            ("*/*", "default", false),
         ] {
             assert_eq!(
                 Glob::new(pattern).matches(name),
