@@ -589,6 +589,14 @@ const ROUTER_SYSCTLS: [(&str, &str); 3] = [
     ("net.ipv4.conf.default.rp_filter", "0"),
 ];
 
+/// Every veth gets an IPv6 link-local address, as on AKS nodes; without duplicate address
+/// detection it (and its local route) exists as soon as the link is up, so a lab that is up is in
+/// its steady state instead of finishing DAD while an agent discovers the node.
+const NO_DAD: [(&str, &str); 2] = [
+    ("net.ipv6.conf.all.accept_dad", "0"),
+    ("net.ipv6.conf.default.accept_dad", "0"),
+];
+
 /// The vnet router sends node-subnet traffic back out of the interface it came in on (node to
 /// node through the fabric): no ICMP redirect may teach a node a shortcut.
 const NO_REDIRECTS: [(&str, &str); 2] = [
@@ -892,6 +900,7 @@ fn node(
 ) -> (HostSpec, Vec<HostSpec>, Vec<Link>) {
     let mut node = host_spec(facts.host);
     node.sysctls.extend(ROUTER_SYSCTLS);
+    node.sysctls.extend(NO_DAD);
     node.routes
         .push(Route::dev(&cidr(plan::NODE_GW, 32), "eth0"));
     node.routes.push(Route::via("default", plan::NODE_GW));
