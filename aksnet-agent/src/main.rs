@@ -258,6 +258,9 @@ enum Command {
         /// Read flows from a file of `--dump --output json` lines instead of capturing ("-" is stdin).
         #[arg(long, value_name = "FILE")]
         from_dump: Option<PathBuf>,
+        /// Also quote the seed note each path encodes and how aks-facts corrects it.
+        #[arg(long)]
+        verbose: bool,
     },
     /// Discover the topology once and print every fact, its value and its source (flag, config,
     /// api, imds, iptables, interfaces, default), what is missing and what blinds the agent.
@@ -285,6 +288,7 @@ fn main() -> ExitCode {
     let options = RunOptions {
         dump: cli.dump.then_some(common.output),
         diagram: false,
+        verbose: false,
         matching: None,
         netns: common.netns,
         duration: common.duration,
@@ -308,9 +312,11 @@ fn main() -> ExitCode {
         Some(Command::Explain {
             matching,
             from_dump,
+            verbose,
         }) => pipeline::explain(
             RunOptions {
                 matching,
+                verbose,
                 dump: Some(common.output),
                 ..options
             },

@@ -10,7 +10,7 @@ use crate::metrics::conntrack::ConntrackReader;
 use crate::metrics::{
     self, FlowObservation, Metrics, MetricsConfig, MetricsError, NatHop, Readiness,
 };
-use crate::model::{Classification, Evidence, Hop, HopKind, Verdict};
+use crate::model::{Classification, Evidence, HopKind, HopMark, Verdict};
 use crate::output::dump::{self, Dump, FlowView, Format};
 use crate::output::explain;
 use crate::startup::{self, Classify, Given, Knowledge, KnowledgeError};
@@ -47,6 +47,8 @@ pub struct RunOptions {
     pub dump: Option<Format>,
     /// Draw matching flows' hop chains instead of dump lines (`explain`).
     pub diagram: bool,
+    /// Diagrams also quote the seed note and aks-facts' correction (`explain --verbose`).
+    pub verbose: bool,
     /// Show only flows that involve this address.
     pub matching: Option<Matcher>,
     pub netns: Option<String>,
@@ -227,7 +229,12 @@ fn explain_dump(options: &RunOptions, path: &PathBuf) -> Result<(), AgentError> 
             flow.in_iface.as_deref(),
             flow.out_iface.as_deref(),
         );
-        writeln!(out, "{}", explain::render(&flow.event, &class)).map_err(AgentError::Output)?;
+        writeln!(
+            out,
+            "{}",
+            explain::render(&flow.event, &class, options.verbose)
+        )
+        .map_err(AgentError::Output)?;
     }
     Ok(())
 }
@@ -320,6 +327,7 @@ impl Agent {
                 .dump
                 .map(|format| Dump::new(format, std::io::stdout().lock())),
             diagram: options.diagram,
+            verbose: options.verbose,
             matching: options.matching,
             show_ends: options.show_ends,
             shown: 0,
@@ -457,6 +465,7 @@ struct Pipeline<W: Write> {
     dump: Option<Dump<W>>,
     /// Write hop diagrams instead of dump lines.
     diagram: bool,
+    verbose: bool,
     matching: Option<Matcher>,
     show_ends: bool,
     /// Dump lines written so far, for `--count`.
@@ -582,7 +591,9 @@ impl<W: Write> Pipeline<W> {
             return Ok(());
         }
         match (self.diagram, view.classification) {
-            (true, Some(class)) => dump.write_raw(&explain::render(view.event, class)),
+            (true, Some(class)) => {
+                dump.write_raw(&explain::render(view.event, class, self.verbose))
+            }
             (true, None) => return Ok(()),
             (false, _) => dump.write(view),
         }
@@ -662,8 +673,8 @@ fn verdict_label(verdict: Verdict) -> &'static str {
 /// load balancer, its inferred SNAT (a NAT gateway or firewall does not use the LB's ports).
 fn nat_hops(class: &Classification, outbound: OutboundType) -> Vec<NatHop> {
     class
-        .hops
-        .iter()
+        .hop_marks()
+        .into_iter()
         .filter(|hop| hop.evidence != Evidence::ExpectedNotSeen)
         .filter_map(|hop| match hop.kind {
             HopKind::NodeDnat => Some(NatHop::KubeProxyDnat),
@@ -689,14 +700,20 @@ fn deviation_class(class: &Classification) -> Option<&'static str> {
     if class.verdict != Verdict::Deviates {
         return None;
     }
-    let class_of = |hop: &Hop| match (hop.kind, hop.evidence, hop.in_model) {
+    let class_of = |hop: &HopMark| match (hop.kind, hop.evidence, hop.in_model) {
         (HopKind::NodeSnat, Evidence::ExpectedNotSeen, _) => Some("missing-node-snat"),
         (HopKind::NodeDnat, Evidence::ExpectedNotSeen, _) => Some("missing-node-dnat"),
         (HopKind::NodeSnat, _, false) => Some("unexpected-node-snat"),
         (HopKind::NodeDnat, _, false) => Some("unexpected-node-dnat"),
         _ => None,
     };
-    Some(class.hops.iter().find_map(class_of).unwrap_or("other"))
+    Some(
+        class
+            .hop_marks()
+            .iter()
+            .find_map(class_of)
+            .unwrap_or("other"),
+    )
 }
 
 #[cfg(test)]

@@ -13,12 +13,11 @@ use crate::metrics::Metrics;
 use crate::model::{Classification, Classifier, CniMismatch, Model, Verdict};
 use crate::topology::imds::{self, Imds, IMDS_ADDR, IMDS_TIMEOUT};
 use crate::topology::{
-    self, AddrClass, Blindness, Discovery, Facts, LoadError, MissingFact, Source, Topology,
-    TopologyError, TopologyLayer,
+    self, Blindness, Discovery, Facts, LoadError, MissingFact, Source, Topology, TopologyError,
+    TopologyLayer,
 };
 use serde::Serialize;
 use std::io::Write;
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -320,14 +319,6 @@ pub struct Report<'a> {
     pub notes: Vec<&'a str>,
 }
 
-/// RFC 1918, shared (RFC 6598) and unique-local addresses: never on the internet.
-fn is_private(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(a) => a.is_private() || (a.octets()[0] == 100 && a.octets()[1] & 0xc0 == 64),
-        IpAddr::V6(a) => a.is_unique_local(),
-    }
-}
-
 fn join(missing: &[MissingFact]) -> String {
     missing
         .iter()
@@ -348,22 +339,6 @@ pub struct Classify {
 impl Classify {
     pub fn topology(&self) -> Option<&Topology> {
         self.classifier.as_ref().map(Classifier::topology)
-    }
-
-    /// Without the vnet's ranges a private address that no other fact explains may be in the
-    /// vnet, a peered vnet or on-premises: classing it as the internet would invent an LB SNAT.
-    fn unknown_private(&self, topology: &Topology, ev: &FlowEvent) -> Option<String> {
-        let vnet = self.missing.iter().find(|m| m.fact == "vnet_cidrs")?;
-        let translated = ev.translated();
-        [ev.orig.src, ev.orig.dst, translated.src, translated.dst]
-            .into_iter()
-            .find(|ip| is_private(*ip) && topology.class_of(*ip, false) == AddrClass::Internet)
-            .map(|ip| {
-                format!(
-                    "{ip} is a private address outside every range the topology knows: it may be \
-                     in the vnet, a peered vnet or on-premises; the topology lacks {vnet}"
-                )
-            })
     }
 
     fn no_cni_reason(&self) -> String {
@@ -388,34 +363,12 @@ impl Classify {
         out_iface: Option<&str>,
     ) -> Classification {
         let Some(classifier) = &self.classifier else {
-            return Classification {
-                path: None,
-                variant: None,
-                cni: None,
-                verdict: Verdict::Unclassified,
-                hops: Vec::new(),
-                reason: Some(self.no_cni_reason()),
-                seed: None,
-                refines: None,
-            };
+            return Classification::without_model(self.no_cni_reason());
         };
-        let mut class = classifier.classify_with_interfaces(ev, in_iface, out_iface);
-        if let Some(reason) = self.unknown_private(classifier.topology(), ev) {
-            return Classification {
-                path: None,
-                variant: None,
-                verdict: Verdict::Unclassified,
-                hops: Vec::new(),
-                reason: Some(reason),
-                seed: None,
-                refines: None,
-                ..class
-            };
-        }
+        let class = classifier.classify_with_interfaces(ev, in_iface, out_iface);
         if class.verdict == Verdict::Unclassified && !self.missing.is_empty() {
-            let reason = class.reason.take().unwrap_or_default();
-            class.reason = Some(format!(
-                "{reason}; the topology lacks {}, which may be why",
+            return class.lacking(format!(
+                "the topology lacks {}, which may be why",
                 join(&self.missing)
             ));
         }
@@ -507,10 +460,10 @@ mod tests {
             .classify
             .classify_with_interfaces(&unknown_flow(), None, None);
         assert_eq!(
-            (c.verdict, c.cni, c.path),
+            (c.verdict, c.cni, c.path.clone()),
             (Verdict::Unclassified, None, None)
         );
-        let reason = c.reason.unwrap();
+        let reason = c.reason().unwrap();
         for words in [
             "network mode is unknown",
             "--cni",
@@ -533,7 +486,7 @@ mod tests {
             .classify_with_interfaces(&unknown_flow(), None, None);
         assert_eq!(c.verdict, Verdict::Unclassified);
         assert_eq!(c.cni, Some(CniMode::Kubenet));
-        let reason = c.reason.unwrap();
+        let reason = c.reason().unwrap();
         assert!(
             reason.contains("the topology lacks `node_ips` (give it with --node-ip"),
             "{reason}"
@@ -563,11 +516,8 @@ mod tests {
         };
         let vnet = to("10.224.0.8:80");
         assert_eq!(vnet.verdict, Verdict::Unclassified);
-        let reason = vnet.reason.unwrap();
-        assert!(
-            reason.starts_with("10.224.0.8 is a private address"),
-            "{reason}"
-        );
+        let reason = vnet.reason().unwrap();
+        assert!(reason.contains("10.224.0.8"), "{reason}");
         assert!(
             reason.contains("`vnet_cidrs` (give it with --vnet-cidr"),
             "{reason}"

@@ -142,6 +142,28 @@ fn azure_cni_etp_cluster_declared_local() {
     );
 }
 
+#[test]
+fn azure_cni_overlay_double_snat() {
+    caught(
+        Cni::AzureCniOverlay,
+        "double-snat",
+        &["double SNAT", "Application Gateway", "one source rewrite"],
+    );
+}
+
+#[test]
+fn azure_cni_overlay_etp_cluster_declared_local() {
+    caught(
+        Cni::AzureCniOverlay,
+        "etp-cluster-declared-local",
+        &[
+            "declared externalTrafficPolicy Local",
+            "client address is lost",
+            "program it as externalTrafficPolicy Cluster, not the declared Local",
+        ],
+    );
+}
+
 /// Every misconfiguration the lab knows has a test above.
 #[test]
 fn every_misconfiguration_is_tested() {
@@ -151,6 +173,8 @@ fn every_misconfiguration_is_tested() {
         (Cni::AzureCni, "double-snat"),
         (Cni::Kubenet, "etp-cluster-declared-local"),
         (Cni::AzureCni, "etp-cluster-declared-local"),
+        (Cni::AzureCniOverlay, "double-snat"),
+        (Cni::AzureCniOverlay, "etp-cluster-declared-local"),
     ];
     for cni in Cni::ALL {
         for m in Misconfig::all(cni) {

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use xtask::lab::topology::plan;
-use xtask::lab::{ExpectedConntrack, Lab, Proto, Scenario, Tuple};
+use xtask::lab::{ExpectedConntrack, Host, Lab, Proto, Scenario, Tuple};
 
 /// The agent under test, stopped with SIGTERM when dropped.
 pub struct Agent {
@@ -49,10 +49,24 @@ impl Agent {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Agent {
-        let config = lab.topology_path();
+        Agent::start_on(binary, lab, Host::Node, placement, source, extra, env)
+    }
+
+    /// As [`Agent::start`], on `node_host` (`Host::Node` or `Host::Node2`) with that node's
+    /// config.
+    pub fn start_on(
+        binary: &Path,
+        lab: &Lab,
+        node_host: Host,
+        placement: Placement,
+        source: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
+        let config = lab.agent_config_path(node_host);
         let config = ["--config", config.to_str().expect("a UTF-8 path")];
         let args = [&config, extra].concat();
-        Agent::start_in(binary, &lab.node_netns(), placement, source, &args, env)
+        Agent::start_in(binary, &lab.netns(node_host), placement, source, &args, env)
     }
 
     /// [`Agent::start`] on any namespace (`ip netns` name) and without the lab's config file:

@@ -474,6 +474,7 @@ mod tests {
         for (cni, app_ip) in [
             (Cni::Kubenet, "10.244.0.10"),
             (Cni::AzureCni, "10.224.0.10"),
+            (Cni::AzureCniOverlay, "10.244.0.10"),
         ] {
             let topology = Topology::new(cni);
             let pods = lab_pod_list(&topology);
@@ -504,19 +505,22 @@ mod tests {
                 names,
                 [
                     "default/app",
+                    "default/app-internal",
                     "default/dns",
+                    "default/kubernetes",
+                    "default/web",
                     "ingress-nginx/ingress-nginx-controller",
                     "kube-system/kube-dns"
                 ]
             );
-            let ingress = &services["items"][2];
+            let ingress = &services["items"][5];
             assert_eq!(ingress["spec"]["externalTrafficPolicy"], "Local");
             assert_eq!(ingress["spec"]["healthCheckNodePort"], 32000);
             assert_eq!(
                 ingress["status"]["loadBalancer"]["ingress"][0]["ip"],
                 "192.0.2.11"
             );
-            let kube_dns = &services["items"][3];
+            let kube_dns = &services["items"][6];
             assert_eq!(kube_dns["spec"]["type"], "ClusterIP");
             assert_eq!(kube_dns["spec"]["ports"][0]["protocol"], "UDP");
         }

@@ -1,55 +1,75 @@
 //! The node lab's self-test, one per CNI (they run in parallel, in separate lab instances): every
 //! scenario's traffic succeeds end to end (the lab checks who answered, the address the server
-//! saw, X-Forwarded-For, the LB's SNAT range), and the node's conntrack table shows the NAT each
-//! scenario expects. A failed assertion unwinds through the `Lab`'s Drop, which tears it down.
+//! saw, X-Forwarded-For, the LB's SNAT range), and each node's conntrack table shows the NAT the
+//! scenario expects there (the second node: the legs that cross to it). A failed assertion
+//! unwinds through the `Lab`'s Drop, which tears it down.
 
 use aksnet_tests::{conntrack, require_root};
-use xtask::lab::{Cni, Lab, LabOptions, Scenario};
+use std::time::Instant;
+use xtask::lab::{ApiServerAccess, Cni, Host, Lab, LabOptions, Scenario};
 
-fn selftest(cni: Cni) {
+/// Runs `scenarios` (all of the lab's when `None`) and checks both nodes' conntrack after each.
+fn selftest(cni: Cni, api_server: ApiServerAccess, only: Option<&str>) {
     require_root();
-    let lab =
-        Lab::up(LabOptions::new(cni)).unwrap_or_else(|e| panic!("{cni} lab did not come up: {e}"));
-    let node = lab.node_netns();
+    let started = Instant::now();
+    let lab = Lab::up(LabOptions {
+        api_server,
+        ..LabOptions::new(cni)
+    })
+    .unwrap_or_else(|e| panic!("{cni} lab did not come up: {e}"));
+    let up = started.elapsed();
+    let scenarios: Vec<Scenario> = lab
+        .scenarios()
+        .into_iter()
+        .filter(|s| only.is_none_or(|name| s.name == name))
+        .collect();
+    assert!(!scenarios.is_empty(), "{cni}: no scenario {only:?}");
     let mut failures = Vec::new();
-    for scenario in Scenario::all(cni) {
-        conntrack::flush(&node).unwrap();
-        let report = lab.run(&scenario).unwrap_or_else(|e| panic!("{cni}: {e}"));
+    for scenario in &scenarios {
+        for node in Host::NODES {
+            conntrack::flush(&lab.netns(node)).unwrap();
+        }
+        let report = lab.run(scenario).unwrap_or_else(|e| panic!("{cni}: {e}"));
         assert_eq!(
             report.steps.len(),
             scenario.traffic.len(),
             "{}: not every step ran",
             scenario.name
         );
-        let entries = conntrack::list(&node).unwrap();
-        for expected in scenario.expected_on_node() {
-            match entries
-                .iter()
-                .find(|e| expected.matches(e.proto, &e.original, &e.reply))
-            {
-                Some(entry) if entry.nat() == expected.nat => {}
-                Some(entry) => failures.push(format!(
-                    "{cni} {}: {expected}\n    matched `{}` but its NAT is {}",
-                    scenario.name,
-                    entry.line,
-                    entry.nat().as_str()
-                )),
-                None => failures.push(format!(
-                    "{cni} {}: no entry for {expected}\n    node conntrack:\n      {}",
-                    scenario.name,
-                    entries
-                        .iter()
-                        .map(|e| e.line.as_str())
-                        .collect::<Vec<_>>()
-                        .join("\n      ")
-                )),
+        for node in Host::NODES {
+            let entries = conntrack::list(&lab.netns(node)).unwrap();
+            for expected in scenario.expected_on(node) {
+                match entries
+                    .iter()
+                    .find(|e| expected.matches(e.proto, &e.original, &e.reply))
+                {
+                    Some(entry) if entry.nat() == expected.nat => {}
+                    Some(entry) => failures.push(format!(
+                        "{cni} {} on {}: {expected}\n    matched `{}` but its NAT is {}",
+                        scenario.name,
+                        node.suffix(),
+                        entry.line,
+                        entry.nat().as_str()
+                    )),
+                    None => failures.push(format!(
+                        "{cni} {} on {}: no entry for {expected}\n    conntrack:\n      {}",
+                        scenario.name,
+                        node.suffix(),
+                        entries
+                            .iter()
+                            .map(|e| e.line.as_str())
+                            .collect::<Vec<_>>()
+                            .join("\n      ")
+                    )),
+                }
             }
         }
         println!(
-            "{cni} {}: {} step(s), {} expected entries seen",
+            "{cni} {}: {} step(s), {} + {} expected entries seen on node + node2",
             scenario.name,
             report.steps.len(),
-            scenario.expected_on_node().len()
+            scenario.expected_on(Host::Node).len(),
+            scenario.expected_on(Host::Node2).len()
         );
     }
     assert!(
@@ -57,15 +77,36 @@ fn selftest(cni: Cni) {
         "conntrack did not show the expected NAT:\n{}",
         failures.join("\n")
     );
+    let ran = started.elapsed();
     lab.down().unwrap();
+    println!(
+        "{cni} ({api_server} API server): {} scenarios; lab up {up:?}, traffic and checks {:?}, \
+         teardown {:?}",
+        scenarios.len(),
+        ran - up,
+        started.elapsed() - ran
+    );
 }
 
 #[test]
 fn kubenet_lab() {
-    selftest(Cni::Kubenet);
+    selftest(Cni::Kubenet, ApiServerAccess::Public, None);
 }
 
 #[test]
 fn azure_cni_lab() {
-    selftest(Cni::AzureCni);
+    selftest(Cni::AzureCni, ApiServerAccess::Public, None);
+}
+
+#[test]
+fn azure_cni_overlay_lab() {
+    selftest(Cni::AzureCniOverlay, ApiServerAccess::Public, None);
+}
+
+/// A private cluster's API server, on each CNI: only the scenario it changes.
+#[test]
+fn private_api_server() {
+    for cni in Cni::ALL {
+        selftest(cni, ApiServerAccess::Private, Some("pod-to-api-server"));
+    }
 }

@@ -6,21 +6,39 @@
 //! The [`Classifier`] interprets the rows; no path is special-cased in code.
 
 mod classify;
+mod compiled;
+mod render;
 
-pub use classify::{Classification, Classifier, CniMismatch, Evidence, Hop, PathId, Verdict};
+pub use classify::{
+    Classification, Classifier, CniMismatch, Evidence, Hop, HopMark, PathId, Verdict,
+};
 
 use crate::events::Proto;
 use crate::topology::{AddrClass, CniMode, Etp, FileError, LoadError};
+use compiled::{Candidates, RowMatch, Template};
 use serde::{Deserialize, Deserializer};
 use std::path::Path;
 use toml::Spanned;
 
-/// A loaded model: the path rows for one CNI mode, in match order.
+/// A loaded model: the path rows for one CNI mode, in match order, and the same rows compiled
+/// for matching (`compiled`, index for index).
 #[derive(Clone, Debug)]
 pub struct Model {
     cni: CniMode,
     origin: String,
     paths: Vec<PathRow>,
+    compiled: Vec<CompiledRow>,
+    candidates: Candidates,
+}
+
+/// A row's matcher and its templates, parsed once.
+#[derive(Clone, Debug)]
+struct CompiledRow {
+    matcher: RowMatch,
+    describe: Template,
+    /// Per hop: its label and, for an inferred hop, what it is inferred from.
+    labels: Vec<Template>,
+    froms: Vec<Option<Template>>,
 }
 
 #[derive(Deserialize)]
@@ -185,7 +203,7 @@ impl HopKind {
 #[serde(deny_unknown_fields)]
 struct HopSpec {
     kind: HopKind,
-    label: String,
+    label: Spanned<String>,
     evidence: Spanned<ModelEvidence>,
     /// What an inferred hop is inferred from (a template).
     from: Option<Spanned<String>>,
@@ -207,6 +225,10 @@ pub struct PathRow {
     direction: Direction,
     src: Vec<AddrClass>,
     dst: Vec<AddrClass>,
+    /// Matches only when the destination after the node's DNAT is of one of these classes: a
+    /// Service whose endpoint is not a pod is told by what its endpoint is.
+    #[serde(default)]
+    nat_dst: Vec<AddrClass>,
     #[serde(default)]
     proto: Vec<ProtoName>,
     #[serde(default)]
@@ -250,24 +272,6 @@ impl PathRow {
         self.refines.as_deref()
     }
 }
-
-/// Placeholders a template may use; see `classify::Facts`.
-const PLACEHOLDERS: &[&str] = &[
-    "src",
-    "dst",
-    "dport",
-    "nat_src",
-    "nat_dst",
-    "src_service",
-    "dst_service",
-    "etp",
-    "cni",
-    "node_ip",
-    "lb_outbound",
-    "outbound",
-    "in_iface",
-    "out_iface",
-];
 
 const BUILTIN: [(CniMode, &str, &str); 3] = [
     (
@@ -332,6 +336,7 @@ impl Model {
             ));
         }
         let mut seen: Vec<(&str, Option<&str>)> = Vec::new();
+        let mut compiled = Vec::with_capacity(m.paths.len());
         for row in &m.paths {
             let key = (row.id(), row.variant());
             if seen.contains(&key) {
@@ -376,9 +381,10 @@ impl Model {
                     "a hop chain needs at least its two ends".into(),
                 ));
             }
-            check_template(&row.describe, |m| {
-                err(row.describe.span(), "path.describe", m)
-            })?;
+            let template = |t: &Spanned<String>, field: &str| {
+                Template::parse(t.get_ref()).map_err(|m| err(t.span(), field, m))
+            };
+            let describe = template(&row.describe, "path.describe")?;
             // A required NAT needs its hop, a forbidden one must not have one; an optional one may.
             let has = |k: HopKind| row.hops.iter().any(|h| h.kind == k);
             let dnat_ok = match row.nat.dnat {
@@ -417,46 +423,45 @@ impl Model {
                         ),
                     ));
                 }
-                match (&hop.from, ev) {
-                    (Some(from), _) => {
-                        check_template(from, |m| err(from.span(), "path.hops.from", m))?
-                    }
-                    (None, ModelEvidence::Inferred) => {
-                        return Err(at_id(
-                            "path.hops.from",
-                            format!(
-                                "the inferred hop `{}` must say what it is inferred from",
-                                hop.label
-                            ),
-                        ));
-                    }
-                    (None, ModelEvidence::Observed) => {}
+                if hop.from.is_none() && ev == ModelEvidence::Inferred {
+                    return Err(at_id(
+                        "path.hops.from",
+                        format!(
+                            "the inferred hop `{}` must say what it is inferred from",
+                            hop.label.get_ref()
+                        ),
+                    ));
                 }
             }
+            compiled.push(CompiledRow {
+                matcher: RowMatch::new(row),
+                describe,
+                labels: row
+                    .hops
+                    .iter()
+                    .map(|h| template(&h.label, "path.hops.label"))
+                    .collect::<Result<_, _>>()?,
+                froms: row
+                    .hops
+                    .iter()
+                    .map(|h| {
+                        h.from
+                            .as_ref()
+                            .map(|f| template(f, "path.hops.from"))
+                            .transpose()
+                    })
+                    .collect::<Result<_, _>>()?,
+            });
         }
+        let candidates = Candidates::new(&m.paths);
         Ok(Model {
             cni: *m.cni.get_ref(),
             origin: file.display().to_string(),
             paths: m.paths,
+            compiled,
+            candidates,
         })
     }
-}
-
-fn check_template(t: &Spanned<String>, err: impl Fn(String) -> FileError) -> Result<(), FileError> {
-    for piece in t.get_ref().split('{').skip(1) {
-        let name = piece.split('}').next().unwrap_or_default();
-        if !PLACEHOLDERS.contains(&name) {
-            return Err(err(format!(
-                "unknown placeholder {{{name}}}; use one of {}",
-                PLACEHOLDERS
-                    .iter()
-                    .map(|p| format!("{{{p}}}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            )));
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -89,10 +89,9 @@ pub fn client_address_lost(class: &Classification) -> Option<ClientAddressLost> 
     {
         return None;
     }
+    let hops = class.hops();
     let seen = || {
-        class
-            .hops
-            .iter()
+        hops.iter()
             .filter(|hop| hop.evidence != Evidence::ExpectedNotSeen)
     };
     let lost = |hop: &crate::model::Hop, hop_class, fix| ClientAddressLost {
@@ -108,10 +107,7 @@ pub fn client_address_lost(class: &Classification) -> Option<ClientAddressLost> 
     }) {
         return Some(lost(proxy.0, proxy.1, FIX_XFF));
     }
-    let from_client = class
-        .hops
-        .first()
-        .is_some_and(|hop| hop.kind == HopKind::Client);
+    let from_client = hops.first().is_some_and(|hop| hop.kind == HopKind::Client);
     let dnat = seen().any(|hop| hop.kind == HopKind::NodeDnat);
     let masquerade = seen().find(|hop| hop.kind == HopKind::NodeSnat)?;
     (from_client && dnat).then(|| lost(masquerade, "kube_proxy_masquerade", FIX_ETP_LOCAL))
@@ -256,7 +252,7 @@ fn text_line(view: &FlowView<'_>) -> String {
         let path = class.path.as_ref().map_or("-", |p| p.0.as_str());
         line.push_str(&format!(" path={path} {}", verdict_word(class.verdict)));
         if class.verdict != Verdict::Conforms {
-            if let Some(reason) = &class.reason {
+            if let Some(reason) = class.reason() {
                 line.push_str(&format!(" ({reason})"));
             }
         }

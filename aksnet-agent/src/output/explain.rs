@@ -1,12 +1,13 @@
 //! `explain`: one flow's hop chain drawn in the seed notes' style, each hop marked observed or
-//! inferred (and from what), with the addresses before and after each NAT.
+//! inferred (and from what), with the addresses before and after each NAT. With `--verbose` it
+//! also quotes the seed note the path encodes and aks-facts' correction of it.
 
 use crate::events::FlowEvent;
 use crate::model::{Classification, Evidence, Hop, HopKind, Verdict};
 use std::fmt::Write;
 
-/// Renders the classification of `ev` as a diagram.
-pub fn render(ev: &FlowEvent, c: &Classification) -> String {
+/// Renders the classification of `ev` as a diagram; `verbose` adds the seed quotation.
+pub fn render(ev: &FlowEvent, c: &Classification, verbose: bool) -> String {
     let mut out = String::new();
     let tr = ev.translated();
     let _ = write!(out, "flow {} {}", ev.proto, ev.orig);
@@ -36,24 +37,27 @@ pub fn render(ev: &FlowEvent, c: &Classification) -> String {
             let _ = writeln!(out, "{verdict} ({model})");
         }
     }
-    for (i, hop) in c.hops.iter().enumerate() {
+    for (i, hop) in c.hops().iter().enumerate() {
         if i > 0 {
             out.push_str("   |\n");
         }
         out.push_str(&hop_line(hop));
         out.push('\n');
     }
-    if let Some(seed) = &c.seed {
-        let _ = writeln!(out, "seed: \"{seed}\"");
-    }
-    if let Some(refines) = &c.refines {
-        let _ = writeln!(out, "refined by {refines}");
-    }
-    if let Some(reason) = &c.reason {
+    if let Some(reason) = c.reason() {
         let _ = writeln!(out, "reason: {reason}");
     }
     if let Some(lost) = crate::output::dump::client_address_lost(c) {
         let _ = writeln!(out, "client address lost at [{}]: {}", lost.hop, lost.fix);
+    }
+    if !verbose {
+        return out;
+    }
+    if let Some(seed) = c.seed() {
+        let _ = writeln!(out, "seed: \"{seed}\"");
+    }
+    if let Some(refines) = c.refines() {
+        let _ = writeln!(out, "refined by {refines}");
     }
     out
 }
@@ -110,22 +114,29 @@ mod tests {
         let expected = "\
 flow tcp 203.0.113.10:40000 -> 192.0.2.10:80 (after NAT on the node: 10.244.0.1:40000 -> 10.244.0.10:8080)
 path lb-inbound (etp-cluster), kubenet model: conforms
-[Client (Internet)] 203.0.113.10:40000 (observed)
+[Client (internet)] 203.0.113.10:40000 (observed)
    |
-[Azure Load Balancer (L4)] dst 192.0.2.10:80 -> 192.0.2.10:80 (inferred: floating IP: 192.0.2.10 is the LB frontend of default/app and stays the destination up to the node)
+[Azure Load Balancer (floating IP)] dst 192.0.2.10:80 -> 192.0.2.10:80 (inferred: floating IP: 192.0.2.10 is the LB frontend of default/app and stays the destination up to the node)
    |
 [AKS Node] 10.224.0.4 (in eth0, out cbr0) (observed)
    |
-[kube-proxy DNAT para o pod IP (KUBE-SVC)] dst 192.0.2.10:80 -> 10.244.0.10:8080 (observed)
+[kube-proxy DNAT to the pod (KUBE-SVC)] dst 192.0.2.10:80 -> 10.244.0.10:8080 (observed)
    |
 [kube-proxy MASQUERADE (KUBE-MARK-MASQ)] src 203.0.113.10:40000 -> 10.244.0.1:40000 (observed)
    |
 [Pod] 10.244.0.10:8080 (observed)
+client address lost at [kube-proxy MASQUERADE (KUBE-MARK-MASQ)]: set `externalTrafficPolicy: Local` on the Service: the load balancer then sends only to nodes with a ready pod and kube-proxy keeps the client address
 seed: \"O TCP handshake (SYN, SYN-ACK, ACK) é feito entre o cliente e o IP do Load Balancer (frontend IP).\"
 refined by aks-facts: the handshake runs end to end between client and pod through the node's DNAT (floating IP): one conntrack entry, one path. With externalTrafficPolicy Cluster KUBE-MARK-MASQ + KUBE-POSTROUTING also SNAT it (cbr0's gateway for a local pod, the node IP for one on another node), so the client address is lost; the seed omits this SNAT.
-client address lost at [kube-proxy MASQUERADE (KUBE-MARK-MASQ)]: set `externalTrafficPolicy: Local` on the Service: the load balancer then sends only to nodes with a ready pod and kube-proxy keeps the client address
 ";
-        assert_eq!(render(&ev, &c), expected);
+        assert_eq!(render(&ev, &c, true), expected);
+        // Without --verbose the seed's own words stay out of the diagram.
+        let plain = render(&ev, &c, false);
+        assert!(expected.starts_with(&plain), "{plain}");
+        assert!(
+            !plain.contains("seed:") && !plain.contains("refined by"),
+            "{plain}"
+        );
     }
 
     #[test]
@@ -142,12 +153,12 @@ client address lost at [kube-proxy MASQUERADE (KUBE-MARK-MASQ)]: set `externalTr
             "10.224.0.4:40000",
             "10.224.0.8:80",
         );
-        let out = render(&ev, &cl.classify(&ev));
+        let out = render(&ev, &cl.classify(&ev), false);
         assert!(
             out.contains("path pod-to-vnet, azure-cni model: DEVIATES"),
             "{out}"
         );
-        assert!(out.contains("[node SNAT (not in the model)] src 10.224.0.10:40000 -> 10.224.0.4:40000 (observed, NOT in the model)"), "{out}");
+        assert!(out.contains("[Node SNAT (not in the model)] src 10.224.0.10:40000 -> 10.224.0.4:40000 (observed, NOT in the model)"), "{out}");
         assert!(
             out.contains("reason: azure-cni pod traffic to 10.224.0.8"),
             "{out}"

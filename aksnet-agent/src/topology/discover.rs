@@ -394,7 +394,12 @@ fn from_interfaces(s: &Sources, d: &mut Discovery) -> TopologyLayer {
     let pod_routes: Vec<IpAddr> = s
         .routes
         .iter()
-        .filter(|r| r.iface.starts_with("azv") && is_host_route(&r.dst))
+        // Each veth's own IPv6 link-local /128 is no pod.
+        .filter(|r| {
+            r.iface.starts_with("azv")
+                && is_host_route(&r.dst)
+                && !super::is_link_local(r.dst.addr())
+        })
         .map(|r| r.dst.addr())
         .collect();
     if has(&|n| n == "cilium_host" || n.starts_with("lxc")) {
@@ -668,6 +673,7 @@ mod tests {
             routes: vec![
                 route("0.0.0.0/0", "eth0"),
                 route("10.224.0.10/32", "azv0011aabb"),
+                route("fe80::1/128", "azv0011aabb"),
             ],
             ..Default::default()
         };

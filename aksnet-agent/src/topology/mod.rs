@@ -436,6 +436,10 @@ impl Topology {
     /// packet crossed a pod interface on this side, which marks a pod the topology did not list.
     pub fn class_of(&self, ip: IpAddr, pod_side: bool) -> AddrClass {
         let in_any = |cidrs: &[Cidr]| cidrs.iter().any(|c| c.contains(ip));
+        // Without this node's share of the pod CIDR (and no listed local pods) every pod address
+        // is taken for one of this node's: the flows are the same, only the hop text differs.
+        let node_share_known = !self.node_pod_cidrs.is_empty() || !self.local_pods.is_empty();
+        let cluster_pod = in_any(&self.pod_cidrs);
         if ip.is_loopback() {
             AddrClass::Loopback
         } else if self.health_probe_sources.contains(&ip) {
@@ -453,8 +457,14 @@ impl Topology {
             AddrClass::NodeIp
         } else if self.bridge_gateways.contains(&ip) {
             AddrClass::BridgeGateway
-        } else if pod_side || in_any(&self.pod_cidrs) || self.local_pods.contains(&ip) {
+        } else if pod_side
+            || self.local_pods.contains(&ip)
+            || in_any(&self.node_pod_cidrs)
+            || (cluster_pod && !node_share_known)
+        {
             AddrClass::Pod
+        } else if cluster_pod {
+            AddrClass::RemotePod
         } else if in_any(&self.service_cidrs)
             || self
                 .services
@@ -462,24 +472,53 @@ impl Topology {
                 .any(|s| s.ip == Some(ip) && s.kind == ServiceKind::ClusterIp)
         {
             AddrClass::ServiceIp
+        } else if self.api_server.contains(&ip) {
+            if self.is_private(ip) {
+                AddrClass::ApiServerPrivate
+            } else {
+                AddrClass::ApiServerPublic
+            }
         } else if in_any(&self.appgw_subnets) {
             AddrClass::AppgwSubnet
         } else if in_any(&self.agc_subnets) {
             AddrClass::AgcSubnet
         } else if self.private_endpoints.contains(&ip) {
             AddrClass::PrivateEndpoint
+        } else if in_any(&self.node_subnets) {
+            // Flat azure-cni gives pods secondary addresses of the node subnet: one that
+            // kube-proxy lists as a Service endpoint is taken for a pod on another node.
+            if self.cni == CniMode::AzureCni && self.endpoints.iter().any(|e| e.ip == ip) {
+                AddrClass::RemotePod
+            } else {
+                AddrClass::NodeSubnet
+            }
         } else if in_any(&self.vnet_cidrs) {
             AddrClass::Vnet
+        } else if in_any(&self.private_ranges) {
+            AddrClass::PrivateRange
         } else if is_link_local(ip) {
             AddrClass::LinkLocal
+        } else if is_private_use(ip) {
+            AddrClass::UnknownPrivate
         } else {
             AddrClass::Internet
         }
     }
 
+    /// Whether `ip` is reached without the outbound SNAT: the vnet, a declared private range, or
+    /// a private-use address.
+    fn is_private(&self, ip: IpAddr) -> bool {
+        let in_any = |cidrs: &[Cidr]| cidrs.iter().any(|c| c.contains(ip));
+        in_any(&self.vnet_cidrs)
+            || in_any(&self.node_subnets)
+            || in_any(&self.private_ranges)
+            || self.private_endpoints.contains(&ip)
+            || is_private_use(ip)
+    }
+
     /// The Service and policy a destination belongs to: an LB frontend, a NodePort on this
     /// node, or a ClusterIP.
-    pub fn service_at(&self, proto: Proto, ip: IpAddr, port: u16) -> Option<ServiceRef> {
+    pub fn service_at(&self, proto: Proto, ip: IpAddr, port: u16) -> Option<ServiceRef<'_>> {
         if let Some(f) = self.lb_frontends.iter().find(|f| f.ip == ip) {
             let discovered = self
                 .services
@@ -488,8 +527,8 @@ impl Topology {
             return Some(ServiceRef {
                 name: f
                     .service
-                    .clone()
-                    .or_else(|| discovered.map(|s| s.service().to_string())),
+                    .as_deref()
+                    .or_else(|| discovered.map(ServicePort::service)),
                 etp: f.external_traffic_policy.or(discovered.and_then(|s| s.etp)),
             });
         }
@@ -505,7 +544,7 @@ impl Topology {
                     }
             })
             .map(|s| ServiceRef {
-                name: Some(s.service().to_string()),
+                name: Some(s.service()),
                 etp: s.etp,
             })
     }
@@ -527,10 +566,19 @@ impl Topology {
 }
 
 /// A destination's Service, as far as the topology knows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceRef {
-    pub name: Option<String>,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceRef<'a> {
+    pub name: Option<&'a str>,
     pub etp: Option<Etp>,
+}
+
+/// RFC 1918, shared address space (RFC 6598) and IPv6 unique-local addresses: private, but
+/// not known to be this vnet's nor a declared range.
+fn is_private_use(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => a.is_private() || (a.octets()[0] == 100 && a.octets()[1] & 0xc0 == 64),
+        IpAddr::V6(a) => (a.segments()[0] & 0xfe00) == 0xfc00,
+    }
 }
 
 fn is_link_local(ip: IpAddr) -> bool {
@@ -542,7 +590,7 @@ fn is_link_local(ip: IpAddr) -> bool {
 
 /// What an address is, from the node's point of view. Declaration order is precedence: an
 /// address that is both (an Application Gateway in the vnet) gets the first class listed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AddrClass {
     Loopback,
@@ -550,16 +598,32 @@ pub enum AddrClass {
     HealthProbe,
     LbFrontend,
     LbOutbound,
+    /// This node's own addresses.
     NodeIp,
     /// kubenet: `cbr0`'s address.
     BridgeGateway,
+    /// A pod on this node.
     Pod,
+    /// A pod on another node: the pod CIDR outside this node's share; on flat azure-cni, a
+    /// node-subnet address kube-proxy lists as a Service endpoint.
+    RemotePod,
     ServiceIp,
+    /// The API server (an endpoint of `default/kubernetes`) at a public address.
+    ApiServerPublic,
+    /// The API server at a private address: a private cluster's private endpoint, or API Server
+    /// VNet Integration's internal LB.
+    ApiServerPrivate,
     AppgwSubnet,
     AgcSubnet,
     PrivateEndpoint,
+    /// The node subnet: other nodes (and, on flat azure-cni, their pods).
+    NodeSubnet,
     Vnet,
+    /// Operator-declared peered vnets and on-premises ranges.
+    PrivateRange,
     LinkLocal,
+    /// A private-use address in no range the topology knows.
+    UnknownPrivate,
     Internet,
 }
 
@@ -574,12 +638,20 @@ impl AddrClass {
             AddrClass::NodeIp => "node IP",
             AddrClass::BridgeGateway => "cbr0's gateway",
             AddrClass::Pod => "pod",
+            AddrClass::RemotePod => "pod on another node",
             AddrClass::ServiceIp => "ClusterIP",
+            AddrClass::ApiServerPublic => "API server, public",
+            AddrClass::ApiServerPrivate => "API server, private",
             AddrClass::AppgwSubnet => "Application Gateway subnet",
             AddrClass::AgcSubnet => "AGC subnet",
             AddrClass::PrivateEndpoint => "private endpoint",
+            AddrClass::NodeSubnet => "node subnet: another node",
             AddrClass::Vnet => "vnet",
+            AddrClass::PrivateRange => "declared private range",
             AddrClass::LinkLocal => "link-local",
+            AddrClass::UnknownPrivate => {
+                "private address outside the vnet and every declared range: list peered vnets and on-premises ranges in private_ranges"
+            }
             AddrClass::Internet => "internet",
         }
     }

@@ -240,3 +240,30 @@ fn dual_stack_pod_cidr_list() {
     assert_eq!(t.class_of(ip("fd00:10:244::12"), false), AddrClass::Pod);
     assert_eq!(t.class_of(ip("2001:db8::10"), false), AddrClass::Internet);
 }
+
+#[test]
+fn node_subnet_api_server_private_ranges_and_pods_on_other_nodes_have_classes() {
+    // Top-level keys go before the [[lb_frontends]] tables.
+    let text = format!(
+        "api_server = [\"198.51.100.50\", \"10.229.0.4\"]\n\
+         private_ranges = [\"172.16.0.0/16\"]\nnode_pod_cidrs = [\"10.244.0.0/24\"]\n{LAB_CONFIG}"
+    );
+    let l: TopologyLayer = config::parse_toml(Path::new("facts.toml"), &text).unwrap();
+    let t = Topology::from_layers([l]).unwrap();
+    use AddrClass::*;
+    for (addr, class) in [
+        ("10.224.0.4", NodeIp),
+        ("10.224.0.5", NodeSubnet),
+        ("10.244.0.10", Pod),
+        ("10.244.1.10", RemotePod),
+        ("198.51.100.50", ApiServerPublic),
+        ("10.229.0.4", ApiServerPrivate),
+        ("172.16.5.5", PrivateRange),
+        ("172.20.0.5", UnknownPrivate),
+        ("100.64.0.1", UnknownPrivate),
+        ("198.51.100.20", Internet),
+    ] {
+        assert_eq!(t.class_of(ip(addr), false), class, "{addr}");
+    }
+    assert!(UnknownPrivate.describe().contains("private_ranges"));
+}

@@ -1,6 +1,6 @@
-//! The agent's topology config for this lab (format: notes/lab-plan.md; parsed by the classifier).
+//! The agent's topology config for each lab node (the keys of the agent's `TopologyLayer`).
 
-use crate::lab::topology::{plan, Cni, Topology};
+use crate::lab::topology::{node_facts, plan, Host, Topology};
 use serde::Serialize;
 
 #[derive(Serialize)]
@@ -19,6 +19,10 @@ struct AgentConfig {
     node_subnet: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pod_cidr: Option<&'static str>,
+    /// kubenet / Overlay: this node's share of the pod CIDR (its other addresses are pods on
+    /// other nodes).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    node_pod_cidrs: Vec<&'static str>,
     service_cidr: &'static str,
     appgw_subnets: Vec<&'static str>,
     agc_subnets: Vec<&'static str>,
@@ -26,19 +30,32 @@ struct AgentConfig {
     health_probe_sources: Vec<String>,
     lb_outbound_ips: Vec<String>,
     lb_frontends: Vec<LbFrontend>,
+    /// The endpoints of `default/kubernetes`.
+    api_server: Vec<String>,
+    /// Peered vnets and on-premises ranges: private, routed without the LB.
+    private_ranges: Vec<&'static str>,
 }
 
+/// The config of the agent on the first node.
 pub fn render(topo: &Topology) -> String {
+    render_on(topo, Host::Node)
+}
+
+/// The config of the agent on `node`.
+pub fn render_on(topo: &Topology, node: Host) -> String {
+    let facts = node_facts(node);
+    let pod_cidr = (!topo.cni.pods_in_vnet()).then_some(plan::CLUSTER_POD_CIDR);
     let config = AgentConfig {
         cni: topo.cni.as_str(),
-        node_name: plan::NODE_NAME,
-        node_ips: vec![plan::NODE_IP.to_string()],
+        node_name: facts.name,
+        node_ips: vec![facts.ip.to_string()],
         vnet_cidrs: vec![plan::VNET_CIDR],
         node_subnet: plan::NODE_SUBNET,
-        pod_cidr: (topo.cni == Cni::Kubenet).then_some(plan::CLUSTER_POD_CIDR),
+        pod_cidr,
+        node_pod_cidrs: pod_cidr.map(|_| facts.pod_cidr).into_iter().collect(),
         service_cidr: plan::SERVICE_CIDR,
         appgw_subnets: vec![plan::APPGW_SUBNET],
-        agc_subnets: vec![],
+        agc_subnets: vec![plan::AGC_SUBNET],
         private_endpoints: vec![plan::PE_IP.to_string()],
         health_probe_sources: vec![topo.lb.probe_source.to_string()],
         lb_outbound_ips: vec![topo.lb.outbound_ip.to_string()],
@@ -59,6 +76,8 @@ pub fn render(topo: &Topology) -> String {
                 }
             })
             .collect(),
+        api_server: vec![topo.api_server.ip().to_string()],
+        private_ranges: vec![plan::ON_PREMISES_CIDR],
     };
     toml::to_string(&config).expect("the agent config is plain strings and lists")
 }
@@ -66,6 +85,7 @@ pub fn render(topo: &Topology) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lab::topology::{ApiServerAccess, Cni};
 
     #[test]
     fn renders_the_plan_keys() {
@@ -82,7 +102,16 @@ mod tests {
             frontends[1]["external_traffic_policy"].as_str(),
             Some("Local")
         );
+        assert_eq!(value["node_pod_cidrs"][0].as_str(), Some("10.244.0.0/24"));
+        assert_eq!(value["api_server"][0].as_str(), Some("198.51.100.40"));
         let azure: toml::Value = toml::from_str(&render(&Topology::new(Cni::AzureCni))).unwrap();
         assert!(azure.get("pod_cidr").is_none());
+        assert!(azure.get("node_pod_cidrs").is_none());
+        let overlay = Topology::with_api_server(Cni::AzureCniOverlay, ApiServerAccess::Private);
+        let node2: toml::Value = toml::from_str(&render_on(&overlay, Host::Node2)).unwrap();
+        assert_eq!(node2["node_ips"][0].as_str(), Some("10.224.0.5"));
+        assert_eq!(node2["node_pod_cidrs"][0].as_str(), Some("10.244.1.0/24"));
+        assert_eq!(node2["pod_cidr"].as_str(), Some("10.244.0.0/16"));
+        assert_eq!(node2["api_server"][0].as_str(), Some("10.229.0.4"));
     }
 }

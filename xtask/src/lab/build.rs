@@ -74,11 +74,13 @@ pub fn apply(prefix: &str, topo: &Topology) -> Result<(), LabError> {
             )?;
         }
     }
-    exec::in_ns_with_input(
-        &ns(Host::Node),
-        &["iptables-restore"],
-        &kubeproxy::node_nat_rules(topo),
-    )?;
+    for node in Host::NODES {
+        exec::in_ns_with_input(
+            &ns(node),
+            &["iptables-restore"],
+            &kubeproxy::node_nat_rules_on(topo, node),
+        )?;
+    }
     exec::in_ns_with_input(
         &ns(Host::Lb),
         &["iptables-restore"],
@@ -89,7 +91,11 @@ pub fn apply(prefix: &str, topo: &Topology) -> Result<(), LabError> {
 
 fn configure_end(netns: &str, end: &LinkEnd) -> Result<(), LabError> {
     for addr in &end.addrs {
-        exec::ip(netns, &["addr", "add", addr, "dev", &end.ifname])?;
+        let mut args = vec!["addr", "add", addr.as_str(), "dev", end.ifname.as_str()];
+        if end.routed_subnet {
+            args.push("noprefixroute");
+        }
+        exec::ip(netns, &args)?;
     }
     if let Some(master) = &end.master {
         exec::ip(netns, &["link", "set", &end.ifname, "master", master])?;

@@ -3,7 +3,8 @@
 use crate::cmd::{Cmd, CmdError};
 use crate::lab::topology::plan;
 use crate::lab::{
-    clean_up, teardown_prefix, Cni, Lab, LabError, LabOptions, Scenario, DEFAULT_STATE_DIR,
+    clean_up, teardown_prefix, ApiServerAccess, Cni, Host, Lab, LabError, LabOptions, Scenario,
+    Topology, DEFAULT_STATE_DIR,
 };
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -17,6 +18,9 @@ pub enum LabCommand {
     Up {
         #[arg(long)]
         cni: Cni,
+        /// Where `default/kubernetes` sends pods: public or private.
+        #[arg(long, default_value = "public")]
+        api_server: ApiServerAccess,
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
@@ -31,10 +35,12 @@ pub enum LabCommand {
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
-    /// List the scenarios and the conntrack entries each must produce on the node.
+    /// List the scenarios and the conntrack entries each must produce on each node.
     List {
         #[arg(long, default_value = "kubenet")]
         cni: Cni,
+        #[arg(long, default_value = "public")]
+        api_server: ApiServerAccess,
     },
     /// Bring a lab up, run the agent's dump on the node while all scenarios run, tear down.
     Demo {
@@ -58,21 +64,29 @@ pub struct DemoArgs {
 
 pub fn execute(cmd: LabCommand) -> Result<(), LabError> {
     match cmd {
-        LabCommand::Up { cni, state_dir } => {
+        LabCommand::Up {
+            cni,
+            api_server,
+            state_dir,
+        } => {
             if Lab::persisted(&state_dir) {
                 return Err(LabError::AlreadyUp { path: state_dir });
             }
             let opts = LabOptions {
                 state_dir: state_dir.clone(),
+                api_server,
                 ..LabOptions::new(cni)
             };
             teardown_on_signal(&state_dir, &opts.prefix);
             let lab = Lab::up(opts)?;
-            println!(
-                "lab up: {cni}, node namespace {}, agent config {}",
-                lab.node_netns(),
-                lab.topology_path().display()
-            );
+            println!("lab up: {cni}, {api_server} API server");
+            for node in Host::NODES {
+                println!(
+                    "  node namespace {}, agent config {}",
+                    lab.netns(node),
+                    lab.agent_config_path(node).display()
+                );
+            }
             for host in crate::lab::Host::ALL {
                 println!("  {}", lab.netns(host));
             }
@@ -85,11 +99,11 @@ pub fn execute(cmd: LabCommand) -> Result<(), LabError> {
         } => {
             let lab = Lab::attach(&state_dir)?;
             let selected = if scenarios.is_empty() {
-                Scenario::all(lab.cni())
+                lab.scenarios()
             } else {
                 scenarios
                     .iter()
-                    .map(|n| Scenario::find(lab.cni(), n))
+                    .map(|n| Scenario::find_in(lab.topology(), n))
                     .collect::<Result<_, _>>()?
             };
             run_scenarios(&lab, &selected)
@@ -104,12 +118,10 @@ pub fn execute(cmd: LabCommand) -> Result<(), LabError> {
             }
             Ok(())
         }
-        LabCommand::List { cni } => {
-            for s in Scenario::all(cni) {
+        LabCommand::List { cni, api_server } => {
+            for s in Scenario::all_in(&Topology::with_api_server(cni, api_server)) {
                 println!("{} — {}", s.name, s.summary);
-                for e in s.expected_on_node() {
-                    println!("    {e}");
-                }
+                print_expected(&s);
             }
             Ok(())
         }
@@ -136,11 +148,17 @@ fn run_scenarios(lab: &Lab, scenarios: &[Scenario]) -> Result<(), LabError> {
                 step.answer.server.as_deref().unwrap_or("server")
             );
         }
-        for e in s.expected_on_node() {
-            println!("    node must show: {e}");
-        }
+        print_expected(s);
     }
     Ok(())
+}
+
+fn print_expected(s: &Scenario) {
+    for node in Host::NODES {
+        for e in s.expected_on(node) {
+            println!("    {} must show: {e}", node.suffix());
+        }
+    }
 }
 
 fn demo(cni: Cni, duration: u64, state_dir: &Path) -> Result<(), LabError> {
@@ -155,7 +173,7 @@ fn demo(cni: Cni, duration: u64, state_dir: &Path) -> Result<(), LabError> {
         "demo: {cni} lab is up; aksnet-agent --dump watches its node while every scenario runs"
     );
     let dump = spawn_agent(&lab, &["--dump"], duration)?;
-    let result = run_scenarios(&lab, &Scenario::all(cni));
+    let result = run_scenarios(&lab, &lab.scenarios());
     stop_agent(dump, Duration::from_millis(500));
     result?;
 

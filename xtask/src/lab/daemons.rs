@@ -1,7 +1,8 @@
 //! The lab's servers, started inside their namespaces as separate processes (so a lab left up by
 //! `cargo xtask lab up` keeps serving): HTTP/UDP echo servers (socat + sh, answering with the peer
-//! address and the request headers), nginx as Application Gateway and as in-cluster ingress,
-//! dnsmasq as Azure DNS and as CoreDNS, kube-proxy's healthCheckNodePort server.
+//! address and the request headers) as pods, VMs, the API server, IMDS and kubelet, nginx as
+//! Application Gateway, as AGC and as in-cluster ingress, dnsmasq as Azure DNS and as CoreDNS,
+//! kube-proxy's healthCheckNodePort server.
 
 use crate::cmd::CmdError;
 use crate::lab::error::LabError;
@@ -263,6 +264,19 @@ fn appgw_servers(topo: &Topology, crt: &Path, key: &Path) -> String {
     )
 }
 
+/// Application Gateway for Containers: plain HTTP on its frontend, a new connection from its
+/// subnet address to the app pod IP, X-Forwarded-For.
+fn agc_servers(topo: &Topology) -> String {
+    format!(
+        "  server {{\n    listen {}:80;\n    location / {{ proxy_pass http://{}:{}; proxy_bind {}; \
+         proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }}\n  }}\n",
+        plan::AGC_FRONTEND,
+        topo.pod(Host::PodApp).ip,
+        plan::APP_PORT,
+        plan::AGC_IP
+    )
+}
+
 /// The pods' resolv.conf, as kubelet writes it for dnsPolicy ClusterFirst.
 fn pod_resolv_conf() -> String {
     format!(
@@ -306,6 +320,27 @@ fn start_all(l: &mut Launcher, topo: &Topology) -> Result<(), LabError> {
     )?;
     l.http_echo(Host::Vm, "vm", None, plan::HTTP_PORT)?;
     l.http_echo(Host::Pe, "private-endpoint", None, plan::HTTP_PORT)?;
+    // The API server (plain HTTP: the lab checks addresses, not TLS) at both of its addresses:
+    // the public one on the internet side, the private one in its delegated subnet.
+    l.http_echo(
+        Host::Inet,
+        "kube-apiserver",
+        Some(plan::API_SERVER_PUBLIC),
+        plan::API_SERVER_PORT,
+    )?;
+    l.http_echo(
+        Host::ApiServer,
+        "kube-apiserver",
+        None,
+        plan::API_SERVER_PORT,
+    )?;
+    l.http_echo(Host::Imds, "imds", Some(plan::IMDS), plan::HTTP_PORT)?;
+    l.http_echo(
+        Host::Node,
+        "kubelet",
+        Some(plan::NODE_IP),
+        plan::KUBELET_PORT,
+    )?;
     l.dnsmasq(
         Host::Lb,
         "azure-dns",
@@ -314,6 +349,9 @@ fn start_all(l: &mut Launcher, topo: &Topology) -> Result<(), LabError> {
         &[format!("--address=/{}/{}", plan::PE_FQDN, plan::PE_IP)],
     )?;
     l.nginx(Host::Appgw, "appgw", 443, &appgw_servers(topo, &crt, &key))?;
+    if topo.cni != Cni::Kubenet {
+        l.nginx(Host::Agc, "agc", 80, &agc_servers(topo))?;
+    }
     let healthz = l.script("healthz.sh", HEALTHZ_SH)?;
     for svc in health_checked(topo) {
         let port = svc
@@ -329,9 +367,14 @@ fn start_all(l: &mut Launcher, topo: &Topology) -> Result<(), LabError> {
                 svc.endpoints.len()
             ),
         ];
-        l.spawn(Host::Node, "kube-proxy healthz", ("tcp", port), &argv)?;
+        l.spawn(
+            Host::Node,
+            &format!("kube-proxy healthz {port}"),
+            ("tcp", port),
+            &argv,
+        )?;
     }
-    for pod in &topo.pods {
+    for pod in topo.pods.iter().chain(&topo.node2_pods) {
         let netns = netns_name(l.prefix, pod.host);
         let etc = etc_netns_dir(&netns);
         std::fs::create_dir_all(&etc).map_err(|source| LabError::Io {

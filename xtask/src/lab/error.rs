@@ -36,7 +36,7 @@ pub enum LabError {
         command: String,
         detail: String,
     },
-    #[error("no lab state at {path}: run `cargo xtask lab up --cni kubenet|azure-cni` first")]
+    #[error("no lab state at {path}: run `cargo xtask lab up --cni kubenet|azure-cni|azure-cni-overlay` first")]
     NoLab { path: PathBuf },
     #[error("lab state {path} is unreadable ({detail}); run `cargo xtask lab down` to clean up")]
     State { path: PathBuf, detail: String },

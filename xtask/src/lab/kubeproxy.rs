@@ -2,7 +2,7 @@
 //! Azure LB's outbound rule, rendered as `iptables-restore` input from the topology.
 
 use crate::lab::hash::{base32, sha256};
-use crate::lab::topology::{Service, Topology, TrafficPolicy};
+use crate::lab::topology::{node_of, Host, Service, Topology, TrafficPolicy};
 
 /// kube-proxy's `portProtoHash`: base32(sha256(servicePortName + protocol))[:16].
 fn port_proto_hash(svc: &Service) -> String {
@@ -30,8 +30,14 @@ pub fn sep_chain(svc: &Service, endpoint: &str) -> String {
     format!("KUBE-SEP-{}", &base32(&digest)[..16])
 }
 
-/// Rules for the node's nat table (a complete table: the node namespace starts empty).
+/// Rules for the first node's nat table (a complete table: the node namespace starts empty).
 pub fn node_nat_rules(topo: &Topology) -> String {
+    node_nat_rules_on(topo, Host::Node)
+}
+
+/// Rules for `node`'s nat table. kube-proxy programs every Service on every node; only
+/// externalTrafficPolicy Local chains differ, listing the endpoints on that node.
+pub fn node_nat_rules_on(topo: &Topology, node: Host) -> String {
     let mut chains: Vec<String> = vec![
         "KUBE-SERVICES".into(),
         "KUBE-NODEPORTS".into(),
@@ -62,7 +68,14 @@ pub fn node_nat_rules(topo: &Topology) -> String {
 
     let mut nodeport_rules = Vec::new();
     for svc in &topo.services {
-        service_rules(topo, svc, &mut chains, &mut rules, &mut nodeport_rules);
+        service_rules(
+            topo,
+            node,
+            svc,
+            &mut chains,
+            &mut rules,
+            &mut nodeport_rules,
+        );
     }
     rules.extend(nodeport_rules);
     rules.push(
@@ -74,6 +87,7 @@ pub fn node_nat_rules(topo: &Topology) -> String {
 
 fn service_rules(
     topo: &Topology,
+    node: Host,
     svc: &Service,
     chains: &mut Vec<String>,
     rules: &mut Vec<String>,
@@ -127,8 +141,13 @@ fn service_rules(
                     r#"-A {ext_chain} -m comment --comment "route LOCAL traffic for {name} external destinations" -m addrtype --src-type LOCAL -j {svc_chain}"#
                 ));
                 rules.push(format!("-A {ext_chain} -j {svl_chain}"));
-                // Every endpoint of the lab runs on this node, so all are local.
-                endpoint_jumps(topo, svc, &svl_chain, rules);
+                let local: Vec<Host> = svc
+                    .endpoints
+                    .iter()
+                    .copied()
+                    .filter(|e| node_of(*e) == node)
+                    .collect();
+                endpoint_jumps(topo, svc, &local, &svl_chain, rules);
             }
         }
     }
@@ -137,10 +156,10 @@ fn service_rules(
         r#"-A {svc_chain} ! -s {} -d {}/32 -p {p} -m comment --comment "{name} cluster IP" -m {p} --dport {} -j KUBE-MARK-MASQ"#,
         topo.cluster_cidr, svc.cluster_ip, svc.port
     ));
-    endpoint_jumps(topo, svc, &svc_chain, rules);
+    endpoint_jumps(topo, svc, &svc.endpoints, &svc_chain, rules);
 
     for host in &svc.endpoints {
-        let ip = topo.pod(*host).ip;
+        let ip = topo.endpoint_ip(*host);
         let endpoint = format!("{ip}:{}", svc.target_port);
         let sep = sep_chain(svc, &endpoint);
         chains.push(sep.clone());
@@ -153,12 +172,19 @@ fn service_rules(
     }
 }
 
-/// kube-proxy's endpoint selection: random with probability 1/(remaining), last one unconditional.
-fn endpoint_jumps(topo: &Topology, svc: &Service, chain: &str, rules: &mut Vec<String>) {
+/// kube-proxy's endpoint selection among `endpoints`: random with probability 1/(remaining),
+/// last one unconditional.
+fn endpoint_jumps(
+    topo: &Topology,
+    svc: &Service,
+    endpoints: &[Host],
+    chain: &str,
+    rules: &mut Vec<String>,
+) {
     let name = svc.port_name_string();
-    let n = svc.endpoints.len();
-    for (i, host) in svc.endpoints.iter().enumerate() {
-        let endpoint = format!("{}:{}", topo.pod(*host).ip, svc.target_port);
+    let n = endpoints.len();
+    for (i, host) in endpoints.iter().enumerate() {
+        let endpoint = format!("{}:{}", topo.endpoint_ip(*host), svc.target_port);
         let sep = sep_chain(svc, &endpoint);
         let statistic = if i + 1 < n {
             format!(
@@ -224,8 +250,11 @@ mod tests {
 
     #[test]
     fn every_jump_target_is_declared() {
-        for cni in Cni::ALL {
-            let text = node_nat_rules(&Topology::new(cni));
+        for (cni, node) in Cni::ALL
+            .into_iter()
+            .flat_map(|c| Host::NODES.map(|n| (c, n)))
+        {
+            let text = node_nat_rules_on(&Topology::new(cni), node);
             let declared: Vec<&str> = text
                 .lines()
                 .filter_map(|l| l.strip_prefix(':'))

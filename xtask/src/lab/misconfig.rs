@@ -100,7 +100,7 @@ pub struct Misconfig {
 fn build(cni: Cni, name: &'static str) -> Option<Misconfig> {
     let masq = masquerade_to_pod_ip(cni);
     let (breaks, change, symptom, also_affects) = match name {
-        // kubenet does not keep vnet traffic unmasqueraded in the first place.
+        // kubenet and Overlay do not keep vnet traffic unmasqueraded in the first place.
         "missing-non-masquerade" if cni == Cni::AzureCni => (
             "ip-masq-agent's nonMasqueradeCIDRs lost the vnet: pod traffic to the vnet (VMs, \
              private endpoints, other pods) is MASQUERADEd to the node IP, so vnet peers see \
@@ -115,12 +115,15 @@ fn build(cni: Cni, name: &'static str) -> Option<Misconfig> {
             },
             // Every forwarded packet to a vnet address goes through IP-MASQ-AGENT, inbound ones
             // to pods too; only flows kube-proxy already MASQUERADEs, or that leave the vnet,
-            // are unchanged.
+            // or that end on the node itself, are unchanged.
             &[
                 "l7-ingress",
                 "agic-inbound",
+                "agc-inbound",
                 "vnet-client-to-pod",
+                "internal-lb-from-vnet",
                 "pod-to-private-endpoint",
+                "clusterip-cross-node",
             ][..],
         ),
         "missing-non-masquerade" => return None,
@@ -132,10 +135,7 @@ fn build(cni: Cni, name: &'static str) -> Option<Misconfig> {
             NodeChange::ExtraNatRules(vec![format!(
                 r#"-A POSTROUTING -s {} -o {} -m comment --comment "custom: masquerade Application Gateway traffic to pods" -j MASQUERADE"#,
                 plan::APPGW_SUBNET,
-                match cni {
-                    Cni::Kubenet => "cbr0",
-                    Cni::AzureCni => "azv+",
-                }
+                if cni == Cni::Kubenet { "cbr0" } else { "azv+" }
             )]),
             Symptom {
                 scenario: "agic-inbound",
@@ -438,5 +438,6 @@ mod tests {
         }
         assert_eq!(Misconfig::all(Cni::Kubenet).len(), 2);
         assert_eq!(Misconfig::all(Cni::AzureCni).len(), 3);
+        assert_eq!(Misconfig::all(Cni::AzureCniOverlay).len(), 2);
     }
 }

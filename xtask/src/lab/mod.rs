@@ -1,6 +1,8 @@
-//! The node lab: a one-node AKS network (kubenet or azure-cni) in network namespaces, with the
-//! Azure Load Balancer, the vnet, an Application Gateway, a private endpoint and the internet
-//! around it, and every documented traffic path as a named [`Scenario`].
+//! The node lab: a two-node AKS network (kubenet, azure-cni or azure-cni Overlay) in network
+//! namespaces, with the Azure Load Balancer, the vnet, an Application Gateway, Application
+//! Gateway for Containers, a private endpoint, the API server, IMDS and the internet around it,
+//! and every documented traffic path as a named [`Scenario`] stating what each node's conntrack
+//! must show.
 //!
 //! ```no_run
 //! use xtask::lab::{Cni, Lab, LabOptions, Scenario};
@@ -37,7 +39,7 @@ pub use scenario::{
     TupleMatch, SCENARIO_NAMES,
 };
 pub use state::LabState;
-pub use topology::{Cni, Host, Proto, Topology};
+pub use topology::{ApiServerAccess, Cni, Host, Proto, Topology};
 pub use traffic::{Answer, ScenarioReport, StepReport};
 
 use daemons::Daemon;
@@ -52,6 +54,8 @@ pub struct LabOptions {
     pub state_dir: PathBuf,
     /// Namespace-name prefix of this instance (`aksl-<pid>-<seq>-`); unique per process and lab.
     pub prefix: String,
+    /// Where `default/kubernetes` sends pods: a public or a private API server.
+    pub api_server: ApiServerAccess,
 }
 
 impl LabOptions {
@@ -60,6 +64,7 @@ impl LabOptions {
             cni,
             state_dir: DEFAULT_STATE_DIR.into(),
             prefix: netns::new_prefix(),
+            api_server: ApiServerAccess::default(),
         }
     }
 }
@@ -96,17 +101,24 @@ impl Lab {
             cni: opts.cni,
             prefix: opts.prefix,
             work_dir,
-            topology: Topology::new(opts.cni),
+            topology: Topology::with_api_server(opts.cni, opts.api_server),
             daemons: Vec::new(),
             owned: true,
         };
         netns::create(&lab.prefix)?;
         build::apply(&lab.prefix, &lab.topology)?;
         daemons::start(&lab.prefix, &lab.work_dir, &lab.topology, &mut lab.daemons)?;
-        let path = lab.topology_path();
-        std::fs::write(&path, agent_config::render(&lab.topology))
-            .map_err(io("cannot write the agent config", &path))?;
+        for node in Host::NODES {
+            let path = lab.agent_config_path(node);
+            std::fs::write(&path, agent_config::render_on(&lab.topology, node))
+                .map_err(io("cannot write the agent config", &path))?;
+        }
         Ok(lab)
+    }
+
+    /// Every scenario of this lab (its CNI and API server), in `SCENARIO_NAMES` order.
+    pub fn scenarios(&self) -> Vec<Scenario> {
+        Scenario::all_in(&self.topology)
     }
 
     /// Runs a scenario's traffic and checks every answer (who answered, the address the server
@@ -116,7 +128,8 @@ impl Lab {
             return Err(LabError::UnknownScenario {
                 name: format!("{} (built for {})", scenario.name, scenario.cni),
                 cni: self.cni.to_string(),
-                known: Scenario::all(self.cni)
+                known: self
+                    .scenarios()
                     .iter()
                     .map(|s| s.name)
                     .collect::<Vec<_>>()
@@ -164,9 +177,19 @@ impl Lab {
         self.netns(Host::Node)
     }
 
-    /// The agent's `--config` file for this lab.
+    /// The `--config` file of the agent on the first node.
     pub fn topology_path(&self) -> PathBuf {
-        self.work_dir.join("topology.toml")
+        self.agent_config_path(Host::Node)
+    }
+
+    /// The `--config` file of the agent on `node` (`Host::Node` or `Host::Node2`).
+    pub fn agent_config_path(&self, node: Host) -> PathBuf {
+        match node {
+            Host::Node => self.work_dir.join("topology.toml"),
+            other => self
+                .work_dir
+                .join(format!("topology-{}.toml", other.suffix())),
+        }
     }
 
     pub fn work_dir(&self) -> &Path {
@@ -191,6 +214,7 @@ impl Lab {
             work_dir: self.work_dir.clone(),
             topology: self.topology_path(),
             pids: self.daemons.iter().map(|d| d.child.id()).collect(),
+            api_server: self.topology.api_server.to_string(),
         };
         state::write(&state::state_file(state_dir), &lab_state)?;
         self.owned = false;
@@ -205,11 +229,16 @@ impl Lab {
             path: path.clone(),
             detail,
         })?;
+        let api_server: ApiServerAccess =
+            s.api_server.parse().map_err(|detail| LabError::State {
+                path: path.clone(),
+                detail,
+            })?;
         Ok(Lab {
             cni,
             prefix: s.prefix,
             work_dir: s.work_dir,
-            topology: Topology::new(cni),
+            topology: Topology::with_api_server(cni, api_server),
             daemons: Vec::new(),
             owned: false,
         })

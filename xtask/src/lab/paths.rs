@@ -20,7 +20,9 @@ pub enum PathId {
     AgicInbound,
     /// Application Gateway → node NodePort → DNAT (backend pool set up by hand, kubenet).
     AgicNodePort,
-    /// A vnet client to a pod (azure-cni: pod IP; kubenet: node IP + NodePort).
+    /// A vnet client to a pod (azure-cni: pod IP; kubenet and Overlay: node IP + NodePort; every
+    /// CNI: an internal LB frontend, floating IP). Clients in declared private ranges (peered
+    /// vnets, on-premises) take the same path, without the LB.
     VnetClientToPod,
     /// Pod → internet: node MASQUERADE, then the LB's outbound SNAT off the node.
     PodToInternet,
@@ -32,10 +34,28 @@ pub enum PathId {
     PodToService,
     /// Pod (CoreDNS) → Azure DNS 168.63.129.16, masqueraded to the node IP. Not in the list.
     PodToAzureDns,
+    /// Application Gateway for Containers → pod IP from its delegated subnet, no NAT on the node
+    /// (azure-cni and Overlay only).
+    AgcInbound,
+    /// Pod → pod with no NAT; here the second node's view of a ClusterIP connection the first
+    /// node DNATed to a pod on the second (the source is a pod on another node).
+    PodToPod,
+    /// Pod → the API server through the `kubernetes` Service: DNAT to the endpoint of
+    /// `default/kubernetes`, which is no pod; MASQUERADE to the node IP unless azure-cni keeps
+    /// the pod IP towards a private API server in the vnet.
+    PodToApiServer,
+    /// Pod → IMDS 169.254.169.254: ip-masq-agent masquerades link-local (masqLinkLocal) to the
+    /// node IP.
+    PodToImds,
+    /// A vnet address → the node IP itself (kubelet :10250, hostNetwork pods), no NAT.
+    VnetToNode,
+    /// The leg another node forwarded here: eTP Cluster LB or NodePort traffic the first node
+    /// DNATed to a pod on this node and MASQUERADEd to its own IP: node IP → pod, no NAT here.
+    ForwardedByNode,
 }
 
 impl PathId {
-    pub const ALL: [PathId; 13] = [
+    pub const ALL: [PathId; 19] = [
         PathId::LbInbound,
         PathId::LbInboundUdp,
         PathId::LbHealthProbe,
@@ -49,6 +69,12 @@ impl PathId {
         PathId::PodToPrivateEndpoint,
         PathId::PodToService,
         PathId::PodToAzureDns,
+        PathId::AgcInbound,
+        PathId::PodToPod,
+        PathId::PodToApiServer,
+        PathId::PodToImds,
+        PathId::VnetToNode,
+        PathId::ForwardedByNode,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -66,6 +92,12 @@ impl PathId {
             PathId::PodToPrivateEndpoint => "pod-to-private-endpoint",
             PathId::PodToService => "pod-to-service",
             PathId::PodToAzureDns => "pod-to-azure-dns",
+            PathId::AgcInbound => "agc-inbound",
+            PathId::PodToPod => "pod-to-pod",
+            PathId::PodToApiServer => "pod-to-api-server",
+            PathId::PodToImds => "pod-to-imds",
+            PathId::VnetToNode => "vnet-to-node",
+            PathId::ForwardedByNode => "forwarded-by-node",
         }
     }
 }

@@ -3,23 +3,35 @@
 
 use crate::lab::error::LabError;
 use crate::lab::paths::PathId;
-use crate::lab::topology::{masquerade_to_pod_ip, plan, Cni, Host, Proto, Topology};
+use crate::lab::topology::{
+    masquerade_to_pod_ip, plan, ApiServerAccess, Cni, Host, Proto, Topology,
+};
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-/// Scenario names, in the order `Scenario::all` runs them (agic-nodeport: kubenet only).
-pub const SCENARIO_NAMES: [&str; 11] = [
+/// Scenario names, in the order `Scenario::all` runs them (agic-nodeport: kubenet only;
+/// agc-inbound: azure-cni and Overlay only). To add one: a name here and an arm in `build`.
+pub const SCENARIO_NAMES: [&str; 20] = [
     "lb-inbound-tcp",
     "lb-inbound-udp",
     "lb-health-probe",
     "l7-ingress",
     "agic-inbound",
     "agic-nodeport",
+    "agc-inbound",
     "vnet-client-to-pod",
+    "internal-lb-from-vnet",
+    "onprem-to-nodeport",
     "pod-to-internet",
     "pod-to-vnet",
     "pod-to-private-endpoint",
     "ingress-pod-outbound",
+    "pod-to-api-server",
+    "pod-to-imds",
+    "vnet-to-kubelet",
+    "lb-inbound-cross-node",
+    "nodeport-cross-node",
+    "clusterip-cross-node",
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,6 +158,11 @@ pub enum InferredHop {
         listener: SocketAddrV4,
         private_ip: Ipv4Addr,
     },
+    /// Application Gateway for Containers proxied from an address of its delegated subnet.
+    AgcProxy {
+        frontend: SocketAddrV4,
+        private_ip: Ipv4Addr,
+    },
     /// An in-cluster proxy pod joined the two connections ("proxied by", not one flow).
     ProxiedByPod { pod_ip: Ipv4Addr },
     /// The name was resolved through the privatelink zone (CoreDNS → Azure DNS).
@@ -224,7 +241,10 @@ pub struct Scenario {
     pub cni: Cni,
     pub summary: &'static str,
     pub traffic: Vec<Traffic>,
+    /// What the first node (`Host::Node`) must show.
     pub expected: Vec<ExpectedConntrack>,
+    /// What the second node (`Host::Node2`) must show: the legs that cross to it.
+    pub expected_on_node2: Vec<ExpectedConntrack>,
     pub inferred: Vec<InferredHop>,
 }
 
@@ -290,23 +310,32 @@ pub fn server_name(topo: &Topology, host: Host) -> String {
 }
 
 impl Scenario {
-    /// Every scenario that applies to this CNI, in `SCENARIO_NAMES` order.
+    /// Every scenario that applies to this CNI (public API server), in `SCENARIO_NAMES` order.
     pub fn all(cni: Cni) -> Vec<Scenario> {
+        Scenario::all_in(&Topology::new(cni))
+    }
+
+    /// Every scenario of the lab built from `topo`, in `SCENARIO_NAMES` order.
+    pub fn all_in(topo: &Topology) -> Vec<Scenario> {
         SCENARIO_NAMES
             .iter()
-            .filter_map(|name| build(cni, name))
+            .filter_map(|name| build(topo, name))
             .collect()
     }
 
     pub fn find(cni: Cni, name: &str) -> Result<Scenario, LabError> {
+        Scenario::find_in(&Topology::new(cni), name)
+    }
+
+    pub fn find_in(topo: &Topology, name: &str) -> Result<Scenario, LabError> {
         SCENARIO_NAMES
             .iter()
             .find(|n| **n == name)
-            .and_then(|n| build(cni, n))
+            .and_then(|n| build(topo, n))
             .ok_or_else(|| LabError::UnknownScenario {
                 name: name.to_string(),
-                cni: cni.to_string(),
-                known: Scenario::all(cni)
+                cni: topo.cni.to_string(),
+                known: Scenario::all_in(topo)
                     .iter()
                     .map(|s| s.name)
                     .collect::<Vec<_>>()
@@ -314,16 +343,25 @@ impl Scenario {
             })
     }
 
-    /// The conntrack entries a correct observer must see on the node for this scenario.
+    /// The conntrack entries a correct observer must see on the first node for this scenario.
     pub fn expected_on_node(&self) -> &[ExpectedConntrack] {
         &self.expected
     }
+
+    /// The conntrack entries a correct observer must see on `node` (`Host::Node` or
+    /// `Host::Node2`).
+    pub fn expected_on(&self, node: Host) -> &[ExpectedConntrack] {
+        match node {
+            Host::Node2 => &self.expected_on_node2,
+            _ => &self.expected,
+        }
+    }
 }
 
-fn build(cni: Cni, name: &'static str) -> Option<Scenario> {
+fn build(topo: &Topology, name: &'static str) -> Option<Scenario> {
     use PathId::*;
     use Proto::{Tcp, Udp};
-    let topo = Topology::new(cni);
+    let cni = topo.cni;
     let pod = |h: Host| topo.pod(h).ip;
     let (app, udp, ingress, coredns) = (
         pod(Host::PodApp),
@@ -331,18 +369,17 @@ fn build(cni: Cni, name: &'static str) -> Option<Scenario> {
         pod(Host::PodIngress),
         pod(Host::PodCoreDns),
     );
-    let app_name = server_name(&topo, Host::PodApp);
+    let app_name = server_name(topo, Host::PodApp);
     let masq = masquerade_to_pod_ip(cni);
     let kubenet = cni == Cni::Kubenet;
     let node = plan::NODE_IP;
     let app_port = plan::APP_PORT;
-    // The node's view of a pod's outbound connection: ip-masq-agent MASQUERADEs it to the node IP
-    // unless the destination is in nonMasqueradeCIDRs (kubenet: pod CIDR; azure-cni: the vnet).
+    // The node's view of a pod's outbound connection to a destination outside the pod CIDR:
+    // ip-masq-agent MASQUERADEs it to the node IP unless the destination is in
+    // nonMasqueradeCIDRs (kubenet and Overlay: the pod CIDR only; azure-cni: the vnet).
     let pod_source_seen_as = |pod_ip: Ipv4Addr, dst: Ipv4Addr| {
-        let kept = match cni {
-            Cni::Kubenet => false,
-            Cni::AzureCni => u32::from(dst) >> 20 == u32::from(Ipv4Addr::new(10, 224, 0, 0)) >> 20,
-        };
+        let kept = cni.pods_in_vnet()
+            && u32::from(dst) >> 20 == u32::from(Ipv4Addr::new(10, 224, 0, 0)) >> 20;
         if kept {
             pod_ip
         } else {
@@ -370,6 +407,19 @@ fn build(cni: Cni, name: &'static str) -> Option<Scenario> {
         )
     };
 
+    let web = pod(Host::PodWeb);
+    let web_name = server_name(topo, Host::PodWeb);
+    // The second leg of a connection the first node DNATed to the web pod and MASQUERADEd to
+    // its own IP (eTP Cluster): on the second node, node IP → pod, no NAT.
+    let forwarded_to_web = || {
+        vec![entry(
+            ForwardedByNode,
+            Tcp,
+            (any(node), at(web, app_port)),
+            (at(web, app_port), any(node)),
+        )]
+    };
+    let mut expected_on_node2 = Vec::new();
     let (summary, traffic, expected, inferred) = match name {
         "lb-inbound-tcp" => (
             "internet client → LB frontend (floating IP) → node KUBE-EXT (eTP Cluster: MASQUERADE) → app pod",
@@ -390,7 +440,7 @@ fn build(cni: Cni, name: &'static str) -> Option<Scenario> {
                 bind: Some(plan::CLIENT),
                 dst: SocketAddrV4::new(plan::FRONTEND_APP, 53),
                 payload: "aksnetlab-query",
-                expect: Expect::from(&server_name(&topo, Host::PodUdp), masq),
+                expect: Expect::from(&server_name(topo, Host::PodUdp), masq),
             })],
             vec![entry(
                 LbInboundUdp,
@@ -484,8 +534,36 @@ fn build(cni: Cni, name: &'static str) -> Option<Scenario> {
             }],
         ),
         "agic-nodeport" => return None,
+        // AGC supports azure-cni and Overlay, not kubenet.
+        "agc-inbound" if !kubenet => (
+            "internet client → AGC frontend → new connection from an address of AGC's delegated subnet to the app pod IP (X-Forwarded-For; no NAT on the node)",
+            vec![Traffic::Http(HttpRequest {
+                from: Host::Inet,
+                bind: Some(plan::CLIENT),
+                url: format!("http://{}/", plan::AGC_FRONTEND),
+                resolve_to: None,
+                expect: Expect { forwarded_for: Some(plan::CLIENT), ..Expect::from(&app_name, plan::AGC_IP) },
+            })],
+            vec![entry(AgcInbound, Tcp, (any(plan::AGC_IP), at(app, app_port)), (at(app, app_port), any(plan::AGC_IP)))],
+            vec![InferredHop::AgcProxy {
+                frontend: SocketAddrV4::new(plan::AGC_FRONTEND, 80),
+                private_ip: plan::AGC_IP,
+            }],
+        ),
+        "agc-inbound" => return None,
+        "internal-lb-from-vnet" => (
+            "VM in the vnet → internal LB frontend (floating IP, from the node subnet) → node DNAT (eTP Local: the VM's address kept) → app pod",
+            vec![http(Host::Vm, format!("http://{}/", plan::INTERNAL_FRONTEND), Expect::from(&app_name, plan::VM_IP))],
+            vec![entry(
+                VnetClientToPod,
+                Tcp,
+                (any(plan::VM_IP), at(plan::INTERNAL_FRONTEND, 80)),
+                (at(app, app_port), any(plan::VM_IP)),
+            )],
+            vec![InferredHop::LbFloatingIp { frontend: SocketAddrV4::new(plan::INTERNAL_FRONTEND, 80) }],
+        ),
         "vnet-client-to-pod" => {
-            let (url, expect, expected) = if kubenet {
+            let (url, expect, expected) = if !cni.pods_in_vnet() {
                 (
                     format!("http://{node}:{}/", plan::APP_NODE_PORT),
                     Expect::from(&app_name, masq),
@@ -499,7 +577,7 @@ fn build(cni: Cni, name: &'static str) -> Option<Scenario> {
                 )
             };
             (
-                "VM in the vnet → pod (azure-cni: the pod IP directly; kubenet: the node IP's NodePort, DNAT + MASQUERADE)",
+                "VM in the vnet → pod (azure-cni: the pod IP directly; kubenet and Overlay: the node IP's NodePort, DNAT + MASQUERADE)",
                 vec![http(Host::Vm, url, expect)],
                 vec![expected],
                 vec![],
@@ -517,7 +595,7 @@ fn build(cni: Cni, name: &'static str) -> Option<Scenario> {
         "pod-to-vnet" => {
             let seen = pod_source_seen_as(app, plan::VM_IP);
             (
-                "app pod → VM in the vnet (kubenet: SNAT to the node IP; azure-cni: the pod IP is kept)",
+                "app pod → VM in the vnet (kubenet and Overlay: SNAT to the node IP; azure-cni: the pod IP is kept)",
                 vec![http(Host::PodApp, format!("http://{}/", plan::VM_IP), Expect::from("vm", seen))],
                 vec![entry(PodToVnet, Tcp, (any(app), at(plan::VM_IP, 80)), (at(plan::VM_IP, 80), any(seen)))],
                 vec![],
@@ -550,6 +628,107 @@ fn build(cni: Cni, name: &'static str) -> Option<Scenario> {
                 vec![lb_snat],
             )
         }
+        "onprem-to-nodeport" => (
+            "on-premises client (through the VPN gateway, a declared private range) → the node IP's NodePort → DNAT + MASQUERADE (eTP Cluster) → app pod",
+            vec![http(
+                Host::OnPrem,
+                format!("http://{node}:{}/", plan::APP_NODE_PORT),
+                Expect::from(&app_name, masq),
+            )],
+            vec![entry(
+                VnetClientToPod,
+                Tcp,
+                (any(plan::ON_PREMISES_CLIENT), at(node, plan::APP_NODE_PORT)),
+                (at(app, app_port), any(masq)),
+            )],
+            vec![],
+        ),
+        "pod-to-api-server" => {
+            let api = topo.api_server.ip();
+            let port = plan::API_SERVER_PORT;
+            let seen = pod_source_seen_as(app, api);
+            let (expect, inferred) = match topo.api_server {
+                ApiServerAccess::Public => {
+                    let mut expect = Expect::from("kube-apiserver", plan::LB_OUTBOUND_IP);
+                    expect.peer_ports = Some(plan::LB_OUTBOUND_PORTS);
+                    (expect, vec![lb_snat])
+                }
+                ApiServerAccess::Private => (Expect::from("kube-apiserver", seen), vec![]),
+            };
+            (
+                "app pod → the `kubernetes` Service 10.0.0.1:443 → node DNAT to the API server (the endpoint of default/kubernetes, no pod); public: MASQUERADE to the node IP, then the outbound SNAT; private: azure-cni keeps the pod IP, kubenet and Overlay MASQUERADE",
+                vec![http(Host::PodApp, format!("http://{}:{port}/", plan::KUBERNETES_SERVICE_IP), expect)],
+                vec![entry(
+                    PodToApiServer,
+                    Tcp,
+                    (any(app), at(plan::KUBERNETES_SERVICE_IP, port)),
+                    (at(api, port), any(seen)),
+                )],
+                inferred,
+            )
+        }
+        "pod-to-imds" => (
+            "app pod → IMDS 169.254.169.254: ip-masq-agent masquerades link-local to the node IP (IMDS answers only the VM's own address)",
+            vec![http(
+                Host::PodApp,
+                format!("http://{}/metadata/instance", plan::IMDS),
+                Expect::from("imds", node),
+            )],
+            vec![entry(PodToImds, Tcp, (any(app), at(plan::IMDS, 80)), (at(plan::IMDS, 80), any(node)))],
+            vec![],
+        ),
+        "vnet-to-kubelet" => (
+            "VM in the vnet → kubelet on the node IP :10250 (as metrics scrapers in the vnet do), no NAT",
+            vec![http(
+                Host::Vm,
+                format!("http://{node}:{}/healthz", plan::KUBELET_PORT),
+                Expect::from("kubelet", plan::VM_IP),
+            )],
+            vec![entry(
+                VnetToNode,
+                Tcp,
+                (any(plan::VM_IP), at(node, plan::KUBELET_PORT)),
+                (at(node, plan::KUBELET_PORT), any(plan::VM_IP)),
+            )],
+            vec![],
+        ),
+        "lb-inbound-cross-node" => {
+            expected_on_node2 = forwarded_to_web();
+            (
+                "internet client → LB frontend of default/web → first node KUBE-EXT (eTP Cluster: MASQUERADE to the node IP) → DNAT to the web pod on the second node, which sees the first node's IP",
+                vec![Traffic::Http(HttpRequest {
+                    from: Host::Inet,
+                    bind: Some(plan::CLIENT),
+                    url: format!("http://{}/", plan::FRONTEND_WEB),
+                    resolve_to: None,
+                    expect: Expect::from(&web_name, node),
+                })],
+                vec![entry(LbInbound, Tcp, (any(plan::CLIENT), at(plan::FRONTEND_WEB, 80)), (at(web, app_port), any(node)))],
+                vec![InferredHop::LbFloatingIp { frontend: SocketAddrV4::new(plan::FRONTEND_WEB, 80) }],
+            )
+        }
+        "nodeport-cross-node" => {
+            expected_on_node2 = forwarded_to_web();
+            (
+                "VM in the vnet → the first node's NodePort of default/web → DNAT + MASQUERADE (eTP Cluster) → the web pod on the second node",
+                vec![http(
+                    Host::Vm,
+                    format!("http://{node}:{}/", plan::WEB_NODE_PORT),
+                    Expect::from(&web_name, node),
+                )],
+                vec![entry(VnetClientToPod, Tcp, (any(plan::VM_IP), at(node, plan::WEB_NODE_PORT)), (at(web, app_port), any(node)))],
+                vec![],
+            )
+        }
+        "clusterip-cross-node" => {
+            expected_on_node2 = vec![entry(PodToPod, Tcp, (any(app), at(web, app_port)), (at(web, app_port), any(app)))];
+            (
+                "app pod → ClusterIP of default/web → first node DNAT to the web pod on the second node (the pod IP is kept: pod CIDR / vnet are not masqueraded)",
+                vec![http(Host::PodApp, format!("http://{}/", plan::WEB_CLUSTER_IP), Expect::from(&web_name, app))],
+                vec![entry(PodToService, Tcp, (any(app), at(plan::WEB_CLUSTER_IP, 80)), (at(web, app_port), any(app)))],
+                vec![],
+            )
+        }
         _ => return None,
     };
     Some(Scenario {
@@ -558,6 +737,7 @@ fn build(cni: Cni, name: &'static str) -> Option<Scenario> {
         summary,
         traffic,
         expected,
+        expected_on_node2,
         inferred,
     })
 }
@@ -575,8 +755,11 @@ mod tests {
             );
         }
         assert!(Scenario::find(Cni::AzureCni, "agic-nodeport").is_err());
-        assert_eq!(Scenario::all(Cni::Kubenet).len(), 11);
-        assert_eq!(Scenario::all(Cni::AzureCni).len(), 10);
+        assert!(Scenario::find(Cni::AzureCniOverlay, "agic-nodeport").is_err());
+        assert!(Scenario::find(Cni::Kubenet, "agc-inbound").is_err());
+        assert_eq!(Scenario::all(Cni::Kubenet).len(), 19);
+        assert_eq!(Scenario::all(Cni::AzureCni).len(), 19);
+        assert_eq!(Scenario::all(Cni::AzureCniOverlay).len(), 19);
     }
 
     #[test]
@@ -590,5 +773,64 @@ mod tests {
         assert_eq!(nat(Cni::AzureCni, "vnet-client-to-pod"), NatKind::None);
         assert_eq!(nat(Cni::Kubenet, "vnet-client-to-pod"), NatKind::DnatSnat);
         assert_eq!(nat(Cni::AzureCni, "l7-ingress"), NatKind::Dnat);
+        assert_eq!(nat(Cni::AzureCniOverlay, "pod-to-vnet"), NatKind::Snat);
+        assert_eq!(
+            nat(Cni::AzureCniOverlay, "vnet-client-to-pod"),
+            NatKind::DnatSnat
+        );
+        assert_eq!(nat(Cni::AzureCniOverlay, "agc-inbound"), NatKind::None);
+        assert_eq!(nat(Cni::AzureCni, "pod-to-imds"), NatKind::Snat);
+        assert_eq!(nat(Cni::AzureCni, "internal-lb-from-vnet"), NatKind::Dnat);
+        assert_eq!(
+            nat(Cni::Kubenet, "lb-inbound-cross-node"),
+            NatKind::DnatSnat
+        );
+        assert_eq!(nat(Cni::Kubenet, "clusterip-cross-node"), NatKind::Dnat);
+        assert_eq!(nat(Cni::Kubenet, "vnet-to-kubelet"), NatKind::None);
+    }
+
+    #[test]
+    fn api_server_nat_follows_access_and_cni() {
+        let nat = |cni, access| {
+            Scenario::find_in(&Topology::with_api_server(cni, access), "pod-to-api-server")
+                .unwrap()
+                .expected[0]
+                .nat
+        };
+        for cni in Cni::ALL {
+            assert_eq!(
+                nat(cni, ApiServerAccess::Public),
+                NatKind::DnatSnat,
+                "{cni}"
+            );
+        }
+        assert_eq!(nat(Cni::AzureCni, ApiServerAccess::Private), NatKind::Dnat);
+        assert_eq!(
+            nat(Cni::Kubenet, ApiServerAccess::Private),
+            NatKind::DnatSnat
+        );
+        assert_eq!(
+            nat(Cni::AzureCniOverlay, ApiServerAccess::Private),
+            NatKind::DnatSnat
+        );
+    }
+
+    #[test]
+    fn cross_node_scenarios_state_both_nodes() {
+        for cni in Cni::ALL {
+            for s in Scenario::all(cni) {
+                let crosses = s.name.ends_with("-cross-node");
+                assert_eq!(
+                    !s.expected_on(Host::Node2).is_empty(),
+                    crosses,
+                    "{cni} {}",
+                    s.name
+                );
+                assert!(!s.expected_on(Host::Node).is_empty(), "{cni} {}", s.name);
+                for e in s.expected_on(Host::Node2) {
+                    assert_eq!(e.nat, NatKind::None, "{cni} {}: {e}", s.name);
+                }
+            }
+        }
     }
 }

@@ -12,6 +12,13 @@ pub struct LabState {
     pub topology: PathBuf,
     /// The servers the lab started (teardown also kills anything else inside its namespaces).
     pub pids: Vec<u32>,
+    /// `public` or `private` (state files written before it existed: public).
+    #[serde(default = "public")]
+    pub api_server: String,
+}
+
+fn public() -> String {
+    "public".into()
 }
 
 pub fn state_file(state_dir: &Path) -> PathBuf {
