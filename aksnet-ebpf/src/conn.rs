@@ -328,7 +328,9 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
         ),
         None => (0, 0),
     };
-    if let Some(s) = state {
+    // Only for a packet: LLVM turns an atomic add of a constant 0 into atomic OR, which kernels
+    // before 5.12 refuse.
+    if let (Some(s), 1) = (state, counted) {
         // SAFETY: as above; counters atomically because several CPUs send packets of one
         // connection. The BPF target has no AtomicU64; the intrinsic compiles to BPF's atomic add.
         unsafe {

@@ -5,3 +5,4 @@ pub mod check;
 pub mod cmd;
 pub mod lab;
 pub mod setup;
+pub mod vm;
