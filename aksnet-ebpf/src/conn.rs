@@ -216,9 +216,11 @@ fn foreign_entry_reused(ct: u64, state: *mut ConnState, flags: u64) -> bool {
     flags & SEEN_REPLY_STORED != 0 && !seen_reply
 }
 
-/// conntrack is deleting the connection: report its end and forget it.
+/// conntrack is deleting the connection: report its end and forget it. `dying_set` when the
+/// hooked code runs after the caller set `IPS_DYING` (a compiler-split `nf_ct_delete.part.N`,
+/// reached once per connection).
 #[inline(always)]
-pub fn on_delete(ct: u64) {
+pub fn on_delete(ct: u64, dying_set: bool) {
     if ct == 0 {
         return;
     }
@@ -242,7 +244,7 @@ pub fn on_delete(ct: u64) {
         return;
     };
     // Another caller already deletes it (nf_ct_delete sets DYING once and bails out after).
-    if status & ct_status::DYING != 0 {
+    if !dying_set && status & ct_status::DYING != 0 {
         return;
     }
     let report = Report {

@@ -19,6 +19,14 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "curl",         // HTTP(S) clients of the lab scenarios
     "socat",        // the lab pods' HTTP and UDP echo servers
     "prometheus",   // real Prometheus server and promtool for the metrics tests
+    // `cargo xtask vm-test`: QEMU, and what the guests' initramfs is made of.
+    "qemu-system-x86", // boots Debian's cloud kernels under TCG
+    "busybox-static",  // the guests' shell and tools
+    "cpio",            // packs the initramfs
+    "kmod",            // modinfo: the order the guests load modules in
+    "binutils",        // strip: the agent without debug info fits the guests' memory
+    "xz-utils",        // decompresses xz modules
+    "zstd",            // and zstd ones
 ];
 
 /// PyPI packages: the manifests' schema validator.

@@ -132,6 +132,19 @@ wait_destroys() {
 	done
 }
 
+# Waits (at most $2 seconds) for the running agent to log $1.
+wait_log() {
+	i=0
+	until grep -q "$1" /tmp/agent.err; do
+		i=$((i + 1))
+		if [ $i -gt $(($2 * 2)) ] || ! kill -0 $agent 2>/dev/null; then
+			say note "the agent did not log \"$1\""
+			return
+		fi
+		sleep 0.5
+	done
+}
+
 timeouts() {
 	for t in tcp_timeout_time_wait tcp_timeout_close tcp_timeout_fin_wait tcp_timeout_close_wait \
 		tcp_timeout_last_ack udp_timeout udp_timeout_stream; do
@@ -146,19 +159,14 @@ check() {
 		--config /etc/aksnet.toml >/tmp/agent.out 2>/tmp/agent.err &
 	agent=$!
 	if [ "$late" = 1 ]; then
-		sleep 3
+		wait_log "attaches once it is loaded" 60
 		say step "$(now)s $source: loading nf_conntrack after the agent started"
 		nat
+		wait_log "the eBPF capture is attached" 60
 	fi
-	i=0
-	until grep -q "capturing conntrack NAT" /tmp/agent.err; do
-		i=$((i + 1))
-		[ $i -gt 120 ] && break
-		kill -0 $agent 2>/dev/null || break
-		sleep 0.5
-	done
-	# A late nf_conntrack: the eBPF capture attaches once the module's BTF appears.
-	[ "$late" = 1 ] && sleep 4
+	wait_log "capturing conntrack NAT" 60
+	# Settle: the agent's first events must not race the witness's start.
+	sleep 2
 	# Not through rt(): a background function is a subshell, and $! must be conntrack itself.
 	/bin/ip netns exec rt conntrack -E -e NEW,DESTROY >/tmp/witness 2>/tmp/witness.err &
 	witness=$!

@@ -11,6 +11,9 @@ pub const PER_ROUND: usize = 12;
 /// How each round's connections end; the guest numbers source ports UR0NN by round R (from 1).
 const ROUNDS: [&str; 3] = ["expiry", "conntrack -D", "conntrack -F"];
 
+/// What the agent logs when its eBPF capture attaches to a conntrack loaded after it started.
+const LATE_ATTACH: &str = "the eBPF capture is attached";
+
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Tuple {
     src: IpAddr,
@@ -101,9 +104,9 @@ pub fn judge(kernel: &str, console: &str, sources: &[&str], timed_out: bool) -> 
         problems.push("the guest did not finish in time (killed)".to_owned());
     }
     let mut parts = Vec::new();
-    for source in sources {
+    for (i, source) in sources.iter().enumerate() {
         match runs.get(*source) {
-            Some(run) if run.done => parts.push(judge_run(source, run, &mut problems)),
+            Some(run) if run.done => parts.push(judge_run(source, run, i == 0, &mut problems)),
             _ => problems.push(format!("{source}: the guest printed no result")),
         }
     }
@@ -120,8 +123,18 @@ pub fn judge(kernel: &str, console: &str, sources: &[&str], timed_out: bool) -> 
     }
 }
 
-fn judge_run(source: &str, run: &Run, problems: &mut Vec<String>) -> String {
+/// `late`: the guest loaded nf_conntrack after this run's agent started.
+fn judge_run(source: &str, run: &Run, late: bool, problems: &mut Vec<String>) -> String {
     let mut out = format!("{source}:");
+    if late {
+        if run.log.iter().any(|l| l.contains(LATE_ATTACH)) {
+            out.push_str(" attached once nf_conntrack was loaded;");
+        } else {
+            problems.push(format!(
+                "{source}: nf_conntrack was loaded after the agent started, and the agent never logged \"{LATE_ATTACH}\""
+            ));
+        }
+    }
     let used = run
         .log
         .iter()
@@ -212,21 +225,30 @@ fn judge_run(source: &str, run: &Run, problems: &mut Vec<String>) -> String {
     out
 }
 
-/// Hooks the agent's log reports attached and proven, or replaced.
+/// Hooks the agent's log reports attached and seen firing, or replaced by their fallback (an
+/// attached hook that never proved itself counts as replaced).
 fn hooks(log: &[String]) -> Vec<String> {
+    let hook_after = |line: &str, marker: &str| -> Option<String> {
+        let (_, rest) = line.split_once(marker)?;
+        Some(rest.split([' ', ';']).next().unwrap_or(rest).to_owned())
+    };
     log.iter()
         .filter_map(|line| {
-            let (_, hook) = line
-                .split_once("hook attached: ")
-                .or_else(|| line.split_once("capture attached to "))?;
-            Some(hook.split([' ', ';']).next().unwrap_or(hook).to_owned())
+            if let Some(hook) = hook_after(line, "capture attached to ") {
+                return Some(hook);
+            }
+            let hook = hook_after(line, "optional hook ")?;
+            if line.contains(" seen firing (") {
+                Some(hook)
+            } else if ["unavailable", "not firing", "not seen firing"]
+                .iter()
+                .any(|m| line.contains(m))
+            {
+                Some(format!("{hook} replaced"))
+            } else {
+                None
+            }
         })
-        .chain(log.iter().filter_map(|line| {
-            let (_, rest) = line.split_once("optional hook ")?;
-            let hook = rest.split(' ').next()?;
-            (line.contains("unavailable") || line.contains("did not fire"))
-                .then(|| format!("{hook} replaced"))
-        }))
         .collect()
 }
 
@@ -366,7 +388,10 @@ mod tests {
                 }
             }
         }
+        text += "AKSVM log ebpf [INFO] nf_conntrack is loaded: the eBPF capture is attached\n";
         text += "AKSVM log ebpf [INFO] eBPF capture attached to tp_btf/net_dev_start_xmit (netns filter: 1)\n";
+        text += "AKSVM log ebpf [INFO] optional hook attached: kprobe/nf_nat_setup_info (counts once seen firing)\n";
+        text += "AKSVM log ebpf [INFO] optional hook kprobe/nf_nat_setup_info seen firing (1 runs); it counts as attached\n";
         text += "AKSVM log ebpf [INFO] capturing conntrack NAT in network namespace rt with ebpf; kubenet model\n";
         text += "AKSVM done ebpf\n";
         text
@@ -382,6 +407,12 @@ mod tests {
             v.line
         );
         assert!(v.line.contains("opened 36/36"), "{}", v.line);
+        assert!(
+            v.line
+                .contains("ebpf: attached once nf_conntrack was loaded;"),
+            "{}",
+            v.line
+        );
         assert!(v.line.contains("ended by conntrack -D 12/12"), "{}", v.line);
         assert!(v.line.contains("(ends from 36 netlink)"), "{}", v.line);
         assert!(
