@@ -83,31 +83,12 @@ impl EbpfCapture {
         tx: mpsc::Sender<FlowEvent>,
         health: Arc<CaptureHealth>,
     ) -> Result<EbpfCapture, EbpfError> {
-        let source = BtfSource::running_kernel();
-        if !super::conntrack_loaded() {
-            return Err(EbpfError::ConntrackNotLoaded(
-                BtfError::ConntrackNotLoaded {
-                    kernel: source.kernel,
-                    module: super::CONNTRACK_MODULE.into(),
-                },
-            ));
-        }
-        let btf_error = |err| match err {
-            BtfError::Read { .. } => EbpfError::NoBtf(err.to_string()),
-            BtfError::ConntrackNotLoaded { .. } => EbpfError::ConntrackNotLoaded(err),
-            other => EbpfError::Offsets(other),
-        };
-        let kernel_btf = source.load().map_err(btf_error)?;
-        let offsets = resolve_offsets(&kernel_btf, &source.kernel).map_err(btf_error)?;
-        let btf = Btf::from_sys_fs().map_err(|err| EbpfError::NoBtf(chain(&err)))?;
         let netns_filter = netns_inode.unwrap_or(0);
-        let mut ebpf = EbpfLoader::new()
-            .btf(Some(&btf))
-            .override_global("OFFSETS", &offsets, true)
-            .override_global("NETNS_FILTER", &netns_filter, true)
-            .override_global("CONN_ID_KEY", &conn_id_key(), true)
-            .load(OBJECT)
-            .map_err(object_error)?;
+        let Loaded {
+            mut ebpf,
+            btf,
+            kernel_btf,
+        } = load_object(netns_filter)?;
 
         attach_xmit(&mut ebpf, &btf)?;
         health.record_hook(HookStatus {
@@ -148,6 +129,121 @@ impl EbpfCapture {
             hooks,
         })
     }
+}
+
+/// The object loaded into the kernel (maps created, no program loaded yet), with the BTF it
+/// was loaded against.
+struct Loaded {
+    ebpf: Ebpf,
+    btf: Btf,
+    kernel_btf: KernelBtf,
+}
+
+fn load_object(netns_filter: u32) -> Result<Loaded, EbpfError> {
+    let source = BtfSource::running_kernel();
+    if !super::conntrack_loaded() {
+        return Err(EbpfError::ConntrackNotLoaded(
+            BtfError::ConntrackNotLoaded {
+                kernel: source.kernel,
+                module: super::CONNTRACK_MODULE.into(),
+            },
+        ));
+    }
+    let btf_error = |err| match err {
+        BtfError::Read { .. } => EbpfError::NoBtf(err.to_string()),
+        BtfError::ConntrackNotLoaded { .. } => EbpfError::ConntrackNotLoaded(err),
+        other => EbpfError::Offsets(other),
+    };
+    let kernel_btf = source.load().map_err(btf_error)?;
+    let offsets = resolve_offsets(&kernel_btf, &source.kernel).map_err(btf_error)?;
+    let btf = Btf::from_sys_fs().map_err(|err| EbpfError::NoBtf(chain(&err)))?;
+    let ebpf = EbpfLoader::new()
+        .btf(Some(&btf))
+        .override_global("OFFSETS", &offsets, true)
+        .override_global("NETNS_FILTER", &netns_filter, true)
+        .override_global("CONN_ID_KEY", &conn_id_key(), true)
+        .load(OBJECT)
+        .map_err(object_error)?;
+    Ok(Loaded {
+        ebpf,
+        btf,
+        kernel_btf,
+    })
+}
+
+/// One program of the object, loaded into the running kernel (not attached), or why not.
+#[derive(Debug)]
+pub struct ProgramLoad {
+    pub program: String,
+    /// `Ok(true)`: loaded; `Ok(false)`: not attempted, for the reason in `note`.
+    pub outcome: Result<bool, String>,
+    pub note: String,
+}
+
+/// Loads every program of the object without attaching any: the kernel matrix's proof that the
+/// verifier of each kernel takes all of them, including those this kernel's agent would not
+/// use (the plain `nf_ct_delete` kprobe where the function is split, the part's where it is
+/// not). fentry/fexit on a function outside vmlinux's BTF is not attempted (aya 0.14).
+pub fn load_every_program() -> Result<Vec<ProgramLoad>, EbpfError> {
+    let Loaded {
+        mut ebpf,
+        btf,
+        kernel_btf,
+    } = load_object(0)?;
+    let mut targets: Vec<(&str, &str, bool)> =
+        vec![("net_dev_start_xmit", "net_dev_start_xmit", true)];
+    for hook in &OPTIONAL_HOOKS {
+        targets.push((hook.tracing_prog, hook.function, true));
+        targets.push((hook.kprobe_prog, hook.function, false));
+        targets.extend(hook.kretprobe_prog.map(|p| (p, hook.function, false)));
+        if let OnSplit::ProbePart(prog) = hook.on_split {
+            targets.push((prog, hook.function, false));
+        }
+    }
+    let names: Vec<String> = ebpf.programs().map(|(name, _)| name.to_owned()).collect();
+    let mut loads = Vec::new();
+    for name in names {
+        let Some(&(_, function, by_btf)) = targets.iter().find(|t| t.0 == name) else {
+            loads.push(ProgramLoad {
+                outcome: Err("in no row of the hook tables of capture::ebpf".to_owned()),
+                program: name,
+                note: String::new(),
+            });
+            continue;
+        };
+        let needs_vmlinux = by_btf && name != "net_dev_start_xmit";
+        let (outcome, note) = if needs_vmlinux && !kernel_btf.vmlinux_has_function(function) {
+            (Ok(false), format!("{function} is not in vmlinux's BTF"))
+        } else {
+            let prog = ebpf.program_mut(&name).expect("listed above");
+            let result = match prog {
+                aya::programs::Program::BtfTracePoint(p) => p.load(function, &btf),
+                aya::programs::Program::FEntry(p) => p.load(function, &btf),
+                aya::programs::Program::FExit(p) => p.load(function, &btf),
+                aya::programs::Program::KProbe(p) => p.load(),
+                _ => Err(ProgramError::UnexpectedProgramType),
+            };
+            (
+                result.map(|()| true).map_err(|err| match err {
+                    ProgramError::LoadError {
+                        io_error,
+                        verifier_log,
+                    } => format!(
+                        "{io_error}; verifier says: {}",
+                        log_tail(&verifier_log.to_string())
+                    ),
+                    other => chain(&other),
+                }),
+                String::new(),
+            )
+        };
+        loads.push(ProgramLoad {
+            program: name,
+            outcome,
+            note,
+        });
+    }
+    Ok(loads)
 }
 
 /// A random key that hides kernel addresses in the events' connection ids.

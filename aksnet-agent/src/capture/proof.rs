@@ -44,6 +44,9 @@ pub async fn prove(
         .into_iter()
         .filter(|h| !h.prog_ids.is_empty())
         .collect();
+    if pending.is_empty() {
+        return;
+    }
     // Dropping the descriptor switches the statistics off again.
     let stats = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
         Ok(fd) => Some(fd),

@@ -126,7 +126,7 @@ round() {
 # Waits (at most $2 seconds) until the witness has seen $1 DESTROY events.
 wait_destroys() {
 	i=0
-	while [ "$(grep -c DESTROY /tmp/witness)" -lt "$1" ] && [ $i -lt $(($2 * 2)) ]; do
+	while [ "$(grep -c DESTROY /tmp/witness.$source)" -lt "$1" ] && [ $i -lt $(($2 * 2)) ]; do
 		sleep 0.5
 		i=$((i + 1))
 	done
@@ -135,7 +135,7 @@ wait_destroys() {
 # Waits (at most $2 seconds) for the running agent to log $1.
 wait_log() {
 	i=0
-	until grep -q "$1" /tmp/agent.err; do
+	until grep -q "$1" $log 2>/dev/null; do
 		i=$((i + 1))
 		if [ $i -gt $(($2 * 2)) ] || ! kill -0 $agent 2>/dev/null; then
 			say note "the agent did not log \"$1\""
@@ -155,8 +155,10 @@ timeouts() {
 # One capture source: agent and witness on the router, three rounds, then both outputs.
 check() {
 	source=$1
+	# Files of this run only: a reader racing the redirection must not find the last run's.
+	log=/tmp/agent.$source.err
 	/bin/aksnet-agent --dump --output json --show-ends --netns rt --source $source \
-		--config /etc/aksnet.toml >/tmp/agent.out 2>/tmp/agent.err &
+		--config /etc/aksnet.toml >/tmp/agent.$source.out 2>$log &
 	agent=$!
 	if [ "$late" = 1 ]; then
 		wait_log "attaches once it is loaded" 60
@@ -168,7 +170,7 @@ check() {
 	# Settle: the agent's first events must not race the witness's start.
 	sleep 2
 	# Not through rt(): a background function is a subshell, and $! must be conntrack itself.
-	/bin/ip netns exec rt conntrack -E -e NEW,DESTROY >/tmp/witness 2>/tmp/witness.err &
+	/bin/ip netns exec rt conntrack -E -e NEW,DESTROY >/tmp/witness.$source 2>/tmp/witness.$source.err &
 	witness=$!
 	sleep 1
 	# Round 1's connections expire while round 2 runs; round 3's flush comes once they have.
@@ -197,9 +199,9 @@ check() {
 	kill -KILL $agent 2>/dev/null
 	kill $witness
 	wait $witness $agent 2>/dev/null
-	sed "s/^/AKSVM witness $source /" /tmp/witness
-	sed "s/^/AKSVM agent $source /" /tmp/agent.out
-	sed "s/^/AKSVM log $source /" /tmp/agent.err /tmp/witness.err
+	sed "s/^/AKSVM witness $source /" /tmp/witness.$source
+	sed "s/^/AKSVM agent $source /" /tmp/agent.$source.out
+	sed "s/^/AKSVM log $source /" $log /tmp/witness.$source.err
 	say done "$source"
 }
 
@@ -212,5 +214,7 @@ for source in $(cat /sources); do
 	late=0
 	run_no=$((run_no + 1))
 done
+say step "$(now)s loading every kernel program"
+/bin/programs-load --ignored --nocapture --test-threads=1 2>&1 | sed "s/^/AKSVM programs /"
 say finished
 poweroff -f

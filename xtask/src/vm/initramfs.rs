@@ -52,7 +52,14 @@ outbound_type = \"loadBalancer\"
 ";
 
 /// Builds `<work>/initramfs.cpio` for `kernel`; the guest checks each of `sources` in turn.
-pub fn build(kernel: &KernelFiles, agent: &Path, sources: &[&str], work: &Path) -> Result<PathBuf> {
+/// `programs_test` is the agent's test binary that loads every kernel program.
+pub fn build(
+    kernel: &KernelFiles,
+    agent: &Path,
+    programs_test: &Path,
+    sources: &[&str],
+    work: &Path,
+) -> Result<PathBuf> {
     let root = work.join("root");
     if root.exists() {
         std::fs::remove_dir_all(&root)?;
@@ -73,13 +80,15 @@ pub fn build(kernel: &KernelFiles, agent: &Path, sources: &[&str], work: &Path) 
         std::os::unix::fs::symlink("xtables-legacy-multi", root.join("bin").join(name))?;
     }
     // Stripped: the guest's RAM holds the initramfs, and debug info is most of a debug build.
-    run_quiet(
-        Cmd::new("strip")
-            .arg("-o")
-            .arg(root.join("bin/aksnet-agent"))
-            .arg(agent),
-    )?;
-    libraries.extend(needed_libraries(agent)?);
+    for (binary, name) in [(agent, "aksnet-agent"), (programs_test, "programs-load")] {
+        run_quiet(
+            Cmd::new("strip")
+                .arg("-o")
+                .arg(root.join("bin").join(name))
+                .arg(binary),
+        )?;
+        libraries.extend(needed_libraries(binary)?);
+    }
     let plugins = copy_tree(Path::new(XTABLES_PLUGINS), &root)?;
     for plugin in plugins {
         libraries.extend(needed_libraries(&plugin)?);

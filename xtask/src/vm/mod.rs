@@ -11,7 +11,7 @@ mod verdict;
 use crate::cmd::Cmd;
 use anyhow::{bail, Result};
 use kernels::{Kernel, MATRIX};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Capture sources each guest checks, in order. The first starts before nf_conntrack is loaded
@@ -21,6 +21,23 @@ const SOURCES: [&str; 3] = ["auto", "ebpf", "netlink"];
 /// A guest boots in about 3 s under TCG and checks both sources in about a minute; a hung guest
 /// is killed after this.
 const BOOT_LIMIT: Duration = Duration::from_secs(300);
+
+/// The agent's test that loads every kernel program; each guest runs it once its checks are done.
+const PROGRAMS_TEST: &str = "programs_load";
+
+/// Builds the agent's integration test `name` and returns its executable.
+fn test_binary(workspace: &Path, name: &str) -> Result<PathBuf> {
+    let out = Cmd::new("cargo")
+        .args(["test", "-p", "aksnet-agent", "--test", name, "--no-run"])
+        .args(["--message-format=json"])
+        .current_dir(workspace)
+        .output_string()?;
+    out.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|msg| msg["target"]["name"] == name)
+        .find_map(|msg| msg["executable"].as_str().map(PathBuf::from))
+        .ok_or_else(|| anyhow::anyhow!("cargo built no executable for the test {name}"))
+}
 
 /// `--kernel`: one kernel of the matrix, or all of them.
 #[derive(Clone, Debug)]
@@ -54,6 +71,7 @@ pub fn run(workspace: &Path, choice: &KernelChoice) -> Result<()> {
         .current_dir(workspace)
         .run_visible()?;
     let agent = workspace.join("target/debug/aksnet-agent");
+    let programs_test = test_binary(workspace, PROGRAMS_TEST)?;
     let cache = kernels::cache_dir();
     let mut failed = Vec::new();
     let mut lines = Vec::new();
@@ -62,7 +80,7 @@ pub fn run(workspace: &Path, choice: &KernelChoice) -> Result<()> {
         let files = kernels::fetch(kernel, &cache)?;
         let work = cache.join("runs").join(kernel.suite);
         std::fs::create_dir_all(&work)?;
-        let initramfs = initramfs::build(&files, &agent, &SOURCES, &work)?;
+        let initramfs = initramfs::build(&files, &agent, &programs_test, &SOURCES, &work)?;
         println!("vm-test: booting {} under QEMU (TCG)", files.release);
         let console = work.join("console.log");
         let boot = qemu::boot(&files.vmlinuz, &initramfs, &console, BOOT_LIMIT)?;

@@ -76,6 +76,7 @@ pub fn judge(kernel: &str, console: &str, sources: &[&str], timed_out: bool) -> 
     let mut runs: BTreeMap<String, Run> = BTreeMap::new();
     let mut release = String::from("?");
     let mut problems = Vec::new();
+    let mut programs = Vec::new();
     for line in console.lines() {
         let line = line.trim_end_matches('\r');
         // The firmware's escape codes share the console's first line with the guest's.
@@ -87,6 +88,7 @@ pub fn judge(kernel: &str, console: &str, sources: &[&str], timed_out: bool) -> 
         match kind {
             "kernel" => release = rest.to_owned(),
             "abort" => problems.push(format!("the guest gave up: {rest}")),
+            "programs" => programs.push(rest.to_owned()),
             "witness" | "agent" | "log" | "done" => {
                 let (source, text) = rest.split_once(' ').unwrap_or((rest, ""));
                 let run = runs.entry(source.to_owned()).or_default();
@@ -110,6 +112,7 @@ pub fn judge(kernel: &str, console: &str, sources: &[&str], timed_out: bool) -> 
             _ => problems.push(format!("{source}: the guest printed no result")),
         }
     }
+    parts.push(judge_programs(&programs, &mut problems));
     let passed = problems.is_empty();
     let line = format!(
         "vm-test {kernel} ({release}): {} | {}",
@@ -221,6 +224,33 @@ fn judge_run(source: &str, run: &Run, late: bool, problems: &mut Vec<String>) ->
         if line.contains("load refused") || line.contains("verifier says") {
             problems.push(format!("{source}: the kernel refused a program: {line}"));
         }
+    }
+    out
+}
+
+/// The guest's run of the agent's `programs_load` test: every program loaded, or not attempted
+/// for a stated reason; none refused.
+fn judge_programs(lines: &[String], problems: &mut Vec<String>) -> String {
+    let count = |prefix: &str| lines.iter().filter(|l| l.starts_with(prefix)).count();
+    for line in lines.iter().filter(|l| l.starts_with("refused ")) {
+        problems.push(format!("programs: the kernel {line}"));
+    }
+    if !lines
+        .iter()
+        .any(|l| l.starts_with("test result: ok. 1 passed"))
+    {
+        problems.push(format!(
+            "programs: the load test did not pass: {}",
+            lines.last().map_or("it printed nothing", String::as_str)
+        ));
+    }
+    let skipped: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("not attempted "))
+        .collect();
+    let mut out = format!("programs: {} loaded", count("loaded "));
+    if !skipped.is_empty() {
+        let _ = write!(out, ", not attempted: {}", skipped.join(", "));
     }
     out
 }
@@ -394,6 +424,9 @@ mod tests {
         text += "AKSVM log ebpf [INFO] optional hook kprobe/nf_nat_setup_info seen firing (1 runs); it counts as attached\n";
         text += "AKSVM log ebpf [INFO] capturing conntrack NAT in network namespace rt with ebpf; kubenet model\n";
         text += "AKSVM done ebpf\n";
+        text += "AKSVM programs loaded net_dev_start_xmit\n";
+        text += "AKSVM programs not attempted nf_ct_delete_entry: nf_ct_delete is not in vmlinux's BTF\n";
+        text += "AKSVM programs test result: ok. 1 passed; 0 failed; 0 ignored\n";
         text
     }
 
@@ -408,6 +441,11 @@ mod tests {
         );
         assert!(v.line.contains("opened 36/36"), "{}", v.line);
         assert!(
+            v.line.ends_with("programs: 1 loaded, not attempted: nf_ct_delete_entry: nf_ct_delete is not in vmlinux's BTF"),
+            "{}",
+            v.line
+        );
+        assert!(
             v.line
                 .contains("ebpf: attached once nf_conntrack was loaded;"),
             "{}",
@@ -416,7 +454,7 @@ mod tests {
         assert!(v.line.contains("ended by conntrack -D 12/12"), "{}", v.line);
         assert!(v.line.contains("(ends from 36 netlink)"), "{}", v.line);
         assert!(
-            v.line.contains("hooks tp_btf/net_dev_start_xmit"),
+            v.line.contains("hooks tp_btf/net_dev_start_xmit, kprobe/nf_nat_setup_info | programs"),
             "{}",
             v.line
         );
