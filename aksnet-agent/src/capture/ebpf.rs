@@ -444,6 +444,7 @@ impl OptionalHook {
             fallback: self.fallback,
         }
     }
+
     fn attach_tracing(&self, ebpf: &mut Ebpf, btf: &Btf) -> Result<(), String> {
         if self.exit {
             let prog: &mut FExit = program(ebpf, self.tracing_prog).map_err(|e| e.to_string())?;

@@ -85,9 +85,15 @@ pub fn fetch(kernel: &Kernel, cache: &Path) -> Result<KernelFiles> {
     }
     let release = std::fs::read_to_string(&stamp)?.trim().to_owned();
     let tree = root.join("tree");
+    // trixie's packages ship modules under /usr (merged /usr), older ones under /lib.
+    let modules = ["lib/modules", "usr/lib/modules"]
+        .iter()
+        .map(|dir| tree.join(dir).join(&release))
+        .find(|dir| dir.exists())
+        .unwrap_or_else(|| tree.join("lib/modules").join(&release));
     let files = KernelFiles {
         vmlinuz: tree.join(format!("boot/vmlinuz-{release}")),
-        modules: tree.join(format!("lib/modules/{release}")),
+        modules,
         release,
     };
     if !files.vmlinuz.exists() || !files.modules.exists() {
