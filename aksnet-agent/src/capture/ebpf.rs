@@ -2,8 +2,10 @@
 //! [`FlowEvent`]s.
 //!
 //! `tp_btf/net_dev_start_xmit` is required. The `nf_nat_setup_info` and `nf_ct_delete` hooks are
-//! optional: each is tried as fentry/fexit first, kprobe second, and its absence is logged once
-//! and recorded in [`CaptureHealth`].
+//! optional, and the table `OPTIONAL_HOOKS` says for each how it is attached on which kernel
+//! (fentry/fexit where the function is in vmlinux's BTF, kprobe otherwise, the `.part.N` copy of
+//! a function the compiler split), what proves it fires (`capture::proof`) and what replaces it.
+//! Its absence is logged once and recorded in [`CaptureHealth`].
 
 use super::btf::{resolve_offsets, Btf as KernelBtf, BtfError, BtfSource};
 use super::kallsyms;
@@ -63,7 +65,7 @@ pub struct EbpfCapture {
     /// Owns the programs and their links: dropping it detaches everything.
     _ebpf: Ebpf,
     tasks: Vec<JoinHandle<()>>,
-    /// The optional hooks as attached, for [`super::proof`] to prove.
+    /// The optional hooks as attached, for `capture::proof` to prove.
     pub hooks: Vec<AttachedHook>,
 }
 

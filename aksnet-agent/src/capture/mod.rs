@@ -5,7 +5,9 @@
 //!   (`tp_btf/net_dev_start_xmit`), plus optional hooks where the kernel allows them;
 //! - [`netlink`]: conntrack NEW/DESTROY events over `NETLINK_NETFILTER`, which needs no eBPF.
 //!
-//! `auto` tries eBPF first and falls back to netlink, saying which one it runs.
+//! `auto` tries eBPF first and falls back to netlink, saying which one it runs. Where nf_conntrack
+//! is a module not loaded yet, the eBPF capture attaches once it is; netlink DESTROY events stand in
+//! for an `nf_ct_delete` hook that is absent or not yet seen firing (`proof.rs`).
 
 pub mod btf;
 pub mod ebpf;
