@@ -216,9 +216,11 @@ fn foreign_entry_reused(ct: u64, state: *mut ConnState, flags: u64) -> bool {
     flags & SEEN_REPLY_STORED != 0 && !seen_reply
 }
 
-/// conntrack is deleting the connection: report its end and forget it.
+/// conntrack is deleting the connection: report its end and forget it. `dying_set` when the
+/// hooked code runs after the caller set `IPS_DYING` (a compiler-split `nf_ct_delete.part.N`,
+/// reached once per connection).
 #[inline(always)]
-pub fn on_delete(ct: u64) {
+pub fn on_delete(ct: u64, dying_set: bool) {
     if ct == 0 {
         return;
     }
@@ -242,7 +244,7 @@ pub fn on_delete(ct: u64) {
         return;
     };
     // Another caller already deletes it (nf_ct_delete sets DYING once and bails out after).
-    if status & ct_status::DYING != 0 {
+    if !dying_set && status & ct_status::DYING != 0 {
         return;
     }
     let report = Report {
@@ -328,7 +330,9 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
         ),
         None => (0, 0),
     };
-    if let Some(s) = state {
+    // Only for a packet: LLVM turns an atomic add of a constant 0 into atomic OR, which kernels
+    // before 5.12 refuse.
+    if let (Some(s), 1) = (state, counted) {
         // SAFETY: as above; counters atomically because several CPUs send packets of one
         // connection. The BPF target has no AtomicU64; the intrinsic compiles to BPF's atomic add.
         unsafe {

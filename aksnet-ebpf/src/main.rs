@@ -88,14 +88,24 @@ pub fn nf_nat_setup_info_ret(ctx: RetProbeContext) -> u32 {
 #[fentry(function = "nf_ct_delete")]
 pub fn nf_ct_delete_entry(ctx: FEntryContext) -> i32 {
     // bool nf_ct_delete(struct nf_conn *ct, u32 portid, int report)
-    conn::on_delete(ctx.arg(0));
+    conn::on_delete(ctx.arg(0), false);
     0
 }
 
 #[kprobe(function = "nf_ct_delete")]
 pub fn nf_ct_delete_kprobe(ctx: ProbeContext) -> u32 {
     if let Some(ct) = ctx.arg::<u64>(0) {
-        conn::on_delete(ct);
+        conn::on_delete(ct, false);
+    }
+    0
+}
+
+/// Attached to `nf_ct_delete.part.N` where the compiler split the function: its callers set
+/// `IPS_DYING` before calling it, once per connection, and the connection stays first argument.
+#[kprobe(function = "nf_ct_delete.part")]
+pub fn nf_ct_delete_part_kprobe(ctx: ProbeContext) -> u32 {
+    if let Some(ct) = ctx.arg::<u64>(0) {
+        conn::on_delete(ct, true);
     }
     0
 }

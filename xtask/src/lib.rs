@@ -6,3 +6,4 @@ pub mod cmd;
 pub mod image;
 pub mod lab;
 pub mod setup;
+pub mod vm;

@@ -34,6 +34,13 @@ enum Command {
     /// Build the agent's runtime image (the Dockerfile's runtime stage) with podman, offline: the
     /// base from debootstrap, the agent built here. Reports its size.
     Image,
+    /// Boot Debian's cloud kernels under QEMU and check the agent's capture on each against
+    /// `conntrack -E`: one verdict line per kernel.
+    VmTest {
+        /// 5.10, 6.1, 6.12 or all.
+        #[arg(long, default_value = "all")]
+        kernel: xtask::vm::KernelChoice,
+    },
     /// The node lab: a one-node AKS network in network namespaces.
     #[command(subcommand)]
     Lab(LabCommand),
@@ -55,6 +62,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Image => xtask::image::run(workspace)?,
         Command::Lab(cmd) => xtask::lab::cli::execute(cmd)?,
+        Command::VmTest { kernel } => xtask::vm::run(workspace, &kernel)?,
         Command::Bench { quick, agent } => {
             xtask::bench::run(workspace, &xtask::bench::Plan::new(quick), agent.as_deref())?;
         }

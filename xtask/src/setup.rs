@@ -22,6 +22,14 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "podman",       // the runtime image's build and the container test (xtask image)
     "runc",         // podman's OCI runtime here: crun refuses hybrid cgroups
     "debootstrap",  // the runtime image's Debian base, with no registry
+    // `cargo xtask vm-test`: QEMU, and what the guests' initramfs is made of.
+    "qemu-system-x86", // boots Debian's cloud kernels under TCG
+    "busybox-static",  // the guests' shell and tools
+    "cpio",            // packs the initramfs
+    "kmod",            // modinfo: the order the guests load modules in
+    "binutils",        // strip: the agent without debug info fits the guests' memory
+    "xz-utils",        // decompresses xz modules
+    "zstd",            // and zstd ones
 ];
 
 /// PyPI packages: the manifests' schema validator.

@@ -54,6 +54,8 @@ pub enum LookupError {
     BadTypeId(u32),
     #[error("type chain at id {0} is too deep or cyclic")]
     TooDeep(u32),
+    #[error("{0} has a type whose size the resolver does not compute (an array or a function)")]
+    Unsized(String),
 }
 
 /// Why the agent cannot produce [`KernelOffsets`] for this kernel.
@@ -68,7 +70,7 @@ pub enum BtfError {
     #[error(transparent)]
     Parse(#[from] ParseError),
     /// `nf_conn` lives in the `nf_conntrack` module, whose BTF appears only once it is loaded.
-    #[error("nf_conntrack is not loaded (kernel {kernel} has no {} and struct nf_conn is not built in): load it with `modprobe nf_conntrack`, or start the agent after kube-proxy has", module.display())]
+    #[error("nf_conntrack is not loaded (kernel {kernel} has no {}): load it with `modprobe nf_conntrack`, or start the agent after kube-proxy has", module.display())]
     ConntrackNotLoaded { kernel: String, module: PathBuf },
     #[error("kernel {kernel}: struct nf_conntrack_tuple is {size} bytes, fewer than the {TUPLE_FINGERPRINT_LEN} the kernel programs read to recognise a connection; use --source netlink on this kernel")]
     ShortTuple { kernel: String, size: u32 },
@@ -78,6 +80,13 @@ pub enum BtfError {
         field: &'static str,
         #[source]
         cause: LookupError,
+    },
+    #[error("kernel {kernel}: {field} is {size} bytes, but the kernel programs read {reads}: this kernel lays the field out differently, so the eBPF capture would read wrong values; use --source netlink on this kernel")]
+    FieldSize {
+        kernel: String,
+        field: &'static str,
+        size: u32,
+        reads: u32,
     },
     #[error("kernel {kernel}: optional field {field} is unusable: {cause}")]
     BadOptionalField {
@@ -116,6 +125,8 @@ pub struct Btf {
     /// Index 0 is `void`; type id N is `types[N]`.
     types: Vec<Type>,
     strings: Vec<u8>,
+    /// How many of `types` are vmlinux's: all of them, or the base's in merged split BTF.
+    base_types: usize,
 }
 
 impl Btf {
@@ -125,8 +136,11 @@ impl Btf {
         let empty = Btf {
             types: vec![void()],
             strings: Vec::new(),
+            base_types: 0,
         };
-        empty.extend(data, source_name, false)
+        let mut btf = empty.extend(data, source_name, false)?;
+        btf.base_types = btf.types.len();
+        Ok(btf)
     }
 
     /// Parses a module's split BTF on top of `base`: its type ids and string offsets continue
@@ -256,6 +270,17 @@ impl Btf {
     /// component is the struct). Members of anonymous structs and unions are found as if they
     /// were direct members, as in C.
     pub fn member_offset(&self, path: &str) -> Result<u32, LookupError> {
+        self.resolve(path).map(|(offset, _, _)| offset)
+    }
+
+    /// Byte offset and size of a member path (see [`Btf::member_offset`]).
+    pub fn member(&self, path: &str) -> Result<(u32, u32), LookupError> {
+        let (offset, type_id, walked) = self.resolve(path)?;
+        Ok((offset, self.type_size(type_id, &walked)?))
+    }
+
+    /// Byte offset, type id and the path walked, for a member path.
+    fn resolve(&self, path: &str) -> Result<(u32, u32, String), LookupError> {
         let mut parts = path.split('.');
         let strukt = parts.next().unwrap_or_default();
         let mut type_id = self.find_struct(strukt)?;
@@ -282,7 +307,28 @@ impl Btf {
         if !bits.is_multiple_of(8) {
             return Err(LookupError::Bitfield(walked));
         }
-        Ok(bits / 8)
+        Ok((bits / 8, type_id, walked))
+    }
+
+    /// `sizeof` a member's type: what a read of the whole member covers.
+    fn type_size(&self, type_id: u32, walked: &str) -> Result<u32, LookupError> {
+        let ty = self.get(self.strip(type_id)?)?;
+        match ty.kind {
+            KIND_INT | KIND_ENUM | KIND_ENUM64 | KIND_STRUCT | KIND_UNION | KIND_FLOAT => {
+                Ok(ty.size_or_type)
+            }
+            // The kernel programs run on 64-bit kernels only (x86_64, arm64).
+            KIND_PTR => Ok(8),
+            _ => Err(LookupError::Unsized(walked.to_owned())),
+        }
+    }
+
+    /// Whether vmlinux itself (not a module's split BTF merged on top) has function `name`:
+    /// where aya can attach fentry/fexit.
+    pub fn vmlinux_has_function(&self, name: &str) -> bool {
+        self.types[..self.base_types]
+            .iter()
+            .any(|t| t.kind == KIND_FUNC && self.name(t.name_off) == name)
     }
 
     /// Finds `name` in a struct/union, descending into anonymous members; returns the member and
@@ -448,17 +494,31 @@ fn kernel_release() -> String {
 
 /// Fills [`KernelOffsets`] from `btf`. `kernel` names the kernel in errors.
 pub fn resolve_offsets(btf: &Btf, kernel: &str) -> Result<KernelOffsets, BtfError> {
-    let required = |field: &'static str| {
-        btf.member_offset(field)
-            .map_err(|cause| BtfError::MissingField {
+    // Each field with the number of bytes the kernel programs read from it: a kernel whose
+    // field differs in size would be misread, so it is refused.
+    let sized = |field: &'static str, reads: u32, (offset, size): (u32, u32)| {
+        if size == reads {
+            Ok(offset)
+        } else {
+            Err(BtfError::FieldSize {
                 kernel: kernel.to_owned(),
                 field,
-                cause,
+                size,
+                reads,
             })
+        }
+    };
+    let required = |field: &'static str, reads: u32| match btf.member(field) {
+        Ok(found) => sized(field, reads, found),
+        Err(cause) => Err(BtfError::MissingField {
+            kernel: kernel.to_owned(),
+            field,
+            cause,
+        }),
     };
     // Compiled out by kernel config: absent is fine, but present-and-unreadable is not.
-    let optional = |field: &'static str| match btf.member_offset(field) {
-        Ok(off) => Ok(off),
+    let optional = |field: &'static str, reads: u32| match btf.member(field) {
+        Ok(found) => sized(field, reads, found),
         Err(LookupError::NoMember { .. }) => Ok(OFFSET_ABSENT),
         Err(cause) => Err(BtfError::BadOptionalField {
             kernel: kernel.to_owned(),
@@ -473,7 +533,13 @@ pub fn resolve_offsets(btf: &Btf, kernel: &str) -> Result<KernelOffsets, BtfErro
             field: "sizeof(nf_conntrack_tuple_hash)",
             cause,
         })?;
-    let tuplehash_tuple = required("nf_conntrack_tuple_hash.tuple")?;
+    let tuplehash_tuple = btf
+        .member_offset("nf_conntrack_tuple_hash.tuple")
+        .map_err(|cause| BtfError::MissingField {
+            kernel: kernel.to_owned(),
+            field: "nf_conntrack_tuple_hash.tuple",
+            cause,
+        })?;
     // The fingerprint read must stay inside the tuple, which must stay inside its hash entry.
     let tuple_size =
         btf.struct_size("nf_conntrack_tuple")
@@ -491,24 +557,31 @@ pub fn resolve_offsets(btf: &Btf, kernel: &str) -> Result<KernelOffsets, BtfErro
         });
     }
     Ok(KernelOffsets {
-        skb_nfct: required("sk_buff._nfct")?,
-        skb_iif: required("sk_buff.skb_iif")?,
-        skb_len: required("sk_buff.len")?,
-        netdev_ifindex: required("net_device.ifindex")?,
-        ct_tuplehash: required("nf_conn.tuplehash")?,
+        skb_nfct: required("sk_buff._nfct", 8)?,
+        skb_iif: required("sk_buff.skb_iif", 4)?,
+        skb_len: required("sk_buff.len", 4)?,
+        netdev_ifindex: required("net_device.ifindex", 4)?,
+        // Not read whole: the tuples inside it are, at the offsets below.
+        ct_tuplehash: btf.member_offset("nf_conn.tuplehash").map_err(|cause| {
+            BtfError::MissingField {
+                kernel: kernel.to_owned(),
+                field: "nf_conn.tuplehash",
+                cause,
+            }
+        })?,
         tuplehash_size,
         tuplehash_tuple,
-        ct_status: required("nf_conn.status")?,
-        ct_zone_id: optional("nf_conn.zone.id")?,
-        ct_mark: optional("nf_conn.mark")?,
-        ct_net: required("nf_conn.ct_net.net")?,
-        net_ns_inum: required("net.ns.inum")?,
-        tuple_src_u3: required("nf_conntrack_tuple.src.u3")?,
-        tuple_src_port: required("nf_conntrack_tuple.src.u.all")?,
-        tuple_src_l3num: required("nf_conntrack_tuple.src.l3num")?,
-        tuple_dst_u3: required("nf_conntrack_tuple.dst.u3")?,
-        tuple_dst_port: required("nf_conntrack_tuple.dst.u.all")?,
-        tuple_dst_protonum: required("nf_conntrack_tuple.dst.protonum")?,
+        ct_status: required("nf_conn.status", 8)?,
+        ct_zone_id: optional("nf_conn.zone.id", 2)?,
+        ct_mark: optional("nf_conn.mark", 4)?,
+        ct_net: required("nf_conn.ct_net.net", 8)?,
+        net_ns_inum: required("net.ns.inum", 4)?,
+        tuple_src_u3: required("nf_conntrack_tuple.src.u3", 16)?,
+        tuple_src_port: required("nf_conntrack_tuple.src.u.all", 2)?,
+        tuple_src_l3num: required("nf_conntrack_tuple.src.l3num", 2)?,
+        tuple_dst_u3: required("nf_conntrack_tuple.dst.u3", 16)?,
+        tuple_dst_port: required("nf_conntrack_tuple.dst.u.all", 2)?,
+        tuple_dst_protonum: required("nf_conntrack_tuple.dst.protonum", 1)?,
     })
 }
 

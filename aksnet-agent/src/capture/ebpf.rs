@@ -2,15 +2,19 @@
 //! [`FlowEvent`]s.
 //!
 //! `tp_btf/net_dev_start_xmit` is required. The `nf_nat_setup_info` and `nf_ct_delete` hooks are
-//! optional: each is tried as fentry/fexit first, kprobe second, and its absence is logged once
-//! and recorded in [`CaptureHealth`].
+//! optional, and the table `OPTIONAL_HOOKS` says for each how it is attached on which kernel
+//! (fentry/fexit where the function is in vmlinux's BTF, kprobe otherwise, the `.part.N` copy of
+//! a function the compiler split), what proves it fires (`capture::proof`) and what replaces it.
+//! Its absence is logged once and recorded in [`CaptureHealth`].
 
-use super::btf::{BtfError, BtfSource};
+use super::btf::{resolve_offsets, Btf as KernelBtf, BtfError, BtfSource};
+use super::kallsyms;
 use super::{CaptureHealth, HookStatus};
-use crate::events::{decode_conn_event, BootClock, FlowEvent};
+use crate::events::{decode_conn_event, BootClock, EventKind, FlowEvent};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError};
 use aya::{Btf, Ebpf, EbpfLoader};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +27,7 @@ use tokio::task::JoinHandle;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/aksnet-ebpf.o"));
 
 const XMIT_HOOK: &str = "tp_btf/net_dev_start_xmit";
+const KALLSYMS: &str = "/proc/kallsyms";
 /// How often the kernel's lost-event counter is read.
 const LOST_POLL: Duration = Duration::from_secs(1);
 
@@ -62,6 +67,8 @@ pub struct EbpfCapture {
     /// Owns the programs and their links: dropping it detaches everything.
     _ebpf: Ebpf,
     tasks: Vec<JoinHandle<()>>,
+    /// The optional hooks as attached, for `capture::proof` to prove.
+    pub hooks: Vec<AttachedHook>,
 }
 
 impl Drop for EbpfCapture {
@@ -80,21 +87,12 @@ impl EbpfCapture {
         tx: mpsc::Sender<FlowEvent>,
         health: Arc<CaptureHealth>,
     ) -> Result<EbpfCapture, EbpfError> {
-        let source = BtfSource::running_kernel();
-        let offsets = source.kernel_offsets().map_err(|err| match err {
-            BtfError::Read { .. } => EbpfError::NoBtf(err.to_string()),
-            BtfError::ConntrackNotLoaded { .. } => EbpfError::ConntrackNotLoaded(err),
-            other => EbpfError::Offsets(other),
-        })?;
-        let btf = Btf::from_sys_fs().map_err(|err| EbpfError::NoBtf(chain(&err)))?;
         let netns_filter = netns_inode.unwrap_or(0);
-        let mut ebpf = EbpfLoader::new()
-            .btf(Some(&btf))
-            .override_global("OFFSETS", &offsets, true)
-            .override_global("NETNS_FILTER", &netns_filter, true)
-            .override_global("CONN_ID_KEY", &conn_id_key(), true)
-            .load(OBJECT)
-            .map_err(object_error)?;
+        let Loaded {
+            mut ebpf,
+            btf,
+            kernel_btf,
+        } = load_object(netns_filter)?;
 
         attach_xmit(&mut ebpf, &btf)?;
         health.record_hook(HookStatus {
@@ -106,8 +104,12 @@ impl EbpfCapture {
             "eBPF capture attached to {XMIT_HOOK} (netns filter: {})",
             netns_inode.map_or("all".to_owned(), |n| n.to_string())
         );
-        for hook in OPTIONAL_HOOKS {
-            health.record_hook(hook.attach(&mut ebpf, &btf));
+        let hooks: Vec<AttachedHook> = OPTIONAL_HOOKS
+            .iter()
+            .map(|hook| hook.attach(&mut ebpf, &btf, &kernel_btf))
+            .collect();
+        for hook in &hooks {
+            health.record_hook(hook.status.clone());
         }
 
         let events = take_map(&mut ebpf, "EVENTS")?;
@@ -125,8 +127,127 @@ impl EbpfCapture {
             tokio::spawn(read_events(events, tx, Arc::clone(&health))),
             tokio::spawn(poll_losses(losses, health)),
         ];
-        Ok(EbpfCapture { _ebpf: ebpf, tasks })
+        Ok(EbpfCapture {
+            _ebpf: ebpf,
+            tasks,
+            hooks,
+        })
     }
+}
+
+/// The object loaded into the kernel (maps created, no program loaded yet), with the BTF it
+/// was loaded against.
+struct Loaded {
+    ebpf: Ebpf,
+    btf: Btf,
+    kernel_btf: KernelBtf,
+}
+
+fn load_object(netns_filter: u32) -> Result<Loaded, EbpfError> {
+    let source = BtfSource::running_kernel();
+    if !super::conntrack_loaded() {
+        return Err(EbpfError::ConntrackNotLoaded(
+            BtfError::ConntrackNotLoaded {
+                kernel: source.kernel,
+                module: super::CONNTRACK_MODULE.into(),
+            },
+        ));
+    }
+    let btf_error = |err| match err {
+        BtfError::Read { .. } => EbpfError::NoBtf(err.to_string()),
+        BtfError::ConntrackNotLoaded { .. } => EbpfError::ConntrackNotLoaded(err),
+        other => EbpfError::Offsets(other),
+    };
+    let kernel_btf = source.load().map_err(btf_error)?;
+    let offsets = resolve_offsets(&kernel_btf, &source.kernel).map_err(btf_error)?;
+    let btf = Btf::from_sys_fs().map_err(|err| EbpfError::NoBtf(chain(&err)))?;
+    let ebpf = EbpfLoader::new()
+        .btf(Some(&btf))
+        .override_global("OFFSETS", &offsets, true)
+        .override_global("NETNS_FILTER", &netns_filter, true)
+        .override_global("CONN_ID_KEY", &conn_id_key(), true)
+        .load(OBJECT)
+        .map_err(object_error)?;
+    Ok(Loaded {
+        ebpf,
+        btf,
+        kernel_btf,
+    })
+}
+
+/// One program of the object, loaded into the running kernel (not attached), or why not.
+#[derive(Debug)]
+pub struct ProgramLoad {
+    pub program: String,
+    /// `Ok(true)`: loaded; `Ok(false)`: not attempted, for the reason in `note`.
+    pub outcome: Result<bool, String>,
+    pub note: String,
+}
+
+/// Loads every program of the object without attaching any: the kernel matrix's proof that the
+/// verifier of each kernel takes all of them, including those this kernel's agent would not
+/// use (the plain `nf_ct_delete` kprobe where the function is split, the part's where it is
+/// not). fentry/fexit on a function outside vmlinux's BTF is not attempted (aya 0.14).
+pub fn load_every_program() -> Result<Vec<ProgramLoad>, EbpfError> {
+    let Loaded {
+        mut ebpf,
+        btf,
+        kernel_btf,
+    } = load_object(0)?;
+    let mut targets: Vec<(&str, &str, bool)> =
+        vec![("net_dev_start_xmit", "net_dev_start_xmit", true)];
+    for hook in &OPTIONAL_HOOKS {
+        targets.push((hook.tracing_prog, hook.function, true));
+        targets.push((hook.kprobe_prog, hook.function, false));
+        targets.extend(hook.kretprobe_prog.map(|p| (p, hook.function, false)));
+        if let OnSplit::ProbePart(prog) = hook.on_split {
+            targets.push((prog, hook.function, false));
+        }
+    }
+    let names: Vec<String> = ebpf.programs().map(|(name, _)| name.to_owned()).collect();
+    let mut loads = Vec::new();
+    for name in names {
+        let Some(&(_, function, by_btf)) = targets.iter().find(|t| t.0 == name) else {
+            loads.push(ProgramLoad {
+                outcome: Err("in no row of the hook tables of capture::ebpf".to_owned()),
+                program: name,
+                note: String::new(),
+            });
+            continue;
+        };
+        let needs_vmlinux = by_btf && name != "net_dev_start_xmit";
+        let (outcome, note) = if needs_vmlinux && !kernel_btf.vmlinux_has_function(function) {
+            (Ok(false), format!("{function} is not in vmlinux's BTF"))
+        } else {
+            let prog = ebpf.program_mut(&name).expect("listed above");
+            let result = match prog {
+                aya::programs::Program::BtfTracePoint(p) => p.load(function, &btf),
+                aya::programs::Program::FEntry(p) => p.load(function, &btf),
+                aya::programs::Program::FExit(p) => p.load(function, &btf),
+                aya::programs::Program::KProbe(p) => p.load(),
+                _ => Err(ProgramError::UnexpectedProgramType),
+            };
+            (
+                result.map(|()| true).map_err(|err| match err {
+                    ProgramError::LoadError {
+                        io_error,
+                        verifier_log,
+                    } => format!(
+                        "{io_error}; verifier says: {}",
+                        log_tail(&verifier_log.to_string())
+                    ),
+                    other => chain(&other),
+                }),
+                String::new(),
+            )
+        };
+        loads.push(ProgramLoad {
+            program: name,
+            outcome,
+            note,
+        });
+    }
+    Ok(loads)
 }
 
 /// A random key that hides kernel addresses in the events' connection ids.
@@ -169,16 +290,46 @@ fn attach_xmit(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), EbpfError> {
     Ok(())
 }
 
-/// An optional kernel function hook: its programs in both flavours and what covers for it.
+/// How the agent learns that an attached hook really fires; until it does, the hook does not
+/// count as attached (a probe can attach to a function some callers bypass).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proof {
+    /// Its program has run once: enough where another hook covers the same events
+    /// (`net_dev_start_xmit` reports every connection anyway).
+    Runs,
+    /// It reported connection ends, and its program ran at least as often as netlink reported
+    /// connections ending in the observed namespace; netlink DESTROY stands in until then.
+    EveryEnd,
+}
+
+/// What to do where the symbol table shows a compiler-split copy of the function.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OnSplit {
+    /// Probe the `.part.N` copy, which every caller reaches, with this kprobe program; fall back
+    /// for other copies.
+    ProbePart(&'static str),
+    /// Do not hook: a probe on either copy misses calls, and a return probe sees the part's
+    /// return value, not the function's.
+    FallBack,
+}
+
+/// One optional kernel function hook and its whole compatibility story: attach points in the
+/// order tried, what the kernel must offer for each, what to do with a split function, what
+/// proves it fires, and what replaces it.
 struct OptionalHook {
     function: &'static str,
-    /// fentry (`exit == false`) or fexit program name.
+    /// fentry (`exit == false`) or fexit program. Needs 5.5+ and the function in vmlinux BTF:
+    /// aya 0.14 resolves fentry/fexit targets only there, so a module function (nf_conntrack,
+    /// nf_nat on AKS) is not attempted.
     tracing_prog: &'static str,
     exit: bool,
-    /// kprobe program, and the kretprobe program when the return value is needed.
+    /// kprobe program, and the kretprobe program when the return value is needed. Needs
+    /// CONFIG_KPROBES (AKS kernels have it; this agent's build machine does not).
     kprobe_prog: &'static str,
     kretprobe_prog: Option<&'static str>,
-    /// What the agent relies on when neither flavour attaches.
+    on_split: OnSplit,
+    proof: Proof,
+    /// What the agent relies on when the hook is absent or never proven.
     fallback: &'static str,
 }
 
@@ -189,6 +340,8 @@ const OPTIONAL_HOOKS: [OptionalHook; 2] = [
         exit: true,
         kprobe_prog: "nf_nat_setup_info_entry",
         kretprobe_prog: Some("nf_nat_setup_info_ret"),
+        on_split: OnSplit::FallBack,
+        proof: Proof::Runs,
         fallback: "NAT decisions are reported when the connection's first packet leaves an interface (tp_btf/net_dev_start_xmit)",
     },
     OptionalHook {
@@ -197,45 +350,102 @@ const OPTIONAL_HOOKS: [OptionalHook; 2] = [
         exit: false,
         kprobe_prog: "nf_ct_delete_kprobe",
         kretprobe_prog: None,
+        // Debian's 5.10 nf_conntrack.ko: nf_ct_delete() only sets IPS_DYING and calls
+        // nf_ct_delete.part.0, which garbage collection, early drop and flush call directly
+        // (net/netfilter/nf_conntrack_core.c, v5.10).
+        on_split: OnSplit::ProbePart("nf_ct_delete_part_kprobe"),
+        proof: Proof::EveryEnd,
         fallback: "connection ends come from netlink conntrack DESTROY events",
     },
 ];
 
+/// An optional hook after the attempt: its status, and when attached, what has to prove it.
+pub struct AttachedHook {
+    pub status: HookStatus,
+    pub proof: Proof,
+    /// Kernel ids of its programs, whose run counts prove it fires.
+    pub prog_ids: Vec<u32>,
+    pub fallback: &'static str,
+}
+
 impl OptionalHook {
-    /// Tries fentry/fexit, then kprobe; logs one line either way.
-    fn attach(&self, ebpf: &mut Ebpf, btf: &Btf) -> HookStatus {
+    /// Tries fentry/fexit, then kprobe, as the kernel allows; logs one line either way.
+    fn attach(&self, ebpf: &mut Ebpf, btf: &Btf, kernel_btf: &KernelBtf) -> AttachedHook {
+        let symbols = kallsyms::lookup(Path::new(KALLSYMS), self.function).unwrap_or_default();
         let tracing_name = format!(
             "{}/{}",
             if self.exit { "fexit" } else { "fentry" },
             self.function
         );
-        let tracing_err = match self.attach_tracing(ebpf, btf) {
-            Ok(()) => return self.attached(tracing_name),
-            Err(err) => err,
+        let kprobe_target = match (self.on_split, symbols.part(), symbols.split.first()) {
+            (_, _, None) => Ok((self.function.to_owned(), self.kprobe_prog)),
+            (OnSplit::ProbePart(prog), Some(part), _) => Ok((part.to_owned(), prog)),
+            (_, _, Some(copy)) => Err(format!(
+                "the compiler split it ({copy} in /proc/kallsyms), so a probe on it would miss calls"
+            )),
         };
-        let kprobe_name = format!("kprobe/{}", self.function);
-        let kprobe_err = match self.attach_kprobes(ebpf) {
-            Ok(()) => return self.attached(kprobe_name),
-            Err(err) => err,
+        let tracing_err = if let Err(why) = &kprobe_target {
+            why.clone()
+        } else if !symbols.split.is_empty() {
+            "not attempted: fentry attaches to the unsplit function, which not every caller reaches"
+                .to_owned()
+        } else if !kernel_btf.vmlinux_has_function(self.function) {
+            format!(
+                "not attempted: it is in module {} and aya 0.14 attaches fentry/fexit only to vmlinux functions",
+                symbols.module.as_deref().unwrap_or("(unknown)")
+            )
+        } else {
+            match self.attach_tracing(ebpf, btf) {
+                Ok(()) => return self.attached(ebpf, tracing_name, &[self.tracing_prog]),
+                Err(err) => err,
+            }
+        };
+        let kprobe_err = match &kprobe_target {
+            Ok((target, prog)) => {
+                let progs: Vec<&str> = std::iter::once(*prog).chain(self.kretprobe_prog).collect();
+                match attach_kprobes(ebpf, &progs, target) {
+                    Ok(()) => return self.attached(ebpf, format!("kprobe/{target}"), &progs),
+                    Err(err) => err,
+                }
+            }
+            Err(why) => why.clone(),
         };
         let detail = format!(
-            "{tracing_name}: {tracing_err}; {kprobe_name}: {kprobe_err}; instead: {}",
-            self.fallback
+            "{tracing_name}: {tracing_err}; kprobe/{}: {kprobe_err}; instead: {}",
+            self.function, self.fallback
         );
         log::warn!("optional hook {} unavailable: {detail}", self.function);
-        HookStatus {
-            name: self.function.to_owned(),
-            attached: false,
-            detail,
+        AttachedHook {
+            status: HookStatus {
+                name: self.function.to_owned(),
+                attached: false,
+                detail,
+            },
+            proof: self.proof,
+            prog_ids: Vec::new(),
+            fallback: self.fallback,
         }
     }
 
-    fn attached(&self, name: String) -> HookStatus {
-        log::info!("optional hook attached: {name}");
-        HookStatus {
-            name,
-            attached: true,
-            detail: String::new(),
+    /// Attached but not yet seen firing: recorded as not attached until proven.
+    fn attached(&self, ebpf: &Ebpf, name: String, progs: &[&str]) -> AttachedHook {
+        log::info!("optional hook attached: {name} (counts once seen firing)");
+        let prog_ids = progs
+            .iter()
+            .filter_map(|p| ebpf.program(p)?.info().ok().map(|info| info.id()))
+            .collect();
+        AttachedHook {
+            status: HookStatus {
+                name,
+                attached: false,
+                detail: format!(
+                    "attached, not yet seen firing; until then: {}",
+                    self.fallback
+                ),
+            },
+            proof: self.proof,
+            prog_ids,
+            fallback: self.fallback,
         }
     }
 
@@ -251,38 +461,33 @@ impl OptionalHook {
         }
         Ok(())
     }
+}
 
-    /// Loads every program first (so the verifier checks them all, even where the kernel has
-    /// no kprobes), then attaches; on any failure, unloads them all: a kprobe without its
-    /// kretprobe would only fill the call map.
-    fn attach_kprobes(&self, ebpf: &mut Ebpf) -> Result<(), String> {
-        let names: Vec<&str> = std::iter::once(self.kprobe_prog)
-            .chain(self.kretprobe_prog)
-            .collect();
-        let mut result = Ok(());
-        for name in &names {
-            result = result.and_then(|()| {
-                let prog: &mut KProbe = program(ebpf, name).map_err(|e| e.to_string())?;
-                prog.load().map_err(|e| format!("{name}: {}", short(&e)))
-            });
-        }
-        for name in &names {
-            result = result.and_then(|()| {
-                let prog: &mut KProbe = program(ebpf, name).map_err(|e| e.to_string())?;
-                prog.attach(self.function, 0)
-                    .map(drop)
-                    .map_err(|e| short(&e))
-            });
-        }
-        if result.is_err() {
-            for name in &names {
-                if let Ok(prog) = program::<KProbe>(ebpf, name) {
-                    let _ = prog.unload();
-                }
+/// Loads every program first (so the verifier checks them all, even where the kernel has no
+/// kprobes), then attaches each to `target`; on any failure, unloads them all: a kprobe without
+/// its kretprobe would only fill the call map.
+fn attach_kprobes(ebpf: &mut Ebpf, names: &[&str], target: &str) -> Result<(), String> {
+    let mut result = Ok(());
+    for name in names {
+        result = result.and_then(|()| {
+            let prog: &mut KProbe = program(ebpf, name).map_err(|e| e.to_string())?;
+            prog.load().map_err(|e| format!("{name}: {}", short(&e)))
+        });
+    }
+    for name in names {
+        result = result.and_then(|()| {
+            let prog: &mut KProbe = program(ebpf, name).map_err(|e| e.to_string())?;
+            prog.attach(target, 0).map(drop).map_err(|e| short(&e))
+        });
+    }
+    if result.is_err() {
+        for name in names {
+            if let Ok(prog) = program::<KProbe>(ebpf, name) {
+                let _ = prog.unload();
             }
         }
-        result
     }
+    result
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, EbpfError>
@@ -378,7 +583,12 @@ async fn read_events(
         let mut batch = Vec::new();
         while let Some(record) = guard.get_inner_mut().next() {
             match decode_conn_event(&record, &clock) {
-                Ok(event) => batch.push(event),
+                Ok(event) => {
+                    if event.kind == EventKind::Destroy {
+                        health.ebpf_ends.fetch_add(1, Ordering::Relaxed);
+                    }
+                    batch.push(event)
+                }
                 Err(err) => {
                     let before = health.decode_errors.fetch_add(1, Ordering::Relaxed);
                     if before == 0 {

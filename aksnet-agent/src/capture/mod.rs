@@ -5,18 +5,25 @@
 //!   (`tp_btf/net_dev_start_xmit`), plus optional hooks where the kernel allows them;
 //! - [`netlink`]: conntrack NEW/DESTROY events over `NETLINK_NETFILTER`, which needs no eBPF.
 //!
-//! `auto` tries eBPF first and falls back to netlink, saying which one it runs.
+//! `auto` tries eBPF first and falls back to netlink, saying which one it runs. Where nf_conntrack
+//! is a module not loaded yet, the eBPF capture attaches once it is; netlink DESTROY events stand in
+//! for an `nf_ct_delete` hook that is absent or not yet seen firing (`proof.rs`).
 
 pub mod btf;
 pub mod ebpf;
+mod kallsyms;
 pub mod netlink;
 pub mod netns;
 pub mod privileges;
+mod proof;
 
 use crate::events::{FlowEvent, SourceKind};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 /// Which capture source the operator asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -39,6 +46,9 @@ pub struct CaptureHealth {
     pub recovered: AtomicU64,
     /// Records that could not be decoded.
     pub decode_errors: AtomicU64,
+    /// Connection ends the eBPF source reported (its `nf_ct_delete` hook), which help prove
+    /// that hook.
+    pub ebpf_ends: AtomicU64,
     hooks: Mutex<Vec<HookStatus>>,
 }
 
@@ -55,6 +65,15 @@ pub struct HookStatus {
 impl CaptureHealth {
     pub fn record_hook(&self, status: HookStatus) {
         self.hooks.lock().expect("hook list poisoned").push(status);
+    }
+
+    /// Replaces the status of the hook named `status.name`.
+    pub fn update_hook(&self, status: HookStatus) {
+        let mut hooks = self.hooks.lock().expect("hook list poisoned");
+        match hooks.iter_mut().find(|h| h.name == status.name) {
+            Some(hook) => *hook = status,
+            None => hooks.push(status),
+        }
     }
 
     pub fn hooks(&self) -> Vec<HookStatus> {
@@ -93,76 +112,187 @@ pub struct Capture {
     pub source: SourceKind,
     _ebpf: Option<ebpf::EbpfCapture>,
     _netlink: Option<netlink::NetlinkCapture>,
+    /// Proves the optional hooks, or waits for nf_conntrack and then runs the eBPF capture.
+    task: Option<JoinHandle<()>>,
 }
 
-/// Hook whose absence the eBPF source makes up for with netlink DESTROY events.
-const CT_DELETE_HOOK: &str = "nf_ct_delete";
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
 
-/// Starts the source the operator chose, falling back from eBPF to netlink for `auto`.
+/// How often the agent looks for nf_conntrack when it started before the module was loaded.
+const CONNTRACK_POLL: Duration = Duration::from_secs(1);
+/// Present once nf_conntrack is loaded, or always where it is built in (it has parameters).
+/// Its BTF is no sign: Debian's 5.10 describes `struct nf_conn` in vmlinux, with no module BTF.
+const CONNTRACK_MODULE: &str = "/sys/module/nf_conntrack";
+
+fn conntrack_loaded() -> bool {
+    Path::new(CONNTRACK_MODULE).exists()
+}
+
+/// Starts the source the operator chose, falling back from eBPF to netlink for `auto`. Where
+/// nf_conntrack is a module not loaded yet, the eBPF capture attaches once it is.
 pub async fn start(
     choice: SourceChoice,
     netns: &netns::Netns,
     tx: mpsc::Sender<FlowEvent>,
     health: Arc<CaptureHealth>,
 ) -> Result<Capture, CaptureError> {
-    let netlink_only = |tx| -> Result<Capture, netlink::NetlinkError> {
-        Ok(Capture {
-            source: SourceKind::Netlink,
-            _ebpf: None,
-            _netlink: Some(netlink::NetlinkCapture::start(
-                netns,
-                tx,
-                Arc::clone(&health),
-            )?),
-        })
-    };
-    let ebpf = match choice {
-        SourceChoice::Netlink => return Ok(netlink_only(tx)?),
-        SourceChoice::Ebpf | SourceChoice::Auto => {
-            ebpf::EbpfCapture::start(Some(netns.inode()), tx.clone(), Arc::clone(&health)).await
+    if choice == SourceChoice::Netlink {
+        return Ok(netlink_only(netns, tx, &health)?);
+    }
+    match ebpf::EbpfCapture::start(Some(netns.inode()), tx.clone(), Arc::clone(&health)).await {
+        Ok(ebpf) => Ok(with_ebpf(ebpf, netns, tx, &health)),
+        Err(ebpf::EbpfError::ConntrackNotLoaded(err)) => {
+            log::info!(
+                "{err}. Until then there are no connections to see; the eBPF capture attaches once it is loaded"
+            );
+            let path = netns.path().to_owned();
+            Ok(Capture {
+                source: SourceKind::Ebpf,
+                _ebpf: None,
+                _netlink: None,
+                task: Some(tokio::spawn(attach_when_loaded(choice, path, tx, health))),
+            })
         }
-    };
-    let ebpf = match (ebpf, choice) {
-        (Ok(ebpf), _) => ebpf,
-        (Err(err), SourceChoice::Auto) => {
+        Err(err) if choice == SourceChoice::Auto => {
             log::warn!("eBPF capture unavailable ({err}); using netlink conntrack events instead");
-            return netlink_only(tx)
-                .map_err(|netlink| CaptureError::Neither { ebpf: err, netlink });
+            netlink_only(netns, tx, &health)
+                .map_err(|netlink| CaptureError::Neither { ebpf: err, netlink })
         }
-        (Err(err), _) => return Err(err.into()),
-    };
-    let ends_seen = health
-        .hooks()
-        .iter()
-        .any(|h| h.attached && h.name.contains(CT_DELETE_HOOK));
-    let ends = if ends_seen {
-        None
-    } else {
-        connection_ends(netns, tx, &health)
-    };
+        Err(err) => Err(err.into()),
+    }
+}
+
+fn netlink_only(
+    netns: &netns::Netns,
+    tx: mpsc::Sender<FlowEvent>,
+    health: &Arc<CaptureHealth>,
+) -> Result<Capture, netlink::NetlinkError> {
     Ok(Capture {
-        source: SourceKind::Ebpf,
-        _ebpf: Some(ebpf),
-        _netlink: ends,
+        source: SourceKind::Netlink,
+        _ebpf: None,
+        _netlink: Some(netlink::NetlinkCapture::start(
+            netns,
+            tx,
+            Arc::clone(health),
+        )?),
+        task: None,
     })
 }
 
-/// Without an `nf_ct_delete` hook the eBPF source never sees a connection end; netlink's
-/// DESTROY events stand in (NEW comes from eBPF, with interfaces).
+/// The eBPF capture with netlink DESTROY events where `nf_ct_delete` is absent (for good) or
+/// not yet proven (until it is), and the proof of the optional hooks.
+fn with_ebpf(
+    mut ebpf: ebpf::EbpfCapture,
+    netns: &netns::Netns,
+    tx: mpsc::Sender<FlowEvent>,
+    health: &Arc<CaptureHealth>,
+) -> Capture {
+    let hooks = std::mem::take(&mut ebpf.hooks);
+    let delete_to_prove = hooks
+        .iter()
+        .any(|h| h.proof == ebpf::Proof::EveryEnd && !h.prog_ids.is_empty());
+    let ends = connection_ends(netns, tx, health);
+    let (stand_in, for_good) = match ends {
+        Some(ends) if delete_to_prove => (Some(ends), None),
+        Some(ends) => (None, Some(ends.capture)),
+        None => (None, None),
+    };
+    let task = tokio::spawn(proof::prove(hooks, Arc::clone(health), stand_in));
+    Capture {
+        source: SourceKind::Ebpf,
+        _ebpf: Some(ebpf),
+        _netlink: for_good,
+        task: Some(task),
+    }
+}
+
+/// Waits for nf_conntrack, then runs the eBPF capture until aborted; `auto` settles for
+/// netlink if the eBPF capture fails then.
+async fn attach_when_loaded(
+    choice: SourceChoice,
+    netns_path: PathBuf,
+    tx: mpsc::Sender<FlowEvent>,
+    health: Arc<CaptureHealth>,
+) {
+    let mut interval = tokio::time::interval(CONNTRACK_POLL);
+    while !conntrack_loaded() {
+        interval.tick().await;
+    }
+    let netns = match netns::NetnsTarget::Path(netns_path).open() {
+        Ok(netns) => netns,
+        Err(err) => {
+            log::error!("nf_conntrack is loaded, but the observed namespace is gone: {err}; no capture runs");
+            return;
+        }
+    };
+    let _capture = match ebpf::EbpfCapture::start(
+        Some(netns.inode()),
+        tx.clone(),
+        Arc::clone(&health),
+    )
+    .await
+    {
+        Ok(ebpf) => {
+            log::info!("nf_conntrack is loaded: the eBPF capture is attached");
+            with_ebpf(ebpf, &netns, tx, &health)
+        }
+        Err(err) if choice == SourceChoice::Auto => {
+            log::warn!("eBPF capture unavailable once nf_conntrack was loaded ({err}); using netlink conntrack events instead");
+            match netlink_only(&netns, tx, &health) {
+                Ok(capture) => capture,
+                Err(netlink) => {
+                    log::error!("no capture source works here. eBPF: {err}. netlink: {netlink}");
+                    return;
+                }
+            }
+        }
+        Err(err) => {
+            log::error!("eBPF capture failed once nf_conntrack was loaded: {err}");
+            return;
+        }
+    };
+    std::future::pending::<()>().await;
+}
+
+/// netlink's DESTROY events, counted on their way to the pipeline (the count proves or disproves
+/// the `nf_ct_delete` hook). NEW comes from eBPF, with interfaces.
 fn connection_ends(
     netns: &netns::Netns,
     tx: mpsc::Sender<FlowEvent>,
     health: &Arc<CaptureHealth>,
-) -> Option<netlink::NetlinkCapture> {
+) -> Option<proof::EndsStandIn> {
     let ends_only = netlink::NetlinkOptions {
         new_events: false,
         ..Default::default()
     };
-    match netlink::NetlinkCapture::start_with(netns, ends_only, tx, Arc::clone(health)) {
-        Ok(capture) => Some(capture),
+    let (ends_tx, mut ends_rx) = mpsc::channel::<FlowEvent>(ENDS_QUEUE);
+    let ends = Arc::new(AtomicU64::new(0));
+    match netlink::NetlinkCapture::start_with(netns, ends_only, ends_tx, Arc::clone(health)) {
+        Ok(capture) => {
+            let counted = Arc::clone(&ends);
+            // Ends when the netlink capture is dropped (its sender with it).
+            tokio::spawn(async move {
+                while let Some(event) = ends_rx.recv().await {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                    if tx.send(event).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            Some(proof::EndsStandIn { capture, ends })
+        }
         Err(err) => {
             log::warn!("no source of connection ends ({err}): flows end only when the flow table evicts them");
             None
         }
     }
 }
+
+/// DESTROY events between the netlink socket and the pipeline.
+const ENDS_QUEUE: usize = 1024;

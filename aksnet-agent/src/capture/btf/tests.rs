@@ -124,6 +124,8 @@ struct Layout {
     zone: bool,
     mark: bool,
     status: bool,
+    /// `sizeof(nf_conn.status)`: 8 (an `unsigned long`) on every 64-bit kernel.
+    status_bytes: u32,
     /// `sizeof(struct nf_conntrack_tuple)`.
     tuple: u32,
 }
@@ -133,6 +135,7 @@ const DEFAULT: Layout = Layout {
     zone: true,
     mark: true,
     status: true,
+    status_bytes: 8,
     tuple: 40,
 };
 
@@ -255,7 +258,8 @@ fn add_conntrack(b: &mut Builder, c: &Core, l: Layout) {
         members.push(at("zone", zone, 12));
     }
     if l.status {
-        members.push(at("status", c.u64, 128 + s));
+        let status = if l.status_bytes == 4 { c.u32 } else { c.u64 };
+        members.push(at("status", status, 128 + s));
     }
     members.push(at("ct_net", pnet, 136 + s));
     if l.mark {
@@ -362,6 +366,65 @@ fn missing_required_field_names_the_field_and_kernel() {
     let btf = Btf::parse(&b.build(), "test").unwrap();
     let err = resolve_offsets(&btf, "6.1.0-test").unwrap_err().to_string();
     assert!(err.contains("no struct nf_conn"), "{err}");
+}
+
+#[test]
+fn a_field_of_another_size_than_the_programs_read_is_refused() {
+    let layout = Layout {
+        status_bytes: 4,
+        ..DEFAULT
+    };
+    let btf = Btf::parse(&kernel(layout), "test").unwrap();
+    assert_eq!(btf.member("nf_conn.status"), Ok((128, 4)));
+    let err = resolve_offsets(&btf, "6.1.0-test").unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BtfError::FieldSize {
+                field: "nf_conn.status",
+                size: 4,
+                reads: 8,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = err.to_string();
+    assert!(
+        err.starts_with(
+            "kernel 6.1.0-test: nf_conn.status is 4 bytes, but the kernel programs read 8"
+        ) && err.ends_with("use --source netlink on this kernel"),
+        "{err}"
+    );
+}
+
+#[test]
+fn member_sizes_follow_typedefs_and_pointers() {
+    let btf = Btf::parse(&kernel(DEFAULT), "test").unwrap();
+    // possible_net_t -> const -> anonymous struct -> pointer.
+    assert_eq!(btf.member("nf_conn.ct_net.net"), Ok((136, 8)));
+    assert_eq!(btf.member("nf_conntrack_tuple.src.u3"), Ok((0, 16)));
+    assert_eq!(btf.member("nf_conntrack_tuple.dst.protonum"), Ok((38, 1)));
+    assert_eq!(
+        btf.member("nf_conn.tuplehash"),
+        Err(LookupError::Unsized("nf_conn.tuplehash".into()))
+    );
+}
+
+#[test]
+fn only_vmlinux_functions_count_as_vmlinux_functions() {
+    let mut base = Builder::new();
+    let core = add_core(&mut base, DEFAULT);
+    base.raw("nf_hook_slow", KIND_FUNC, false, 0, 0, &[]);
+    let mut module = Builder::split(&base);
+    add_conntrack(&mut module, &core, DEFAULT);
+    module.raw("nf_ct_delete", KIND_FUNC, false, 0, 0, &[]);
+    let vmlinux = Btf::parse(&base.build(), "vmlinux").unwrap();
+    let merged = Btf::parse_split(&vmlinux, &module.build(), "nf_conntrack").unwrap();
+    assert!(merged.vmlinux_has_function("nf_hook_slow"));
+    assert!(!merged.vmlinux_has_function("nf_ct_delete"));
+    // A struct of that name is not a function.
+    assert!(!merged.vmlinux_has_function("sk_buff"));
 }
 
 #[test]
