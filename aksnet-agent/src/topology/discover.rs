@@ -8,12 +8,11 @@
 //! (Cilium, kube-proxy in IPVS or nftables mode, no conntrack) is a [`Blindness`].
 
 use super::{parse_iptables_save, Cidr, CniMode, Dataplane, Interface, LbFrontend, ServiceKind};
-use super::{KubeProxyRules, Source, TopologyLayer};
+use super::{tool, KubeProxyRules, Source, TopologyLayer};
 use serde::Serialize;
 use std::ffi::CStr;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::process::Command;
 
 /// What discovery found, one layer per source (interfaces, then iptables), and notes on what it
 /// could not find or cannot see.
@@ -164,7 +163,7 @@ fn gather() -> Sources {
     }
     for family in ["iptables", "ip6tables"] {
         let tool = format!("{family}-save");
-        match Command::new(&tool).args(["-t", "nat"]).output() {
+        match tool::run(&tool, &["-t", "nat"], tool::DEADLINE) {
             Ok(out) if out.status.success() => {
                 let text = String::from_utf8_lossy(&out.stdout).into_owned();
                 // Rules may sit in the other backend (a kube-proxy image of another iptables
@@ -177,11 +176,15 @@ fn gather() -> Sources {
                 s.nat_tables.push(text);
                 if let Some(other) = other {
                     let tool = format!("{family}-{other}-save");
-                    if let Ok(out) = Command::new(&tool).args(["-t", "nat"]).output() {
-                        if out.status.success() {
-                            s.nat_tables
-                                .push(String::from_utf8_lossy(&out.stdout).into_owned());
-                        }
+                    match tool::run(&tool, &["-t", "nat"], tool::DEADLINE) {
+                        Ok(out) if out.status.success() => s
+                            .nat_tables
+                            .push(String::from_utf8_lossy(&out.stdout).into_owned()),
+                        // The other backend's tool is often not installed: nothing to say.
+                        Ok(_) | Err(tool::ToolError::Spawn { .. }) => {}
+                        Err(e) => s
+                            .notes
+                            .push(format!("{e}; rules in the {other} backend are unknown")),
                     }
                 }
             }
@@ -190,15 +193,25 @@ fn gather() -> Sources {
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
             )),
-            Err(e) => s.notes.push(format!(
-                "cannot run `{tool}`: {e}; install iptables in the agent image"
-            )),
+            Err(e @ tool::ToolError::Spawn { .. }) => s
+                .notes
+                .push(format!("{e}; install iptables in the agent image")),
+            Err(e) => s
+                .notes
+                .push(format!("{e}; kube-proxy's Services are unknown")),
         }
     }
-    s.nft_kube_proxy = Command::new("nft")
-        .args(["list", "table", "ip", "kube-proxy"])
-        .output()
-        .is_ok_and(|out| out.status.success());
+    match tool::run(
+        "nft",
+        &["list", "table", "ip", "kube-proxy"],
+        tool::DEADLINE,
+    ) {
+        Ok(out) => s.nft_kube_proxy = out.status.success(),
+        Err(e @ tool::ToolError::TimedOut { .. }) => s.notes.push(format!(
+            "{e}; whether kube-proxy runs in nftables mode is unknown"
+        )),
+        Err(_) => {}
+    }
     s.conntrack_loaded = std::path::Path::new("/proc/sys/net/netfilter/nf_conntrack_max").exists();
     s
 }
