@@ -201,19 +201,39 @@ fn gather() -> Sources {
                 .push(format!("{e}; kube-proxy's Services are unknown")),
         }
     }
-    match tool::run(
+    match kube_proxy_nft_table(tool::run(
         "nft",
         &["list", "table", "ip", "kube-proxy"],
         tool::DEADLINE,
-    ) {
-        Ok(out) => s.nft_kube_proxy = out.status.success(),
-        Err(e @ tool::ToolError::TimedOut { .. }) => s.notes.push(format!(
-            "{e}; whether kube-proxy runs in nftables mode is unknown"
+    )) {
+        Ok(found) => s.nft_kube_proxy = found,
+        Err(why) => s.notes.push(format!(
+            "cannot tell whether kube-proxy runs in nftables mode: {why}; install nftables in \
+             the agent image"
         )),
-        Err(_) => {}
     }
     s.conntrack_loaded = std::path::Path::new("/proc/sys/net/netfilter/nf_conntrack_max").exists();
     s
+}
+
+/// Whether `nft list table ip kube-proxy` found the table; why not known when nft could not
+/// answer (not installed, not permitted, hung), which is not the same as "no such table".
+fn kube_proxy_nft_table(
+    listed: Result<std::process::Output, tool::ToolError>,
+) -> Result<bool, String> {
+    let out = listed.map_err(|e| e.to_string())?;
+    if out.status.success() {
+        return Ok(true);
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("No such file or directory") {
+        return Ok(false);
+    }
+    Err(format!(
+        "`nft list table ip kube-proxy` failed ({}): {}",
+        out.status,
+        stderr.trim()
+    ))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -730,6 +750,25 @@ mod tests {
             "{:?}",
             d.notes
         );
+    }
+
+    #[test]
+    fn nft_that_cannot_answer_is_not_a_no() {
+        use std::os::unix::process::ExitStatusExt;
+        let out = |code: i32, stderr: &str| std::process::Output {
+            status: std::process::ExitStatus::from_raw(code << 8),
+            stdout: vec![],
+            stderr: stderr.as_bytes().to_vec(),
+        };
+        assert_eq!(kube_proxy_nft_table(Ok(out(0, ""))), Ok(true));
+        let absent = "Error: No such file or directory\nlist table ip kube-proxy\n";
+        assert_eq!(kube_proxy_nft_table(Ok(out(1, absent))), Ok(false));
+        let denied = kube_proxy_nft_table(Ok(out(1, "Error: Operation not permitted")));
+        assert!(denied.unwrap_err().contains("Operation not permitted"));
+        let missing = kube_proxy_nft_table(tool::run("aksnet-no-such-nft", &[], tool::DEADLINE));
+        assert!(missing
+            .unwrap_err()
+            .contains("cannot run `aksnet-no-such-nft`"));
     }
 
     #[test]
