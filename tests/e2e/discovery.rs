@@ -10,6 +10,7 @@ use aksnet_tests::agent::{
     assert_no_failures, dumped, of_event, reported, Agent, Dumped, Placement,
 };
 use aksnet_tests::conntrack::{self, Witness};
+use aksnet_tests::exactness::witness_mismatches;
 use aksnet_tests::require_root;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -147,25 +148,7 @@ fn without_config(cni: Cni) {
         }
     }
     // Every translation the witness saw, with exact tuples, and nothing else.
-    let same = |d: &Dumped, e: &conntrack::Entry| {
-        d.proto == e.proto && d.original == e.original && d.reply == e.reply
-    };
-    for entry in &witnessed {
-        if !opened.iter().any(|d| same(d, entry)) {
-            failures.push(format!(
-                "conntrack -E saw it, the agent did not: {}",
-                entry.line
-            ));
-        }
-    }
-    for d in &opened {
-        if !witnessed.iter().any(|e| same(d, e)) {
-            failures.push(format!(
-                "the agent reported it, conntrack -E did not: {}",
-                d.line
-            ));
-        }
-    }
+    failures.extend(witness_mismatches(&witnessed, &opened));
     // Each scenario's flows: on their path as with the config, or unclassified naming a fact
     // the node does not reveal; never deviating for want of configuration.
     let (mut on_path, mut named, mut general) = (0, Vec::new(), Vec::new());
