@@ -22,7 +22,7 @@
 use aksnet_tests::agent::{assert_no_failures, run_scenarios, Agent};
 use aksnet_tests::conntrack::{self, Witness};
 use aksnet_tests::exactness::capture_failures;
-use aksnet_tests::prometheus::in_netns;
+use aksnet_tests::prometheus::poll_ok;
 use aksnet_tests::require_root;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -281,19 +281,6 @@ fn confinement(podman: &Podman, name: &str, caps: &[String], pod: &AgentPod) -> 
     failures
 }
 
-/// Polls `url` from the node namespace (outside the container) until it answers 2xx, for at most
-/// `timeout`; returns the body.
-fn scrape(node: &str, url: &str, timeout: Duration) -> Result<String, String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match in_netns(node, &["curl", "-sS", "--fail", "--max-time", "2", url]) {
-            Ok(body) => return Ok(body),
-            Err(e) if Instant::now() > deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(250)),
-        }
-    }
-}
-
 /// The agent in the DaemonSet's security context on a `cni` lab: exact capture, scraped from
 /// outside. Returns what it verified, for the summary.
 fn daemonset_captures_exactly(
@@ -347,7 +334,8 @@ fn daemonset_captures_exactly(
     run_scenarios(&lab, &scenarios);
     let mut answers = Vec::new();
     for path in ["/healthz", "/readyz", "/metrics"] {
-        match scrape(&node, &format!("{SCRAPE}{path}"), Duration::from_secs(10)) {
+        // From the node namespace, outside the container.
+        match poll_ok(&node, &format!("{SCRAPE}{path}"), Duration::from_secs(10)) {
             Ok(body) => answers.push((path, body)),
             Err(e) => failures.push(format!("{path} from outside the container: {e}")),
         }
