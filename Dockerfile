@@ -43,10 +43,11 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && install -D -m 0755 target/release/aksnet-agent /out/aksnet-agent
 
 # Small runtime: the binary, iptables for discovery (`iptables-save`, in both the legacy and the
-# nft flavour: AKS node images differ in which backend kube-proxy uses) and CA roots.
+# nft flavour: AKS node images differ in which backend kube-proxy uses), nftables (`nft`, to
+# tell kube-proxy's nftables mode) and CA roots.
 FROM ${RUNTIME_BASE} AS runtime
 RUN apt-get update \
- && apt-get install -y --no-install-recommends iptables ca-certificates \
+ && apt-get install -y --no-install-recommends iptables nftables ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=builder /out/aksnet-agent /usr/local/bin/aksnet-agent
 # Root, not privileged: loading BPF programs needs CAP_BPF/CAP_PERFMON, which Kubernetes grants

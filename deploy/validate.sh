@@ -85,6 +85,8 @@ for pm in by_kind.get("PodMonitor", []):
     for ep in spec.get("podMetricsEndpoints", []):
         if ep.get("port") not in ports:
             problems.append(f"PodMonitor endpoint port {ep.get('port')!r} is not a container port name")
+        if ep.get("honorLabels") is not True:
+            problems.append("PodMonitor endpoint lacks honorLabels: true (the agent's pod label would become exported_pod)")
 for svc in by_kind.get("Service", []):
     for p in svc["spec"]["ports"]:
         if p.get("targetPort") not in ports and p.get("targetPort") not in ports.values():

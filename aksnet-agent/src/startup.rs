@@ -280,23 +280,34 @@ impl Knowledge {
     }
 
     /// Logs what changed since `before`: one line when the facts did, the missing facts when
-    /// they changed, and a WARN line for each new blind spot.
+    /// they changed, and a WARN line for each new blind spot, whether or not the facts changed
+    /// (kube-proxy switching to IPVS or conntrack unloading changes no fact).
     fn log_changes(&self, before: &Knowledge) {
-        if self.facts == before.facts {
-            return;
-        }
-        log::info!("topology changed on the node; classifying with the new one");
-        if self.classify.missing != before.classify.missing {
-            match self.classify.missing.as_slice() {
-                [] => log::info!("topology: no fact is missing any more"),
-                missing => log::warn!("topology: missing {}", join(missing)),
+        if self.facts != before.facts {
+            log::info!("topology changed on the node; classifying with the new one");
+            if self.classify.missing != before.classify.missing {
+                match self.classify.missing.as_slice() {
+                    [] => log::info!("topology: no fact is missing any more"),
+                    missing => log::warn!("topology: missing {}", join(missing)),
+                }
             }
         }
-        for b in &self.found.discovery.blind {
-            if !before.found.discovery.blind.contains(b) {
-                log::warn!("{}", b.warning());
-            }
+        for b in self.new_blind_spots(before) {
+            log::warn!("{}", b.warning());
         }
+    }
+
+    /// The blind spots found now that were not found in `before`.
+    fn new_blind_spots<'a>(
+        &'a self,
+        before: &'a Knowledge,
+    ) -> impl Iterator<Item = Blindness> + 'a {
+        self.found
+            .discovery
+            .blind
+            .iter()
+            .copied()
+            .filter(|b| !before.found.discovery.blind.contains(b))
     }
 
     /// Publishes the facts, what is missing and what blinds the agent as metrics.
@@ -548,6 +559,31 @@ mod tests {
         let k = Knowledge::build(&given, found).unwrap();
         assert_eq!(k.classify.topology().map(|t| t.cni), Some(CniMode::Kubenet));
         assert_eq!(k.facts.source("vnet_cidrs"), None);
+    }
+
+    #[test]
+    fn a_blind_spot_appearing_with_unchanged_facts_is_new() {
+        let with_blind = |blind: Vec<Blindness>| {
+            let found = Found {
+                discovery: Discovery {
+                    blind,
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            Knowledge::build(&given(TopologyLayer::default()), found).unwrap()
+        };
+        let before = with_blind(vec![]);
+        let now = with_blind(vec![
+            Blindness::KubeProxyIpvs,
+            Blindness::ConntrackNotLoaded,
+        ]);
+        assert!(now.facts == before.facts);
+        assert_eq!(
+            now.new_blind_spots(&before).collect::<Vec<_>>(),
+            [Blindness::KubeProxyIpvs, Blindness::ConntrackNotLoaded]
+        );
+        assert_eq!(now.new_blind_spots(&now).count(), 0);
     }
 
     #[test]

@@ -10,13 +10,13 @@ use aksnet_tests::agent::{
     assert_no_failures, dumped, of_event, reported, Agent, Dumped, Placement,
 };
 use aksnet_tests::conntrack::{self, Witness};
+use aksnet_tests::exactness::witness_mismatches;
+use aksnet_tests::prometheus::poll_ok;
 use aksnet_tests::require_root;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 use xtask::lab::{Cni, Host, Lab, LabOptions, Scenario};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_aksnet-agent");
@@ -24,29 +24,12 @@ const AGENT: &str = env!("CARGO_BIN_EXE_aksnet-agent");
 /// No Kubernetes API for the agent: no kubeconfig where it would look.
 const NO_API: &[(&str, &str)] = &[("HOME", "/nonexistent"), ("KUBECONFIG", "")];
 
-/// `GET path` on the agent's metrics listener: the status line and the body.
-fn get(addr: SocketAddr, path: &str) -> (String, String) {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (
-        head.lines().next().unwrap_or_default().to_string(),
-        body.to_string(),
-    )
-}
-
-/// A free port on loopback for the agent's metrics.
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
+/// The agent's metrics listener, inside the lab namespace it runs in (each test has its own lab,
+/// so the port is free there), scraped from inside that namespace.
+const METRICS_LISTEN: &str = "127.0.0.1:9965";
+const METRICS_URL: &str = "http://127.0.0.1:9965";
+/// How long an endpoint may take to answer 200.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The facts a lab node cannot reveal without the API or IMDS, and those it reveals (with their
 /// source). azure-cni's ip-masq-agent shows the vnet; a kubenet node cannot.
@@ -104,14 +87,13 @@ fn without_config(cni: Cni) {
     let lab = Lab::up(LabOptions::new(cni)).unwrap_or_else(|e| panic!("{cni} lab: {e}"));
     let node = lab.node_netns();
     let witness = Witness::start(&node).unwrap();
-    let metrics = free_port();
-    let listen = metrics.to_string();
+    // On the node, so that its listener is in the node's namespace; IMDS off, as beside it.
     let mut agent = Agent::start_in(
         Path::new(AGENT),
         &node,
-        Placement::Beside,
+        Placement::OnNode,
         "auto",
-        &["--metrics-listen", &listen],
+        &["--metrics-listen", METRICS_LISTEN, "--no-imds"],
         NO_API,
     );
     let scenarios = Scenario::all(cni);
@@ -119,8 +101,9 @@ fn without_config(cni: Cni) {
         lab.run(scenario)
             .unwrap_or_else(|e| panic!("{cni} scenario {}: {e}", scenario.name));
     }
-    let (ready, _) = get(metrics, "/readyz");
-    let (status, scrape) = get(metrics, "/metrics");
+    // The scrapes are connections on the node too, which the witness and the agent both see.
+    let ready = poll_ok(&node, &format!("{METRICS_URL}/readyz"), ANSWER_TIMEOUT);
+    let scrape = poll_ok(&node, &format!("{METRICS_URL}/metrics"), ANSWER_TIMEOUT);
     // conntrack -E loses what is still in its socket when stopped: let the last events reach it.
     std::thread::sleep(Duration::from_millis(300));
     let witnessed = witness.finish();
@@ -131,9 +114,13 @@ fn without_config(cni: Cni) {
     let opened: Vec<Dumped> = of_event(&lines, "new").filter_map(dumped).collect();
     let mut failures = Vec::new();
 
-    if !ready.contains("200") || !status.contains("200") {
-        failures.push(format!("/readyz: {ready}, /metrics: {status}"));
+    if let Err(e) = &ready {
+        failures.push(format!("/readyz: {e}"));
     }
+    let scrape = scrape.unwrap_or_else(|e| {
+        failures.push(format!("/metrics: {e}"));
+        String::new()
+    });
     for (fact, source) in revealed {
         let line = format!("aksnet_topology_fact_info{{fact=\"{fact}\",source=\"{source}\"}} 1");
         if !scrape.contains(&line) {
@@ -147,25 +134,7 @@ fn without_config(cni: Cni) {
         }
     }
     // Every translation the witness saw, with exact tuples, and nothing else.
-    let same = |d: &Dumped, e: &conntrack::Entry| {
-        d.proto == e.proto && d.original == e.original && d.reply == e.reply
-    };
-    for entry in &witnessed {
-        if !opened.iter().any(|d| same(d, entry)) {
-            failures.push(format!(
-                "conntrack -E saw it, the agent did not: {}",
-                entry.line
-            ));
-        }
-    }
-    for d in &opened {
-        if !witnessed.iter().any(|e| same(d, e)) {
-            failures.push(format!(
-                "the agent reported it, conntrack -E did not: {}",
-                d.line
-            ));
-        }
-    }
+    failures.extend(witness_mismatches(&witnessed, &opened));
     // Each scenario's flows: on their path as with the config, or unclassified naming a fact
     // the node does not reveal; never deviating for want of configuration.
     let (mut on_path, mut named, mut general) = (0, Vec::new(), Vec::new());
@@ -308,23 +277,6 @@ fn a_hanging_iptables_save_does_not_hold_events() {
     assert_no_failures("events while iptables-save hangs", &failures);
 }
 
-/// GETs `path` until it answers 200, for at most 30 s.
-fn wait_ok(addr: SocketAddr, path: &str) -> Result<String, String> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
-            let (status, body) = get(addr, path);
-            if status.contains(" 200") {
-                return Ok(body);
-            }
-        }
-        if Instant::now() > deadline {
-            return Err(format!("{path} on {addr} did not answer 200 within 30 s"));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// A namespace with only NAT rules and no Kubernetes at all: the lab's Azure side, whose
 /// outbound SNAT translates the node's traffic to the internet. No config, no API: the dump
 /// reports every translation `conntrack -E` sees, unclassified for want of the network mode;
@@ -335,23 +287,18 @@ fn a_plain_host_with_only_nat_rules() {
     let cni = Cni::Kubenet;
     let lab = Lab::up(LabOptions::new(cni)).unwrap_or_else(|e| panic!("{cni} lab: {e}"));
     let host = lab.netns(Host::Lb);
-    let witness = Witness::start(&host).unwrap();
-    let metrics = free_port();
-    let listen = metrics.to_string();
-    let mut daemon = Command::new(AGENT)
-        .args([
-            "--netns",
-            &host,
-            "--metrics-listen",
-            &listen,
-            "--duration",
-            "120",
-        ])
+    // The daemon, on the host (its listener there), killed by Agent's Drop if the test panics.
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", &host, AGENT])
+        .args(["--metrics-listen", METRICS_LISTEN, "--no-imds"])
+        .args(["--duration", "120"])
         .envs(NO_API.iter().copied())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+        .env("RUST_LOG", "info");
+    let daemon = Agent::spawn(command).unwrap_or_else(|e| panic!("the daemon did not attach: {e}"));
+    // Ready before the witness starts, so that this poll is not among what it sees.
+    let ready = poll_ok(&host, &format!("{METRICS_URL}/readyz"), ANSWER_TIMEOUT);
+    let witness = Witness::start(&host).unwrap();
     let dump = Agent::start_in(
         Path::new(AGENT),
         &host,
@@ -360,18 +307,17 @@ fn a_plain_host_with_only_nat_rules() {
         &[],
         NO_API,
     );
-    let ready = wait_ok(metrics, "/readyz");
     let scenario = Scenario::find(cni, "pod-to-internet").unwrap();
     lab.run(&scenario).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let witnessed = witness.finish();
-    let scrape = wait_ok(metrics, "/metrics");
-    // SAFETY: signalling our own child by its pid.
-    unsafe { libc::kill(daemon.id() as libc::pid_t, libc::SIGTERM) };
-    let daemon_exit = daemon.wait().unwrap();
     let lines = dump.finish();
+    // After the dump stopped, so that this scrape is not among what it reports.
+    let scrape = poll_ok(&host, &format!("{METRICS_URL}/metrics"), ANSWER_TIMEOUT);
+    // Stops it with SIGTERM and fails unless it exits 0.
+    daemon.finish();
     let topology = Command::new(AGENT)
-        .args(["topology", "--netns", &host])
+        .args(["topology", "--netns", &host, "--no-imds"])
         .envs(NO_API.iter().copied())
         .output()
         .unwrap();
@@ -380,10 +326,7 @@ fn a_plain_host_with_only_nat_rules() {
     let opened: Vec<Dumped> = of_event(&lines, "new").filter_map(dumped).collect();
     let mut failures = Vec::new();
     if let Err(e) = ready {
-        failures.push(e);
-    }
-    if !daemon_exit.success() {
-        failures.push(format!("the daemon exited with {daemon_exit}"));
+        failures.push(format!("/readyz: {e}"));
     }
     for line in [
         "aksnet_topology_fact_missing{fact=\"cni\"} 1",
@@ -400,22 +343,11 @@ fn a_plain_host_with_only_nat_rules() {
     if snat.is_empty() {
         failures.push("conntrack -E saw no SNAT on the Azure side".into());
     }
-    for entry in &witnessed {
-        let reported = opened.iter().find(|d| {
-            d.proto == entry.proto && d.original == entry.original && d.reply == entry.reply
-        });
-        match reported {
-            None => failures.push(format!(
-                "conntrack -E saw it, the dump did not: {}",
-                entry.line
-            )),
-            Some(d)
-                if d.verdict != "unclassified"
-                    || !d.reason.as_deref().unwrap_or_default().contains("--cni") =>
-            {
-                failures.push(format!("not unclassified for want of --cni: {}", d.line))
-            }
-            Some(_) => {}
+    failures.extend(witness_mismatches(&witnessed, &opened));
+    for d in &opened {
+        if d.verdict != "unclassified" || !d.reason.as_deref().unwrap_or_default().contains("--cni")
+        {
+            failures.push(format!("not unclassified for want of --cni: {}", d.line));
         }
     }
     let listing = String::from_utf8_lossy(&topology.stdout);

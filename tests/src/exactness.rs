@@ -16,6 +16,23 @@ fn nat_names(kind: NatKind) -> Vec<&'static str> {
     }
 }
 
+/// The translations the witness saw and the agent did not report (`opened`), and those it
+/// reported and the witness did not see, compared by protocol and both tuples.
+pub fn witness_mismatches(witnessed: &[Entry], opened: &[Dumped]) -> Vec<String> {
+    let same = |d: &Dumped, e: &Entry| {
+        d.proto == e.proto && d.original == e.original && d.reply == e.reply
+    };
+    let unreported = witnessed
+        .iter()
+        .filter(|e| !opened.iter().any(|d| same(d, e)))
+        .map(|e| format!("conntrack -E saw it, the agent did not: {}", e.line));
+    let unwitnessed = opened
+        .iter()
+        .filter(|d| !witnessed.iter().any(|e| same(d, e)))
+        .map(|d| format!("the agent reported it, conntrack -E did not: {}", d.line));
+    unreported.chain(unwitnessed).collect()
+}
+
 /// Every way the agent's dump `lines` fall short of the witness's `witnessed` entries and of
 /// `scenarios`' expectations, after the node's table was flushed (so every connection ended);
 /// empty when the capture was exact. Also returns the number of flows reported opened.
@@ -46,25 +63,7 @@ pub fn capture_failures(
             many => failures.push(format!("{} ends for {}", many.len(), d.line)),
         }
     }
-    let same = |d: &Dumped, e: &Entry| {
-        d.proto == e.proto && d.original == e.original && d.reply == e.reply
-    };
-    for entry in witnessed {
-        if !opened.iter().any(|d| same(d, entry)) {
-            failures.push(format!(
-                "conntrack -E saw it, the agent did not: {}",
-                entry.line
-            ));
-        }
-    }
-    for d in &opened {
-        if !witnessed.iter().any(|e| same(d, e)) {
-            failures.push(format!(
-                "the agent reported it, conntrack -E did not: {}",
-                d.line
-            ));
-        }
-    }
+    failures.extend(witness_mismatches(witnessed, &opened));
     for scenario in scenarios {
         for expected in scenario.expected_on_node() {
             for d in reported(&opened, scenario, expected, &mut failures) {

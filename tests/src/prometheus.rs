@@ -37,6 +37,19 @@ pub fn in_netns(netns: &str, args: &[&str]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Polls `url` from inside `netns` (curl there) until it answers 2xx, for at most `timeout`;
+/// returns the body, or the last failure.
+pub fn poll_ok(netns: &str, url: &str, timeout: Duration) -> Result<String, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match in_netns(netns, &["curl", "-sS", "--fail", "--max-time", "2", url]) {
+            Ok(body) => return Ok(body),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(250)),
+        }
+    }
+}
+
 impl Prometheus {
     /// Starts Prometheus in `netns`, listening on `listen` there and scraping `target` (an
     /// address in the same namespace) every second, and waits until it is ready.

@@ -1,5 +1,6 @@
 //! aksnet's chores as a library, shared by the `xtask` binary and the end-to-end tests.
 
+pub mod apt;
 pub mod bench;
 pub mod check;
 pub mod cmd;

@@ -4,6 +4,7 @@
 
 use super::{Metrics, MetricsError, Registrar};
 use crate::topology::{Blindness, FactEntry, MissingFact};
+use prometheus::core::Collector;
 use prometheus::IntGaugeVec;
 
 pub(super) struct TopologyGauges {
@@ -38,24 +39,54 @@ impl TopologyGauges {
 }
 
 impl Metrics {
-    /// Replaces the topology metrics with the latest discovery's.
+    /// Replaces the topology metrics with the latest discovery's. The new series are set first
+    /// and only then are the ones no longer present removed: a scrape in between sees the old
+    /// facts or the new ones, never none.
     pub fn set_topology(&self, facts: &[FactEntry], missing: &[MissingFact], blind: &[Blindness]) {
         let t = &self.topology;
-        t.info.reset();
-        for f in facts {
-            t.info
-                .with_label_values(&[&f.fact, f.source.as_str()])
-                .set(1);
-        }
-        t.missing.reset();
-        for m in missing {
-            t.missing.with_label_values(&[m.fact]).set(1);
-        }
+        let info: Vec<[&str; 2]> = facts
+            .iter()
+            .map(|f| [f.fact.as_str(), f.source.as_str()])
+            .collect();
+        replace(&t.info, &["fact", "source"], &info);
+        let missing: Vec<[&str; 1]> = missing.iter().map(|m| [m.fact]).collect();
+        replace(&t.missing, &["fact"], &missing);
         for b in Blindness::ALL {
             t.blind
                 .with_label_values(&[b.label()])
                 .set(i64::from(blind.contains(&b)));
         }
+    }
+}
+
+/// Sets `present` (label values in the order of `names`) to 1, then removes every other series
+/// of `gauges`.
+fn replace<const N: usize>(gauges: &IntGaugeVec, names: &[&str; N], present: &[[&str; N]]) {
+    for labels in present {
+        gauges.with_label_values(labels).set(1);
+    }
+    let stale: Vec<[String; N]> = gauges
+        .collect()
+        .iter()
+        .flat_map(|family| family.get_metric())
+        .map(|metric| {
+            names.map(|name| {
+                metric
+                    .get_label()
+                    .iter()
+                    .find(|pair| pair.name() == name)
+                    .map(|pair| pair.value().to_owned())
+                    .unwrap_or_default()
+            })
+        })
+        .filter(|values| {
+            !present
+                .iter()
+                .any(|p| p == &values.each_ref().map(String::as_str))
+        })
+        .collect();
+    for values in &stale {
+        let _ = gauges.remove_label_values(&values.each_ref().map(String::as_str));
     }
 }
 

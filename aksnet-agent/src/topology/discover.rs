@@ -8,12 +8,11 @@
 //! (Cilium, kube-proxy in IPVS or nftables mode, no conntrack) is a [`Blindness`].
 
 use super::{parse_iptables_save, Cidr, CniMode, Dataplane, Interface, LbFrontend, ServiceKind};
-use super::{KubeProxyRules, Source, TopologyLayer};
+use super::{tool, KubeProxyRules, Source, TopologyLayer};
 use serde::Serialize;
 use std::ffi::CStr;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::process::Command;
 
 /// What discovery found, one layer per source (interfaces, then iptables), and notes on what it
 /// could not find or cannot see.
@@ -164,7 +163,7 @@ fn gather() -> Sources {
     }
     for family in ["iptables", "ip6tables"] {
         let tool = format!("{family}-save");
-        match Command::new(&tool).args(["-t", "nat"]).output() {
+        match tool::run(&tool, &["-t", "nat"], tool::DEADLINE) {
             Ok(out) if out.status.success() => {
                 let text = String::from_utf8_lossy(&out.stdout).into_owned();
                 // Rules may sit in the other backend (a kube-proxy image of another iptables
@@ -177,11 +176,15 @@ fn gather() -> Sources {
                 s.nat_tables.push(text);
                 if let Some(other) = other {
                     let tool = format!("{family}-{other}-save");
-                    if let Ok(out) = Command::new(&tool).args(["-t", "nat"]).output() {
-                        if out.status.success() {
-                            s.nat_tables
-                                .push(String::from_utf8_lossy(&out.stdout).into_owned());
-                        }
+                    match tool::run(&tool, &["-t", "nat"], tool::DEADLINE) {
+                        Ok(out) if out.status.success() => s
+                            .nat_tables
+                            .push(String::from_utf8_lossy(&out.stdout).into_owned()),
+                        // The other backend's tool is often not installed: nothing to say.
+                        Ok(_) | Err(tool::ToolError::Spawn { .. }) => {}
+                        Err(e) => s
+                            .notes
+                            .push(format!("{e}; rules in the {other} backend are unknown")),
                     }
                 }
             }
@@ -190,17 +193,47 @@ fn gather() -> Sources {
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
             )),
-            Err(e) => s.notes.push(format!(
-                "cannot run `{tool}`: {e}; install iptables in the agent image"
-            )),
+            Err(e @ tool::ToolError::Spawn { .. }) => s
+                .notes
+                .push(format!("{e}; install iptables in the agent image")),
+            Err(e) => s
+                .notes
+                .push(format!("{e}; kube-proxy's Services are unknown")),
         }
     }
-    s.nft_kube_proxy = Command::new("nft")
-        .args(["list", "table", "ip", "kube-proxy"])
-        .output()
-        .is_ok_and(|out| out.status.success());
+    match kube_proxy_nft_table(tool::run(
+        "nft",
+        &["list", "table", "ip", "kube-proxy"],
+        tool::DEADLINE,
+    )) {
+        Ok(found) => s.nft_kube_proxy = found,
+        Err(why) => s.notes.push(format!(
+            "cannot tell whether kube-proxy runs in nftables mode: {why}; install nftables in \
+             the agent image"
+        )),
+    }
     s.conntrack_loaded = std::path::Path::new("/proc/sys/net/netfilter/nf_conntrack_max").exists();
     s
+}
+
+/// Whether `nft list table ip kube-proxy` found the table; why not known when nft could not
+/// answer (not installed, not permitted, hung), which is not the same as "no such table".
+fn kube_proxy_nft_table(
+    listed: Result<std::process::Output, tool::ToolError>,
+) -> Result<bool, String> {
+    let out = listed.map_err(|e| e.to_string())?;
+    if out.status.success() {
+        return Ok(true);
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("No such file or directory") {
+        return Ok(false);
+    }
+    Err(format!(
+        "`nft list table ip kube-proxy` failed ({}): {}",
+        out.status,
+        stderr.trim()
+    ))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -723,6 +756,25 @@ mod tests {
             "{:?}",
             d.notes
         );
+    }
+
+    #[test]
+    fn nft_that_cannot_answer_is_not_a_no() {
+        use std::os::unix::process::ExitStatusExt;
+        let out = |code: i32, stderr: &str| std::process::Output {
+            status: std::process::ExitStatus::from_raw(code << 8),
+            stdout: vec![],
+            stderr: stderr.as_bytes().to_vec(),
+        };
+        assert_eq!(kube_proxy_nft_table(Ok(out(0, ""))), Ok(true));
+        let absent = "Error: No such file or directory\nlist table ip kube-proxy\n";
+        assert_eq!(kube_proxy_nft_table(Ok(out(1, absent))), Ok(false));
+        let denied = kube_proxy_nft_table(Ok(out(1, "Error: Operation not permitted")));
+        assert!(denied.unwrap_err().contains("Operation not permitted"));
+        let missing = kube_proxy_nft_table(tool::run("aksnet-no-such-nft", &[], tool::DEADLINE));
+        assert!(missing
+            .unwrap_err()
+            .contains("cannot run `aksnet-no-such-nft`"));
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod discover;
 mod facts;
 pub mod imds;
 mod iptables;
+mod tool;
 
 pub use cidr::{Cidr, CidrError};
 pub(crate) use config::parse_toml;

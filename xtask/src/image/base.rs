@@ -11,7 +11,6 @@ use std::path::Path;
 /// cached base made by an older one is not used.
 const REVISION: u32 = 2;
 const SUITE: &str = "bookworm";
-const MIRROR: &str = "http://deb.debian.org/debian";
 /// What bookworm-slim leaves out, so that packages installed later leave it out too.
 const SLIM_DPKG_CFG: &str = "\
 path-exclude /usr/share/doc/*
@@ -42,9 +41,11 @@ pub fn ensure(podman: &Podman, work: &Path) -> Result<String, ImageError> {
     }
     let tarball = work.join(format!("debian-{SUITE}-minbase-r{REVISION}.tar"));
     if !tarball.exists() {
-        println!("image: debootstrap {SUITE} (minbase) from {MIRROR}, once (about 30 s)");
+        // The mirror this machine's apt uses: the project names no registry host itself.
+        let mirror = crate::apt::debian_archive()?;
+        println!("image: debootstrap {SUITE} (minbase) from {mirror}, once (about 30 s)");
         let rootfs = work.join(format!("rootfs-{}", std::process::id()));
-        let made = debootstrap(&rootfs, &tarball);
+        let made = debootstrap(&rootfs, &tarball, &mirror);
         let _ = std::fs::remove_dir_all(&rootfs);
         made?;
     }
@@ -58,14 +59,14 @@ pub fn ensure(podman: &Podman, work: &Path) -> Result<String, ImageError> {
     Ok(image)
 }
 
-fn debootstrap(rootfs: &Path, tarball: &Path) -> Result<(), ImageError> {
+fn debootstrap(rootfs: &Path, tarball: &Path, mirror: &str) -> Result<(), ImageError> {
     let _ = std::fs::remove_dir_all(rootfs);
     run_quiet(
         Cmd::new("timeout")
             .arg(BUILD_LIMIT.as_secs().to_string())
             .args(["debootstrap", "--variant=minbase", SUITE])
             .arg(rootfs)
-            .arg(MIRROR),
+            .arg(mirror),
     )?;
     slim(rootfs)?;
     // Written aside and renamed: an interrupted run leaves no truncated cache behind.

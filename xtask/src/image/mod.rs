@@ -37,6 +37,8 @@ pub enum ImageError {
     DaemonSet { path: PathBuf, detail: String },
     #[error("seccomp profile {path}: {detail}")]
     Seccomp { path: PathBuf, detail: String },
+    #[error(transparent)]
+    Apt(#[from] crate::apt::AptError),
     #[error("podman reported an image size that is not a number: {0:?}")]
     Size(String),
 }

@@ -51,8 +51,8 @@ impl Podman {
 }
 
 fn containers_conf() -> String {
-    let nofile = hard_limit(libc::RLIMIT_NOFILE);
-    let nproc = hard_limit(libc::RLIMIT_NPROC).min(PODMAN_NPROC);
+    let nofile = finite(hard_limit(libc::RLIMIT_NOFILE), nr_open());
+    let nproc = finite(hard_limit(libc::RLIMIT_NPROC), PODMAN_NPROC).min(PODMAN_NPROC);
     format!(
         "# Written by cargo xtask (xtask/src/image/podman.rs) for this machine.\n\
          [containers]\n\
@@ -61,6 +61,27 @@ fn containers_conf() -> String {
          runtime = \"runc\"\n\
          cgroup_manager = \"cgroupfs\"\n"
     )
+}
+
+/// The kernel's ceiling on RLIMIT_NOFILE: an unlimited hard limit cannot be given as such.
+const NR_OPEN: &str = "/proc/sys/fs/nr_open";
+/// The kernel's default nr_open, where it cannot be read.
+const NR_OPEN_DEFAULT: u64 = 1_048_576;
+
+fn nr_open() -> u64 {
+    std::fs::read_to_string(NR_OPEN)
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(NR_OPEN_DEFAULT)
+}
+
+/// `limit`, or `cap` when it is unlimited (RLIM_INFINITY, which a container's ulimit cannot be).
+fn finite(limit: u64, cap: u64) -> u64 {
+    if limit == libc::RLIM_INFINITY {
+        cap
+    } else {
+        limit
+    }
 }
 
 fn hard_limit(resource: libc::__rlimit_resource_t) -> u64 {
@@ -74,5 +95,23 @@ fn hard_limit(resource: libc::__rlimit_resource_t) -> u64 {
         limit.rlim_max
     } else {
         1024
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unlimited_hard_limit_becomes_the_cap() {
+        assert_eq!(finite(libc::RLIM_INFINITY, 1_048_576), 1_048_576);
+        assert_eq!(finite(4096, 1_048_576), 4096);
+    }
+
+    #[test]
+    fn the_configuration_has_finite_limits() {
+        let conf = containers_conf();
+        assert!(!conf.contains(&libc::RLIM_INFINITY.to_string()), "{conf}");
+        assert!(nr_open() > 0);
     }
 }

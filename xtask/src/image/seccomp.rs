@@ -29,7 +29,8 @@ pub fn store(profile: &Value, path: &Path) -> Result<(), ImageError> {
 }
 
 /// Whether `profile` lets a process holding `caps` (`CAP_…` names) call `syscall` with any
-/// arguments, as podman resolves its capability conditions.
+/// arguments, as podman resolves its capability conditions. A rule that holds only on some
+/// architectures or kernels (`arches`, `minKernel`) is not an unconditional allow.
 pub fn allows(profile: &Value, syscall: &str, caps: &[String]) -> bool {
     let held = |list: &Value| -> Vec<String> {
         list["caps"]
@@ -49,7 +50,19 @@ pub fn allows(profile: &Value, syscall: &str, caps: &[String]) -> bool {
         return profile["defaultAction"] == "SCMP_ACT_ALLOW";
     }
     rules.iter().all(|rule| {
-        rule["action"] == "SCMP_ACT_ALLOW" && rule["args"].as_array().is_none_or(Vec::is_empty)
+        rule["action"] == "SCMP_ACT_ALLOW"
+            && rule["args"].as_array().is_none_or(Vec::is_empty)
+            && !conditional(rule)
+    })
+}
+
+/// Whether `rule` applies only on some architectures or from some kernel version on.
+fn conditional(rule: &Value) -> bool {
+    ["includes", "excludes"].iter().any(|side| {
+        rule[side]["arches"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+            || !rule[side]["minKernel"].is_null()
     })
 }
 
@@ -156,5 +169,29 @@ mod tests {
         let denied = denying(&containerd, "bpf");
         assert!(!allows(&denied, "bpf", &agent));
         assert!(allows(&denied, "read", &agent));
+    }
+
+    #[test]
+    fn an_arch_or_kernel_condition_is_not_an_unconditional_allow() {
+        let profile = json!({
+            "defaultAction": "SCMP_ACT_ERRNO",
+            "syscalls": [
+                {"names": ["read"], "action": "SCMP_ACT_ALLOW"},
+                {"names": ["arch_prctl"], "action": "SCMP_ACT_ALLOW",
+                 "includes": {"arches": ["amd64"]}},
+                {"names": ["bpf"], "action": "SCMP_ACT_ALLOW",
+                 "includes": {"minKernel": "5.8"}},
+                {"names": ["clone3"], "action": "SCMP_ACT_ALLOW",
+                 "includes": {"arches": []}},
+            ]
+        });
+        let none = caps(&[]);
+        assert!(allows(&profile, "read", &none));
+        assert!(!allows(&profile, "arch_prctl", &none));
+        assert!(!allows(&profile, "bpf", &none));
+        assert!(
+            allows(&profile, "clone3", &none),
+            "an empty list is no condition"
+        );
     }
 }
