@@ -32,7 +32,6 @@ pub const MATRIX: [Kernel; 3] = [
     },
 ];
 
-const ARCHIVE: &str = "http://deb.debian.org/debian";
 const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
 /// An unpacked kernel package.
@@ -134,9 +133,11 @@ fn update_lists(cache: &Path) -> Result<()> {
     if !status.exists() {
         std::fs::write(&status, "")?;
     }
+    // The mirror this machine's apt already uses: any Debian suite is under it.
+    let archive = crate::apt::debian_archive()?;
     let sources: String = MATRIX
         .iter()
-        .map(|k| format!("deb [signed-by={KEYRING}] {ARCHIVE} {} main\n", k.suite))
+        .map(|k| format!("deb [signed-by={KEYRING}] {archive} {} main\n", k.suite))
         .collect();
     std::fs::write(apt_dir.join("etc/sources.list"), sources)?;
     let updated = apt_dir.join("state/updated");
@@ -144,7 +145,7 @@ fn update_lists(cache: &Path) -> Result<()> {
         .and_then(|m| m.modified())
         .is_ok_and(|t| t.elapsed().is_ok_and(|age| age.as_secs() < 600));
     if !fresh {
-        println!("vm-test: reading the package lists of {ARCHIVE} (bullseye, bookworm, trixie)");
+        println!("vm-test: reading the package lists of {archive} (bullseye, bookworm, trixie)");
         run_quiet(apt("apt-get", cache).arg("update"))?;
         std::fs::write(&updated, "")?;
     }
