@@ -557,10 +557,24 @@ fn from_iptables(s: &Sources, interfaces: &TopologyLayer, d: &mut Discovery) -> 
         layer.masq_link_local = Some(masq.masq_link_local);
     }
     if rules.has_kube_services {
+        layer.api_server = Some(api_server(&rules.endpoints)).filter(|ips| !ips.is_empty());
         layer.services = Some(rules.services);
         layer.endpoints = Some(rules.endpoints);
     }
     layer
+}
+
+/// The API server's addresses without asking the API: kube-proxy DNATs the `kubernetes` Service
+/// to them, so they are the endpoints of `default/kubernetes` in its chains.
+fn api_server(endpoints: &[super::ServiceEndpoint]) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = endpoints
+        .iter()
+        .filter(|e| e.name.split(':').next() == Some("default/kubernetes"))
+        .map(|e| e.ip)
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
 }
 
 /// The Service CIDR per address family: AKS's default where it holds every ClusterIP, else the
@@ -648,6 +662,22 @@ mod tests {
         );
         assert!(d.notes.is_empty(), "{:?}", d.notes);
         assert!(d.blind.is_empty(), "{:?}", d.blind);
+    }
+
+    #[test]
+    fn the_api_server_is_the_kubernetes_service_endpoint() {
+        let d = derive(Sources {
+            interfaces: vec![iface(2, "eth0"), iface(3, "cbr0")],
+            addrs: vec![addr("eth0", "10.224.0.4/16")],
+            routes: vec![route("0.0.0.0/0", "eth0")],
+            nat_tables: vec!["*nat\n:KUBE-SERVICES - [0:0]\n-A KUBE-SERVICES -d 10.0.0.1/32 -p tcp -m comment --comment \"default/kubernetes:https cluster IP\" -m tcp --dport 443 -j KUBE-SVC-NPX46M4PTMTKRN6Y\n-A KUBE-SVC-NPX46M4PTMTKRN6Y -m comment --comment \"default/kubernetes:https -> 198.51.100.50:443\" -j KUBE-SEP-API\n-A KUBE-SEP-API -p tcp -m comment --comment \"default/kubernetes:https\" -m tcp -j DNAT --to-destination 198.51.100.50:443\n-A KUBE-SERVICES -d 10.0.80.80/32 -p tcp -m comment --comment \"default/app:http cluster IP\" -m tcp --dport 80 -j KUBE-SVC-APP\n-A KUBE-SEP-APP -p tcp -m comment --comment \"default/app:http\" -m tcp -j DNAT --to-destination 10.244.0.10:8080\nCOMMIT\n".into()],
+            conntrack_loaded: true,
+            ..Default::default()
+        });
+        assert_eq!(
+            merged(&d).api_server,
+            Some(vec!["198.51.100.50".parse().unwrap()])
+        );
     }
 
     #[test]
