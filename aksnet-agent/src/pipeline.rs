@@ -30,6 +30,8 @@ const EVENT_QUEUE: usize = 65_536;
 /// Live flows the table holds by default before it evicts the oldest: about 120 MiB at the
 /// ~600 bytes a flow costs (BENCHMARKS.md), inside the DaemonSet's memory limit.
 pub const DEFAULT_MAX_FLOWS: usize = 200_000;
+/// Events handled in a row before the loop looks at its timers and signals again.
+const EVENT_BATCH: usize = 1024;
 /// On stop, events still arriving are handled until none came for this long.
 const DRAIN_QUIET: Duration = Duration::from_millis(200);
 /// The longest the drain on stop may take (Kubernetes waits 30 s before SIGKILL).
@@ -340,7 +342,7 @@ impl Agent {
         loop {
             tokio::select! {
                 event = rx.recv() => match event {
-                    Some(event) => pipeline.handle_all(waiting.offer(event, now()), options.count)?,
+                    Some(event) => pipeline.handle_queued(event, &mut rx, &mut waiting, options.count)?,
                     None => return Err(AgentError::CaptureStopped),
                 },
                 _ = sleep_until(waiting.next_deadline().map(Instant::from_std)) => {
@@ -476,6 +478,28 @@ impl<W: Write> Pipeline<W> {
     /// Whether `--count` flows were shown.
     fn done(&self, count: Option<u64>) -> bool {
         count.is_some_and(|n| self.shown >= n)
+    }
+
+    /// Handles `first` and what is already queued behind it, up to [`EVENT_BATCH`]: the loop
+    /// wakes up once per batch, not once per event.
+    fn handle_queued(
+        &mut self,
+        first: FlowEvent,
+        rx: &mut mpsc::Receiver<FlowEvent>,
+        waiting: &mut InterfaceWait,
+        count: Option<u64>,
+    ) -> Result<(), AgentError> {
+        let now = std::time::Instant::now();
+        let (mut next, mut handled) = (Some(first), 0);
+        while let Some(event) = next {
+            self.handle_all(waiting.offer(event, now), count)?;
+            handled += 1;
+            if handled == EVENT_BATCH || self.done(count) {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        Ok(())
     }
 
     /// [`handle`](Self::handle)s events in order, stopping once `--count` lines are shown.

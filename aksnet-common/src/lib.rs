@@ -88,7 +88,8 @@ pub struct ConnEvent {
     pub conn_id: u64,
     /// `nf_conn.status` (see [`ct_status`]).
     pub status: u64,
-    /// Packets and bytes the xmit hook counted for this connection (0 when unknown).
+    /// The packet that produced the event, where a packet did: 1 and its length; 0 otherwise.
+    /// The kernel side keeps no per-packet counters (they would cost every packet a map update).
     pub packets: u64,
     pub bytes: u64,
     pub orig: RawTuple,

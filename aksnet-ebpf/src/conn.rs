@@ -5,15 +5,15 @@ use aksnet_common::{
     OFFSET_ABSENT, TUPLE_FINGERPRINT_LEN,
 };
 use aya_ebpf::{
+    bindings::{BPF_F_NO_COMMON_LRU, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_probe_read_kernel,
         generated::{self, bpf_ktime_get_boot_ns},
     },
     macros::map,
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
 use core::ffi::c_void;
-use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 /// Field offsets of the running kernel, written by the agent before load (see aksnet-common).
 #[unsafe(no_mangle)]
@@ -47,9 +47,16 @@ static NETNS_FILTER: u32 = 0;
 #[unsafe(no_mangle)]
 static CONN_ID_KEY: u64 = 0;
 
-/// Records for the agent, one [`ConnEvent`] each.
+/// Records for the agent, one [`ConnEvent`] each. The agent sizes it at load from the event
+/// rate it must absorb while it is not reading (`map_max_entries`).
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// Queued bytes from which a record wakes the agent up; below it records are queued silently
+/// and the agent reads them on its own short timer, so a busy node pays one wake-up per batch,
+/// not one per connection. Written by the agent before load.
+#[unsafe(no_mangle)]
+static WAKEUP_BYTES: u64 = 0;
 
 /// Connections the agent was not told about because [`EVENTS`] was full (index 0), per CPU.
 /// Each connection is counted once however many of its packets fail to report it.
@@ -61,12 +68,19 @@ static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static RECOVERED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// Connections seen so far, keyed by the `nf_conn` address, including those of other network
-/// namespaces (flagged [`FOREIGN`]) so that their packets are also dismissed after one lookup.
-/// LRU: the kernel forgets the oldest when full, which at worst reports a long-idle connection
-/// again (the agent's flow table drops the repeat).
+/// Connections of the observed namespace seen so far, keyed by the `nf_conn` address. LRU: the
+/// kernel forgets the oldest when full, which at worst reports a long-idle connection again (the
+/// agent's flow table drops the repeat). The agent sizes it from `nf_conntrack_max` at load.
+/// Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`): an insert never waits for another CPU's.
 #[map]
-static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(1 << 16, 0);
+static CONNS: LruHashMap<u64, ConnState> =
+    LruHashMap::with_max_entries(1 << 16, BPF_F_NO_COMMON_LRU);
+
+/// `struct net *` of the observed namespace (index 0), learnt from its first connection, so
+/// that telling another namespace's connection apart costs one read (`ct->ct_net`) instead of
+/// two (`->ns.inum`). The agent holds the namespace open, so the address stays its own.
+#[map]
+static OBSERVED_NET: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Per-connection state kept between packets.
 #[repr(C)]
@@ -74,8 +88,6 @@ struct ConnState {
     /// Hash of the original tuple: an `nf_conn` freed and reallocated at the same address
     /// for another connection must not inherit this entry.
     fingerprint: u64,
-    packets: u64,
-    bytes: u64,
     /// The flags below, and `status & NAT_MASK` as last reported.
     flags: u64,
 }
@@ -85,8 +97,6 @@ struct ConnState {
 const REPORTED: u64 = 1 << 63;
 /// An event carried the interfaces of one of the connection's packets.
 const IFACES_REPORTED: u64 = 1 << 62;
-/// The connection belongs to a network namespace the agent does not observe.
-const FOREIGN: u64 = 1 << 61;
 /// An event of the connection found the ring buffer full and was counted in [`LOST`].
 const LOSS_COUNTED: u64 = 1 << 60;
 /// The connection has seen a reply (`IPS_SEEN_REPLY`). conntrack never clears that bit, so a
@@ -96,6 +106,9 @@ const SEEN_REPLY_STORED: u64 = 1 << 59;
 /// A reuse was detected and not reported yet (the ring buffer was full): the retry still says
 /// [`conn_flags::RENEWED`].
 const RENEW_PENDING: u64 = 1 << 58;
+
+/// `IP_CT_ESTABLISHED`: a packet in the original direction of a connection that has seen a reply.
+const CT_ESTABLISHED: u64 = 1;
 
 /// One offset from [`OFFSETS`]; volatile so the compiler cannot fold the placeholder value the
 /// agent overwrites.
@@ -141,14 +154,22 @@ unsafe fn read_into<T>(dst: *mut T, addr: u64) -> bool {
     ret == 0
 }
 
-/// A packet is leaving on `dev`: report its connection if that is news, count it otherwise.
+/// A packet is leaving on `dev`: report its connection if that is news.
+///
+/// Hot path. An original-direction packet of a connection that has seen a reply
+/// (`IP_CT_ESTABLISHED`, most packets of any stream) costs one direct load (`skb->_nfct`) and
+/// nothing else: its connection was reported at its first packet, which conntrack marks `IP_CT_NEW`, or
+/// is reported by its replies (connections whose first packets do not leave through this
+/// namespace, and retries after a full ring buffer). Another namespace's connection costs one
+/// more read (`ct->ct_net`) and never touches [`CONNS`].
 #[inline(always)]
 pub fn on_xmit(skb: u64, dev: u64) {
-    let Some(nfct) = read::<u64>(skb + off!(skb_nfct)) else {
-        return;
-    };
+    // SAFETY: `skb` is the tracepoint's typed `struct sk_buff *` and the offset a constant the
+    // verifier reads from the frozen `OFFSETS`: it checks this load against the kernel's BTF and
+    // makes it fault-safe (BPF_PROBE_MEM), at a fraction of a bpf_probe_read_kernel call.
+    let nfct = unsafe { core::ptr::read_volatile((skb + off!(skb_nfct)) as *const u64) };
     let info = nfct & ct_info::MASK;
-    if info == ct_info::UNTRACKED {
+    if info == CT_ESTABLISHED || info == ct_info::UNTRACKED {
         return;
     }
     let packet = Packet {
@@ -174,7 +195,8 @@ fn known(ct: u64, fingerprint: u64) -> Option<*mut ConnState> {
 }
 
 /// `Some(netns)` when the connection is one the agent observes (0 when it observes all and the
-/// namespace is read later, if reported), `None` when it is another namespace's.
+/// namespace is read later, if reported), `None` when it is another namespace's. Unreadable
+/// counts as another namespace's: nothing could be reported about it anyway.
 #[inline(always)]
 fn observed_netns(ct: u64) -> Option<u32> {
     // SAFETY: reading a static.
@@ -182,38 +204,18 @@ fn observed_netns(ct: u64) -> Option<u32> {
     if filter == 0 {
         return Some(0);
     }
-    // Unreadable counts as foreign: nothing could be reported about it anyway.
-    (netns_of(ct) == Some(filter)).then_some(filter)
-}
-
-/// Remembers a connection of another namespace, so that its next packets cost one lookup.
-#[inline(always)]
-fn remember_foreign(ct: u64, fingerprint: u64) {
-    let state = ConnState {
-        fingerprint,
-        packets: 0,
-        bytes: 0,
-        flags: FOREIGN,
-    };
-    let _ = CONNS.insert(ct, state, 0);
-}
-
-/// Whether a connection remembered as another namespace's now holds a new connection. The same
-/// tuple lives in several namespaces (a router's and the node's conntrack both track a client's
-/// connection), so a freed foreign `nf_conn` can come back for the node's own connection with
-/// the same fingerprint. `IPS_SEEN_REPLY` never clears: seen before and absent now means a new
-/// connection. Costs foreign packets one status read.
-#[inline(always)]
-fn foreign_entry_reused(ct: u64, state: *mut ConnState, flags: u64) -> bool {
-    let Some(status) = read::<u64>(ct + off!(ct_status)) else {
-        return false;
-    };
-    let seen_reply = status & ct_status::SEEN_REPLY != 0;
-    if seen_reply && flags & SEEN_REPLY_STORED == 0 {
-        // SAFETY: `state` points into a live map value; written once per connection.
-        unsafe { (*state).flags = flags | SEEN_REPLY_STORED };
+    let net = read::<u64>(ct + off!(ct_net))?;
+    let cached = OBSERVED_NET.get_ptr_mut(0)?;
+    // SAFETY: a pointer into the one-entry array; racing writers store the same value.
+    if unsafe { *cached } == net {
+        return Some(filter);
     }
-    flags & SEEN_REPLY_STORED != 0 && !seen_reply
+    if unsafe { *cached } != 0 || read::<u32>(net + off!(net_ns_inum)) != Some(filter) {
+        return None;
+    }
+    // SAFETY: as above.
+    unsafe { *cached = net };
+    Some(filter)
 }
 
 /// conntrack is deleting the connection: report its end and forget it. `dying_set` when the
@@ -224,23 +226,17 @@ pub fn on_delete(ct: u64, dying_set: bool) {
     if ct == 0 {
         return;
     }
+    let Some(netns) = observed_netns(ct) else {
+        return;
+    };
     let Some(fingerprint) = fingerprint_of(ct) else {
         return;
     };
-    let state = known(ct, fingerprint);
-    // SAFETY: the fields are copied out at once; a concurrent update only makes them stale.
-    let (flags, packets, bytes) = match state {
-        Some(s) => unsafe { ((*s).flags, (*s).packets, (*s).bytes) },
-        None => (0, 0, 0),
-    };
-    let netns = if flags & FOREIGN != 0 {
-        None
-    } else {
-        observed_netns(ct)
-    };
+    // SAFETY: the flags are copied out at once; a concurrent update only makes them stale.
+    let flags = known(ct, fingerprint).map_or(0, |s| unsafe { (*s).flags });
     let status = read::<u64>(ct + off!(ct_status));
     let _ = CONNS.remove(ct);
-    let (Some(netns), Some(status)) = (netns, status) else {
+    let Some(status) = status else {
         return;
     };
     // Another caller already deletes it (nf_ct_delete sets DYING once and bails out after).
@@ -253,8 +249,6 @@ pub fn on_delete(ct: u64, dying_set: bool) {
         hook: hook::CT_DELETE,
         status,
         netns,
-        packets,
-        bytes,
         renewed: false,
     };
     // The entry is gone: a lost end is never recovered, and a connection already counted lost
@@ -264,40 +258,22 @@ pub fn on_delete(ct: u64, dying_set: bool) {
     }
 }
 
-/// Hot path: on a known connection of the observed namespace whose NAT bits did not change,
-/// three probe reads besides `_nfct` (tuple, status, packet length), one map lookup and the
-/// counter updates; on another namespace's known connection, two reads (tuple, status) and one
-/// lookup.
-/// Everything else only when reporting.
+/// A connection of the observed namespace that may be news: a first packet, a reply, a
+/// packet-less hook. One lookup; everything else only when reporting.
 #[inline(always)]
 fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
     if ct == 0 {
         return;
     }
+    let Some(netns) = observed_netns(ct) else {
+        return;
+    };
     let Some(fingerprint) = fingerprint_of(ct) else {
         return;
     };
     let state = known(ct, fingerprint);
-    let (state, flags, netns) = match state {
-        // SAFETY: the pointer is into a live map value.
-        Some(s) => match unsafe { (*s).flags } {
-            flags if flags & FOREIGN != 0 => {
-                if !foreign_entry_reused(ct, s, flags) {
-                    return;
-                }
-                // A new connection in a freed foreign nf_conn: it may be one of ours.
-                match observed_netns(ct) {
-                    Some(netns) => (None, 0, netns),
-                    None => return remember_foreign(ct, fingerprint),
-                }
-            }
-            flags => (state, flags, 0),
-        },
-        None => match observed_netns(ct) {
-            Some(netns) => (None, 0, netns),
-            None => return remember_foreign(ct, fingerprint),
-        },
-    };
+    // SAFETY: the pointer is into a live map value.
+    let flags = state.map_or(0, |s| unsafe { (*s).flags });
     let Some(status) = read::<u64>(ct + off!(ct_status)) else {
         return;
     };
@@ -306,42 +282,10 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
         return;
     }
     let renewed = flags & SEEN_REPLY_STORED != 0 && status & ct_status::SEEN_REPLY == 0;
-    let (flags, netns) = if renewed {
-        // The new connection may be another namespace's with the same tuple (a router's).
-        let Some(netns) = observed_netns(ct) else {
-            return remember_foreign(ct, fingerprint);
-        };
-        if let Some(s) = state {
-            // SAFETY: as above; the old connection's counters start over with the new one.
-            unsafe {
-                (*s).packets = 0;
-                (*s).bytes = 0;
-            }
-        }
-        (RENEW_PENDING, netns)
-    } else {
-        (flags, netns)
-    };
+    let flags = if renewed { RENEW_PENDING } else { flags };
     let nat = status & ct_status::NAT_MASK;
-    let (counted, len) = match packet {
-        Some(p) => (
-            1,
-            u64::from(read::<u32>(p.skb + off!(skb_len)).unwrap_or(0)),
-        ),
-        None => (0, 0),
-    };
-    // Only for a packet: LLVM turns an atomic add of a constant 0 into atomic OR, which kernels
-    // before 5.12 refuse.
-    if let (Some(s), 1) = (state, counted) {
-        // SAFETY: as above; counters atomically because several CPUs send packets of one
-        // connection. The BPF target has no AtomicU64; the intrinsic compiles to BPF's atomic add.
-        unsafe {
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*s).packets, counted);
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*s).bytes, len);
-        }
-    }
     // A connection first reported without a packet (by nf_nat_setup_info) gets one more NEW
-    // from its first packet, for the interfaces and counters.
+    // from its first packet, for the interfaces.
     let wants_ifaces = packet.is_some() && flags & IFACES_REPORTED == 0;
     let reported_nat = flags & (REPORTED | ct_status::NAT_MASK);
     if reported_nat == REPORTED | nat && !wants_ifaces {
@@ -359,19 +303,10 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
         hook,
         status,
         netns,
-        packets: counted,
-        bytes: len,
         renewed: flags & RENEW_PENDING != 0,
     };
     if flags & REPORTED != 0 && reported_nat != REPORTED | nat {
         report.kind = event_kind::NAT_CHANGED;
-    }
-    if let Some(s) = state {
-        // SAFETY: as above.
-        unsafe {
-            report.packets = (*s).packets;
-            report.bytes = (*s).bytes;
-        }
     }
 
     let mut flags = flags;
@@ -397,12 +332,7 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
         // the agent's flow table absorbs.
         Some(s) => unsafe { (*s).flags = flags },
         None => {
-            let state = ConnState {
-                fingerprint,
-                packets: counted,
-                bytes: len,
-                flags,
-            };
+            let state = ConnState { fingerprint, flags };
             // An LRU insert only fails on allocation failure: the next packet retries.
             let _ = CONNS.insert(ct, state, 0);
         }
@@ -426,13 +356,12 @@ struct Report {
     status: u64,
     /// 0 when not read yet.
     netns: u32,
-    packets: u64,
-    bytes: u64,
     /// See [`conn_flags::RENEWED`].
     renewed: bool,
 }
 
-/// Puts one event on the ring buffer; returns false when it is full.
+/// Puts one event on the ring buffer; returns false when it is full. Wakes the agent only once
+/// [`WAKEUP_BYTES`] are queued (see there).
 /// Kernel fields are read straight into the reserved record: the BPF stack (512 bytes) is too
 /// small for a staged copy.
 #[inline(always)]
@@ -447,8 +376,10 @@ fn emit(report: &Report, packet: Option<Packet>) -> bool {
         (*ev).ts_ns = bpf_ktime_get_boot_ns();
         (*ev).conn_id = ct ^ core::ptr::read_volatile(&raw const CONN_ID_KEY);
         (*ev).status = report.status;
-        (*ev).packets = report.packets;
-        (*ev).bytes = report.bytes;
+        // The kernel side keeps no per-packet counters (they cost every packet a map update):
+        // an event from a packet counts that packet, for the agent's first view of the flow.
+        (*ev).packets = 0;
+        (*ev).bytes = 0;
         // A failed read leaves a zero family, which the agent counts as a decode error.
         (*ev).orig = RawTuple::default();
         read_tuple(ct, 0, &raw mut (*ev).orig);
@@ -476,6 +407,10 @@ fn emit(report: &Report, packet: Option<Packet>) -> bool {
             }
             None => {}
         }
+        if let Some(p) = packet {
+            (*ev).packets = 1;
+            (*ev).bytes = u64::from(read::<u32>(p.skb + off!(skb_len)).unwrap_or(0));
+        }
         (*ev).kind = report.kind;
         (*ev).hook = report.hook;
         (*ev).flags = if report.renewed {
@@ -485,7 +420,14 @@ fn emit(report: &Report, packet: Option<Packet>) -> bool {
         };
         (*ev)._pad = [0; 3];
     }
-    entry.submit(0);
+    // SAFETY: reading a static.
+    let wakeup = unsafe { core::ptr::read_volatile(&raw const WAKEUP_BYTES) };
+    let flags = if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= wakeup {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(u64::from(flags));
     true
 }
 

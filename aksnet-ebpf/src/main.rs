@@ -2,7 +2,8 @@
 //!
 //! - `tp_btf/net_dev_start_xmit` (always): every packet leaving an interface carries its
 //!   `nf_conn` in `skb->_nfct`, with NAT already applied. Each connection is reported once, and
-//!   again only when its NAT status bits change; later packets only bump counters.
+//!   again only when its NAT status bits change; an established connection's packets in its
+//!   original direction cost one read and nothing more.
 //! - `nf_nat_setup_info` (fexit, or kprobe+kretprobe): reports the NAT decision as it is made,
 //!   also for connections whose packets never leave through a device of this namespace.
 //! - `nf_ct_delete` (fentry, or kprobe): reports the end of a connection and forgets it.
@@ -11,9 +12,6 @@
 //! resolves from the running kernel's BTF and writes before loading.
 #![no_std]
 #![no_main]
-// Atomic adds on map values: core's atomic types are not available on the BPF target.
-#![allow(internal_features)]
-#![feature(core_intrinsics)]
 
 mod conn;
 

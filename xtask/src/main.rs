@@ -30,6 +30,10 @@ enum Command {
         /// Run this agent binary instead of building target/release/aksnet-agent.
         #[arg(long, value_name = "PATH")]
         agent: Option<std::path::PathBuf>,
+        /// Also measure this agent binary (the one before a change) for the cost and datapath
+        /// figures, in alternation, and show its figures beside.
+        #[arg(long, value_name = "PATH")]
+        baseline: Option<std::path::PathBuf>,
     },
     /// Build the agent's runtime image (the Dockerfile's runtime stage) with podman, offline: the
     /// base from debootstrap, the agent built here. Reports its size.
@@ -63,8 +67,17 @@ fn main() -> anyhow::Result<()> {
         Command::Image => xtask::image::run(workspace)?,
         Command::Lab(cmd) => xtask::lab::cli::execute(cmd)?,
         Command::VmTest { kernel } => xtask::vm::run(workspace, &kernel)?,
-        Command::Bench { quick, agent } => {
-            xtask::bench::run(workspace, &xtask::bench::Plan::new(quick), agent.as_deref())?;
+        Command::Bench {
+            quick,
+            agent,
+            baseline,
+        } => {
+            xtask::bench::run(
+                workspace,
+                &xtask::bench::Plan::new(quick),
+                agent.as_deref(),
+                baseline.as_deref(),
+            )?;
         }
     }
     Ok(())

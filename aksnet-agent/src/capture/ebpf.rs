@@ -30,6 +30,9 @@ const XMIT_HOOK: &str = "tp_btf/net_dev_start_xmit";
 const KALLSYMS: &str = "/proc/kallsyms";
 /// How often the kernel's lost-event counter is read.
 const LOST_POLL: Duration = Duration::from_secs(1);
+/// How often the ring buffer is read without a wake-up: the kernel wakes the agent only once a
+/// quarter of the buffer is queued, so this bounds the delay of an event on a quiet node.
+const READ_EVERY: Duration = Duration::from_millis(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
@@ -161,11 +164,16 @@ fn load_object(netns_filter: u32) -> Result<Loaded, EbpfError> {
     let kernel_btf = source.load().map_err(btf_error)?;
     let offsets = resolve_offsets(&kernel_btf, &source.kernel).map_err(btf_error)?;
     let btf = Btf::from_sys_fs().map_err(|err| EbpfError::NoBtf(chain(&err)))?;
+    let sizes = MapSizes::for_this_node();
+    log::debug!("eBPF maps: {sizes:?}");
     let ebpf = EbpfLoader::new()
         .btf(Some(&btf))
         .override_global("OFFSETS", &offsets, true)
         .override_global("NETNS_FILTER", &netns_filter, true)
         .override_global("CONN_ID_KEY", &conn_id_key(), true)
+        .override_global("WAKEUP_BYTES", &sizes.wakeup_bytes, true)
+        .map_max_entries("CONNS", sizes.conns)
+        .map_max_entries("EVENTS", sizes.ring_bytes)
         .load(OBJECT)
         .map_err(object_error)?;
     Ok(Loaded {
@@ -248,6 +256,60 @@ pub fn load_every_program() -> Result<Vec<ProgramLoad>, EbpfError> {
         });
     }
     Ok(loads)
+}
+
+/// Map sizes chosen at load for this node instead of compiled-in constants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct MapSizes {
+    /// `CONNS` entries: one per live connection of the observed namespace.
+    conns: u32,
+    /// `EVENTS` ring buffer bytes (a power of two, at least a page).
+    ring_bytes: u32,
+    /// Queued bytes from which the kernel wakes the reader.
+    wakeup_bytes: u64,
+}
+
+/// New connections a second (one event each, two where `nf_nat_setup_info` is hooked) the ring
+/// buffer absorbs while the agent is not reading: a busy node's peak, several times what the
+/// lab's fastest storm reaches on this kind of machine.
+const EXPECTED_EVENTS_PER_SEC: u64 = 40_000;
+/// How long the agent may go without reading: its read timer (10 ms), plus what the DaemonSet's
+/// CPU limit keeps it off the CPU (500m: up to 50 ms of every 100 ms CFS period), plus
+/// scheduling delay on a loaded node.
+const UNREAD_FOR: Duration = Duration::from_millis(150);
+/// Bounds on `CONNS`: at least a small node's worth; at most what the pod's memory limit affords
+/// (about 100 bytes an entry, charged to its memory cgroup).
+const CONNS_BOUNDS: (u32, u32) = (16_384, 262_144);
+
+impl MapSizes {
+    fn for_this_node() -> MapSizes {
+        MapSizes::new(conntrack_max())
+    }
+
+    /// `conntrack_max` is the kernel's `nf_conntrack_max`, when readable.
+    fn new(conntrack_max: Option<u32>) -> MapSizes {
+        let conns = conntrack_max
+            .unwrap_or(CONNS_BOUNDS.0)
+            .clamp(CONNS_BOUNDS.0, CONNS_BOUNDS.1);
+        // Each record carries an 8-byte header in the ring.
+        let record = std::mem::size_of::<aksnet_common::ConnEvent>() as u64 + 8;
+        let needed = EXPECTED_EVENTS_PER_SEC * record * UNREAD_FOR.as_millis() as u64 / 1000;
+        let ring_bytes = needed.next_power_of_two().clamp(1 << 18, 1 << 24);
+        MapSizes {
+            conns,
+            ring_bytes: ring_bytes as u32,
+            wakeup_bytes: ring_bytes / 4,
+        }
+    }
+}
+
+/// `net.netfilter.nf_conntrack_max`: how many connections conntrack holds at most.
+fn conntrack_max() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// A random key that hides kernel addresses in the events' connection ids.
@@ -565,45 +627,67 @@ fn log_tail(log: &str) -> String {
     lines[lines.len().saturating_sub(4)..].join(" | ")
 }
 
-/// Drains the ring buffer whenever the kernel signals it, decoding and forwarding each record.
+/// Drains the ring buffer when the kernel signals that enough is queued, and every
+/// [`READ_EVERY`] otherwise, decoding and forwarding the records in one batch.
 async fn read_events(
     mut ring: AsyncFd<RingBuf<MapData>>,
     tx: mpsc::Sender<FlowEvent>,
     health: Arc<CaptureHealth>,
 ) {
     let clock = BootClock::now();
+    let mut timer = tokio::time::interval(READ_EVERY);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch = Vec::new();
     loop {
-        let mut guard = match ring.readable_mut().await {
-            Ok(guard) => guard,
-            Err(err) => {
-                log::error!("eBPF capture stopped: polling the EVENTS ring buffer failed: {err}");
-                return;
-            }
-        };
-        let mut batch = Vec::new();
-        while let Some(record) = guard.get_inner_mut().next() {
-            match decode_conn_event(&record, &clock) {
-                Ok(event) => {
-                    if event.kind == EventKind::Destroy {
-                        health.ebpf_ends.fetch_add(1, Ordering::Relaxed);
-                    }
-                    batch.push(event)
+        let woken = tokio::select! {
+            ready = ring.readable_mut() => match ready {
+                Ok(mut guard) => {
+                    drain(guard.get_inner_mut(), &clock, &health, &mut batch);
+                    guard.clear_ready();
+                    true
                 }
                 Err(err) => {
-                    let before = health.decode_errors.fetch_add(1, Ordering::Relaxed);
-                    if before == 0 {
-                        log::warn!("undecodable eBPF event (counted in decode errors): {err}");
-                    }
+                    log::error!("eBPF capture stopped: polling the EVENTS ring buffer failed: {err}");
+                    return;
                 }
-            }
+            },
+            _ = timer.tick() => false,
+        };
+        if !woken {
+            drain(ring.get_mut(), &clock, &health, &mut batch);
         }
-        guard.clear_ready();
-        for event in batch {
+        for event in batch.drain(..) {
             if tx.send(event).await.is_err() {
                 // The pipeline is gone: nobody wants events any more.
                 return;
             }
             health.count_event();
+        }
+    }
+}
+
+/// Decodes every queued record into `batch`.
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    clock: &BootClock,
+    health: &CaptureHealth,
+    batch: &mut Vec<FlowEvent>,
+) {
+    while let Some(record) = ring.next() {
+        match decode_conn_event(&record, clock) {
+            Ok(event) => {
+                if event.kind == EventKind::Destroy {
+                    // What proves an nf_ct_delete hook fires (proof.rs).
+                    health.ebpf_ends.fetch_add(1, Ordering::Relaxed);
+                }
+                batch.push(event)
+            }
+            Err(err) => {
+                let before = health.decode_errors.fetch_add(1, Ordering::Relaxed);
+                if before == 0 {
+                    log::warn!("undecodable eBPF event (counted in decode errors): {err}");
+                }
+            }
         }
     }
 }
@@ -648,5 +732,31 @@ async fn poll_losses(losses: Losses, health: Arc<CaptureHealth>) {
             );
         }
         in_burst = delta > 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_follow_conntrack_max_within_bounds() {
+        assert_eq!(MapSizes::new(Some(131_072)).conns, 131_072);
+        assert_eq!(MapSizes::new(Some(4_194_304)).conns, CONNS_BOUNDS.1);
+        assert_eq!(MapSizes::new(Some(100)).conns, CONNS_BOUNDS.0);
+        assert_eq!(MapSizes::new(None).conns, CONNS_BOUNDS.0);
+    }
+
+    #[test]
+    fn the_ring_holds_the_expected_events_and_wakes_at_a_quarter() {
+        let sizes = MapSizes::new(None);
+        assert!(sizes.ring_bytes.is_power_of_two());
+        let record = std::mem::size_of::<aksnet_common::ConnEvent>() as u64 + 8;
+        let held = u64::from(sizes.ring_bytes) / record;
+        assert!(
+            held * 1000 >= EXPECTED_EVENTS_PER_SEC * UNREAD_FOR.as_millis() as u64,
+            "{sizes:?} holds {held} records"
+        );
+        assert_eq!(sizes.wakeup_bytes, u64::from(sizes.ring_bytes) / 4);
     }
 }

@@ -27,6 +27,8 @@ use tokio::sync::mpsc::{self, error::TrySendError};
 const EVENTS_SYSCTL: &str = "/proc/sys/net/netfilter/nf_conntrack_events";
 /// How often the receive thread looks at its stop flag when no event arrives.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// Pause after the socket was emptied: bounds how late an event is handled on a quiet node.
+const READ_PAUSE: Duration = Duration::from_millis(10);
 /// Pause between attempts to hand an event to a full channel.
 const BACKPRESSURE_WAIT: Duration = Duration::from_millis(5);
 /// One datagram; ctnetlink events are well under 1 KiB each.
@@ -300,13 +302,28 @@ struct Receiver {
 impl Receiver {
     fn run(self) {
         let mut buf = vec![0u8; RECV_BUF];
+        // Blocking until a datagram comes, then without blocking until the socket is empty.
+        let mut flags = 0;
         while !self.stop.load(Ordering::Relaxed) {
             // SAFETY: buf is valid for writes of buf.len() bytes.
-            let n =
-                unsafe { libc::recv(self.sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let n = unsafe {
+                libc::recv(
+                    self.sock.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    flags,
+                )
+            };
             if n < 0 {
                 let err = io::Error::last_os_error();
                 match err.raw_os_error() {
+                    Some(libc::EAGAIN) if flags == libc::MSG_DONTWAIT => {
+                        // Emptied: let the next events gather in the socket's buffer, so that
+                        // a busy node costs a wake-up per batch, not one per connection.
+                        flags = 0;
+                        std::thread::sleep(READ_PAUSE);
+                        continue;
+                    }
                     Some(libc::EAGAIN) | Some(libc::EINTR) => continue,
                     Some(libc::ENOBUFS) => {
                         // The kernel says only that it dropped events, not how many.
@@ -328,6 +345,7 @@ impl Receiver {
                     }
                 }
             }
+            flags = libc::MSG_DONTWAIT;
             let ts = SystemTime::now();
             for parsed in parse_datagram(&buf[..n as usize], self.netns, ts) {
                 match parsed {

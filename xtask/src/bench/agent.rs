@@ -1,11 +1,11 @@
 //! The agent binary under test: spawned with `--dump --output json` on the lab's node, its stdout
 //! lines timestamped as they arrive, its metrics scraped, and stopped by pid (never left running).
 
-use crate::bench::error::BenchError;
+use crate::bench::error::{io, BenchError};
 use crate::cmd::CmdError;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::thread::JoinHandle;
@@ -14,15 +14,29 @@ use std::time::{Duration, Instant};
 /// How long the agent has to exit after SIGINT before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
+/// How the agent runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// `--dump --output json`, lines read by the bench as they come.
+    Dump,
+    /// `--dump --output json` into this file.
+    DumpToFile(PathBuf),
+    /// As the DaemonSet runs it: no `--dump`, metrics only (give it a metrics address).
+    Daemon,
+}
+
 /// What to run the agent with.
 #[derive(Clone, Debug)]
 pub struct AgentArgs<'a> {
     pub binary: &'a Path,
     pub netns: &'a str,
     pub config: &'a Path,
+    pub mode: Mode,
     /// `--count N`: exit after N flows.
     pub count: Option<u64>,
     pub metrics: Option<SocketAddr>,
+    /// A cgroup v1 directory (cpu controller) the agent joins as soon as it runs.
+    pub cgroup: Option<&'a Path>,
 }
 
 /// One stdout line and when it arrived.
@@ -47,15 +61,23 @@ pub struct AgentOutput {
 impl Agent {
     pub fn spawn(args: &AgentArgs<'_>) -> Result<Agent, BenchError> {
         let mut cmd = Command::new(args.binary);
-        cmd.args([
-            "--dump", "--output", "json", "--source", "ebpf", "--netns", args.netns,
-        ])
-        .arg("--config")
-        .arg(args.config)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        cmd.args(["--source", "ebpf", "--netns", args.netns])
+            .arg("--config")
+            .arg(args.config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        match &args.mode {
+            Mode::Dump => {
+                cmd.args(["--dump", "--output", "json"]);
+            }
+            Mode::DumpToFile(path) => {
+                let file = std::fs::File::create(path).map_err(io("cannot create", path))?;
+                cmd.args(["--dump", "--output", "json"]).stdout(file);
+            }
+            Mode::Daemon => {}
+        }
         if let Some(n) = args.count {
             cmd.args(["--count", &n.to_string()]);
         }
@@ -67,10 +89,25 @@ impl Agent {
             command: format!("{cmd:?}"),
             source,
         })?;
-        let stdout = child.stdout.take().expect("stdout was requested as a pipe");
+        if let Some(cgroup) = args.cgroup {
+            let procs = cgroup.join("cgroup.procs");
+            if let Err(source) = std::fs::write(&procs, child.id().to_string()) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(BenchError::Io {
+                    what: "cannot move the agent into its CPU-capped cgroup",
+                    path: procs,
+                    source,
+                });
+            }
+        }
+        let stdout = child.stdout.take();
         let mut stderr = child.stderr.take().expect("stderr was requested as a pipe");
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
+            let Some(stdout) = stdout else {
+                return;
+            };
             for text in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if tx
                     .send(Line {
@@ -94,6 +131,11 @@ impl Agent {
             lines,
             stderr: Some(stderr),
         })
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The next stdout line, or `None` after `timeout`, or once the agent closed its stdout.

@@ -2,11 +2,12 @@
 //! node's DNAT, counted three ways: by the traffic generator (ground truth), by the agent (plus
 //! what it says it lost), and by `conntrack -E` on the node.
 
-use crate::bench::agent::{scrape, tail};
+use crate::bench::agent::{scrape, tail, Mode};
+use crate::bench::cap::{CpuGroup, CpuLimit};
 use crate::bench::datapath::READY_TIMEOUT;
 use crate::bench::error::BenchError;
 use crate::bench::report::{median, thousands, Row};
-use crate::bench::rig::{Rig, CLIENT, FRONTEND};
+use crate::bench::rig::{Launch, Rig, CLIENT, FRONTEND};
 use crate::cmd::CmdError;
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
@@ -42,10 +43,11 @@ struct Counts {
     conntrack_warned: bool,
 }
 
-pub fn run(rig: &Rig, plan: &Plan) -> Result<Vec<Row>, BenchError> {
+/// Runs the storms with the agent uncapped, or inside `cap` (a CPU-limited cgroup).
+pub fn run(rig: &Rig, plan: &Plan, cap: Option<&Cap>) -> Result<Vec<Row>, BenchError> {
     let mut runs = Vec::new();
     for i in 0..plan.runs {
-        let c = once(rig, plan)?;
+        let c = once(rig, plan, cap)?;
         println!(
             "  run {}/{}: {} connections ({} reused a 4-tuple) at {}/s; agent reported {}, lost {}; conntrack -E reported {}{}",
             i + 1,
@@ -86,6 +88,44 @@ pub fn run(rig: &Rig, plan: &Plan) -> Result<Vec<Row>, BenchError> {
     };
     let warned = runs.iter().filter(|c| c.conntrack_warned).count();
     let connections = format!("{} connections, {} clients", plan.connections, plan.workers);
+    if let Some(cap) = cap {
+        let section = cap.section;
+        let throttled = cap
+            .group
+            .throttled_periods()
+            .map_or("unknown".into(), |n| n.to_string());
+        return Ok(vec![
+            Row::new(
+                section,
+                format!(
+                    "agent in a cgroup v1 cpu group capped at the DaemonSet's limit ({}m = {} µs per 100 ms; {connections}, rate reached {}/s)",
+                    cap.limit.millicores,
+                    cap.limit.quota_us(),
+                    thousands(med(&|c| c.rate))
+                ),
+                format!("{throttled} throttled periods in all"),
+                format!("all {n} runs"),
+            ),
+            Row::new(
+                section,
+                "DNAT translations the agent reported, of the ground truth",
+                share(med(&|c| c.agent as f64)),
+                agg.clone(),
+            ),
+            Row::new(
+                section,
+                format!("events the agent counted lost (`{LOST_METRIC}`)"),
+                lost_value,
+                agg,
+            ),
+            Row::new(
+                section,
+                "runs where reported + lost ≥ ground truth",
+                format!("{accounted} of {n}"),
+                format!("all {n} runs"),
+            ),
+        ]);
+    }
     Ok(vec![
         Row::new(
             "completeness",
@@ -140,10 +180,25 @@ pub fn run(rig: &Rig, plan: &Plan) -> Result<Vec<Row>, BenchError> {
     ])
 }
 
-fn once(rig: &Rig, plan: &Plan) -> Result<Counts, BenchError> {
+/// A CPU-capped cgroup the agent runs in.
+pub struct Cap {
+    pub group: CpuGroup,
+    pub limit: CpuLimit,
+    /// The table section its rows go in.
+    pub section: &'static str,
+}
+
+fn once(rig: &Rig, plan: &Plan, cap: Option<&Cap>) -> Result<Counts, BenchError> {
     let watcher = ConntrackWatcher::start(&rig.node())?;
     let metrics = free_local_port()?;
-    let (mut agent, _) = rig.ready_agent(None, Some(metrics), READY_TIMEOUT)?;
+    let launch = Launch {
+        binary: &rig.agent_binary,
+        mode: Mode::Dump,
+        count: None,
+        metrics: Some(metrics),
+        cgroup: cap.map(|c| c.group.dir.as_path()),
+    };
+    let (mut agent, _) = rig.launch(&launch, READY_TIMEOUT)?;
     let storm = rig.storm(plan.connections, plan.workers, STORM_DEADLINE)?;
     // Collect until the agent has been quiet for a while: it reports what the kernel queued.
     let mut lines = Vec::new();
@@ -201,7 +256,7 @@ fn count_agent(lines: &[String]) -> u64 {
 }
 
 /// A port on 127.0.0.1 free right now, for the agent's metrics endpoint.
-fn free_local_port() -> Result<SocketAddr, BenchError> {
+pub fn free_local_port() -> Result<SocketAddr, BenchError> {
     let probe =
         TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|source| BenchError::Socket {
             what: "cannot find a free port on",

@@ -6,7 +6,7 @@ use crate::bench::error::BenchError;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::collections::HashSet;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -362,4 +362,75 @@ fn receive(
         });
     }
     Ok(Bulk { bytes, elapsed })
+}
+
+/// One UDP connection from a client namespace to a sink, answered once so that conntrack holds
+/// it as established (`IPS_SEEN_REPLY`), as a long-lived flow is.
+pub struct UdpFlow {
+    client: UdpSocket,
+    /// Kept open so that datagrams find a socket (and are dropped when its buffer is full)
+    /// instead of drawing ICMP errors.
+    _sink: UdpSocket,
+    sink: SocketAddrV4,
+}
+
+impl UdpFlow {
+    pub fn establish(
+        client_netns: &str,
+        sink_netns: &str,
+        sink: SocketAddrV4,
+    ) -> Result<UdpFlow, BenchError> {
+        let fail = |what| socket_error(what, sink);
+        let server = join(
+            spawn_in(sink_netns, move || {
+                UdpSocket::bind(sink).map_err(socket_error("cannot bind the UDP sink", sink))
+            }),
+            "the UDP sink",
+        )?;
+        let client = join(
+            spawn_in(client_netns, move || {
+                let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+                    .map_err(socket_error("cannot bind a UDP client towards", sink))?;
+                socket
+                    .connect(sink)
+                    .map_err(socket_error("cannot connect a UDP client to", sink))?;
+                Ok(socket)
+            }),
+            "the UDP client",
+        )?;
+        for socket in [&server, &client] {
+            socket
+                .set_read_timeout(Some(IO_TIMEOUT))
+                .map_err(fail("cannot set a read timeout towards"))?;
+        }
+        let mut buf = [0u8; 64];
+        client
+            .send(b"hello")
+            .map_err(fail("cannot send the first datagram to"))?;
+        let (_, from) = server
+            .recv_from(&mut buf)
+            .map_err(fail("the first datagram did not arrive at"))?;
+        server
+            .send_to(b"hello", from)
+            .map_err(fail("cannot answer the first datagram from"))?;
+        client
+            .recv(&mut buf)
+            .map_err(fail("no answer came back from"))?;
+        Ok(UdpFlow {
+            client,
+            _sink: server,
+            sink,
+        })
+    }
+
+    /// Sends `datagrams` 64-byte datagrams as fast as the socket takes them.
+    pub fn send(&self, datagrams: u64) -> Result<(), BenchError> {
+        let payload = [0x5a_u8; 64];
+        for _ in 0..datagrams {
+            self.client
+                .send(&payload)
+                .map_err(socket_error("the UDP stream broke towards", self.sink))?;
+        }
+        Ok(())
+    }
 }

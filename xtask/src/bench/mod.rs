@@ -5,7 +5,9 @@
 //! writes it to BENCHMARKS.md. Never part of `cargo xtask test`: figures come from here only.
 
 pub mod agent;
+mod cap;
 mod completeness;
+mod cost;
 mod datapath;
 pub mod error;
 pub mod load;
@@ -27,6 +29,7 @@ pub struct Plan {
     pub quick: bool,
     datapath: datapath::Plan,
     completeness: completeness::Plan,
+    cost: cost::Plan,
     startup_runs: usize,
     userspace: userspace::Plan,
 }
@@ -53,6 +56,11 @@ impl Plan {
                 connections: choose(quick, 30_000, 5000),
                 workers: 32,
             },
+            cost: cost::Plan {
+                runs: choose(quick, 5, 2),
+                connections: choose(quick, 4000, 1000),
+                datagrams: choose(quick, 50_000, 10_000),
+            },
             startup_runs: choose(quick, 5, 2),
             userspace: userspace::Plan {
                 samples: choose(quick, 30, 10),
@@ -64,10 +72,21 @@ impl Plan {
     }
 }
 
+/// Where the hand-kept part of BENCHMARKS.md starts; the bench rewrites what is above it.
+const HAND_KEPT: &str = "## What these figures found, before and after";
+
 /// Runs every benchmark, prints the table and writes `BENCHMARKS.md` into `workspace`. The lab
-/// runs `agent`, or else the release build of the workspace's agent, built first.
-pub fn run(workspace: &Path, plan: &Plan, agent: Option<&Path>) -> Result<Report, BenchError> {
+/// runs `agent`, or else the release build of the workspace's agent, built first. With
+/// `baseline` (another agent binary, the one before a change), the cost and datapath figures are
+/// measured for it too, in alternation, and shown beside.
+pub fn run(
+    workspace: &Path,
+    plan: &Plan,
+    agent: Option<&Path>,
+    baseline: Option<&Path>,
+) -> Result<Report, BenchError> {
     let began = Instant::now();
+    let load_at_start = report::load_average();
     let agent = match agent {
         Some(path) => path.to_path_buf(),
         None => {
@@ -76,6 +95,13 @@ pub fn run(workspace: &Path, plan: &Plan, agent: Option<&Path>) -> Result<Report
             workspace.join("target/release/aksnet-agent")
         }
     };
+    let mut subjects = vec![cost::Subject {
+        binary: agent.clone(),
+    }];
+    subjects.extend(baseline.map(|b| cost::Subject {
+        binary: b.to_path_buf(),
+    }));
+    let limit = cap::CpuLimit::of_daemonset(workspace)?;
     let mut rows = Vec::new();
     println!("bench: userspace pipeline (criterion)");
     rows.extend(userspace::pipeline(workspace, &plan.userspace)?);
@@ -83,20 +109,28 @@ pub fn run(workspace: &Path, plan: &Plan, agent: Option<&Path>) -> Result<Report
     rows.extend(userspace::memory(workspace, plan.userspace.rss_runs)?);
     println!("bench: node lab up (kubenet)");
     let rig = Rig::up(&agent)?;
-    let lab_rows = lab_benchmarks(&rig, plan);
+    let lab_rows = lab_benchmarks(&rig, plan, &subjects, limit);
     // Tear down whether or not the measurements worked; report the measurement error first.
     let down = rig.down();
     rows.extend(lab_rows?);
     down?;
     let report = Report {
         machine: Machine::read(),
+        load: (load_at_start, report::load_average()),
+        baseline: baseline.map(|b| b.display().to_string()),
         quick: plan.quick,
         rows,
         notes: notes(plan),
     };
     println!("\n{}", report.table());
     let path = workspace.join("BENCHMARKS.md");
-    std::fs::write(&path, report.markdown()).map_err(error::io("cannot write", &path))?;
+    // The findings written by hand below the generated part stay.
+    let kept = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|old| old.find(HAND_KEPT).map(|at| old[at..].to_string()))
+        .unwrap_or_default();
+    let text = format!("{}\n{kept}", report.markdown());
+    std::fs::write(&path, text).map_err(error::io("cannot write", &path))?;
     println!(
         "written to {} after {:.0} s",
         path.display(),
@@ -105,12 +139,29 @@ pub fn run(workspace: &Path, plan: &Plan, agent: Option<&Path>) -> Result<Report
     Ok(report)
 }
 
-fn lab_benchmarks(rig: &Rig, plan: &Plan) -> Result<Vec<report::Row>, BenchError> {
+fn lab_benchmarks(
+    rig: &Rig,
+    plan: &Plan,
+    subjects: &[cost::Subject],
+    limit: cap::CpuLimit,
+) -> Result<Vec<report::Row>, BenchError> {
     let mut rows = Vec::new();
+    println!("bench: cost per connection (CPU time)");
+    rows.extend(cost::run(rig, &plan.cost, subjects)?);
     println!("bench: datapath overhead, alternating runs");
-    rows.extend(datapath::run(rig, &plan.datapath)?);
+    rows.extend(datapath::run(rig, &plan.datapath, subjects)?);
     println!("bench: capture completeness under load");
-    rows.extend(completeness::run(rig, &plan.completeness)?);
+    rows.extend(completeness::run(rig, &plan.completeness, None)?);
+    println!(
+        "bench: capture completeness under load, agent capped at {}m CPU",
+        limit.millicores
+    );
+    let capped = completeness::Cap {
+        group: cap::CpuGroup::create(limit)?,
+        limit,
+        section: "completeness, capped",
+    };
+    rows.extend(completeness::run(rig, &plan.completeness, Some(&capped))?);
     println!("bench: start-up");
     rows.extend(startup::run(rig, plan.startup_runs)?);
     Ok(rows)
@@ -119,15 +170,36 @@ fn lab_benchmarks(rig: &Rig, plan: &Plan) -> Result<Vec<report::Row>, BenchError
 fn notes(plan: &Plan) -> Vec<String> {
     let d = &plan.datapath;
     let c = &plan.completeness;
+    let k = &plan.cost;
     vec![
+        format!(
+            "Cost per connection: CPU time, which holds on this shared machine where wall time does not. \
+             Each run starts the agent as the DaemonSet runs it (no `--dump`, metrics on a local port), \
+             waits until it counted a probe, measures 1 s idle, then {} sequential connections from the \
+             internet client through the LB frontend, and waits until its event count stands still; then \
+             once more with `--dump --output json` into a file. Kernel: `kernel.bpf_stats_enabled` is \
+             set to 1 for the cost runs and restored after; `run_time_ns` and `run_cnt` are summed over \
+             the BPF programs the agent's own file descriptors hold (`/proc/PID/fdinfo`). The xmit \
+             program runs for every packet leaving any device of the machine, including other users' \
+             traffic: the idle second's rate is subtracted. Agent: `utime+stime` of `/proc/PID/stat` \
+             (10 ms ticks), idle subtracted, and the threads' `schedstat` run time as a finer check. \
+             Known connection: one UDP socket from the app pod to the internet server, answered once \
+             (conntrack established), then {} datagrams; `run_time_ns / run_cnt` over that stream. {} runs; \
+             with `--baseline`, each run measures both binaries, alternating which goes first.",
+            k.connections, k.datagrams, k.runs
+        ),
+        "Capped completeness: the same storms with the agent (`--dump`, which costs more than the \
+         daemon) moved into a cgroup v1 cpu group whose `cpu.cfs_quota_us` over a 100 ms period is \
+         the CPU limit of `deploy/base/daemonset.yaml`, as the kubelet applies it."
+            .to_string(),
         format!(
             "Datapath: a kubenet node lab (`xtask::lab`, network namespaces only). The load generator is \
              Rust threads that `setns(2)` into the lab's internet namespace; each connection sends one byte, \
              reads one back and closes with a reset. The app pod's socat server (a shell per connection) is \
              replaced by the bench's accept loop so that the node's datapath, not the server, sets the rate. \
-             Each round runs once without the agent and once with it (`--dump --output json --source ebpf`, \
-             started and shown ready before the run), alternating which goes first; ratios are per round, \
-             then the median. {} rounds, {} connections per run.",
+             Each round runs once without the agent and once with each agent binary as a daemon (no `--dump`, \
+             `--source ebpf`, started and shown ready before the run), rotating which goes first; ratios are \
+             per round, then the median. {} rounds, {} connections per run.",
             d.rounds, d.connections
         ),
         "Bulk throughput: one TCP stream from the app pod to the internet server, through the node's \

@@ -73,6 +73,8 @@ pub struct Row {
     pub value: String,
     /// How the value was aggregated, e.g. "median of 5 runs".
     pub runs: String,
+    /// The same figure for the baseline binary, where it was measured too.
+    pub before: Option<String>,
 }
 
 impl Row {
@@ -87,12 +89,17 @@ impl Row {
             figure: figure.into(),
             value: value.into(),
             runs: runs.into(),
+            before: None,
         }
     }
 }
 
 pub struct Report {
     pub machine: Machine,
+    /// What else ran on the machine meanwhile: `/proc/loadavg` at the start and at the end.
+    pub load: (String, String),
+    /// Names the baseline binary whose figures fill the "before" column, if one was measured.
+    pub baseline: Option<String>,
     pub quick: bool,
     pub rows: Vec<Row>,
     /// Method notes and findings, one paragraph each.
@@ -102,29 +109,33 @@ pub struct Report {
 impl Report {
     /// The results as a Markdown table (also readable as plain text).
     pub fn table(&self) -> String {
-        let header = ["Area", "Figure", "Value", "Aggregation"];
-        let cells: Vec<[&str; 4]> = self
+        let before = self.baseline.as_ref().map(|b| format!("Before ({b})"));
+        let mut header = vec!["Area", "Figure", "Value"];
+        header.extend(before.as_deref());
+        header.push("Aggregation");
+        let cells: Vec<Vec<&str>> = self
             .rows
             .iter()
             .map(|r| {
-                [
-                    r.section,
-                    r.figure.as_str(),
-                    r.value.as_str(),
-                    r.runs.as_str(),
-                ]
+                let mut c = vec![r.section, r.figure.as_str(), r.value.as_str()];
+                if before.is_some() {
+                    c.push(r.before.as_deref().unwrap_or("—"));
+                }
+                c.push(r.runs.as_str());
+                c
             })
             .collect();
-        let width = |i: usize| {
-            cells
-                .iter()
-                .map(|c| c[i].chars().count())
-                .chain([header[i].len()])
-                .max()
-                .unwrap_or(0)
-        };
-        let widths: Vec<usize> = (0..4).map(width).collect();
-        let line = |c: [&str; 4]| {
+        let widths: Vec<usize> = (0..header.len())
+            .map(|i| {
+                cells
+                    .iter()
+                    .map(|c| c[i].chars().count())
+                    .chain([header[i].chars().count()])
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let line = |c: &[&str]| {
             let mut s = String::from("|");
             for (cell, w) in c.iter().zip(&widths) {
                 let _ = write!(s, " {cell}{} |", " ".repeat(w - cell.chars().count()));
@@ -132,13 +143,13 @@ impl Report {
             s.push('\n');
             s
         };
-        let mut out = line(header);
+        let mut out = line(&header);
         out.push('|');
         for w in &widths {
             let _ = write!(out, "{}|", "-".repeat(w + 2));
         }
         out.push('\n');
-        for c in cells {
+        for c in &cells {
             out.push_str(&line(c));
         }
         out
@@ -150,12 +161,17 @@ impl Report {
         let _ = writeln!(
             out,
             "Written by `cargo xtask bench{}`. Machine: {} cores (`nproc`), {} memory, CPU {}; \
-             kernel {} (`uname -r`). Every figure is a median; the last column says over what.\n",
+             kernel {} (`uname -r`). Load average (`/proc/loadavg`) {} at the start, {} at the end: \
+             the machine is shared, so CPU-time figures (which hold under load) are the ones to \
+             quote, wall-time rates less so. Every figure is a median; the last column says over \
+             what.\n",
             if self.quick { " --quick" } else { "" },
             m.cores,
             m.memory,
             m.cpu,
-            m.kernel
+            m.kernel,
+            self.load.0,
+            self.load.1
         );
         if self.quick {
             out.push_str(
@@ -169,6 +185,13 @@ impl Report {
         }
         out
     }
+}
+
+/// The first three fields of `/proc/loadavg` (1, 5 and 15 minutes).
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// `12345.6` → `12 346`; readable counts and rates.
@@ -217,6 +240,8 @@ mod tests {
                 cpu: "x".into(),
                 kernel: "6".into(),
             },
+            load: ("1.0".into(), "2.0".into()),
+            baseline: None,
             quick: false,
             rows: vec![
                 Row::new("a", "figure", "1", "median of 3 runs"),

@@ -1,7 +1,7 @@
 //! The bench's node lab: a kubenet lab whose app pod answers with the bench's own accept loop,
 //! and the agent started on its node, ready once it has shown a probe connection.
 
-use crate::bench::agent::{Agent, AgentArgs, Line};
+use crate::bench::agent::{scrape, Agent, AgentArgs, Line, Mode};
 use crate::bench::error::BenchError;
 use crate::bench::load::{self, EchoServer};
 use crate::lab::netns::pids_in;
@@ -25,6 +25,18 @@ pub const BULK_SINK: SocketAddrV4 = SocketAddrV4::new(plan::INET_SERVER, 5201);
 const SERVER_THREADS: usize = 16;
 /// Probes are this far apart while waiting for the agent's first line.
 const PROBE_EVERY: Duration = Duration::from_millis(10);
+/// Events the agent's capture delivered: a daemon is ready once this counts a probe.
+pub const EVENTS_METRIC: &str = "aksnet_capture_events_total";
+
+/// Which agent binary to start, and how.
+#[derive(Clone, Debug)]
+pub struct Launch<'a> {
+    pub binary: &'a Path,
+    pub mode: Mode,
+    pub count: Option<u64>,
+    pub metrics: Option<SocketAddr>,
+    pub cgroup: Option<&'a Path>,
+}
 
 pub struct Rig {
     // Field order is drop order: the server's sockets go before the lab's namespaces.
@@ -74,24 +86,61 @@ impl Rig {
         load::storm(&self.inet(), CLIENT, FRONTEND, count, workers, deadline)
     }
 
-    pub fn spawn_agent(
+    /// Starts `launch` and waits until it shows a probe connection: its first stdout line
+    /// (returned), its first bytes in the dump file, or its first captured event in the metrics.
+    pub fn launch(
         &self,
-        count: Option<u64>,
-        metrics: Option<SocketAddr>,
-    ) -> Result<Agent, BenchError> {
+        launch: &Launch<'_>,
+        timeout: Duration,
+    ) -> Result<(Agent, Option<Line>), BenchError> {
         let node = self.node();
-        Agent::spawn(&AgentArgs {
-            binary: &self.agent_binary,
+        let mut agent = Agent::spawn(&AgentArgs {
+            binary: launch.binary,
             netns: &node,
             config: &self.config,
-            count,
-            metrics,
-        })
+            mode: launch.mode.clone(),
+            count: launch.count,
+            metrics: launch.metrics,
+            cgroup: launch.cgroup,
+        })?;
+        let shown = match (&launch.mode, launch.metrics) {
+            (Mode::Dump, _) => self
+                .probe_until(&mut agent, timeout, |a| {
+                    a.next_line(Duration::from_millis(20))
+                })?
+                .map(Some),
+            (Mode::DumpToFile(path), _) => self.probe_until(&mut agent, timeout, |_| {
+                std::thread::sleep(Duration::from_millis(20));
+                let len = std::fs::metadata(path).map_or(0, |m| m.len());
+                (len > 0).then_some(None)
+            })?,
+            (Mode::Daemon, Some(addr)) => self.probe_until(&mut agent, timeout, |_| {
+                std::thread::sleep(Duration::from_millis(20));
+                scrape(addr, EVENTS_METRIC)
+                    .ok()
+                    .filter(|events| *events >= 1.0)
+                    .map(|_| None)
+            })?,
+            (Mode::Daemon, None) => {
+                return Err(agent.fail("was started as a daemon without a metrics address to watch"))
+            }
+        };
+        match shown {
+            Some(line) => Ok((agent, line)),
+            None => Err(agent.fail(format!(
+                "showed no flow within {timeout:?} while probes went to {FRONTEND}"
+            ))),
+        }
     }
 
-    /// Sends probe connections until the agent prints its first line; returns that line, or
-    /// `None` when the agent exited or stayed silent for `timeout`.
-    fn first_line(&self, agent: &mut Agent, timeout: Duration) -> Result<Option<Line>, BenchError> {
+    /// Sends probe connections until `shown` returns something; returns it, or `None` when the
+    /// agent exited or `timeout` passed first.
+    fn probe_until<T>(
+        &self,
+        agent: &mut Agent,
+        timeout: Duration,
+        mut shown: impl FnMut(&mut Agent) -> Option<T>,
+    ) -> Result<Option<T>, BenchError> {
         let stop = Arc::new(AtomicBool::new(false));
         let prober = {
             let (inet, stop) = (self.inet(), Arc::clone(&stop));
@@ -107,9 +156,9 @@ impl Rig {
             })
         };
         let deadline = Instant::now() + timeout;
-        let line = loop {
-            if let Some(line) = agent.next_line(Duration::from_millis(20)) {
-                break Some(line);
+        let found = loop {
+            if let Some(found) = shown(agent) {
+                break Some(found);
             }
             if agent.exited() || Instant::now() > deadline {
                 break None;
@@ -120,22 +169,28 @@ impl Rig {
             what: "the readiness prober".into(),
             detail: "it panicked".into(),
         })?;
-        probed.map(|()| line)
+        probed.map(|()| found)
     }
 
-    /// Starts the agent and waits until it shows a probe; returns it with that first line.
+    /// Starts the workspace's agent with `--dump --output json` and waits until it shows a
+    /// probe; returns it with that first line.
     pub fn ready_agent(
         &self,
         count: Option<u64>,
         metrics: Option<SocketAddr>,
         timeout: Duration,
     ) -> Result<(Agent, Line), BenchError> {
-        let mut agent = self.spawn_agent(count, metrics)?;
-        match self.first_line(&mut agent, timeout)? {
+        let launch = Launch {
+            binary: &self.agent_binary,
+            mode: Mode::Dump,
+            count,
+            metrics,
+            cgroup: None,
+        };
+        let (agent, line) = self.launch(&launch, timeout)?;
+        match line {
             Some(line) => Ok((agent, line)),
-            None => Err(agent.fail(format!(
-                "showed no flow within {timeout:?} while probes went to {FRONTEND}"
-            ))),
+            None => Err(agent.fail("printed no line although it runs with --dump")),
         }
     }
 

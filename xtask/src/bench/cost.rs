@@ -1,0 +1,569 @@
+//! What the agent takes from the node per connection, in CPU time, which holds on a shared,
+//! noisy machine where wall time does not: the kernel time of its BPF programs
+//! (`kernel.bpf_stats_enabled`, each program's `run_time_ns`/`run_cnt` from the agent's own
+//! file descriptors) and its process CPU time (`utime+stime` of `/proc/PID/stat`, with the
+//! per-thread `schedstat` run time as a finer cross-check). Each run measures every agent binary
+//! under test in turn, so the "before" and "after" figures share the machine's load.
+
+use crate::bench::agent::{scrape, Agent, Mode};
+use crate::bench::completeness::free_local_port;
+use crate::bench::datapath::READY_TIMEOUT;
+use crate::bench::error::{io, BenchError};
+use crate::bench::load;
+use crate::bench::report::{median, Row};
+use crate::bench::rig::{Launch, Rig, EVENTS_METRIC, FRONTEND};
+use crate::lab::topology::plan;
+use std::collections::BTreeMap;
+use std::net::SocketAddrV4;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// The known connection's datagrams go from the app pod to this sink on the internet server,
+/// through the node's MASQUERADE.
+const UDP_SINK: SocketAddrV4 = SocketAddrV4::new(plan::INET_SERVER, 5300);
+const STORM_DEADLINE: Duration = Duration::from_secs(120);
+/// The idle window before each measured run: the agent's own timers and the machine's other
+/// traffic (which also runs the agent's xmit program) are measured there and subtracted.
+const IDLE: Duration = Duration::from_secs(1);
+/// The agent has handled everything once its progress (events counted, dump bytes written)
+/// stood still this long...
+const SETTLE_QUIET: Duration = Duration::from_millis(300);
+/// ...or after this long at most.
+const SETTLE_MAX: Duration = Duration::from_secs(30);
+const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    pub runs: usize,
+    /// Sequential connections per measured run.
+    pub connections: u64,
+    /// Datagrams of the known UDP connection per run.
+    pub datagrams: u64,
+}
+
+/// An agent binary under test.
+#[derive(Clone, Debug)]
+pub struct Subject {
+    pub binary: PathBuf,
+}
+
+/// One run's figures for one binary.
+#[derive(Clone, Debug, Default)]
+struct Sample {
+    kernel_us_per_conn: f64,
+    runs_per_conn: f64,
+    /// Per program name: kernel µs per connection.
+    per_program: BTreeMap<String, f64>,
+    ns_per_known_run: f64,
+    ns_per_datagram: f64,
+    runs_per_datagram: f64,
+    daemon_us: f64,
+    daemon_sched_us: f64,
+    dump_us: f64,
+    dump_sched_us: f64,
+}
+
+/// Measures `subjects` (the binary under test first, then its baseline if any) `plan.runs`
+/// times, alternating, and returns one row per figure with the baseline's figure beside it.
+pub fn run(rig: &Rig, plan: &Plan, subjects: &[Subject]) -> Result<Vec<Row>, BenchError> {
+    let _stats = BpfStats::enable()?;
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); subjects.len()];
+    for round in 0..plan.runs {
+        for i in 0..subjects.len() {
+            // Alternate which binary goes first so that drift over the session cancels out.
+            let i = (i + round) % subjects.len();
+            let s = once(rig, plan, &subjects[i].binary)?;
+            println!(
+                "  run {}/{} {}: kernel {:.2} µs/conn ({:.1} runs), {:.0} ns/run on a known flow ({:.0} ns/datagram); agent {:.1} µs/conn daemon, {:.1} µs/conn dump",
+                round + 1,
+                plan.runs,
+                subjects[i].binary.display(),
+                s.kernel_us_per_conn,
+                s.runs_per_conn,
+                s.ns_per_known_run,
+                s.ns_per_datagram,
+                s.daemon_us,
+                s.dump_us
+            );
+            samples[i].push(s);
+        }
+    }
+    Ok(rows(plan, &samples))
+}
+
+fn rows(plan: &Plan, samples: &[Vec<Sample>]) -> Vec<Row> {
+    let agg = format!(
+        "median (min–max) of {} runs, alternating with the baseline",
+        plan.runs
+    );
+    let figure = |f: &dyn Fn(&Sample) -> f64, unit: &str, digits: usize| {
+        let values: Vec<Vec<f64>> = samples.iter().map(|s| s.iter().map(f).collect()).collect();
+        values
+            .iter()
+            .map(|v| spread(v, unit, digits))
+            .collect::<Vec<_>>()
+    };
+    let row = |section: &'static str, what: String, cells: Vec<String>| {
+        let mut cells = cells.into_iter();
+        let mut row = Row::new(section, what, cells.next().unwrap_or_default(), agg.clone());
+        row.before = cells.next();
+        row
+    };
+    let conns = format!(
+        "{} sequential connections internet → LB frontend {FRONTEND} → node DNAT+SNAT → pod",
+        plan.connections
+    );
+    let mut rows = vec![
+        row(
+            "kernel",
+            format!("BPF program time per connection ({conns}; `run_time_ns`, idle subtracted)"),
+            figure(&|s| s.kernel_us_per_conn, "µs", 2),
+        ),
+        row(
+            "kernel",
+            "… program runs per connection (`run_cnt`; every packet leaving any device of the machine runs it)".into(),
+            figure(&|s| s.runs_per_conn, "", 1),
+        ),
+    ];
+    let programs: Vec<String> = samples
+        .iter()
+        .flatten()
+        .flat_map(|s| s.per_program.keys().cloned())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    for name in programs {
+        rows.push(row(
+            "kernel",
+            format!("… of which `{name}`"),
+            figure(
+                &|s| s.per_program.get(&name).copied().unwrap_or(0.0),
+                "µs",
+                2,
+            ),
+        ));
+    }
+    let stream = format!(
+        "a known connection's packets (UDP, app pod → node SNAT → internet {UDP_SINK}, {} datagrams after one reply)",
+        plan.datagrams
+    );
+    rows.extend([
+        row(
+            "kernel",
+            format!("BPF time per program run, {stream}"),
+            figure(&|s| s.ns_per_known_run, "ns", 0),
+        ),
+        row(
+            "kernel",
+            "… per datagram (all its program runs on the way)".into(),
+            figure(&|s| s.ns_per_datagram, "ns", 0),
+        ),
+        row(
+            "kernel",
+            "… program runs per datagram".into(),
+            figure(&|s| s.runs_per_datagram, "", 1),
+        ),
+        row(
+            "agent",
+            format!("agent CPU per connection, daemon mode (`utime+stime`; {conns})"),
+            figure(&|s| s.daemon_us, "µs", 1),
+        ),
+        row(
+            "agent",
+            "… the same from the threads' `schedstat` run time (ns resolution)".into(),
+            figure(&|s| s.daemon_sched_us, "µs", 1),
+        ),
+        row(
+            "agent",
+            "agent CPU per connection, `--dump --output json` to a file (`utime+stime`)".into(),
+            figure(&|s| s.dump_us, "µs", 1),
+        ),
+        row(
+            "agent",
+            "… the same from `schedstat`".into(),
+            figure(&|s| s.dump_sched_us, "µs", 1),
+        ),
+    ]);
+    rows
+}
+
+/// `median (min–max) unit`.
+fn spread(values: &[f64], unit: &str, digits: usize) -> String {
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let unit = if unit.is_empty() {
+        String::new()
+    } else {
+        format!(" {unit}")
+    };
+    format!(
+        "{:.digits$}{unit} ({min:.digits$}–{max:.digits$})",
+        median(values)
+    )
+}
+
+/// One run of one binary: as a daemon (connections, then the known UDP connection), then with
+/// `--dump --output json` to a file (connections).
+fn once(rig: &Rig, plan: &Plan, binary: &Path) -> Result<Sample, BenchError> {
+    let mut sample = Sample::default();
+    let metrics = free_local_port()?;
+    let daemon = Launch {
+        binary,
+        mode: Mode::Daemon,
+        count: None,
+        metrics: Some(metrics),
+        cgroup: None,
+    };
+    let (mut agent, _) = rig.launch(&daemon, READY_TIMEOUT)?;
+    let progress = || scrape(metrics, EVENTS_METRIC).unwrap_or(f64::NAN);
+    let cost = connections(rig, plan, &mut agent, &progress)?;
+    sample.kernel_us_per_conn = cost.kernel_ns / 1000.0;
+    sample.runs_per_conn = cost.runs;
+    sample.per_program = cost.per_program;
+    sample.daemon_us = cost.cpu_ns / 1000.0;
+    sample.daemon_sched_us = cost.sched_ns / 1000.0;
+    let known = known_connection(rig, plan, &mut agent)?;
+    sample.ns_per_known_run = known.ns_per_run;
+    sample.ns_per_datagram = known.ns_per_datagram;
+    sample.runs_per_datagram = known.runs_per_datagram;
+    agent.stop();
+
+    let file = std::env::temp_dir().join(format!("aksnet-bench-{}-dump.json", std::process::id()));
+    let dump = Launch {
+        binary,
+        mode: Mode::DumpToFile(file.clone()),
+        count: None,
+        metrics: None,
+        cgroup: None,
+    };
+    let (mut agent, _) = rig.launch(&dump, READY_TIMEOUT)?;
+    let progress = || std::fs::metadata(&file).map_or(f64::NAN, |m| m.len() as f64);
+    let cost = connections(rig, plan, &mut agent, &progress);
+    agent.stop();
+    let _ = std::fs::remove_file(&file);
+    let cost = cost?;
+    sample.dump_us = cost.cpu_ns / 1000.0;
+    sample.dump_sched_us = cost.sched_ns / 1000.0;
+    Ok(sample)
+}
+
+/// Per-connection costs of one storm, idle subtracted.
+struct PerConnection {
+    kernel_ns: f64,
+    runs: f64,
+    per_program: BTreeMap<String, f64>,
+    cpu_ns: f64,
+    sched_ns: f64,
+}
+
+fn connections(
+    rig: &Rig,
+    plan: &Plan,
+    agent: &mut Agent,
+    progress: &dyn Fn() -> f64,
+) -> Result<PerConnection, BenchError> {
+    let pid = agent.pid().ok_or_else(|| BenchError::Failed {
+        what: "the cost run".into(),
+        detail: "the agent is not running".into(),
+    })?;
+    settle(progress);
+    let idle_start = Snapshot::take(pid)?;
+    std::thread::sleep(IDLE);
+    let start = Snapshot::take(pid)?;
+    let storm = rig.storm(plan.connections, 1, STORM_DEADLINE)?;
+    if storm.ok != plan.connections {
+        return Err(BenchError::Failed {
+            what: format!("the sequential connections to {FRONTEND}"),
+            detail: format!(
+                "{} of {} succeeded; first error: {}",
+                storm.ok,
+                plan.connections,
+                storm.first_error.as_deref().unwrap_or("none (deadline)")
+            ),
+        });
+    }
+    settle(progress);
+    let end = Snapshot::take(pid)?;
+    if agent.exited() {
+        return Err(BenchError::Failed {
+            what: "the cost run".into(),
+            detail: "the agent exited during it".into(),
+        });
+    }
+    let idle = start.since(&idle_start);
+    let busy = end.since(&start).minus_idle(&idle);
+    let n = storm.ok as f64;
+    Ok(PerConnection {
+        kernel_ns: busy.bpf_ns / n,
+        runs: busy.bpf_runs / n,
+        per_program: busy
+            .per_program
+            .iter()
+            .map(|(name, ns)| (name.clone(), ns / n / 1000.0))
+            .collect(),
+        cpu_ns: busy.cpu_ns / n,
+        sched_ns: busy.sched_ns / n,
+    })
+}
+
+/// Waits until `progress` stood still for [`SETTLE_QUIET`].
+fn settle(progress: &dyn Fn() -> f64) {
+    let began = Instant::now();
+    let mut last = progress();
+    while began.elapsed() < SETTLE_MAX {
+        std::thread::sleep(SETTLE_QUIET);
+        let now = progress();
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
+struct Known {
+    ns_per_run: f64,
+    ns_per_datagram: f64,
+    runs_per_datagram: f64,
+}
+
+/// The kernel cost of packets of a connection the agent already reported: one UDP socket from
+/// the app pod to the internet server, one datagram answered (so conntrack has seen a reply),
+/// then `plan.datagrams` more in the original direction.
+fn known_connection(rig: &Rig, plan: &Plan, agent: &mut Agent) -> Result<Known, BenchError> {
+    let pid = agent.pid().unwrap_or_default();
+    let flow = load::UdpFlow::establish(&rig.pod(), &rig.inet(), UDP_SINK)?;
+    // Let its report through first: the stream is what is measured.
+    std::thread::sleep(Duration::from_millis(200));
+    let idle_start = Snapshot::take(pid)?;
+    std::thread::sleep(IDLE);
+    let start = Snapshot::take(pid)?;
+    flow.send(plan.datagrams)?;
+    let end = Snapshot::take(pid)?;
+    let idle = start.since(&idle_start);
+    let busy = end.since(&start).minus_idle(&idle);
+    let n = plan.datagrams as f64;
+    Ok(Known {
+        ns_per_run: busy.bpf_ns / busy.bpf_runs,
+        ns_per_datagram: busy.bpf_ns / n,
+        runs_per_datagram: busy.bpf_runs / n,
+    })
+}
+
+/// The agent's counters at one moment.
+struct Snapshot {
+    at: Instant,
+    /// `utime+stime` in ns.
+    cpu_ns: f64,
+    /// Sum of the threads' `schedstat` run time.
+    sched_ns: f64,
+    /// Per program id: name, `run_time_ns`, `run_cnt`.
+    programs: BTreeMap<u32, (String, u64, u64)>,
+}
+
+/// The difference of two snapshots.
+struct Delta {
+    seconds: f64,
+    cpu_ns: f64,
+    sched_ns: f64,
+    bpf_ns: f64,
+    bpf_runs: f64,
+    per_program: BTreeMap<String, f64>,
+}
+
+impl Snapshot {
+    fn take(pid: u32) -> Result<Snapshot, BenchError> {
+        let (cpu_ns, sched_ns) = cpu_time(pid)?;
+        Ok(Snapshot {
+            at: Instant::now(),
+            cpu_ns,
+            sched_ns,
+            programs: programs(pid)?,
+        })
+    }
+
+    fn since(&self, earlier: &Snapshot) -> Delta {
+        let mut per_program = BTreeMap::new();
+        let (mut bpf_ns, mut bpf_runs) = (0.0, 0.0);
+        for (id, (name, ns, runs)) in &self.programs {
+            let (ns0, runs0) = earlier
+                .programs
+                .get(id)
+                .map_or((0, 0), |(_, ns, runs)| (*ns, *runs));
+            let ns = ns.saturating_sub(ns0) as f64;
+            bpf_ns += ns;
+            bpf_runs += runs.saturating_sub(runs0) as f64;
+            *per_program.entry(name.clone()).or_insert(0.0) += ns;
+        }
+        Delta {
+            seconds: self.at.duration_since(earlier.at).as_secs_f64(),
+            cpu_ns: self.cpu_ns - earlier.cpu_ns,
+            sched_ns: self.sched_ns - earlier.sched_ns,
+            bpf_ns,
+            bpf_runs,
+            per_program,
+        }
+    }
+}
+
+impl Delta {
+    /// This delta less what `idle` spent in as long a time.
+    fn minus_idle(mut self, idle: &Delta) -> Delta {
+        let scale = if idle.seconds > 0.0 {
+            self.seconds / idle.seconds
+        } else {
+            0.0
+        };
+        self.cpu_ns -= idle.cpu_ns * scale;
+        self.sched_ns -= idle.sched_ns * scale;
+        self.bpf_ns -= idle.bpf_ns * scale;
+        self.bpf_runs -= idle.bpf_runs * scale;
+        for (name, ns) in &mut self.per_program {
+            *ns -= idle.per_program.get(name).copied().unwrap_or(0.0) * scale;
+        }
+        self
+    }
+}
+
+/// `utime+stime` of the whole process (dead threads included) and the live threads' summed
+/// `schedstat` run time, both in ns.
+fn cpu_time(pid: u32) -> Result<(f64, f64), BenchError> {
+    let path = PathBuf::from(format!("/proc/{pid}/stat"));
+    let stat = std::fs::read_to_string(&path).map_err(io("cannot read", &path))?;
+    let ticks = parse_stat_ticks(&stat).ok_or_else(|| BenchError::Parse {
+        what: path.display().to_string(),
+        detail: format!("no utime/stime fields in {stat:?}"),
+    })?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let tasks = PathBuf::from(format!("/proc/{pid}/task"));
+    let mut sched = 0.0;
+    for task in std::fs::read_dir(&tasks).map_err(io("cannot list", &tasks))? {
+        let Ok(task) = task else { continue };
+        // A thread that exited since the listing simply has nothing to add.
+        let text = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+        sched += text
+            .split_whitespace()
+            .next()
+            .and_then(|ns| ns.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    }
+    Ok((ticks as f64 * 1e9 / hz, sched))
+}
+
+/// `utime + stime` (fields 14 and 15) of a `/proc/PID/stat` line; the command name in
+/// parentheses may hold spaces, so fields are counted after its closing parenthesis.
+fn parse_stat_ticks(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(") ")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// The BPF programs the process holds, from its file descriptors' `fdinfo`: id → (name,
+/// `run_time_ns`, `run_cnt`). Links also name a `prog_id`, but only programs carry counters.
+fn programs(pid: u32) -> Result<BTreeMap<u32, (String, u64, u64)>, BenchError> {
+    let dir = PathBuf::from(format!("/proc/{pid}/fdinfo"));
+    let mut found = BTreeMap::new();
+    for entry in std::fs::read_dir(&dir).map_err(io("cannot list", &dir))? {
+        let Ok(entry) = entry else { continue };
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        if let Some((id, ns, runs)) = parse_prog_fdinfo(&text) {
+            found
+                .entry(id)
+                .or_insert_with(|| (program_name(id), ns, runs));
+        }
+    }
+    Ok(found)
+}
+
+fn parse_prog_fdinfo(text: &str) -> Option<(u32, u64, u64)> {
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    Some((
+        u32::try_from(field("prog_id:")?).ok()?,
+        field("run_time_ns:")?,
+        field("run_cnt:")?,
+    ))
+}
+
+/// The program's name as `bpftool prog show id N` prints it, else `program N`.
+fn program_name(id: u32) -> String {
+    Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string()])
+        .output()
+        .ok()
+        .and_then(|out| {
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let mut words = text.split_whitespace();
+            words.find(|w| *w == "name")?;
+            words.next().map(str::to_owned)
+        })
+        .unwrap_or_else(|| format!("program {id}"))
+}
+
+/// `kernel.bpf_stats_enabled` on while measuring; the previous value is written back on drop.
+struct BpfStats {
+    previous: String,
+}
+
+impl BpfStats {
+    fn enable() -> Result<BpfStats, BenchError> {
+        let previous = std::fs::read_to_string(SYSCTL).map_err(io("cannot read", SYSCTL))?;
+        std::fs::write(SYSCTL, "1").map_err(io("cannot enable BPF run-time statistics", SYSCTL))?;
+        Ok(BpfStats {
+            previous: previous.trim().to_owned(),
+        })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Err(err) = std::fs::write(SYSCTL, &self.previous) {
+            eprintln!(
+                "bench: could not restore {SYSCTL} to {}: {err}; restore it by hand",
+                self.previous
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_cpu_ticks_after_a_command_with_spaces() {
+        let stat = "4242 (tokio runtime) S 1 4242 4242 0 -1 4194560 1 0 0 0 150 25 0 0 20 0 3 0";
+        assert_eq!(parse_stat_ticks(stat), Some(175));
+        assert_eq!(parse_stat_ticks("4242 (x) S 1"), None);
+    }
+
+    #[test]
+    fn reads_program_counters_and_skips_links() {
+        let prog = "pos:\t0\nflags:\t02000002\nprog_type:\t26\nprog_id:\t57\nrun_time_ns:\t1200\nrun_cnt:\t7\n";
+        assert_eq!(parse_prog_fdinfo(prog), Some((57, 1200, 7)));
+        let link = "pos:\t0\nlink_type:\ttracing\nlink_id:\t3\nprog_tag:\tab\nprog_id:\t57\n";
+        assert_eq!(parse_prog_fdinfo(link), None);
+    }
+
+    #[test]
+    fn idle_time_is_subtracted_in_proportion() {
+        let delta = |seconds, ns| Delta {
+            seconds,
+            cpu_ns: ns,
+            sched_ns: ns,
+            bpf_ns: ns,
+            bpf_runs: ns,
+            per_program: BTreeMap::from([("p".to_string(), ns)]),
+        };
+        let busy = delta(2.0, 1000.0).minus_idle(&delta(1.0, 100.0));
+        assert_eq!(busy.bpf_ns, 800.0);
+        assert_eq!(busy.per_program["p"], 800.0);
+        assert_eq!(spread(&[3.0, 1.0, 2.0], "µs", 1), "2.0 µs (1.0–3.0)");
+    }
+}
