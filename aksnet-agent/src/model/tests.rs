@@ -314,6 +314,8 @@ const CONFORMING: &[(CniMode, Proto, &str, &str, &str, &str, &str)] = &[
     (CniMode::Kubenet, Tcp, "10.244.0.10:40302", "10.0.50.52:443", "10.224.0.4:40302", "203.0.113.99:443", "pod-to-service/endpoint-on-internet"),
     (CniMode::AzureCni, Tcp, "10.224.0.10:40302", "10.0.50.52:443", "10.224.0.4:40302", "203.0.113.99:443", "pod-to-service/endpoint-on-internet"),
     (CniMode::AzureCniOverlay, Tcp, "10.244.0.10:40302", "10.0.50.52:443", "10.224.0.4:40302", "203.0.113.99:443", "pod-to-service/endpoint-on-internet"),
+    (CniMode::AzureCni, Tcp, "10.224.0.10:40303", "10.0.50.53:443", "10.224.0.4:40303", "172.16.5.6:443", "pod-to-service/endpoint-in-private-range"),
+    (CniMode::AzureCni, Tcp, "10.224.0.10:40304", "10.0.50.53:443", "10.224.0.10:40304", "172.16.5.6:443", "pod-to-service/endpoint-in-private-range"),
     // The rest of each model's rows, so that every row has a flow (see every_row_is_in_the_table_on_every_cni).
     (CniMode::Kubenet, Tcp, "203.0.113.11:41001", "192.0.2.13:80", "10.244.0.1:41001", "10.244.0.12:80", "l7-ingress/etp-cluster"),
     (CniMode::Kubenet, Udp, "203.0.113.10:5001", "192.0.2.12:53", "203.0.113.10:5001", "10.244.0.11:5353", "lb-inbound-udp/etp-local"),
