@@ -170,13 +170,12 @@ fn end_to_end(cni: Cni, source: &str, api_server: ApiServerAccess) {
         .collect();
     let scenarios = lab.scenarios();
     run_scenarios(&lab, &scenarios);
-    // conntrack -E loses what is still in its socket when stopped: let the last events reach it.
-    std::thread::sleep(Duration::from_millis(300));
     let mut failures = Vec::new();
-    let mut summary = Vec::new();
-    for (node, witness, agent) in observers {
-        let netns = lab.netns(node);
-        match deviations_counted(&netns) {
+    // Every node is scraped before any table is flushed: the scrape is a connection on the node
+    // too, and the agent must have its report (read from the ring buffer at least every 10 ms)
+    // before the flush ends it.
+    for (node, _, _) in &observers {
+        match deviations_counted(&lab.netns(*node)) {
             Ok(0.0) => {}
             Ok(n) => failures.push(format!(
                 "{}: aksnet_model_deviations_total is {n} on a clean lab",
@@ -184,6 +183,12 @@ fn end_to_end(cni: Cni, source: &str, api_server: ApiServerAccess) {
             )),
             Err(e) => failures.push(format!("{}: {e}", node.suffix())),
         }
+    }
+    // conntrack -E loses what is still in its socket when stopped: let the last events reach it.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut summary = Vec::new();
+    for (node, witness, agent) in observers {
+        let netns = lab.netns(node);
         let witnessed = witness.finish();
         // Flushing the node's table ends every connection now, so each must also be reported ended.
         conntrack::flush(&netns).unwrap();
