@@ -107,9 +107,6 @@ const SEEN_REPLY_STORED: u64 = 1 << 59;
 /// [`conn_flags::RENEWED`].
 const RENEW_PENDING: u64 = 1 << 58;
 
-/// `IP_CT_ESTABLISHED`: a packet in the original direction of a connection that has seen a reply.
-const CT_ESTABLISHED: u64 = 1;
-
 /// One offset from [`OFFSETS`]; volatile so the compiler cannot fold the placeholder value the
 /// agent overwrites.
 macro_rules! off {
@@ -158,10 +155,11 @@ unsafe fn read_into<T>(dst: *mut T, addr: u64) -> bool {
 ///
 /// Hot path. An original-direction packet of a connection that has seen a reply
 /// (`IP_CT_ESTABLISHED`, most packets of any stream) costs one direct load (`skb->_nfct`) and
-/// nothing else: its connection was reported at its first packet, which conntrack marks `IP_CT_NEW`, or
-/// is reported by its replies (connections whose first packets do not leave through this
-/// namespace, and retries after a full ring buffer). Another namespace's connection costs one
-/// more read (`ct->ct_net`) and never touches [`CONNS`].
+/// nothing else: its connection was reported at its first packet, which conntrack marks
+/// `IP_CT_NEW` (`IP_CT_RELATED` for an expected one), or is reported by its replies
+/// (connections whose first packets do not leave through this namespace, and retries after a
+/// full ring buffer). Another namespace's connection costs one more read (`ct->ct_net`) and
+/// never touches [`CONNS`].
 #[inline(always)]
 pub fn on_xmit(skb: u64, dev: u64) {
     // SAFETY: `skb` is the tracepoint's typed `struct sk_buff *` and the offset a constant the
@@ -169,7 +167,7 @@ pub fn on_xmit(skb: u64, dev: u64) {
     // makes it fault-safe (BPF_PROBE_MEM), at a fraction of a bpf_probe_read_kernel call.
     let nfct = unsafe { core::ptr::read_volatile((skb + off!(skb_nfct)) as *const u64) };
     let info = nfct & ct_info::MASK;
-    if info == CT_ESTABLISHED || info == ct_info::UNTRACKED {
+    if info == ct_info::ESTABLISHED || info == ct_info::UNTRACKED {
         return;
     }
     let packet = Packet {
