@@ -5,7 +5,7 @@ use aksnet_common::{
     OFFSET_ABSENT, TUPLE_FINGERPRINT_LEN,
 };
 use aya_ebpf::{
-    bindings::{BPF_F_NO_COMMON_LRU, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_probe_read_kernel,
         generated::{self, bpf_ktime_get_boot_ns},
@@ -71,10 +71,12 @@ static RECOVERED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// Connections of the observed namespace seen so far, keyed by the `nf_conn` address. LRU: the
 /// kernel forgets the oldest when full, which at worst reports a long-idle connection again (the
 /// agent's flow table drops the repeat). The agent sizes it from `nf_conntrack_max` at load.
-/// Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`): an insert never waits for another CPU's.
+/// One LRU list for all CPUs: `BPF_F_NO_COMMON_LRU` would split the entries evenly between the
+/// possible CPUs, and the CPU that sees most new connections would evict live ones from its
+/// share long before the map is full. Only a connection's first report inserts, so the shared
+/// list's lock is taken once per connection.
 #[map]
-static CONNS: LruHashMap<u64, ConnState> =
-    LruHashMap::with_max_entries(1 << 16, BPF_F_NO_COMMON_LRU);
+static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(1 << 16, 0);
 
 /// `struct net *` of the observed namespace (index 0), learnt from its first connection, so
 /// that telling another namespace's connection apart costs one read (`ct->ct_net`) instead of

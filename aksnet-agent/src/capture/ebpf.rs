@@ -261,7 +261,8 @@ pub fn load_every_program() -> Result<Vec<ProgramLoad>, EbpfError> {
 /// Map sizes chosen at load for this node instead of compiled-in constants.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct MapSizes {
-    /// `CONNS` entries: one per live connection of the observed namespace.
+    /// `CONNS` entries: one per live connection of the observed namespace, plus what the
+    /// CPUs' free lists hold ([`LRU_LOCAL_FREE`]).
     conns: u32,
     /// `EVENTS` ring buffer bytes (a power of two, at least a page).
     ring_bytes: u32,
@@ -280,17 +281,27 @@ const UNREAD_FOR: Duration = Duration::from_millis(150);
 /// Bounds on `CONNS`: at least a small node's worth; at most what the pod's memory limit affords
 /// (about 100 bytes an entry, charged to its memory cgroup).
 const CONNS_BOUNDS: (u32, u32) = (16_384, 262_144);
+/// Free entries each possible CPU keeps aside in a common LRU map
+/// (`LRU_LOCAL_LIST_TARGET_FREE`, kernel/bpf/bpf_lru_list.h): the map starts evicting while
+/// that many per CPU are still unused, so `CONNS` gets them on top of the connections it holds.
+const LRU_LOCAL_FREE: u32 = 128;
 
 impl MapSizes {
     fn for_this_node() -> MapSizes {
-        MapSizes::new(conntrack_max())
+        let cpus = aya::util::nr_cpus().unwrap_or_else(|(path, err)| {
+            log::warn!("cannot read {path} ({err}); sizing CONNS for 1 CPU");
+            1
+        });
+        MapSizes::new(conntrack_max(), u32::try_from(cpus).unwrap_or(u32::MAX))
     }
 
-    /// `conntrack_max` is the kernel's `nf_conntrack_max`, when readable.
-    fn new(conntrack_max: Option<u32>) -> MapSizes {
+    /// `conntrack_max` is the kernel's `nf_conntrack_max`, when readable; `possible_cpus` the
+    /// number of CPUs the kernel may ever run (`/sys/devices/system/cpu/possible`).
+    fn new(conntrack_max: Option<u32>, possible_cpus: u32) -> MapSizes {
         let conns = conntrack_max
             .unwrap_or(CONNS_BOUNDS.0)
-            .clamp(CONNS_BOUNDS.0, CONNS_BOUNDS.1);
+            .clamp(CONNS_BOUNDS.0, CONNS_BOUNDS.1)
+            .saturating_add(possible_cpus.saturating_mul(LRU_LOCAL_FREE));
         // Each record carries an 8-byte header in the ring.
         let record = std::mem::size_of::<aksnet_common::ConnEvent>() as u64 + 8;
         let needed = EXPECTED_EVENTS_PER_SEC * record * UNREAD_FOR.as_millis() as u64 / 1000;
@@ -741,15 +752,26 @@ mod tests {
 
     #[test]
     fn maps_follow_conntrack_max_within_bounds() {
-        assert_eq!(MapSizes::new(Some(131_072)).conns, 131_072);
-        assert_eq!(MapSizes::new(Some(4_194_304)).conns, CONNS_BOUNDS.1);
-        assert_eq!(MapSizes::new(Some(100)).conns, CONNS_BOUNDS.0);
-        assert_eq!(MapSizes::new(None).conns, CONNS_BOUNDS.0);
+        let free = 2 * LRU_LOCAL_FREE;
+        assert_eq!(MapSizes::new(Some(131_072), 2).conns, 131_072 + free);
+        assert_eq!(
+            MapSizes::new(Some(4_194_304), 2).conns,
+            CONNS_BOUNDS.1 + free
+        );
+        assert_eq!(MapSizes::new(Some(100), 2).conns, CONNS_BOUNDS.0 + free);
+        assert_eq!(MapSizes::new(None, 2).conns, CONNS_BOUNDS.0 + free);
+    }
+
+    #[test]
+    fn conns_keeps_room_for_every_cpus_free_list() {
+        let one = MapSizes::new(Some(65_536), 1).conns;
+        let many = MapSizes::new(Some(65_536), 96).conns;
+        assert_eq!(many - one, 95 * LRU_LOCAL_FREE);
     }
 
     #[test]
     fn the_ring_holds_the_expected_events_and_wakes_at_a_quarter() {
-        let sizes = MapSizes::new(None);
+        let sizes = MapSizes::new(None, 2);
         assert!(sizes.ring_bytes.is_power_of_two());
         let record = std::mem::size_of::<aksnet_common::ConnEvent>() as u64 + 8;
         let held = u64::from(sizes.ring_bytes) / record;
