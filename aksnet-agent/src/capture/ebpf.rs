@@ -10,7 +10,7 @@
 use super::btf::{resolve_offsets, Btf as KernelBtf, BtfError, BtfSource};
 use super::kallsyms;
 use super::{CaptureHealth, HookStatus};
-use crate::events::{decode_conn_event, BootClock, EventKind, FlowEvent};
+use crate::events::{decode_conn_event, BootClock, EventKind, FlowEvent, Hook};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError};
 use aya::{Btf, Ebpf, EbpfLoader};
@@ -444,7 +444,13 @@ pub struct AttachedHook {
 impl OptionalHook {
     /// Tries fentry/fexit, then kprobe, as the kernel allows; logs one line either way.
     fn attach(&self, ebpf: &mut Ebpf, btf: &Btf, kernel_btf: &KernelBtf) -> AttachedHook {
-        let symbols = kallsyms::lookup(Path::new(KALLSYMS), self.function).unwrap_or_default();
+        let symbols = kallsyms::lookup(Path::new(KALLSYMS), self.function).unwrap_or_else(|err| {
+            log::warn!(
+                "cannot read {KALLSYMS} ({err}): {} is hooked without knowing whether the compiler split it or which module holds it",
+                self.function
+            );
+            kallsyms::FunctionSymbols::default()
+        });
         let tracing_name = format!(
             "{}/{}",
             if self.exit { "fexit" } else { "fentry" },
@@ -687,9 +693,12 @@ fn drain(
     while let Some(record) = ring.next() {
         match decode_conn_event(&record, clock) {
             Ok(event) => {
+                // What proves the optional hooks fire (proof.rs).
                 if event.kind == EventKind::Destroy {
-                    // What proves an nf_ct_delete hook fires (proof.rs).
                     health.ebpf_ends.fetch_add(1, Ordering::Relaxed);
+                }
+                if event.hook == Some(Hook::NatSetup) {
+                    health.nat_setup_events.fetch_add(1, Ordering::Relaxed);
                 }
                 batch.push(event)
             }

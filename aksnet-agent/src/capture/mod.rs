@@ -49,6 +49,9 @@ pub struct CaptureHealth {
     /// Connection ends the eBPF source reported (its `nf_ct_delete` hook), which help prove
     /// that hook.
     pub ebpf_ends: AtomicU64,
+    /// Connections the eBPF source reported from its `nf_nat_setup_info` hook, which prove that
+    /// hook where BPF run statistics are unavailable.
+    pub nat_setup_events: AtomicU64,
     hooks: Mutex<Vec<HookStatus>>,
 }
 
@@ -198,6 +201,9 @@ fn with_ebpf(
         .iter()
         .any(|h| h.proof == ebpf::Proof::EveryEnd && !h.prog_ids.is_empty());
     let ends = connection_ends(netns, tx, health);
+    if ends.is_none() && delete_to_prove {
+        log::warn!("netlink conntrack events cannot start, so nothing can show whether the nf_ct_delete hook misses ends: it is proven by the ends it reports itself, and ends it misses go unreported");
+    }
     let (stand_in, for_good) = match ends {
         Some(ends) if delete_to_prove => (Some(ends), None),
         Some(ends) => (None, Some(ends.capture)),
