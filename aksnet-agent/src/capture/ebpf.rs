@@ -10,6 +10,7 @@
 use super::btf::{resolve_offsets, Btf as KernelBtf, BtfError, BtfSource};
 use super::kallsyms;
 use super::{CaptureHealth, HookStatus};
+use crate::error_chain;
 use crate::events::{decode_conn_event, BootClock, EventKind, FlowEvent, Hook};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError};
@@ -36,7 +37,7 @@ const READ_EVERY: Duration = Duration::from_millis(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
-    #[error("the kernel refused to create BPF map {map} ({source}): {refusal}")]
+    #[error("the kernel refused to create BPF map {map}: {refusal}")]
     NotPermitted {
         map: String,
         #[source]
@@ -44,24 +45,51 @@ pub enum EbpfError {
         /// What to change: a capability, or the seccomp profile.
         refusal: super::privileges::Refusal,
     },
-    #[error("no usable kernel BTF: {0}; use --source netlink on this kernel")]
-    NoBtf(String),
+    /// Says itself what failed and what to do.
+    #[error(transparent)]
+    NoBtf(BtfError),
+    #[error(
+        "cannot parse the kernel's BTF for the eBPF loader; use --source netlink on this kernel"
+    )]
+    LoaderBtf(#[source] aya::BtfError),
     /// Says itself what to do (load the module).
     #[error(transparent)]
     ConntrackNotLoaded(BtfError),
-    #[error("cannot resolve kernel struct offsets: {0}; use --source netlink on this kernel")]
+    #[error("cannot resolve kernel struct offsets; use --source netlink on this kernel")]
     Offsets(#[source] BtfError),
-    #[error("cannot load the eBPF object: {0}; use --source netlink, which needs no eBPF")]
-    Object(String),
+    #[error("cannot load the eBPF object; use --source netlink, which needs no eBPF")]
+    Object(#[source] aya::EbpfError),
+    #[error(
+        "map {name} of the eBPF object is unusable; use --source netlink, which needs no eBPF"
+    )]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error(
+        "program {name} of the eBPF object is unusable; use --source netlink, which needs no eBPF"
+    )]
+    Program {
+        name: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("{what} is missing from the eBPF object (aksnet-ebpf and the agent are out of step: rebuild)")]
+    OutOfStep { what: String },
     #[error("the kernel refused {hook}: {errno}; verifier says: {verifier}. This kernel cannot run the eBPF capture (tp_btf needs 5.5+ with BTF); use --source netlink")]
     Refused {
         hook: &'static str,
         errno: std::io::Error,
         verifier: String,
     },
-    #[error("cannot attach {hook}: {detail}; use --source netlink")]
-    Attach { hook: &'static str, detail: String },
-    #[error("cannot watch the EVENTS ring buffer: {0}; use --source netlink, which needs no eBPF")]
+    #[error("cannot attach {hook}; use --source netlink")]
+    Attach {
+        hook: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot watch the EVENTS ring buffer; use --source netlink, which needs no eBPF")]
     RingBuf(#[source] std::io::Error),
 }
 
@@ -116,7 +144,10 @@ impl EbpfCapture {
         }
 
         let events = take_map(&mut ebpf, "EVENTS")?;
-        let events = RingBuf::try_from(events).map_err(|err| EbpfError::Object(chain(&err)))?;
+        let events = RingBuf::try_from(events).map_err(|source| EbpfError::Map {
+            name: "EVENTS",
+            source,
+        })?;
         // SAFETY: the RingBuf owns its map fd until it is dropped with the AsyncFd, and
         // as_raw_fd always returns that fd.
         let events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
@@ -157,13 +188,13 @@ fn load_object(netns_filter: u32) -> Result<Loaded, EbpfError> {
         ));
     }
     let btf_error = |err| match err {
-        BtfError::Read { .. } => EbpfError::NoBtf(err.to_string()),
+        BtfError::Read { .. } => EbpfError::NoBtf(err),
         BtfError::ConntrackNotLoaded { .. } => EbpfError::ConntrackNotLoaded(err),
         other => EbpfError::Offsets(other),
     };
     let kernel_btf = source.load().map_err(btf_error)?;
     let offsets = resolve_offsets(&kernel_btf, &source.kernel).map_err(btf_error)?;
-    let btf = Btf::from_sys_fs().map_err(|err| EbpfError::NoBtf(chain(&err)))?;
+    let btf = Btf::from_sys_fs().map_err(EbpfError::LoaderBtf)?;
     let sizes = MapSizes::for_this_node();
     log::debug!("eBPF maps: {sizes:?}");
     let ebpf = EbpfLoader::new()
@@ -236,16 +267,12 @@ pub fn load_every_program() -> Result<Vec<ProgramLoad>, EbpfError> {
                 _ => Err(ProgramError::UnexpectedProgramType),
             };
             (
-                result.map(|()| true).map_err(|err| match err {
-                    ProgramError::LoadError {
-                        io_error,
-                        verifier_log,
-                    } => format!(
-                        "{io_error}; verifier says: {}",
-                        log_tail(&verifier_log.to_string())
-                    ),
-                    other => chain(&other),
-                }),
+                result
+                    .map(|()| true)
+                    .map_err(|err| match verifier_refusal(err) {
+                        Ok((errno, verifier)) => format!("{errno}; verifier says: {verifier}"),
+                        Err(other) => error_chain(&other),
+                    }),
                 String::new(),
             )
         };
@@ -342,25 +369,34 @@ fn conn_id_key() -> u64 {
 fn attach_xmit(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), EbpfError> {
     let prog: &mut BtfTracePoint = program(ebpf, "net_dev_start_xmit")?;
     prog.load("net_dev_start_xmit", btf)
-        .map_err(|err| match err {
-            ProgramError::LoadError {
-                io_error,
-                verifier_log,
-            } => EbpfError::Refused {
+        .map_err(|err| match verifier_refusal(err) {
+            Ok((errno, verifier)) => EbpfError::Refused {
                 hook: XMIT_HOOK,
-                errno: io_error,
-                verifier: log_tail(&verifier_log.to_string()),
+                errno,
+                verifier,
             },
-            other => EbpfError::Attach {
+            Err(source) => EbpfError::Attach {
                 hook: XMIT_HOOK,
-                detail: chain(&other),
+                source,
             },
         })?;
-    prog.attach().map_err(|err| EbpfError::Attach {
+    prog.attach().map_err(|source| EbpfError::Attach {
         hook: XMIT_HOOK,
-        detail: chain(&err),
+        source,
     })?;
     Ok(())
+}
+
+/// A load the verifier refused: its errno and the end of its log, where the reason is. Any
+/// other error is given back.
+fn verifier_refusal(err: ProgramError) -> Result<(std::io::Error, String), ProgramError> {
+    match err {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => Ok((io_error, log_tail(&verifier_log.to_string()))),
+        other => Err(other),
+    }
 }
 
 /// How the agent learns that an attached hook really fires; until it does, the hook does not
@@ -444,25 +480,21 @@ pub struct AttachedHook {
 impl OptionalHook {
     /// Tries fentry/fexit, then kprobe, as the kernel allows; logs one line either way.
     fn attach(&self, ebpf: &mut Ebpf, btf: &Btf, kernel_btf: &KernelBtf) -> AttachedHook {
-        let symbols = kallsyms::lookup(Path::new(KALLSYMS), self.function).unwrap_or_else(|err| {
-            log::warn!(
-                "cannot read {KALLSYMS} ({err}): {} is hooked without knowing whether the compiler split it or which module holds it",
-                self.function
-            );
-            kallsyms::FunctionSymbols::default()
-        });
+        let symbols = kallsyms::lookup(Path::new(KALLSYMS), self.function)
+            .inspect_err(|err| {
+                log::warn!(
+                    "cannot read {KALLSYMS} ({err}): {} is hooked without knowing whether the kernel has it, split it, or holds it in a module",
+                    self.function
+                );
+            })
+            .ok();
+        let kprobe_target = self.kprobe_target(symbols.as_ref());
+        let symbols = symbols.unwrap_or_default();
         let tracing_name = format!(
             "{}/{}",
             if self.exit { "fexit" } else { "fentry" },
             self.function
         );
-        let kprobe_target = match (self.on_split, symbols.part(), symbols.split.first()) {
-            (_, _, None) => Ok((self.function.to_owned(), self.kprobe_prog)),
-            (OnSplit::ProbePart(prog), Some(part), _) => Ok((part.to_owned(), prog)),
-            (_, _, Some(copy)) => Err(format!(
-                "the compiler split it ({copy} in /proc/kallsyms), so a probe on it would miss calls"
-            )),
-        };
         let tracing_err = if let Err(why) = &kprobe_target {
             why.clone()
         } else if !symbols.split.is_empty() {
@@ -506,6 +538,28 @@ impl OptionalHook {
         }
     }
 
+    /// The symbol a kprobe goes on and its program, from what `/proc/kallsyms` says of the
+    /// function (`None`: unreadable, so the plain name is tried), or why no kprobe is attempted.
+    fn kprobe_target(
+        &self,
+        symbols: Option<&kallsyms::FunctionSymbols>,
+    ) -> Result<(String, &'static str), String> {
+        let Some(symbols) = symbols else {
+            return Ok((self.function.to_owned(), self.kprobe_prog));
+        };
+        match (self.on_split, symbols.part(), symbols.split.first()) {
+            // Absent from the symbol table: not in this kernel, or its module is not loaded.
+            _ if !symbols.whole && symbols.split.is_empty() => Err(format!(
+                "not attempted: not in {KALLSYMS}, so not in this kernel (or its module is not loaded)"
+            )),
+            (_, _, None) => Ok((self.function.to_owned(), self.kprobe_prog)),
+            (OnSplit::ProbePart(prog), Some(part), _) => Ok((part.to_owned(), prog)),
+            (_, _, Some(copy)) => Err(format!(
+                "the compiler split it ({copy} in {KALLSYMS}), so a probe on it would miss calls"
+            )),
+        }
+    }
+
     /// Attached but not yet seen firing: recorded as not attached until proven.
     fn attached(&self, ebpf: &Ebpf, name: String, progs: &[&str]) -> AttachedHook {
         log::info!("optional hook attached: {name} (counts once seen firing)");
@@ -530,16 +584,30 @@ impl OptionalHook {
 
     fn attach_tracing(&self, ebpf: &mut Ebpf, btf: &Btf) -> Result<(), String> {
         if self.exit {
-            let prog: &mut FExit = program(ebpf, self.tracing_prog).map_err(|e| e.to_string())?;
-            prog.load(self.function, btf).map_err(|e| short(&e))?;
-            prog.attach().map_err(|e| short(&e))?;
+            load_and_attach(ebpf, self.tracing_prog, |p: &mut FExit| {
+                p.load(self.function, btf)?;
+                p.attach().map(drop)
+            })
         } else {
-            let prog: &mut FEntry = program(ebpf, self.tracing_prog).map_err(|e| e.to_string())?;
-            prog.load(self.function, btf).map_err(|e| short(&e))?;
-            prog.attach().map_err(|e| short(&e))?;
+            load_and_attach(ebpf, self.tracing_prog, |p: &mut FEntry| {
+                p.load(self.function, btf)?;
+                p.attach().map(drop)
+            })
         }
-        Ok(())
     }
+}
+
+/// Runs `load_and_attach` on program `name` of type `T`; the error on one line.
+fn load_and_attach<'a, T: 'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+    load_and_attach: impl FnOnce(&'a mut T) -> Result<(), ProgramError>,
+) -> Result<(), String>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let prog = program(ebpf, name).map_err(|e| error_chain(&e))?;
+    load_and_attach(prog).map_err(|e| short(&e))
 }
 
 /// Loads every program first (so the verifier checks them all, even where the kernel has no
@@ -573,26 +641,26 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, EbpfError
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
-    let prog = ebpf.program_mut(name).ok_or_else(|| {
-        EbpfError::Object(format!(
-            "program {name} is missing (aksnet-ebpf and the agent are out of step: rebuild)"
-        ))
+    let prog = ebpf.program_mut(name).ok_or_else(|| EbpfError::OutOfStep {
+        what: format!("program {name}"),
     })?;
-    prog.try_into()
-        .map_err(|err: ProgramError| EbpfError::Object(format!("program {name}: {err}")))
-}
-
-fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map, EbpfError> {
-    ebpf.take_map(name).ok_or_else(|| {
-        EbpfError::Object(format!(
-            "map {name} is missing (aksnet-ebpf and the agent are out of step: rebuild)"
-        ))
+    prog.try_into().map_err(|source| EbpfError::Program {
+        name: name.to_owned(),
+        source,
     })
 }
 
-fn per_cpu_counter(ebpf: &mut Ebpf, name: &str) -> Result<PerCpuArray<MapData, u64>, EbpfError> {
-    PerCpuArray::try_from(take_map(ebpf, name)?)
-        .map_err(|err| EbpfError::Object(format!("map {name}: {}", chain(&err))))
+fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map, EbpfError> {
+    ebpf.take_map(name).ok_or_else(|| EbpfError::OutOfStep {
+        what: format!("map {name}"),
+    })
+}
+
+fn per_cpu_counter(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<PerCpuArray<MapData, u64>, EbpfError> {
+    PerCpuArray::try_from(take_map(ebpf, name)?).map_err(|source| EbpfError::Map { name, source })
 }
 
 /// EPERM on map creation means missing privileges, and so does ENOSYS under a seccomp filter (a
@@ -612,26 +680,14 @@ fn object_error(err: aya::EbpfError) -> EbpfError {
             };
         }
     }
-    EbpfError::Object(chain(&err))
-}
-
-/// An error and its causes on one line.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+    EbpfError::Object(err)
 }
 
 /// A load error without its (long) verifier log, for the one-line optional-hook messages.
 fn short(err: &ProgramError) -> String {
     match err {
         ProgramError::LoadError { io_error, .. } => format!("load refused: {io_error}"),
-        other => chain(other),
+        other => error_chain(other),
     }
 }
 
@@ -758,6 +814,37 @@ async fn poll_losses(losses: Losses, health: Arc<CaptureHealth>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kprobes_go_where_kallsyms_says_the_function_is() {
+        let [nat, delete] = &OPTIONAL_HOOKS;
+        let symbols = |text: &str, function| kallsyms::parse(text, function);
+        // Debian 5.10: nf_ct_delete split, the part is probed.
+        let split = "0 t nf_ct_delete.part.0 [nf_conntrack]\n0 T nf_ct_delete [nf_conntrack]\n";
+        assert_eq!(
+            delete.kprobe_target(Some(&symbols(split, "nf_ct_delete"))),
+            Ok(("nf_ct_delete.part.0".to_owned(), "nf_ct_delete_part_kprobe"))
+        );
+        let whole = "0 T nf_nat_setup_info [nf_nat]\n";
+        assert_eq!(
+            nat.kprobe_target(Some(&symbols(whole, "nf_nat_setup_info"))),
+            Ok(("nf_nat_setup_info".to_owned(), "nf_nat_setup_info_entry"))
+        );
+        // nf_nat not loaded: no kprobe attempted.
+        let absent = nat.kprobe_target(Some(&symbols(split, "nf_nat_setup_info")));
+        assert!(absent.unwrap_err().contains("not in /proc/kallsyms"));
+        // A split function without a part to probe falls back.
+        let isra = "0 t nf_nat_setup_info.isra.0 [nf_nat]\n";
+        assert!(nat
+            .kprobe_target(Some(&symbols(isra, "nf_nat_setup_info")))
+            .unwrap_err()
+            .contains("split"));
+        // kallsyms unreadable: the plain name is tried.
+        assert_eq!(
+            delete.kprobe_target(None),
+            Ok(("nf_ct_delete".to_owned(), "nf_ct_delete_kprobe"))
+        );
+    }
 
     #[test]
     fn maps_follow_conntrack_max_within_bounds() {
