@@ -403,11 +403,13 @@ fn verifier_refusal(err: ProgramError) -> Result<(std::io::Error, String), Progr
 /// count as attached (a probe can attach to a function some callers bypass).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Proof {
-    /// Its program has run once: enough where another hook covers the same events
-    /// (`net_dev_start_xmit` reports every connection anyway).
+    /// Its program has run once, or (without BPF statistics) reported a connection: enough
+    /// where another hook covers the same events (`net_dev_start_xmit` reports every
+    /// connection anyway).
     Runs,
-    /// It reported connection ends, and its program ran at least as often as netlink reported
-    /// connections ending in the observed namespace; netlink DESTROY stands in until then.
+    /// It reported at least as many connection ends of the observed namespace as netlink did
+    /// over the same window (and ran at least as often, where run counts are available);
+    /// netlink DESTROY stands in until then. Without netlink, one end it reported.
     EveryEnd,
 }
 
