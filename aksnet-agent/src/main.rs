@@ -330,9 +330,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            // Each error's message already names its cause and the way out; printing the
-            // source chain too would repeat them.
-            eprintln!("aksnet-agent: {err}");
+            // Errors keep their causes as typed sources: the chain is printed here, once.
+            eprintln!("aksnet-agent: {}", aksnet_agent::error_chain(&err));
             ExitCode::FAILURE
         }
     }

@@ -45,6 +45,13 @@ pub mod ct_status {
 /// `enum ip_conntrack_info` values from `include/uapi/linux/netfilter/nf_conntrack_common.h`,
 /// kept by `skb->_nfct` in its low 3 bits.
 pub mod ct_info {
+    /// `IP_CT_ESTABLISHED`: original direction, the connection has seen a reply.
+    pub const ESTABLISHED: u64 = 0;
+    /// `IP_CT_RELATED`: original direction, first packet of a connection an existing one
+    /// expected (an FTP data channel, an ICMP error).
+    pub const RELATED: u64 = 1;
+    /// `IP_CT_NEW`: original direction, no reply seen yet.
+    pub const NEW: u64 = 2;
     /// This value and above: the packet travels in the reply direction.
     pub const IS_REPLY: u64 = 3;
     /// No conntrack entry (the pointer part is NULL on current kernels, a template on old ones).
@@ -162,6 +169,25 @@ pub struct KernelOffsets {
     pub tuple_dst_u3: u32,
     pub tuple_dst_port: u32,
     pub tuple_dst_protonum: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ct_info;
+
+    /// `enum ip_conntrack_info` in include/uapi/linux/netfilter/nf_conntrack_common.h.
+    #[test]
+    fn ct_info_matches_the_uapi_enum() {
+        assert_eq!(ct_info::ESTABLISHED, 0);
+        assert_eq!(ct_info::RELATED, 1);
+        assert_eq!(ct_info::NEW, 2);
+        assert_eq!(ct_info::IS_REPLY, 3);
+        // IP_CT_ESTABLISHED_REPLY = IP_CT_ESTABLISHED + IP_CT_IS_REPLY
+        assert_eq!(ct_info::ESTABLISHED + ct_info::IS_REPLY, 3);
+        // IP_CT_UNTRACKED = 7, and NFCT_INFOMASK = 7 in include/linux/skbuff.h
+        assert_eq!(ct_info::UNTRACKED, 7);
+        assert_eq!(ct_info::MASK, 7);
+    }
 }
 
 #[cfg(feature = "user")]

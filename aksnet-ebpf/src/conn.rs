@@ -5,7 +5,7 @@ use aksnet_common::{
     OFFSET_ABSENT, TUPLE_FINGERPRINT_LEN,
 };
 use aya_ebpf::{
-    bindings::{BPF_F_NO_COMMON_LRU, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_probe_read_kernel,
         generated::{self, bpf_ktime_get_boot_ns},
@@ -71,10 +71,12 @@ static RECOVERED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// Connections of the observed namespace seen so far, keyed by the `nf_conn` address. LRU: the
 /// kernel forgets the oldest when full, which at worst reports a long-idle connection again (the
 /// agent's flow table drops the repeat). The agent sizes it from `nf_conntrack_max` at load.
-/// Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`): an insert never waits for another CPU's.
+/// One LRU list for all CPUs: `BPF_F_NO_COMMON_LRU` would split the entries evenly between the
+/// possible CPUs, and the CPU that sees most new connections would evict live ones from its
+/// share long before the map is full. Only a connection's first report inserts, so the shared
+/// list's lock is taken once per connection.
 #[map]
-static CONNS: LruHashMap<u64, ConnState> =
-    LruHashMap::with_max_entries(1 << 16, BPF_F_NO_COMMON_LRU);
+static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(1 << 16, 0);
 
 /// `struct net *` of the observed namespace (index 0), learnt from its first connection, so
 /// that telling another namespace's connection apart costs one read (`ct->ct_net`) instead of
@@ -82,33 +84,56 @@ static CONNS: LruHashMap<u64, ConnState> =
 #[map]
 static OBSERVED_NET: Array<u64> = Array::with_max_entries(1, 0);
 
-/// Per-connection state kept between packets.
+/// Per-connection state kept between packets. Each fact is its own field, written by a plain
+/// store of a value every racing writer agrees on, never by read-modify-write of a shared word:
+/// two CPUs updating one flags word could erase each other's bits, and the atomic OR/AND that
+/// would prevent it are refused by kernels before 5.12.
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct ConnState {
     /// Hash of the original tuple: an `nf_conn` freed and reallocated at the same address
     /// for another connection must not inherit this entry.
     fingerprint: u64,
-    /// The flags below, and `status & NAT_MASK` as last reported.
-    flags: u64,
+    /// `status & NAT_MASK` as last reported (the mask fits in 16 bits).
+    reported_nat: u16,
+    /// A `NEW` (or `NAT_CHANGED`) event reached the ring buffer, carrying `reported_nat`.
+    reported: u8,
+    /// An event carried the interfaces of one of the connection's packets.
+    ifaces_reported: u8,
+    /// The connection has seen a reply (`IPS_SEEN_REPLY`). conntrack never clears that bit, so a
+    /// packet whose status lacks it belongs to a new connection reusing this `nf_conn` for the
+    /// same tuple (where `nf_ct_delete` cannot be hooked to forget the old one).
+    seen_reply: u8,
+    /// An event of the connection found the ring buffer full and was counted in [`LOST`].
+    loss_counted: u8,
+    /// After `loss_counted`, a report went through and was counted in [`RECOVERED`]. Both only
+    /// ever go from 0 to 1, so a connection is counted lost at most once by [`seen`], and
+    /// recovered at most once.
+    recovered: u8,
+    /// A reuse was detected and not reported yet (the ring buffer was full): the retry still says
+    /// [`conn_flags::RENEWED`].
+    renew_pending: u8,
 }
 
-/// A `NEW` (or `NAT_CHANGED`) event reached the ring buffer; the NAT bits beside it are the
-/// ones it carried.
-const REPORTED: u64 = 1 << 63;
-/// An event carried the interfaces of one of the connection's packets.
-const IFACES_REPORTED: u64 = 1 << 62;
-/// An event of the connection found the ring buffer full and was counted in [`LOST`].
-const LOSS_COUNTED: u64 = 1 << 60;
-/// The connection has seen a reply (`IPS_SEEN_REPLY`). conntrack never clears that bit, so a
-/// packet whose status lacks it belongs to a new connection reusing this `nf_conn` for the
-/// same tuple (where `nf_ct_delete` cannot be hooked to forget the old one).
-const SEEN_REPLY_STORED: u64 = 1 << 59;
-/// A reuse was detected and not reported yet (the ring buffer was full): the retry still says
-/// [`conn_flags::RENEWED`].
-const RENEW_PENDING: u64 = 1 << 58;
+impl ConnState {
+    const fn new(fingerprint: u64) -> ConnState {
+        ConnState {
+            fingerprint,
+            reported_nat: 0,
+            reported: 0,
+            ifaces_reported: 0,
+            seen_reply: 0,
+            loss_counted: 0,
+            recovered: 0,
+            renew_pending: 0,
+        }
+    }
 
-/// `IP_CT_ESTABLISHED`: a packet in the original direction of a connection that has seen a reply.
-const CT_ESTABLISHED: u64 = 1;
+    /// Counted lost and not recovered since.
+    fn loss_outstanding(&self) -> bool {
+        self.loss_counted != 0 && self.recovered == 0
+    }
+}
 
 /// One offset from [`OFFSETS`]; volatile so the compiler cannot fold the placeholder value the
 /// agent overwrites.
@@ -158,10 +183,11 @@ unsafe fn read_into<T>(dst: *mut T, addr: u64) -> bool {
 ///
 /// Hot path. An original-direction packet of a connection that has seen a reply
 /// (`IP_CT_ESTABLISHED`, most packets of any stream) costs one direct load (`skb->_nfct`) and
-/// nothing else: its connection was reported at its first packet, which conntrack marks `IP_CT_NEW`, or
-/// is reported by its replies (connections whose first packets do not leave through this
-/// namespace, and retries after a full ring buffer). Another namespace's connection costs one
-/// more read (`ct->ct_net`) and never touches [`CONNS`].
+/// nothing else: its connection was reported at its first packet, which conntrack marks
+/// `IP_CT_NEW` (`IP_CT_RELATED` for an expected one), or is reported by its replies
+/// (connections whose first packets do not leave through this namespace, and retries after a
+/// full ring buffer). Another namespace's connection costs one more read (`ct->ct_net`) and
+/// never touches [`CONNS`].
 #[inline(always)]
 pub fn on_xmit(skb: u64, dev: u64) {
     // SAFETY: `skb` is the tracepoint's typed `struct sk_buff *` and the offset a constant the
@@ -169,7 +195,7 @@ pub fn on_xmit(skb: u64, dev: u64) {
     // makes it fault-safe (BPF_PROBE_MEM), at a fraction of a bpf_probe_read_kernel call.
     let nfct = unsafe { core::ptr::read_volatile((skb + off!(skb_nfct)) as *const u64) };
     let info = nfct & ct_info::MASK;
-    if info == CT_ESTABLISHED || info == ct_info::UNTRACKED {
+    if info == ct_info::ESTABLISHED || info == ct_info::UNTRACKED {
         return;
     }
     let packet = Packet {
@@ -232,8 +258,8 @@ pub fn on_delete(ct: u64, dying_set: bool) {
     let Some(fingerprint) = fingerprint_of(ct) else {
         return;
     };
-    // SAFETY: the flags are copied out at once; a concurrent update only makes them stale.
-    let flags = known(ct, fingerprint).map_or(0, |s| unsafe { (*s).flags });
+    // SAFETY: the state is copied out at once; a concurrent update only makes it stale.
+    let outstanding = known(ct, fingerprint).is_some_and(|s| unsafe { (*s).loss_outstanding() });
     let status = read::<u64>(ct + off!(ct_status));
     let _ = CONNS.remove(ct);
     let Some(status) = status else {
@@ -251,9 +277,9 @@ pub fn on_delete(ct: u64, dying_set: bool) {
         netns,
         renewed: false,
     };
-    // The entry is gone: a lost end is never recovered, and a connection already counted lost
-    // is not counted twice.
-    if !emit(&report, None) && flags & LOSS_COUNTED == 0 {
+    // The entry is gone: a lost end is never recovered, and a connection counted lost and not
+    // recovered is not counted twice.
+    if !emit(&report, None) && !outstanding {
         bump(&LOST);
     }
 }
@@ -272,8 +298,9 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
         return;
     };
     let state = known(ct, fingerprint);
-    // SAFETY: the pointer is into a live map value.
-    let flags = state.map_or(0, |s| unsafe { (*s).flags });
+    // SAFETY: the pointer is into a live map value; the copy may be stale, never torn in a way
+    // that matters (each field is written whole).
+    let mut old = state.map_or(ConnState::new(fingerprint), |s| unsafe { *s });
     let Some(status) = read::<u64>(ct + off!(ct_status)) else {
         return;
     };
@@ -281,18 +308,24 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
     if status & ct_status::DYING != 0 {
         return;
     }
-    let renewed = flags & SEEN_REPLY_STORED != 0 && status & ct_status::SEEN_REPLY == 0;
-    let flags = if renewed { RENEW_PENDING } else { flags };
-    let nat = status & ct_status::NAT_MASK;
+    let seen_reply = status & ct_status::SEEN_REPLY != 0;
+    let renewed = old.seen_reply != 0 && !seen_reply;
+    if renewed {
+        old = ConnState {
+            renew_pending: 1,
+            ..ConnState::new(fingerprint)
+        };
+    }
+    let nat = (status & ct_status::NAT_MASK) as u16;
     // A connection first reported without a packet (by nf_nat_setup_info) gets one more NEW
     // from its first packet, for the interfaces.
-    let wants_ifaces = packet.is_some() && flags & IFACES_REPORTED == 0;
-    let reported_nat = flags & (REPORTED | ct_status::NAT_MASK);
-    if reported_nat == REPORTED | nat && !wants_ifaces {
-        if status & ct_status::SEEN_REPLY != 0 && flags & SEEN_REPLY_STORED == 0 {
+    let wants_ifaces = packet.is_some() && old.ifaces_reported == 0;
+    let nat_known = old.reported != 0 && old.reported_nat == nat;
+    if nat_known && !wants_ifaces {
+        if seen_reply && old.seen_reply == 0 {
             if let Some(s) = state {
-                // SAFETY: as above; written once per connection.
-                unsafe { (*s).flags = flags | SEEN_REPLY_STORED };
+                // SAFETY: as above; racing writers store the same 1.
+                unsafe { (*s).seen_reply = 1 };
             }
         }
         return;
@@ -303,38 +336,78 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
         hook,
         status,
         netns,
-        renewed: flags & RENEW_PENDING != 0,
+        renewed: old.renew_pending != 0,
     };
-    if flags & REPORTED != 0 && reported_nat != REPORTED | nat {
+    if old.reported != 0 && !nat_known {
         report.kind = event_kind::NAT_CHANGED;
     }
 
-    let mut flags = flags;
-    if status & ct_status::SEEN_REPLY != 0 {
-        flags |= SEEN_REPLY_STORED;
+    let reported = emit(&report, packet);
+    let mut new = old;
+    if seen_reply {
+        new.seen_reply = 1;
     }
-    if emit(&report, packet) {
-        flags = (flags & !(ct_status::NAT_MASK | RENEW_PENDING)) | REPORTED | nat;
+    if reported {
+        new.reported = 1;
+        new.reported_nat = nat;
+        new.renew_pending = 0;
         if packet.is_some() {
-            flags |= IFACES_REPORTED;
+            new.ifaces_reported = 1;
         }
-        if flags & LOSS_COUNTED != 0 {
+        if old.loss_outstanding() {
             bump(&RECOVERED);
-            flags &= !LOSS_COUNTED;
+            new.recovered = 1;
         }
-    } else if flags & LOSS_COUNTED == 0 {
+    } else if old.loss_counted == 0 {
         // Not marked reported, so the next packet retries; counted lost only this once.
         bump(&LOST);
-        flags |= LOSS_COUNTED;
+        new.loss_counted = 1;
     }
     match state {
-        // SAFETY: as above. Two CPUs racing here at worst report the connection twice, which
-        // the agent's flow table absorbs.
-        Some(s) => unsafe { (*s).flags = flags },
-        None => {
-            let state = ConnState { fingerprint, flags };
-            // An LRU insert only fails on allocation failure: the next packet retries.
-            let _ = CONNS.insert(ct, state, 0);
+        // A known connection: store only what changed, field by field, so a racing CPU's
+        // facts survive. Two CPUs racing here at worst report the connection twice, which the
+        // agent's flow table absorbs.
+        Some(s) if !renewed => {
+            // SAFETY: as above.
+            unsafe { store_changes(s, &old, &new) }
+        }
+        // New, or a reuse whose old facts must all go: the whole entry (an LRU update replaces
+        // the element at once). An insert only fails on allocation failure: the next packet
+        // retries.
+        _ => {
+            let _ = CONNS.insert(ct, new, 0);
+        }
+    }
+}
+
+/// Writes the fields of `new` that differ from `old` into `*s`.
+///
+/// # Safety
+/// `s` must point into a live `CONNS` value.
+#[inline(always)]
+unsafe fn store_changes(s: *mut ConnState, old: &ConnState, new: &ConnState) {
+    // SAFETY: per the contract; each store is a whole field.
+    unsafe {
+        if new.reported_nat != old.reported_nat {
+            (*s).reported_nat = new.reported_nat;
+        }
+        if new.reported != old.reported {
+            (*s).reported = new.reported;
+        }
+        if new.ifaces_reported != old.ifaces_reported {
+            (*s).ifaces_reported = new.ifaces_reported;
+        }
+        if new.seen_reply != old.seen_reply {
+            (*s).seen_reply = new.seen_reply;
+        }
+        if new.loss_counted != old.loss_counted {
+            (*s).loss_counted = new.loss_counted;
+        }
+        if new.recovered != old.recovered {
+            (*s).recovered = new.recovered;
+        }
+        if new.renew_pending != old.renew_pending {
+            (*s).renew_pending = new.renew_pending;
         }
     }
 }

@@ -61,7 +61,7 @@ pub enum LookupError {
 /// Why the agent cannot produce [`KernelOffsets`] for this kernel.
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
-    #[error("cannot read BTF {}: {source} (the kernel needs CONFIG_DEBUG_INFO_BTF=y; AKS kernels have it)", path.display())]
+    #[error("cannot read BTF {}: {source} (the kernel needs CONFIG_DEBUG_INFO_BTF=y; AKS kernels have it); use --source netlink on this kernel", path.display())]
     Read {
         path: PathBuf,
         #[source]

@@ -10,7 +10,8 @@
 use super::btf::{resolve_offsets, Btf as KernelBtf, BtfError, BtfSource};
 use super::kallsyms;
 use super::{CaptureHealth, HookStatus};
-use crate::events::{decode_conn_event, BootClock, EventKind, FlowEvent};
+use crate::error_chain;
+use crate::events::{decode_conn_event, BootClock, EventKind, FlowEvent, Hook};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError};
 use aya::{Btf, Ebpf, EbpfLoader};
@@ -36,7 +37,7 @@ const READ_EVERY: Duration = Duration::from_millis(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
-    #[error("the kernel refused to create BPF map {map} ({source}): {refusal}")]
+    #[error("the kernel refused to create BPF map {map}: {refusal}")]
     NotPermitted {
         map: String,
         #[source]
@@ -44,24 +45,51 @@ pub enum EbpfError {
         /// What to change: a capability, or the seccomp profile.
         refusal: super::privileges::Refusal,
     },
-    #[error("no usable kernel BTF: {0}; use --source netlink on this kernel")]
-    NoBtf(String),
+    /// Says itself what failed and what to do.
+    #[error(transparent)]
+    NoBtf(BtfError),
+    #[error(
+        "cannot parse the kernel's BTF for the eBPF loader; use --source netlink on this kernel"
+    )]
+    LoaderBtf(#[source] aya::BtfError),
     /// Says itself what to do (load the module).
     #[error(transparent)]
     ConntrackNotLoaded(BtfError),
-    #[error("cannot resolve kernel struct offsets: {0}; use --source netlink on this kernel")]
+    #[error("cannot resolve kernel struct offsets; use --source netlink on this kernel")]
     Offsets(#[source] BtfError),
-    #[error("cannot load the eBPF object: {0}; use --source netlink, which needs no eBPF")]
-    Object(String),
+    #[error("cannot load the eBPF object; use --source netlink, which needs no eBPF")]
+    Object(#[source] aya::EbpfError),
+    #[error(
+        "map {name} of the eBPF object is unusable; use --source netlink, which needs no eBPF"
+    )]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error(
+        "program {name} of the eBPF object is unusable; use --source netlink, which needs no eBPF"
+    )]
+    Program {
+        name: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("{what} is missing from the eBPF object (aksnet-ebpf and the agent are out of step: rebuild)")]
+    OutOfStep { what: String },
     #[error("the kernel refused {hook}: {errno}; verifier says: {verifier}. This kernel cannot run the eBPF capture (tp_btf needs 5.5+ with BTF); use --source netlink")]
     Refused {
         hook: &'static str,
         errno: std::io::Error,
         verifier: String,
     },
-    #[error("cannot attach {hook}: {detail}; use --source netlink")]
-    Attach { hook: &'static str, detail: String },
-    #[error("cannot watch the EVENTS ring buffer: {0}; use --source netlink, which needs no eBPF")]
+    #[error("cannot attach {hook}; use --source netlink")]
+    Attach {
+        hook: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot watch the EVENTS ring buffer; use --source netlink, which needs no eBPF")]
     RingBuf(#[source] std::io::Error),
 }
 
@@ -116,7 +144,10 @@ impl EbpfCapture {
         }
 
         let events = take_map(&mut ebpf, "EVENTS")?;
-        let events = RingBuf::try_from(events).map_err(|err| EbpfError::Object(chain(&err)))?;
+        let events = RingBuf::try_from(events).map_err(|source| EbpfError::Map {
+            name: "EVENTS",
+            source,
+        })?;
         // SAFETY: the RingBuf owns its map fd until it is dropped with the AsyncFd, and
         // as_raw_fd always returns that fd.
         let events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
@@ -157,13 +188,13 @@ fn load_object(netns_filter: u32) -> Result<Loaded, EbpfError> {
         ));
     }
     let btf_error = |err| match err {
-        BtfError::Read { .. } => EbpfError::NoBtf(err.to_string()),
+        BtfError::Read { .. } => EbpfError::NoBtf(err),
         BtfError::ConntrackNotLoaded { .. } => EbpfError::ConntrackNotLoaded(err),
         other => EbpfError::Offsets(other),
     };
     let kernel_btf = source.load().map_err(btf_error)?;
     let offsets = resolve_offsets(&kernel_btf, &source.kernel).map_err(btf_error)?;
-    let btf = Btf::from_sys_fs().map_err(|err| EbpfError::NoBtf(chain(&err)))?;
+    let btf = Btf::from_sys_fs().map_err(EbpfError::LoaderBtf)?;
     let sizes = MapSizes::for_this_node();
     log::debug!("eBPF maps: {sizes:?}");
     let ebpf = EbpfLoader::new()
@@ -236,16 +267,12 @@ pub fn load_every_program() -> Result<Vec<ProgramLoad>, EbpfError> {
                 _ => Err(ProgramError::UnexpectedProgramType),
             };
             (
-                result.map(|()| true).map_err(|err| match err {
-                    ProgramError::LoadError {
-                        io_error,
-                        verifier_log,
-                    } => format!(
-                        "{io_error}; verifier says: {}",
-                        log_tail(&verifier_log.to_string())
-                    ),
-                    other => chain(&other),
-                }),
+                result
+                    .map(|()| true)
+                    .map_err(|err| match verifier_refusal(err) {
+                        Ok((errno, verifier)) => format!("{errno}; verifier says: {verifier}"),
+                        Err(other) => error_chain(&other),
+                    }),
                 String::new(),
             )
         };
@@ -261,7 +288,8 @@ pub fn load_every_program() -> Result<Vec<ProgramLoad>, EbpfError> {
 /// Map sizes chosen at load for this node instead of compiled-in constants.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct MapSizes {
-    /// `CONNS` entries: one per live connection of the observed namespace.
+    /// `CONNS` entries: one per live connection of the observed namespace, plus what the
+    /// CPUs' free lists hold ([`LRU_LOCAL_FREE`]).
     conns: u32,
     /// `EVENTS` ring buffer bytes (a power of two, at least a page).
     ring_bytes: u32,
@@ -280,17 +308,27 @@ const UNREAD_FOR: Duration = Duration::from_millis(150);
 /// Bounds on `CONNS`: at least a small node's worth; at most what the pod's memory limit affords
 /// (about 100 bytes an entry, charged to its memory cgroup).
 const CONNS_BOUNDS: (u32, u32) = (16_384, 262_144);
+/// Free entries each possible CPU keeps aside in a common LRU map
+/// (`LRU_LOCAL_LIST_TARGET_FREE`, kernel/bpf/bpf_lru_list.h): the map starts evicting while
+/// that many per CPU are still unused, so `CONNS` gets them on top of the connections it holds.
+const LRU_LOCAL_FREE: u32 = 128;
 
 impl MapSizes {
     fn for_this_node() -> MapSizes {
-        MapSizes::new(conntrack_max())
+        let cpus = aya::util::nr_cpus().unwrap_or_else(|(path, err)| {
+            log::warn!("cannot read {path} ({err}); sizing CONNS for 1 CPU");
+            1
+        });
+        MapSizes::new(conntrack_max(), u32::try_from(cpus).unwrap_or(u32::MAX))
     }
 
-    /// `conntrack_max` is the kernel's `nf_conntrack_max`, when readable.
-    fn new(conntrack_max: Option<u32>) -> MapSizes {
+    /// `conntrack_max` is the kernel's `nf_conntrack_max`, when readable; `possible_cpus` the
+    /// number of CPUs the kernel may ever run (`/sys/devices/system/cpu/possible`).
+    fn new(conntrack_max: Option<u32>, possible_cpus: u32) -> MapSizes {
         let conns = conntrack_max
             .unwrap_or(CONNS_BOUNDS.0)
-            .clamp(CONNS_BOUNDS.0, CONNS_BOUNDS.1);
+            .clamp(CONNS_BOUNDS.0, CONNS_BOUNDS.1)
+            .saturating_add(possible_cpus.saturating_mul(LRU_LOCAL_FREE));
         // Each record carries an 8-byte header in the ring.
         let record = std::mem::size_of::<aksnet_common::ConnEvent>() as u64 + 8;
         let needed = EXPECTED_EVENTS_PER_SEC * record * UNREAD_FOR.as_millis() as u64 / 1000;
@@ -331,36 +369,47 @@ fn conn_id_key() -> u64 {
 fn attach_xmit(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), EbpfError> {
     let prog: &mut BtfTracePoint = program(ebpf, "net_dev_start_xmit")?;
     prog.load("net_dev_start_xmit", btf)
-        .map_err(|err| match err {
-            ProgramError::LoadError {
-                io_error,
-                verifier_log,
-            } => EbpfError::Refused {
+        .map_err(|err| match verifier_refusal(err) {
+            Ok((errno, verifier)) => EbpfError::Refused {
                 hook: XMIT_HOOK,
-                errno: io_error,
-                verifier: log_tail(&verifier_log.to_string()),
+                errno,
+                verifier,
             },
-            other => EbpfError::Attach {
+            Err(source) => EbpfError::Attach {
                 hook: XMIT_HOOK,
-                detail: chain(&other),
+                source,
             },
         })?;
-    prog.attach().map_err(|err| EbpfError::Attach {
+    prog.attach().map_err(|source| EbpfError::Attach {
         hook: XMIT_HOOK,
-        detail: chain(&err),
+        source,
     })?;
     Ok(())
+}
+
+/// A load the verifier refused: its errno and the end of its log, where the reason is. Any
+/// other error is given back.
+fn verifier_refusal(err: ProgramError) -> Result<(std::io::Error, String), ProgramError> {
+    match err {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => Ok((io_error, log_tail(&verifier_log.to_string()))),
+        other => Err(other),
+    }
 }
 
 /// How the agent learns that an attached hook really fires; until it does, the hook does not
 /// count as attached (a probe can attach to a function some callers bypass).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Proof {
-    /// Its program has run once: enough where another hook covers the same events
-    /// (`net_dev_start_xmit` reports every connection anyway).
+    /// Its program has run once, or (without BPF statistics) reported a connection: enough
+    /// where another hook covers the same events (`net_dev_start_xmit` reports every
+    /// connection anyway).
     Runs,
-    /// It reported connection ends, and its program ran at least as often as netlink reported
-    /// connections ending in the observed namespace; netlink DESTROY stands in until then.
+    /// It reported at least as many connection ends of the observed namespace as netlink did
+    /// over the same window (and ran at least as often, where run counts are available);
+    /// netlink DESTROY stands in until then. Without netlink, one end it reported.
     EveryEnd,
 }
 
@@ -433,19 +482,21 @@ pub struct AttachedHook {
 impl OptionalHook {
     /// Tries fentry/fexit, then kprobe, as the kernel allows; logs one line either way.
     fn attach(&self, ebpf: &mut Ebpf, btf: &Btf, kernel_btf: &KernelBtf) -> AttachedHook {
-        let symbols = kallsyms::lookup(Path::new(KALLSYMS), self.function).unwrap_or_default();
+        let symbols = kallsyms::lookup(Path::new(KALLSYMS), self.function)
+            .inspect_err(|err| {
+                log::warn!(
+                    "cannot read {KALLSYMS} ({err}): {} is hooked without knowing whether the kernel has it, split it, or holds it in a module",
+                    self.function
+                );
+            })
+            .ok();
+        let kprobe_target = self.kprobe_target(symbols.as_ref());
+        let symbols = symbols.unwrap_or_default();
         let tracing_name = format!(
             "{}/{}",
             if self.exit { "fexit" } else { "fentry" },
             self.function
         );
-        let kprobe_target = match (self.on_split, symbols.part(), symbols.split.first()) {
-            (_, _, None) => Ok((self.function.to_owned(), self.kprobe_prog)),
-            (OnSplit::ProbePart(prog), Some(part), _) => Ok((part.to_owned(), prog)),
-            (_, _, Some(copy)) => Err(format!(
-                "the compiler split it ({copy} in /proc/kallsyms), so a probe on it would miss calls"
-            )),
-        };
         let tracing_err = if let Err(why) = &kprobe_target {
             why.clone()
         } else if !symbols.split.is_empty() {
@@ -489,6 +540,28 @@ impl OptionalHook {
         }
     }
 
+    /// The symbol a kprobe goes on and its program, from what `/proc/kallsyms` says of the
+    /// function (`None`: unreadable, so the plain name is tried), or why no kprobe is attempted.
+    fn kprobe_target(
+        &self,
+        symbols: Option<&kallsyms::FunctionSymbols>,
+    ) -> Result<(String, &'static str), String> {
+        let Some(symbols) = symbols else {
+            return Ok((self.function.to_owned(), self.kprobe_prog));
+        };
+        match (self.on_split, symbols.part(), symbols.split.first()) {
+            // Absent from the symbol table: not in this kernel, or its module is not loaded.
+            _ if !symbols.whole && symbols.split.is_empty() => Err(format!(
+                "not attempted: not in {KALLSYMS}, so not in this kernel (or its module is not loaded)"
+            )),
+            (_, _, None) => Ok((self.function.to_owned(), self.kprobe_prog)),
+            (OnSplit::ProbePart(prog), Some(part), _) => Ok((part.to_owned(), prog)),
+            (_, _, Some(copy)) => Err(format!(
+                "the compiler split it ({copy} in {KALLSYMS}), so a probe on it would miss calls"
+            )),
+        }
+    }
+
     /// Attached but not yet seen firing: recorded as not attached until proven.
     fn attached(&self, ebpf: &Ebpf, name: String, progs: &[&str]) -> AttachedHook {
         log::info!("optional hook attached: {name} (counts once seen firing)");
@@ -513,16 +586,30 @@ impl OptionalHook {
 
     fn attach_tracing(&self, ebpf: &mut Ebpf, btf: &Btf) -> Result<(), String> {
         if self.exit {
-            let prog: &mut FExit = program(ebpf, self.tracing_prog).map_err(|e| e.to_string())?;
-            prog.load(self.function, btf).map_err(|e| short(&e))?;
-            prog.attach().map_err(|e| short(&e))?;
+            load_and_attach(ebpf, self.tracing_prog, |p: &mut FExit| {
+                p.load(self.function, btf)?;
+                p.attach().map(drop)
+            })
         } else {
-            let prog: &mut FEntry = program(ebpf, self.tracing_prog).map_err(|e| e.to_string())?;
-            prog.load(self.function, btf).map_err(|e| short(&e))?;
-            prog.attach().map_err(|e| short(&e))?;
+            load_and_attach(ebpf, self.tracing_prog, |p: &mut FEntry| {
+                p.load(self.function, btf)?;
+                p.attach().map(drop)
+            })
         }
-        Ok(())
     }
+}
+
+/// Runs `load_and_attach` on program `name` of type `T`; the error on one line.
+fn load_and_attach<'a, T: 'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+    load_and_attach: impl FnOnce(&'a mut T) -> Result<(), ProgramError>,
+) -> Result<(), String>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let prog = program(ebpf, name).map_err(|e| error_chain(&e))?;
+    load_and_attach(prog).map_err(|e| short(&e))
 }
 
 /// Loads every program first (so the verifier checks them all, even where the kernel has no
@@ -556,26 +643,26 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, EbpfError
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
-    let prog = ebpf.program_mut(name).ok_or_else(|| {
-        EbpfError::Object(format!(
-            "program {name} is missing (aksnet-ebpf and the agent are out of step: rebuild)"
-        ))
+    let prog = ebpf.program_mut(name).ok_or_else(|| EbpfError::OutOfStep {
+        what: format!("program {name}"),
     })?;
-    prog.try_into()
-        .map_err(|err: ProgramError| EbpfError::Object(format!("program {name}: {err}")))
-}
-
-fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map, EbpfError> {
-    ebpf.take_map(name).ok_or_else(|| {
-        EbpfError::Object(format!(
-            "map {name} is missing (aksnet-ebpf and the agent are out of step: rebuild)"
-        ))
+    prog.try_into().map_err(|source| EbpfError::Program {
+        name: name.to_owned(),
+        source,
     })
 }
 
-fn per_cpu_counter(ebpf: &mut Ebpf, name: &str) -> Result<PerCpuArray<MapData, u64>, EbpfError> {
-    PerCpuArray::try_from(take_map(ebpf, name)?)
-        .map_err(|err| EbpfError::Object(format!("map {name}: {}", chain(&err))))
+fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map, EbpfError> {
+    ebpf.take_map(name).ok_or_else(|| EbpfError::OutOfStep {
+        what: format!("map {name}"),
+    })
+}
+
+fn per_cpu_counter(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<PerCpuArray<MapData, u64>, EbpfError> {
+    PerCpuArray::try_from(take_map(ebpf, name)?).map_err(|source| EbpfError::Map { name, source })
 }
 
 /// EPERM on map creation means missing privileges, and so does ENOSYS under a seccomp filter (a
@@ -595,26 +682,14 @@ fn object_error(err: aya::EbpfError) -> EbpfError {
             };
         }
     }
-    EbpfError::Object(chain(&err))
-}
-
-/// An error and its causes on one line.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+    EbpfError::Object(err)
 }
 
 /// A load error without its (long) verifier log, for the one-line optional-hook messages.
 fn short(err: &ProgramError) -> String {
     match err {
         ProgramError::LoadError { io_error, .. } => format!("load refused: {io_error}"),
-        other => chain(other),
+        other => error_chain(other),
     }
 }
 
@@ -676,9 +751,12 @@ fn drain(
     while let Some(record) = ring.next() {
         match decode_conn_event(&record, clock) {
             Ok(event) => {
+                // What proves the optional hooks fire (proof.rs).
                 if event.kind == EventKind::Destroy {
-                    // What proves an nf_ct_delete hook fires (proof.rs).
                     health.ebpf_ends.fetch_add(1, Ordering::Relaxed);
+                }
+                if event.hook == Some(Hook::NatSetup) {
+                    health.nat_setup_events.fetch_add(1, Ordering::Relaxed);
                 }
                 batch.push(event)
             }
@@ -740,16 +818,58 @@ mod tests {
     use super::*;
 
     #[test]
+    fn kprobes_go_where_kallsyms_says_the_function_is() {
+        let [nat, delete] = &OPTIONAL_HOOKS;
+        let symbols = |text: &str, function| kallsyms::parse(text, function);
+        // Debian 5.10: nf_ct_delete split, the part is probed.
+        let split = "0 t nf_ct_delete.part.0 [nf_conntrack]\n0 T nf_ct_delete [nf_conntrack]\n";
+        assert_eq!(
+            delete.kprobe_target(Some(&symbols(split, "nf_ct_delete"))),
+            Ok(("nf_ct_delete.part.0".to_owned(), "nf_ct_delete_part_kprobe"))
+        );
+        let whole = "0 T nf_nat_setup_info [nf_nat]\n";
+        assert_eq!(
+            nat.kprobe_target(Some(&symbols(whole, "nf_nat_setup_info"))),
+            Ok(("nf_nat_setup_info".to_owned(), "nf_nat_setup_info_entry"))
+        );
+        // nf_nat not loaded: no kprobe attempted.
+        let absent = nat.kprobe_target(Some(&symbols(split, "nf_nat_setup_info")));
+        assert!(absent.unwrap_err().contains("not in /proc/kallsyms"));
+        // A split function without a part to probe falls back.
+        let isra = "0 t nf_nat_setup_info.isra.0 [nf_nat]\n";
+        assert!(nat
+            .kprobe_target(Some(&symbols(isra, "nf_nat_setup_info")))
+            .unwrap_err()
+            .contains("split"));
+        // kallsyms unreadable: the plain name is tried.
+        assert_eq!(
+            delete.kprobe_target(None),
+            Ok(("nf_ct_delete".to_owned(), "nf_ct_delete_kprobe"))
+        );
+    }
+
+    #[test]
     fn maps_follow_conntrack_max_within_bounds() {
-        assert_eq!(MapSizes::new(Some(131_072)).conns, 131_072);
-        assert_eq!(MapSizes::new(Some(4_194_304)).conns, CONNS_BOUNDS.1);
-        assert_eq!(MapSizes::new(Some(100)).conns, CONNS_BOUNDS.0);
-        assert_eq!(MapSizes::new(None).conns, CONNS_BOUNDS.0);
+        let free = 2 * LRU_LOCAL_FREE;
+        assert_eq!(MapSizes::new(Some(131_072), 2).conns, 131_072 + free);
+        assert_eq!(
+            MapSizes::new(Some(4_194_304), 2).conns,
+            CONNS_BOUNDS.1 + free
+        );
+        assert_eq!(MapSizes::new(Some(100), 2).conns, CONNS_BOUNDS.0 + free);
+        assert_eq!(MapSizes::new(None, 2).conns, CONNS_BOUNDS.0 + free);
+    }
+
+    #[test]
+    fn conns_keeps_room_for_every_cpus_free_list() {
+        let one = MapSizes::new(Some(65_536), 1).conns;
+        let many = MapSizes::new(Some(65_536), 96).conns;
+        assert_eq!(many - one, 95 * LRU_LOCAL_FREE);
     }
 
     #[test]
     fn the_ring_holds_the_expected_events_and_wakes_at_a_quarter() {
-        let sizes = MapSizes::new(None);
+        let sizes = MapSizes::new(None, 2);
         assert!(sizes.ring_bytes.is_power_of_two());
         let record = std::mem::size_of::<aksnet_common::ConnEvent>() as u64 + 8;
         let held = u64::from(sizes.ring_bytes) / record;

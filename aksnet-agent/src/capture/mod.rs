@@ -17,6 +17,7 @@ pub mod netns;
 pub mod privileges;
 mod proof;
 
+use crate::error_chain;
 use crate::events::{FlowEvent, SourceKind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,6 +50,9 @@ pub struct CaptureHealth {
     /// Connection ends the eBPF source reported (its `nf_ct_delete` hook), which help prove
     /// that hook.
     pub ebpf_ends: AtomicU64,
+    /// Connections the eBPF source reported from its `nf_nat_setup_info` hook, which prove that
+    /// hook where BPF run statistics are unavailable.
+    pub nat_setup_events: AtomicU64,
     hooks: Mutex<Vec<HookStatus>>,
 }
 
@@ -100,7 +104,11 @@ pub enum CaptureError {
     Ebpf(#[from] ebpf::EbpfError),
     #[error("netlink capture: {0}")]
     Netlink(#[from] netlink::NetlinkError),
-    #[error("no capture source works here. eBPF: {ebpf}. netlink: {netlink}")]
+    #[error(
+        "no capture source works here. eBPF: {}. netlink: {}",
+        error_chain(ebpf),
+        error_chain(netlink)
+    )]
     Neither {
         ebpf: ebpf::EbpfError,
         netlink: netlink::NetlinkError,
@@ -160,7 +168,10 @@ pub async fn start(
             })
         }
         Err(err) if choice == SourceChoice::Auto => {
-            log::warn!("eBPF capture unavailable ({err}); using netlink conntrack events instead");
+            log::warn!(
+                "eBPF capture unavailable ({}); using netlink conntrack events instead",
+                error_chain(&err)
+            );
             netlink_only(netns, tx, &health)
                 .map_err(|netlink| CaptureError::Neither { ebpf: err, netlink })
         }
@@ -198,6 +209,9 @@ fn with_ebpf(
         .iter()
         .any(|h| h.proof == ebpf::Proof::EveryEnd && !h.prog_ids.is_empty());
     let ends = connection_ends(netns, tx, health);
+    if ends.is_none() && delete_to_prove {
+        log::warn!("netlink conntrack events cannot start, so nothing can show whether the nf_ct_delete hook misses ends: it is proven by the ends it reports itself, and ends it misses go unreported");
+    }
     let (stand_in, for_good) = match ends {
         Some(ends) if delete_to_prove => (Some(ends), None),
         Some(ends) => (None, Some(ends.capture)),
@@ -243,17 +257,24 @@ async fn attach_when_loaded(
             with_ebpf(ebpf, &netns, tx, &health)
         }
         Err(err) if choice == SourceChoice::Auto => {
-            log::warn!("eBPF capture unavailable once nf_conntrack was loaded ({err}); using netlink conntrack events instead");
+            log::warn!("eBPF capture unavailable once nf_conntrack was loaded ({}); using netlink conntrack events instead", error_chain(&err));
             match netlink_only(&netns, tx, &health) {
                 Ok(capture) => capture,
                 Err(netlink) => {
-                    log::error!("no capture source works here. eBPF: {err}. netlink: {netlink}");
+                    log::error!(
+                        "no capture source works here. eBPF: {}. netlink: {}",
+                        error_chain(&err),
+                        error_chain(&netlink)
+                    );
                     return;
                 }
             }
         }
         Err(err) => {
-            log::error!("eBPF capture failed once nf_conntrack was loaded: {err}");
+            log::error!(
+                "eBPF capture failed once nf_conntrack was loaded: {}",
+                error_chain(&err)
+            );
             return;
         }
     };

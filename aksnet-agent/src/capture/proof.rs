@@ -5,8 +5,10 @@
 //! Until proven, whatever replaces a hook keeps running beside it (for `nf_ct_delete`: netlink
 //! DESTROY events; the flow table ignores a second end of the same connection). The proof reads
 //! the kernel's run counts of the hook's programs (BPF statistics, enabled only while proving) and
-//! the ends each source reported: `nf_ct_delete` is proven once netlink has reported
-//! [`PROOF_ENDS`] connection ends and the hook ran at least as often and reported ends itself.
+//! the events each source reported: `nf_nat_setup_info` is proven by one run or one connection it
+//! reported; `nf_ct_delete` once netlink has reported [`PROOF_ENDS`] connection ends and the hook
+//! reported at least as many itself (and ran at least as often, where run counts are available).
+//! Without netlink, `nf_ct_delete` is the only source of ends and is proven by reporting one.
 //! A hook that fails its proof is reported with one WARN line and `aksnet_capture_hook_attached`
 //! 0, and its replacement stays for the life of the process.
 
@@ -51,25 +53,37 @@ pub async fn prove(
     let stats = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
         Ok(fd) => Some(fd),
         Err(err) => {
-            log::info!("cannot enable BPF run statistics ({err}); optional hooks are proven by the events they report alone");
+            log::info!("cannot enable BPF run statistics ({err}); optional hooks are proven by the events they report alone (connections from nf_nat_setup_info, ends from nf_ct_delete)");
             None
         }
     };
     let ids: Vec<u32> = pending.iter().flat_map(|h| h.prog_ids.clone()).collect();
     let runs_at_start = run_counts(&ids);
     let ebpf_ends_at_start = health.ebpf_ends.load(Ordering::Relaxed);
+    let nat_events_at_start = health.nat_setup_events.load(Ordering::Relaxed);
+    let netlink_ends =
+        |stand_in: &Option<EndsStandIn>| stand_in.as_ref().map(|s| s.ends.load(Ordering::Relaxed));
     let mut interval = tokio::time::interval(PROOF_POLL);
+    // The first tick is immediate: netlink's ends are counted from one poll later, so that each
+    // has its eBPF report (written before netlink's message is sent) inside the eBPF window.
+    interval.tick().await;
     let deadline = tokio::time::Instant::now() + PROOF_WINDOW;
+    let mut netlink_base = None;
+    let mut netlink_settled = netlink_ends(&stand_in).map(|_| 0);
     while !pending.is_empty() && tokio::time::Instant::now() < deadline {
         interval.tick().await;
-        let runs_now = run_counts(&ids);
+        let netlink_now = netlink_ends(&stand_in);
+        let base = *netlink_base.get_or_insert(netlink_now);
         let evidence = Evidence {
             stats: stats.is_some(),
-            netlink_ends: stand_in
-                .as_ref()
-                .map_or(0, |s| s.ends.load(Ordering::Relaxed)),
+            netlink_ends: netlink_settled,
             ebpf_ends: health.ebpf_ends.load(Ordering::Relaxed) - ebpf_ends_at_start,
+            nat_setup_events: health.nat_setup_events.load(Ordering::Relaxed) - nat_events_at_start,
         };
+        // Counted at this poll, judged at the next: by then the eBPF reports of these ends have
+        // had a whole poll to be read from the ring buffer.
+        netlink_settled = netlink_now.zip(base).map(|(now, base)| now - base);
+        let runs_now = run_counts(&ids);
         pending.retain(|hook| {
             let runs: u64 = hook
                 .prog_ids
@@ -100,7 +114,9 @@ pub async fn prove(
                 Judgement::Misses => {
                     let detail = format!(
                         "attached but not firing for every connection end: {runs} runs and {} ends reported, while netlink reported {} ends; instead: {}",
-                        evidence.ebpf_ends, evidence.netlink_ends, hook.fallback
+                        evidence.ebpf_ends,
+                        evidence.netlink_ends.unwrap_or(0),
+                        hook.fallback
                     );
                     log::warn!("optional hook {} {detail}", hook.status.name);
                     health.update_hook(HookStatus {
@@ -129,9 +145,15 @@ pub async fn prove(
 
 /// What the capture saw since proving began.
 struct Evidence {
+    /// BPF run statistics are on, so `runs` counts.
     stats: bool,
-    netlink_ends: u64,
+    /// Ends netlink reported from one poll after proving began to the previous poll; `None`
+    /// when netlink could not start.
+    netlink_ends: Option<u64>,
+    /// Ends the eBPF source reported since proving began.
     ebpf_ends: u64,
+    /// Connections the `nf_nat_setup_info` hook reported since proving began.
+    nat_setup_events: u64,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -144,17 +166,23 @@ enum Judgement {
 impl Evidence {
     /// `runs`: the hook's programs' runs since proving began (0 without statistics).
     fn judge(&self, proof: Proof, runs: u64) -> Judgement {
-        match proof {
-            Proof::Runs if runs > 0 => Judgement::Fires,
-            Proof::Runs => Judgement::Undecided,
-            Proof::EveryEnd if self.netlink_ends < PROOF_ENDS => Judgement::Undecided,
-            // Runs count every namespace's ends, netlink only the observed one's: a hook that
-            // sees every end runs at least as often. Its own ends show it reads the right
-            // argument.
-            Proof::EveryEnd if self.ebpf_ends > 0 && (!self.stats || runs >= self.netlink_ends) => {
+        match (proof, self.netlink_ends) {
+            (Proof::Runs, _) if runs > 0 || self.nat_setup_events > 0 => Judgement::Fires,
+            (Proof::Runs, _) => Judgement::Undecided,
+            // Nothing to compare with: the hook is the only source of ends, and reporting one
+            // shows it fires and reads the right argument.
+            (Proof::EveryEnd, None) if self.ebpf_ends > 0 => Judgement::Fires,
+            (Proof::EveryEnd, None) => Judgement::Undecided,
+            (Proof::EveryEnd, Some(netlink)) if netlink < PROOF_ENDS => Judgement::Undecided,
+            // Both count the observed namespace's ends: a hook that sees every end reports at
+            // least as many as netlink over the same window. Runs count every namespace's ends,
+            // so they too are at least netlink's.
+            (Proof::EveryEnd, Some(netlink))
+                if self.ebpf_ends >= netlink && (!self.stats || runs >= netlink) =>
+            {
                 Judgement::Fires
             }
-            Proof::EveryEnd => Judgement::Misses,
+            (Proof::EveryEnd, Some(_)) => Judgement::Misses,
         }
     }
 }
@@ -175,8 +203,9 @@ mod tests {
     fn evidence(netlink_ends: u64, ebpf_ends: u64) -> Evidence {
         Evidence {
             stats: true,
-            netlink_ends,
+            netlink_ends: Some(netlink_ends),
             ebpf_ends,
+            nat_setup_events: 0,
         }
     }
 
@@ -189,9 +218,9 @@ mod tests {
     }
 
     #[test]
-    fn a_delete_hook_that_runs_for_every_end_fires() {
+    fn a_delete_hook_that_reports_every_end_fires() {
         assert_eq!(
-            evidence(PROOF_ENDS, 2).judge(Proof::EveryEnd, PROOF_ENDS + 4),
+            evidence(PROOF_ENDS, PROOF_ENDS).judge(Proof::EveryEnd, PROOF_ENDS + 4),
             Judgement::Fires
         );
     }
@@ -203,6 +232,11 @@ mod tests {
             evidence(PROOF_ENDS + 3, 1).judge(Proof::EveryEnd, 1),
             Judgement::Misses
         );
+        // One end of its own is not enough when netlink saw three, however often it ran.
+        assert_eq!(
+            evidence(PROOF_ENDS, 1).judge(Proof::EveryEnd, 50),
+            Judgement::Misses
+        );
         // Runs but never a reported end: it reads the wrong argument.
         assert_eq!(
             evidence(PROOF_ENDS, 0).judge(Proof::EveryEnd, 50),
@@ -211,18 +245,41 @@ mod tests {
     }
 
     #[test]
-    fn without_statistics_reported_ends_prove_the_delete_hook() {
-        let e = Evidence {
-            stats: false,
-            netlink_ends: PROOF_ENDS,
-            ebpf_ends: 1,
+    fn without_statistics_reported_ends_alone_judge_the_delete_hook() {
+        let judge = |ebpf_ends| {
+            Evidence {
+                stats: false,
+                ..evidence(PROOF_ENDS, ebpf_ends)
+            }
+            .judge(Proof::EveryEnd, 0)
         };
-        assert_eq!(e.judge(Proof::EveryEnd, 0), Judgement::Fires);
+        assert_eq!(judge(PROOF_ENDS), Judgement::Fires);
+        assert_eq!(judge(PROOF_ENDS - 1), Judgement::Misses);
+    }
+
+    #[test]
+    fn without_netlink_the_delete_hook_is_proven_by_its_own_ends() {
+        let alone = |ebpf_ends| Evidence {
+            netlink_ends: None,
+            ..evidence(0, ebpf_ends)
+        };
+        assert_eq!(alone(0).judge(Proof::EveryEnd, 10), Judgement::Undecided);
+        assert_eq!(alone(1).judge(Proof::EveryEnd, 1), Judgement::Fires);
     }
 
     #[test]
     fn a_nat_hook_fires_on_its_first_run() {
         assert_eq!(evidence(0, 0).judge(Proof::Runs, 0), Judgement::Undecided);
         assert_eq!(evidence(0, 0).judge(Proof::Runs, 1), Judgement::Fires);
+    }
+
+    #[test]
+    fn without_statistics_a_nat_hook_is_proven_by_a_connection_it_reported() {
+        let e = Evidence {
+            stats: false,
+            nat_setup_events: 1,
+            ..evidence(0, 0)
+        };
+        assert_eq!(e.judge(Proof::Runs, 0), Judgement::Fires);
     }
 }
