@@ -10,28 +10,18 @@
 //! Built as a test of aksnet-agent (see its Cargo.toml) so that cargo builds the agent binary
 //! fresh before it runs; the file lives here with the other end-to-end tests. Needs root.
 
-use aksnet_tests::agent::{
-    assert_no_failures, dumped, of_event, reported, run_scenarios, Agent, Dumped, Placement,
-};
+use aksnet_tests::agent::{assert_no_failures, of_event, run_scenarios, Agent, Placement};
 use aksnet_tests::conntrack::{self, Entry, Witness};
+use aksnet_tests::exactness::node_capture;
 use aksnet_tests::prometheus::in_netns;
 use aksnet_tests::require_root;
 use serde_json::Value;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use xtask::lab::{ApiServerAccess, Cni, Host, Lab, LabOptions, NatKind, Scenario};
+use xtask::lab::{ApiServerAccess, Cni, Host, Lab, LabOptions, Scenario};
 
 /// Where each node's agent serves its metrics, inside that node's namespace.
 const METRICS: &str = "127.0.0.1:9965";
-
-fn nat_names(kind: NatKind) -> Vec<&'static str> {
-    match kind {
-        NatKind::None => vec![],
-        NatKind::Dnat => vec!["dnat"],
-        NatKind::Snat => vec!["snat"],
-        NatKind::DnatSnat => vec!["dnat", "snat"],
-    }
-}
 
 /// The sum of `aksnet_model_deviations_total` over its series, scraped from the agent on
 /// `netns`; an error if the scrape is not the agent's (no `aksnet_flows_observed_total`).
@@ -50,7 +40,9 @@ fn deviations_counted(netns: &str) -> Result<f64, String> {
         .sum())
 }
 
-/// What one node's agent and witness saw, checked against the scenarios' expectations there.
+/// What one node's agent and witness saw, checked against the scenarios' expectations there;
+/// beyond them, everything else the node saw must be classified and conform too (the test's own
+/// scrape of the agent's metrics is on loopback).
 fn check_node(
     node: Host,
     scenarios: &[Scenario],
@@ -59,80 +51,11 @@ fn check_node(
     failures: &mut Vec<String>,
 ) -> usize {
     let on = node.suffix();
-    let opened: Vec<Dumped> = of_event(lines, "new").filter_map(dumped).collect();
-    let ended: Vec<Dumped> = of_event(lines, "destroy").filter_map(dumped).collect();
-
-    // Exactly once: no connection is reported opened twice.
-    for (i, a) in opened.iter().enumerate() {
-        if opened[..i]
-            .iter()
-            .any(|b| b.proto == a.proto && b.original == a.original)
-        {
-            failures.push(format!("{on}: reported twice: {}", a.line));
-        }
-    }
-    // Every connection ends once, with the translation it opened with.
-    for d in &opened {
-        let ends = ended
-            .iter()
-            .filter(|e| e.proto == d.proto && e.original == d.original);
-        match ends.collect::<Vec<_>>().as_slice() {
-            [end] if end.reply == d.reply => {}
-            [] => failures.push(format!("{on}: never reported ended: {}", d.line)),
-            many => failures.push(format!("{on}: {} ends for {}", many.len(), d.line)),
-        }
-    }
-    // The witness and the agent agree on every NAT translation, both ways.
-    let same = |d: &Dumped, e: &Entry| {
-        d.proto == e.proto && d.original == e.original && d.reply == e.reply
-    };
-    for entry in witnessed {
-        if !opened.iter().any(|d| same(d, entry)) {
-            failures.push(format!(
-                "{on}: conntrack -E saw it, the agent did not: {}",
-                entry.line
-            ));
-        }
-    }
-    for d in &opened {
-        if !witnessed.iter().any(|e| same(d, e)) {
-            failures.push(format!(
-                "{on}: the agent reported it, conntrack -E did not: {}",
-                d.line
-            ));
-        }
-    }
-    // Every scenario's expected entries on this node: right tuples, NAT, path and verdict.
-    let mut expected_flows: Vec<&str> = Vec::new();
-    for scenario in scenarios {
-        for expected in scenario.expected_on(node) {
-            for d in reported(&opened, scenario, expected, failures) {
-                expected_flows.push(&d.line);
-                if d.nat != nat_names(expected.nat) {
-                    failures.push(format!(
-                        "{} on {on}: NAT {:?}, expected {expected}",
-                        scenario.name, d.nat
-                    ));
-                }
-                if d.path.as_deref() != Some(expected.path.as_str()) || d.verdict != "conforms" {
-                    failures.push(format!(
-                        "{} on {on}: classified {:?} {} ({:?}), expected {} conforms: {}",
-                        scenario.name,
-                        d.path,
-                        d.verdict,
-                        d.reason,
-                        expected.path.as_str(),
-                        d.line
-                    ));
-                }
-            }
-        }
-    }
-    // Everything else the node saw is classified and conforms too; the test's own scrape of
-    // the agent's metrics is on loopback.
-    let others = opened
-        .iter()
-        .filter(|d| !d.original.dst.ip().is_loopback() && !expected_flows.contains(&&*d.line));
+    let capture = node_capture(node, scenarios, witnessed, lines);
+    failures.extend(capture.failures.iter().map(|f| format!("{on}: {f}")));
+    let others = capture.opened.iter().filter(|d| {
+        !d.original.dst.ip().is_loopback() && !capture.expected_lines.contains(&d.line)
+    });
     for d in others {
         if d.verdict != "conforms" {
             failures.push(format!(
@@ -141,7 +64,7 @@ fn check_node(
             ));
         }
     }
-    opened.len()
+    capture.opened.len()
 }
 
 fn end_to_end(cni: Cni, source: &str, api_server: ApiServerAccess) {

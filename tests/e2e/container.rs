@@ -21,7 +21,7 @@
 
 use aksnet_tests::agent::{assert_no_failures, run_scenarios, Agent};
 use aksnet_tests::conntrack::{self, Witness};
-use aksnet_tests::exactness::capture_failures;
+use aksnet_tests::exactness::node_capture;
 use aksnet_tests::prometheus::poll_ok;
 use aksnet_tests::require_root;
 use std::collections::BTreeMap;
@@ -32,7 +32,7 @@ use xtask::image::daemonset::{AgentPod, Node};
 use xtask::image::podman::Podman;
 use xtask::image::seccomp;
 use xtask::lab::topology::plan;
-use xtask::lab::{Cni, Lab, LabOptions, Scenario};
+use xtask::lab::{Cni, Host, Lab, LabOptions, Scenario};
 
 const METRICS: &str = "0.0.0.0:9965";
 const SCRAPE: &str = "http://127.0.0.1:9965";
@@ -360,8 +360,9 @@ fn daemonset_captures_exactly(
     let witnessed = witness.finish();
     conntrack::flush(&node).unwrap();
     let lines = agent.finish();
-    let (opened, capture) = capture_failures(&scenarios, &witnessed, &lines);
-    failures.extend(capture);
+    let capture = node_capture(Host::Node, &scenarios, &witnessed, &lines);
+    let opened = capture.opened.len();
+    failures.extend(capture.failures);
     lab.down().unwrap();
     assert_no_failures(
         format_args!("{cni} in podman, RuntimeDefault = {default:?}"),

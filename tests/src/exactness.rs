@@ -5,7 +5,7 @@
 use crate::agent::{dumped, of_event, reported, Dumped};
 use crate::conntrack::Entry;
 use serde_json::Value;
-use xtask::lab::{NatKind, Scenario};
+use xtask::lab::{Host, NatKind, Scenario};
 
 fn nat_names(kind: NatKind) -> Vec<&'static str> {
     match kind {
@@ -33,14 +33,25 @@ pub fn witness_mismatches(witnessed: &[Entry], opened: &[Dumped]) -> Vec<String>
     unreported.chain(unwitnessed).collect()
 }
 
-/// Every way the agent's dump `lines` fall short of the witness's `witnessed` entries and of
-/// `scenarios`' expectations, after the node's table was flushed (so every connection ended);
-/// empty when the capture was exact. Also returns the number of flows reported opened.
-pub fn capture_failures(
+/// What one node's agent reported, checked: the flows it reported opened, the dump lines of
+/// those a scenario expected there, and every way the capture fell short.
+pub struct NodeCapture {
+    pub opened: Vec<Dumped>,
+    pub expected_lines: Vec<String>,
+    pub failures: Vec<String>,
+}
+
+/// Every way the agent's dump `lines` on `node` fall short of the witness's `witnessed` entries
+/// and of `scenarios`' expectations on that node, after the node's table was flushed (so every
+/// connection ended): each connection opened once and ended once with the translation it opened
+/// with, the same translations as the witness (both ways), each expected entry with its NAT, on
+/// its path, conforming.
+pub fn node_capture(
+    node: Host,
     scenarios: &[Scenario],
     witnessed: &[Entry],
     lines: &[Value],
-) -> (usize, Vec<String>) {
+) -> NodeCapture {
     let opened: Vec<Dumped> = of_event(lines, "new").filter_map(dumped).collect();
     let ended: Vec<Dumped> = of_event(lines, "destroy").filter_map(dumped).collect();
     let mut failures = Vec::new();
@@ -64,9 +75,11 @@ pub fn capture_failures(
         }
     }
     failures.extend(witness_mismatches(witnessed, &opened));
+    let mut expected_lines = Vec::new();
     for scenario in scenarios {
-        for expected in scenario.expected_on_node() {
+        for expected in scenario.expected_on(node) {
             for d in reported(&opened, scenario, expected, &mut failures) {
+                expected_lines.push(d.line.clone());
                 if d.nat != nat_names(expected.nat) {
                     failures.push(format!(
                         "{}: NAT {:?}, expected {expected}",
@@ -87,5 +100,9 @@ pub fn capture_failures(
             }
         }
     }
-    (opened.len(), failures)
+    NodeCapture {
+        opened,
+        expected_lines,
+        failures,
+    }
 }
