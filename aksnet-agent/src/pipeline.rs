@@ -347,6 +347,7 @@ impl Agent {
                 },
                 _ = sleep_until(waiting.next_deadline().map(Instant::from_std)) => {
                     pipeline.handle_all(waiting.expire(now()), options.count)?;
+                    pipeline.flush()?;
                 }
                 Ok(()) = updates.changed() => {
                     pipeline.classifier = updates.borrow_and_update().clone();
@@ -364,12 +365,14 @@ impl Agent {
         while !pipeline.done(options.count) && Instant::now() < drain_end {
             match tokio::time::timeout(DRAIN_QUIET, rx.recv()).await {
                 Ok(Some(event)) => {
-                    pipeline.handle_all(waiting.offer(event, now()), options.count)?
+                    pipeline.handle_all(waiting.offer(event, now()), options.count)?;
+                    pipeline.flush()?;
                 }
                 Ok(None) | Err(_) => break,
             }
         }
         pipeline.handle_all(waiting.drain(), options.count)?;
+        pipeline.flush()?;
         let lost = health.lost.load(std::sync::atomic::Ordering::Relaxed);
         let recovered = health.recovered.load(std::sync::atomic::Ordering::Relaxed);
         if lost > 0 {
@@ -481,7 +484,7 @@ impl<W: Write> Pipeline<W> {
     }
 
     /// Handles `first` and what is already queued behind it, up to [`EVENT_BATCH`]: the loop
-    /// wakes up once per batch, not once per event.
+    /// wakes up, and the dump is written out, once per batch, not once per event.
     fn handle_queued(
         &mut self,
         first: FlowEvent,
@@ -499,7 +502,15 @@ impl<W: Write> Pipeline<W> {
             }
             next = rx.try_recv().ok();
         }
-        Ok(())
+        self.flush()
+    }
+
+    /// Writes out the dump lines of the events handled since the last flush.
+    fn flush(&mut self) -> Result<(), AgentError> {
+        match &mut self.dump {
+            Some(dump) => dump.flush().map_err(AgentError::Output),
+            None => Ok(()),
+        }
     }
 
     /// [`handle`](Self::handle)s events in order, stopping once `--count` lines are shown.

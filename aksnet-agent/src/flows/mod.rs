@@ -4,14 +4,17 @@
 //! eBPF and netlink sources both running, a NAT status change), so the table decides what is new:
 //! downstream outputs see each connection opened once, changed when its NAT changed, and closed once.
 
+mod entry;
+mod store;
 mod wait;
 
 pub use wait::{InterfaceWait, INTERFACES_WAIT};
 
 use crate::events::{EventKind, FlowEvent, FlowKey};
 use aksnet_common::ct_status;
-use std::collections::{HashMap, VecDeque};
+use entry::Entry;
 use std::time::SystemTime;
+use store::Store;
 
 /// A live connection as the table knows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -20,8 +23,6 @@ pub struct Flow {
     pub event: FlowEvent,
     pub first_seen: SystemTime,
     pub last_seen: SystemTime,
-    /// Insertion order, for eviction when the table is full.
-    seq: u64,
     /// Earlier connections on the same tuple this flow (and its predecessors) replaced before
     /// their ends were seen: that many ends without an instance id (netlink's) are theirs.
     earlier_ends_pending: u32,
@@ -53,13 +54,11 @@ pub struct TableStats {
     pub evicted: u64,
 }
 
-/// Bounded map of live connections keyed by conntrack identity.
+/// Bounded map of live connections keyed by conntrack identity. Entries are stored packed
+/// ([`entry`]) and unpacked into a [`Flow`] when an event concerns them.
 pub struct FlowTable {
-    flows: HashMap<FlowKey, Flow>,
-    /// Keys in insertion order; entries whose `seq` no longer matches are stale and skipped.
-    order: VecDeque<(FlowKey, u64)>,
+    store: Store,
     capacity: usize,
-    next_seq: u64,
     evicted: u64,
     /// Flows evicted since the last [`FlowTable::drain_evicted`]: their ends will never be seen,
     /// so whoever accounts for live flows must close them.
@@ -70,10 +69,9 @@ impl FlowTable {
     /// A table that holds at most `capacity` live flows, evicting the oldest beyond that.
     pub fn new(capacity: usize) -> Self {
         FlowTable {
-            flows: HashMap::new(),
-            order: VecDeque::new(),
-            capacity: capacity.max(1),
-            next_seq: 0,
+            store: Store::new(),
+            // Slots are numbered by `u32`s.
+            capacity: capacity.clamp(1, u32::MAX as usize),
             evicted: 0,
             evicted_flows: Vec::new(),
         }
@@ -81,32 +79,31 @@ impl FlowTable {
 
     pub fn apply(&mut self, event: FlowEvent) -> Update {
         let key = event.key();
-        let Some(flow) = self.flows.get_mut(&key) else {
+        let Some(slot) = self.store.find(&key) else {
             return match event.kind {
                 EventKind::Destroy => Update::Unchanged,
-                EventKind::New | EventKind::NatChanged => Update::Opened(self.insert(key, event)),
+                EventKind::New | EventKind::NatChanged => Update::Opened(self.insert(event, 0)),
             };
         };
+        let mut flow = self.store.entry(slot).flow();
         match event.kind {
-            EventKind::Destroy if !ends(flow, &event) => Update::Unchanged,
+            EventKind::Destroy if !ends(&mut flow, &event) => {
+                *self.store.entry_mut(slot) = Entry::new(&flow);
+                Update::Unchanged
+            }
             EventKind::Destroy => {
-                let mut flow = self.flows.remove(&key).expect("just found");
+                self.store.remove(slot);
                 flow.last_seen = event.ts;
                 merge_details(&mut flow.event, &event);
                 Update::Closed(flow)
             }
-            EventKind::New if replaces(flow, &event) => {
-                let mut ended = self.flows.remove(&key).expect("just found");
-                ended.last_seen = event.ts;
-                let pending = ended.earlier_ends_pending + 1;
-                let mut opened = self.insert(key, event);
-                opened.earlier_ends_pending = pending;
-                self.flows
-                    .get_mut(&key)
-                    .expect("just inserted")
-                    .earlier_ends_pending = pending;
+            EventKind::New if replaces(&flow, &event) => {
+                self.store.remove(slot);
+                flow.last_seen = event.ts;
+                let pending = flow.earlier_ends_pending + 1;
+                let opened = self.insert(event, pending);
                 Update::Replaced {
-                    ended: Box::new(ended),
+                    ended: Box::new(flow),
                     opened,
                 }
             }
@@ -117,7 +114,10 @@ impl FlowTable {
                 if nat_changed {
                     flow.event.reply = event.reply;
                     flow.event.status = event.status;
-                    Update::NatChanged(flow.clone())
+                }
+                *self.store.entry_mut(slot) = Entry::new(&flow);
+                if nat_changed {
+                    Update::NatChanged(flow)
                 } else {
                     Update::Unchanged
                 }
@@ -125,33 +125,25 @@ impl FlowTable {
         }
     }
 
-    fn insert(&mut self, key: FlowKey, event: FlowEvent) -> Flow {
-        if self.flows.len() >= self.capacity {
+    fn insert(&mut self, event: FlowEvent, earlier_ends_pending: u32) -> Flow {
+        if self.store.len() >= self.capacity {
             self.evict_oldest();
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
         let flow = Flow {
             first_seen: event.ts,
             last_seen: event.ts,
             event,
-            seq,
-            earlier_ends_pending: 0,
+            earlier_ends_pending,
         };
-        self.order.push_back((key, seq));
-        self.flows.insert(key, flow.clone());
-        self.compact_order();
+        self.store.insert(Entry::new(&flow));
         flow
     }
 
     fn evict_oldest(&mut self) {
-        while let Some((key, seq)) = self.order.pop_front() {
-            if self.flows.get(&key).is_some_and(|f| f.seq == seq) {
-                let flow = self.flows.remove(&key).expect("just found");
-                self.evicted_flows.push(flow);
-                self.evicted += 1;
-                return;
-            }
+        if let Some(slot) = self.store.oldest() {
+            let flow = self.store.remove(slot).flow();
+            self.evicted_flows.push(flow);
+            self.evicted += 1;
         }
     }
 
@@ -160,23 +152,16 @@ impl FlowTable {
         self.evicted_flows.drain(..)
     }
 
-    /// Drops stale order entries (flows closed since) once they outnumber the live ones, so the
-    /// queue stays proportional to the table.
-    fn compact_order(&mut self) {
-        if self.order.len() > 2 * self.flows.len() + 64 {
-            let flows = &self.flows;
-            self.order
-                .retain(|(key, seq)| flows.get(key).is_some_and(|f| f.seq == *seq));
-        }
-    }
-
-    pub fn get(&self, key: &FlowKey) -> Option<&Flow> {
-        self.flows.get(key)
+    /// The live flow with `key`, unpacked.
+    pub fn get(&self, key: &FlowKey) -> Option<Flow> {
+        self.store
+            .find(key)
+            .map(|slot| self.store.entry(slot).flow())
     }
 
     pub fn stats(&self) -> TableStats {
         TableStats {
-            live: self.flows.len(),
+            live: self.store.len(),
             evicted: self.evicted,
         }
     }
@@ -317,9 +302,9 @@ mod tests {
             table.apply(event(EventKind::Destroy, port, 5000));
         }
         assert!(
-            table.order.len() <= 64 + 2,
-            "order queue grew to {}",
-            table.order.len()
+            table.store.slots() <= 64 + 2,
+            "the store grew to {} slots",
+            table.store.slots()
         );
     }
 

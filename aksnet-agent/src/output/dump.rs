@@ -167,15 +167,23 @@ pub fn read_line(line: &str) -> Result<ReadFlow, String> {
     })
 }
 
-/// Writes dump lines to a writer, flushing each so that a pipe reader sees flows live.
+/// Writes dump lines to a writer through a buffer: the caller [`flush`](Dump::flush)es once per
+/// batch of handled events, so a pipe reader sees flows live at one write(2) per batch rather
+/// than one per line.
 pub struct Dump<W: Write> {
     format: Format,
-    out: W,
+    out: io::BufWriter<W>,
 }
+
+/// Room for a batch of lines before the buffer writes out early (about 150 JSON lines).
+const BUFFER: usize = 64 * 1024;
 
 impl<W: Write> Dump<W> {
     pub fn new(format: Format, out: W) -> Self {
-        Dump { format, out }
+        Dump {
+            format,
+            out: io::BufWriter::with_capacity(BUFFER, out),
+        }
     }
 
     pub fn write(&mut self, view: &FlowView<'_>) -> io::Result<()> {
@@ -188,7 +196,11 @@ impl<W: Write> Dump<W> {
 
     /// Writes a pre-rendered block (an `explain` diagram) the same way.
     pub fn write_raw(&mut self, text: &str) -> io::Result<()> {
-        writeln!(self.out, "{text}")?;
+        writeln!(self.out, "{text}")
+    }
+
+    /// Hands what was written since the last flush to the writer.
+    pub fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
     }
 }
