@@ -93,10 +93,14 @@ pub fn run(rig: &Rig, plan: &Plan, subjects: &[Subject]) -> Result<Vec<Row>, Ben
 }
 
 fn rows(plan: &Plan, samples: &[Vec<Sample>]) -> Vec<Row> {
-    let agg = format!(
-        "median (min–max) of {} runs, alternating with the baseline",
-        plan.runs
-    );
+    let agg = if samples.len() > 1 {
+        format!(
+            "median (min–max) of {} runs, alternating with the baseline",
+            plan.runs
+        )
+    } else {
+        format!("median (min–max) of {} runs", plan.runs)
+    };
     let figure = |f: &dyn Fn(&Sample) -> f64, unit: &str, digits: usize| {
         let values: Vec<Vec<f64>> = samples.iter().map(|s| s.iter().map(f).collect()).collect();
         values
