@@ -27,8 +27,8 @@ use tokio::time::Instant;
 /// Events waiting between the capture and the pipeline; beyond this the capture's own buffers
 /// (ring buffer, netlink socket) absorb bursts and count what they lose.
 const EVENT_QUEUE: usize = 65_536;
-/// Live flows the table holds by default before it evicts the oldest: about 120 MiB at the
-/// ~600 bytes a flow costs (BENCHMARKS.md), inside the DaemonSet's memory limit.
+/// Live flows the table holds by default before it evicts the oldest: about 35 MiB at the
+/// ~170 bytes a flow costs (BENCHMARKS.md), inside the DaemonSet's memory limit.
 pub const DEFAULT_MAX_FLOWS: usize = 200_000;
 /// Events handled in a row before the loop looks at its timers and signals again.
 const EVENT_BATCH: usize = 1024;
