@@ -8,6 +8,7 @@
 use aksnet_agent::capture::netns::{Netns, NetnsTarget};
 use aksnet_agent::metrics::conntrack::{ConntrackReader, ConntrackStats};
 use aksnet_agent::metrics::{Metrics, MetricsConfig};
+use aksnet_tests::run;
 use std::collections::BTreeMap;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -19,19 +20,6 @@ use std::time::Duration;
 const CONNECTIONS: usize = 20;
 /// Raw TCP packets with SYN and RST both set: conntrack counts each as invalid.
 const INVALID_PACKETS: usize = 7;
-
-fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("could not run {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// A namespace made for this test, deleted on drop even when the test fails.
 struct Namespace(String);

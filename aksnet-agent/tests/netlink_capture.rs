@@ -10,6 +10,7 @@ use aksnet_agent::capture::netns::{IfNames, Netns, NetnsTarget};
 use aksnet_agent::capture::CaptureHealth;
 use aksnet_agent::events::{EventKind, FlowEvent, Proto, Tuple};
 use aksnet_common::ct_status;
+use aksnet_tests::run;
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -29,19 +30,6 @@ const EVENTS_SYSCTL: &str = "/proc/sys/net/netfilter/nf_conntrack_events";
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
-}
-
-fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("could not run {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Namespaces made for one test, deleted on drop even when the test fails.

@@ -15,3 +15,18 @@ pub fn require_root() {
         "these tests build network namespaces and need root (CI runs them as root)"
     );
 }
+
+/// Runs `args` (program first) to completion and returns its stdout; panics with the program's
+/// stderr when it cannot start or fails, which fails the test that needed it.
+pub fn run(args: &[&str]) -> String {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("could not run {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
