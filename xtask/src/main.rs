@@ -34,6 +34,10 @@ enum Command {
         /// figures, in alternation, and show its figures beside.
         #[arg(long, value_name = "PATH")]
         baseline: Option<std::path::PathBuf>,
+        /// Measure only these sections (comma-separated) and print them; BENCHMARKS.md is only
+        /// written by a full run.
+        #[arg(long, value_delimiter = ',', value_name = "SECTION")]
+        only: Vec<xtask::bench::Section>,
     },
     /// Build the agent's runtime image (the Dockerfile's runtime stage) with podman, offline: the
     /// base from debootstrap, the agent built here. Reports its size.
@@ -71,10 +75,11 @@ fn main() -> anyhow::Result<()> {
             quick,
             agent,
             baseline,
+            only,
         } => {
             xtask::bench::run(
                 workspace,
-                &xtask::bench::Plan::new(quick),
+                &xtask::bench::Plan::new(quick, &only),
                 agent.as_deref(),
                 baseline.as_deref(),
             )?;

@@ -23,10 +23,30 @@ use rig::Rig;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// How much to measure: the full run (under ~10 minutes on 2 cores once built) or a smoke run.
-#[derive(Clone, Copy, Debug)]
+/// One part of the bench, for `--only`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    /// Criterion figures of the userspace pipeline.
+    Userspace,
+    /// The flow table's bytes per live flow.
+    Memory,
+    /// CPU time per connection, kernel and agent.
+    Cost,
+    /// Connection rate and bulk throughput with and without the agent.
+    Datapath,
+    /// Capture completeness under load, uncapped and capped at the DaemonSet's CPU limit.
+    Completeness,
+    /// Process start to first event.
+    Startup,
+}
+
+/// How much to measure: the full run (under ~10 minutes on 2 cores once built) or a smoke run,
+/// of every section or of some.
+#[derive(Clone, Debug)]
 pub struct Plan {
     pub quick: bool,
+    /// Empty for every section.
+    only: Vec<Section>,
     datapath: datapath::Plan,
     completeness: completeness::Plan,
     cost: cost::Plan,
@@ -35,7 +55,7 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn new(quick: bool) -> Plan {
+    pub fn new(quick: bool, only: &[Section]) -> Plan {
         fn choose<T>(quick: bool, full: T, smoke: T) -> T {
             if quick {
                 smoke
@@ -45,6 +65,7 @@ impl Plan {
         }
         Plan {
             quick,
+            only: only.to_vec(),
             datapath: datapath::Plan {
                 rounds: choose(quick, 5, 2),
                 connections: choose(quick, 10_000, 2000),
@@ -69,6 +90,10 @@ impl Plan {
                 rss_runs: choose(quick, 3, 1),
             },
         }
+    }
+
+    fn measures(&self, section: Section) -> bool {
+        self.only.is_empty() || self.only.contains(&section)
     }
 }
 
@@ -103,17 +128,29 @@ pub fn run(
     }));
     let limit = cap::CpuLimit::of_daemonset(workspace)?;
     let mut rows = Vec::new();
-    println!("bench: userspace pipeline (criterion)");
-    rows.extend(userspace::pipeline(workspace, &plan.userspace)?);
-    println!("bench: flow table memory");
-    rows.extend(userspace::memory(workspace, plan.userspace.rss_runs)?);
-    println!("bench: node lab up (kubenet)");
-    let rig = Rig::up(&agent)?;
-    let lab_rows = lab_benchmarks(&rig, plan, &subjects, limit);
-    // Tear down whether or not the measurements worked; report the measurement error first.
-    let down = rig.down();
-    rows.extend(lab_rows?);
-    down?;
+    if plan.measures(Section::Userspace) {
+        println!("bench: userspace pipeline (criterion)");
+        rows.extend(userspace::pipeline(workspace, &plan.userspace)?);
+    }
+    if plan.measures(Section::Memory) {
+        println!("bench: flow table memory");
+        rows.extend(userspace::memory(workspace, plan.userspace.rss_runs)?);
+    }
+    let lab_sections = [
+        Section::Cost,
+        Section::Datapath,
+        Section::Completeness,
+        Section::Startup,
+    ];
+    if lab_sections.iter().any(|s| plan.measures(*s)) {
+        println!("bench: node lab up (kubenet)");
+        let rig = Rig::up(&agent)?;
+        let lab_rows = lab_benchmarks(&rig, plan, &subjects, limit);
+        // Tear down whether or not the measurements worked; report the measurement error first.
+        let down = rig.down();
+        rows.extend(lab_rows?);
+        down?;
+    }
     let report = Report {
         machine: Machine::read(),
         load: (load_at_start, report::load_average()),
@@ -123,6 +160,10 @@ pub fn run(
         notes: notes(plan),
     };
     println!("\n{}", report.table());
+    if !plan.only.is_empty() {
+        println!("bench: --only measured part of the bench; BENCHMARKS.md is left as it was");
+        return Ok(report);
+    }
     let path = workspace.join("BENCHMARKS.md");
     // The findings written by hand below the generated part stay.
     let kept = std::fs::read_to_string(&path)
@@ -146,24 +187,32 @@ fn lab_benchmarks(
     limit: cap::CpuLimit,
 ) -> Result<Vec<report::Row>, BenchError> {
     let mut rows = Vec::new();
-    println!("bench: cost per connection (CPU time)");
-    rows.extend(cost::run(rig, &plan.cost, subjects)?);
-    println!("bench: datapath overhead, alternating runs");
-    rows.extend(datapath::run(rig, &plan.datapath, subjects)?);
-    println!("bench: capture completeness under load");
-    rows.extend(completeness::run(rig, &plan.completeness, None)?);
-    println!(
-        "bench: capture completeness under load, agent capped at {}m CPU",
-        limit.millicores
-    );
-    let capped = completeness::Cap {
-        group: cap::CpuGroup::create(limit)?,
-        limit,
-        section: "completeness, capped",
-    };
-    rows.extend(completeness::run(rig, &plan.completeness, Some(&capped))?);
-    println!("bench: start-up");
-    rows.extend(startup::run(rig, plan.startup_runs)?);
+    if plan.measures(Section::Cost) {
+        println!("bench: cost per connection (CPU time)");
+        rows.extend(cost::run(rig, &plan.cost, subjects)?);
+    }
+    if plan.measures(Section::Datapath) {
+        println!("bench: datapath overhead, alternating runs");
+        rows.extend(datapath::run(rig, &plan.datapath, subjects)?);
+    }
+    if plan.measures(Section::Completeness) {
+        println!("bench: capture completeness under load");
+        rows.extend(completeness::run(rig, &plan.completeness, None)?);
+        println!(
+            "bench: capture completeness under load, agent capped at {}m CPU",
+            limit.millicores
+        );
+        let capped = completeness::Cap {
+            group: cap::CpuGroup::create(limit)?,
+            limit,
+            section: "completeness, capped",
+        };
+        rows.extend(completeness::run(rig, &plan.completeness, Some(&capped))?);
+    }
+    if plan.measures(Section::Startup) {
+        println!("bench: start-up");
+        rows.extend(startup::run(rig, plan.startup_runs)?);
+    }
     Ok(rows)
 }
 
