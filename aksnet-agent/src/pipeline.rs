@@ -540,6 +540,10 @@ impl<W: Write> Pipeline<W> {
                 self.close(&ended.event)?;
                 self.report(EventKind::New, &opened.event)
             }
+            Update::OpenedAndClosed(flow) => {
+                self.report(EventKind::New, &flow.event)?;
+                self.close(&flow.event)
+            }
             Update::Unchanged => Ok(()),
         }
     }

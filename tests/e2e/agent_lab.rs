@@ -257,3 +257,73 @@ fn reused_client_port_ebpf() {
 fn reused_client_port_netlink() {
     reused_client_port("netlink");
 }
+
+/// A connection that conntrack deletes right after its handshake must be reported opened and
+/// ended. Where `nf_ct_delete` cannot be hooked (this machine), the eBPF capture reports the start
+/// and netlink the end, each read on its own ~10 ms timer, so the end often reaches the flow
+/// table first.
+#[test]
+fn a_connection_deleted_at_once_is_reported_opened_and_ended() {
+    use std::net::{SocketAddrV4, TcpStream};
+    use xtask::lab::topology::plan;
+
+    const CONNECTIONS: u16 = 60;
+    const FIRST_PORT: u16 = 42_000;
+    require_root();
+    let lab = Lab::up(LabOptions::new(Cni::Kubenet)).unwrap();
+    let agent = Agent::start(
+        Path::new(env!("CARGO_BIN_EXE_aksnet-agent")),
+        &lab,
+        Placement::Beside,
+        "ebpf",
+        &[],
+        &[],
+    );
+    let (inet, node) = (lab.netns(Host::Inet), lab.netns(Host::Node));
+    let client = std::thread::spawn(move || -> Result<(), String> {
+        use socket2::{Domain, SockAddr, Socket, Type};
+        xtask::bench::load::enter(&inet).map_err(|e| e.to_string())?;
+        let frontend = SockAddr::from(SocketAddrV4::new(plan::FRONTEND_APP, 80));
+        for port in FIRST_PORT..FIRST_PORT + CONNECTIONS {
+            let local = SocketAddrV4::new(plan::CLIENT, port);
+            let socket =
+                Socket::new(Domain::IPV4, Type::STREAM, None).map_err(|e| e.to_string())?;
+            socket.bind(&local.into()).map_err(|e| e.to_string())?;
+            socket
+                .connect_timeout(&frontend, Duration::from_secs(2))
+                .map_err(|e| format!("connect from {local}: {e}"))?;
+            conntrack::delete_tcp_from(&node, local)?;
+            // A reset, which conntrack does not pick up as a new connection, ends it quietly.
+            socket
+                .set_linger(Some(Duration::ZERO))
+                .map_err(|e| e.to_string())?;
+            drop(TcpStream::from(socket));
+        }
+        Ok(())
+    });
+    let sent = client.join().expect("the client thread panicked");
+    // Both sources are read within ~10 ms; leave them ample time before stopping the agent.
+    std::thread::sleep(Duration::from_millis(300));
+    let lines = agent.finish();
+    lab.down().unwrap();
+    sent.unwrap();
+    let count = |event: &str, port: u16| {
+        of_event(&lines, event)
+            .filter(|v| {
+                v["orig"]["sport"] == port && v["orig"]["dst"] == plan::FRONTEND_APP.to_string()
+            })
+            .count()
+    };
+    let wrong: Vec<String> = (FIRST_PORT..FIRST_PORT + CONNECTIONS)
+        .filter_map(|port| {
+            let (opened, ended) = (count("new", port), count("destroy", port));
+            (opened != 1 || ended != 1)
+                .then(|| format!("client port {port}: opened {opened} times, ended {ended} times"))
+        })
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "each connection must be reported opened once and ended once:\n{}",
+        wrong.join("\n")
+    );
+}

@@ -103,6 +103,21 @@ pub fn list(netns: &str) -> Result<Vec<Entry>, String> {
     run(netns, &["-L"]).map(|out| parse(&out))
 }
 
+/// Deletes the TCP entry of the connection from `client` (its original source).
+pub fn delete_tcp_from(netns: &str, client: SocketAddrV4) -> Result<(), String> {
+    let (src, sport) = (client.ip().to_string(), client.port().to_string());
+    let args = [
+        "-D",
+        "-p",
+        "tcp",
+        "--orig-src",
+        &src,
+        "--orig-port-src",
+        &sport,
+    ];
+    run(netns, &args).map(|_| ())
+}
+
 /// Empties the table so the next listing shows only what follows.
 pub fn flush(netns: &str) -> Result<(), String> {
     run(netns, &["-F"]).map(|_| ())

@@ -4,14 +4,17 @@
 //! eBPF and netlink sources both running, a NAT status change), so the table decides what is new:
 //! downstream outputs see each connection opened once, changed when its NAT changed, and closed once.
 
+mod early;
 mod entry;
 mod store;
 mod wait;
 
+pub use early::EARLY_END_WINDOW;
 pub use wait::{InterfaceWait, INTERFACES_WAIT};
 
 use crate::events::{EventKind, FlowEvent, FlowKey};
 use aksnet_common::ct_status;
+use early::EarlyEnds;
 use entry::Entry;
 use std::time::SystemTime;
 use store::Store;
@@ -40,9 +43,12 @@ pub enum Update {
     /// A new connection on the tuple of a live one, which therefore ended (its end may still
     /// come, late, from another source).
     Replaced { ended: Box<Flow>, opened: Flow },
+    /// A connection whose end arrived shortly before its start (the sources race, see
+    /// [`EARLY_END_WINDOW`]): it opened and ended, and is not live.
+    OpenedAndClosed(Flow),
     /// Nothing an output needs to show: a repeat of a known state, the end of a connection that
-    /// was never seen open (it started before the agent, or was evicted), or a late end of an
-    /// earlier connection whose tuple a new one already reuses.
+    /// was not seen open (it started before the agent, was evicted, or its start is still on its
+    /// way), or a late end of an earlier connection whose tuple a new one already reuses.
     Unchanged,
 }
 
@@ -63,6 +69,7 @@ pub struct FlowTable {
     /// Flows evicted since the last [`FlowTable::drain_evicted`]: their ends will never be seen,
     /// so whoever accounts for live flows must close them.
     evicted_flows: Vec<Flow>,
+    early_ends: EarlyEnds,
 }
 
 impl FlowTable {
@@ -74,6 +81,7 @@ impl FlowTable {
             capacity: capacity.clamp(1, u32::MAX as usize),
             evicted: 0,
             evicted_flows: Vec::new(),
+            early_ends: EarlyEnds::default(),
         }
     }
 
@@ -81,8 +89,14 @@ impl FlowTable {
         let key = event.key();
         let Some(slot) = self.store.find(&key) else {
             return match event.kind {
-                EventKind::Destroy => Update::Unchanged,
-                EventKind::New | EventKind::NatChanged => Update::Opened(self.insert(event, 0)),
+                EventKind::Destroy => {
+                    self.early_ends.remember(event);
+                    Update::Unchanged
+                }
+                EventKind::New | EventKind::NatChanged => match self.early_ends.take_for(&event) {
+                    Some(end) => Update::OpenedAndClosed(opened_and_closed(event, &end)),
+                    None => Update::Opened(self.insert(event, 0)),
+                },
             };
         };
         let mut flow = self.store.entry(slot).flow();
@@ -186,14 +200,34 @@ fn replaces(flow: &Flow, new: &FlowEvent) -> bool {
 /// Sources race: eBPF reports a new connection at its first packet, possibly before netlink
 /// reports the end of the old one.
 fn ends(flow: &mut Flow, end: &FlowEvent) -> bool {
-    match (flow.event.instance, end.instance) {
-        (Some(live), Some(ended)) => live.id == ended.id,
-        _ if flow.earlier_ends_pending > 0 => {
-            flow.earlier_ends_pending -= 1;
-            false
-        }
-        _ => flow.event.reply == end.reply,
+    let both_identified = flow.event.instance.is_some() && end.instance.is_some();
+    if !both_identified && flow.earlier_ends_pending > 0 {
+        flow.earlier_ends_pending -= 1;
+        return false;
     }
+    same_connection(&flow.event, end)
+}
+
+/// Whether two events of one tuple are of the same conntrack entry: by its id where both
+/// sources tell it, else by the translation (a new connection on the tuple may be translated
+/// alike, which is why [`ends`] counts the ends still owed to earlier ones).
+fn same_connection(a: &FlowEvent, b: &FlowEvent) -> bool {
+    match (a.instance, b.instance) {
+        (Some(a), Some(b)) => a.id == b.id,
+        _ => a.reply == b.reply,
+    }
+}
+
+/// The flow of a connection whose `end` was handled before its `start`.
+fn opened_and_closed(start: FlowEvent, end: &FlowEvent) -> Flow {
+    let mut flow = Flow {
+        first_seen: start.ts,
+        last_seen: end.ts,
+        event: start,
+        earlier_ends_pending: 0,
+    };
+    merge_details(&mut flow.event, end);
+    flow
 }
 
 /// Fills in what a later event knows and the first did not (interfaces, counters).
@@ -385,5 +419,78 @@ mod tests {
         assert_eq!(table.apply(late), Update::Unchanged);
         let own = of_entry(event(EventKind::Destroy, 1000, 5000), 2, false);
         assert!(matches!(table.apply(own), Update::Closed(_)));
+    }
+
+    /// netlink's end (no entry id, stamped when read) of a connection whose eBPF start
+    /// (stamped at its first packet) is read after it.
+    fn end_read_at(start: &FlowEvent, later: Duration) -> FlowEvent {
+        let mut end = start.clone();
+        end.kind = EventKind::Destroy;
+        end.instance = None;
+        end.ts = start.ts + later;
+        end.packets = Some(3);
+        end.bytes = Some(180);
+        end
+    }
+
+    #[test]
+    fn an_end_read_before_its_start_closes_the_start() {
+        let mut table = FlowTable::new(10);
+        let start = of_entry(event(EventKind::New, 1000, 5000), 1, false);
+        let end = end_read_at(&start, Duration::from_millis(15));
+        assert_eq!(table.apply(end), Update::Unchanged);
+        match table.apply(start) {
+            Update::OpenedAndClosed(flow) => {
+                assert_eq!(flow.event.instance.map(|i| i.id), Some(1));
+                assert_eq!(flow.event.packets, Some(3), "the end's counters are merged");
+                assert_eq!(
+                    flow.last_seen.duration_since(flow.first_seen).unwrap(),
+                    Duration::from_millis(15)
+                );
+            }
+            other => panic!("expected OpenedAndClosed, got {other:?}"),
+        }
+        assert_eq!(table.stats().live, 0);
+        // The end was used up: the tuple's next connection opens.
+        let next = of_entry(event(EventKind::New, 1000, 5000), 2, false);
+        assert!(matches!(table.apply(next), Update::Opened(_)));
+    }
+
+    #[test]
+    fn an_unknown_end_does_not_close_a_later_connection_on_its_tuple() {
+        let mut table = FlowTable::new(10);
+        let earlier = of_entry(event(EventKind::New, 1000, 5000), 1, false);
+        table.apply(end_read_at(&earlier, Duration::from_millis(15)));
+        // Started after the old end was read: another connection, which stays open.
+        let mut later = of_entry(event(EventKind::New, 1000, 5000), 2, false);
+        later.ts = earlier.ts + Duration::from_millis(20);
+        assert!(matches!(table.apply(later), Update::Opened(_)));
+        // Translated differently (MASQUERADE picked another port): another connection too.
+        let mut table = FlowTable::new(10);
+        table.apply(end_read_at(&earlier, Duration::from_millis(15)));
+        let other_port = of_entry(event(EventKind::New, 1000, 6000), 2, false);
+        assert!(matches!(table.apply(other_port), Update::Opened(_)));
+    }
+
+    #[test]
+    fn unknown_ends_are_kept_briefly_and_boundedly() {
+        let mut table = FlowTable::new(10);
+        let start = of_entry(event(EventKind::New, 1000, 5000), 1, false);
+        table.apply(end_read_at(&start, Duration::from_millis(15)));
+        // Another unknown end read long after the first drops it.
+        let much_later = end_read_at(&start, EARLY_END_WINDOW * 3);
+        let mut unrelated = much_later.clone();
+        unrelated.orig.sport = 1001;
+        table.apply(unrelated);
+        assert_eq!(table.early_ends.len(), 1);
+        assert!(matches!(table.apply(start), Update::Opened(_)));
+        // A burst of ends of connections the agent never saw stays bounded.
+        for sport in 0..10_000u16 {
+            table.apply(end_read_at(
+                &event(EventKind::New, sport, 5000),
+                Duration::ZERO,
+            ));
+        }
+        assert!(table.early_ends.len() <= 4096);
     }
 }
