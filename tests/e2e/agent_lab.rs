@@ -169,6 +169,20 @@ fn azure_cni_overlay_netlink() {
     end_to_end(Cni::AzureCniOverlay, "netlink", ApiServerAccess::Private);
 }
 
+/// A kubenet lab, and an agent outside it dumping its node with `--source source`.
+fn kubenet_lab_watched_from_beside(source: &str) -> (Lab, Agent) {
+    let lab = Lab::up(LabOptions::new(Cni::Kubenet)).unwrap();
+    let agent = Agent::start(
+        Path::new(env!("CARGO_BIN_EXE_aksnet-agent")),
+        &lab,
+        Placement::Beside,
+        source,
+        &[],
+        &[],
+    );
+    (lab, agent)
+}
+
 /// Clients that close with a reset may reuse their port at once: conntrack then ends the old entry
 /// and makes a new one for the same tuple, often in the same freed `nf_conn`. Each connection must
 /// still be reported opened, and the earlier one ended.
@@ -181,15 +195,7 @@ fn reused_client_port(source: &str) {
     const CONNECTIONS: usize = 5;
     const CLIENT_PORT: u16 = 41_234;
     require_root();
-    let lab = Lab::up(LabOptions::new(Cni::Kubenet)).unwrap();
-    let agent = Agent::start(
-        Path::new(env!("CARGO_BIN_EXE_aksnet-agent")),
-        &lab,
-        Placement::Beside,
-        source,
-        &[],
-        &[],
-    );
+    let (lab, agent) = kubenet_lab_watched_from_beside(source);
     let inet = lab.netns(Host::Inet);
     let client = std::thread::spawn(move || {
         xtask::bench::load::enter(&inet).unwrap();
@@ -270,15 +276,7 @@ fn a_connection_deleted_at_once_is_reported_opened_and_ended() {
     const CONNECTIONS: u16 = 60;
     const FIRST_PORT: u16 = 42_000;
     require_root();
-    let lab = Lab::up(LabOptions::new(Cni::Kubenet)).unwrap();
-    let agent = Agent::start(
-        Path::new(env!("CARGO_BIN_EXE_aksnet-agent")),
-        &lab,
-        Placement::Beside,
-        "ebpf",
-        &[],
-        &[],
-    );
+    let (lab, agent) = kubenet_lab_watched_from_beside("ebpf");
     let (inet, node) = (lab.netns(Host::Inet), lab.netns(Host::Node));
     let client = std::thread::spawn(move || -> Result<(), String> {
         use socket2::{Domain, SockAddr, Socket, Type};
