@@ -4,6 +4,7 @@ pub mod apt;
 pub mod bench;
 pub mod check;
 pub mod cmd;
+pub mod file_error;
 pub mod image;
 pub mod lab;
 pub mod setup;

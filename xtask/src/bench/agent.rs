@@ -1,8 +1,9 @@
 //! The agent binary under test: spawned with `--dump --output json` on the lab's node, its stdout
 //! lines timestamped as they arrive, its metrics scraped, and stopped by pid (never left running).
 
-use crate::bench::error::{io, BenchError};
+use crate::bench::error::BenchError;
 use crate::cmd::CmdError;
+use crate::file_error::FileError;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -73,7 +74,8 @@ impl Agent {
                 cmd.args(["--dump", "--output", "json"]);
             }
             Mode::DumpToFile(path) => {
-                let file = std::fs::File::create(path).map_err(io("cannot create", path))?;
+                let file =
+                    std::fs::File::create(path).map_err(FileError::on("cannot create", path))?;
                 cmd.args(["--dump", "--output", "json"]).stdout(file);
             }
             Mode::Daemon => {}
@@ -94,11 +96,8 @@ impl Agent {
             if let Err(source) = std::fs::write(&procs, child.id().to_string()) {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(BenchError::Io {
-                    what: "cannot move the agent into its CPU-capped cgroup",
-                    path: procs,
-                    source,
-                });
+                let what = "cannot move the agent into its CPU-capped cgroup";
+                return Err(FileError::on(what, procs)(source).into());
             }
         }
         let stdout = child.stdout.take();

@@ -1,7 +1,8 @@
 //! The DaemonSet's CPU limit, read from its manifest, applied to the agent with a cgroup v1 cpu
 //! group (`cpu.cfs_quota_us` over `cpu.cfs_period_us`), as the kubelet applies it on a node.
 
-use crate::bench::error::{io, BenchError};
+use crate::bench::error::BenchError;
+use crate::file_error::FileError;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -20,7 +21,7 @@ impl CpuLimit {
     /// `resources.limits.cpu` of the (single) container in `deploy/base/daemonset.yaml`.
     pub fn of_daemonset(workspace: &Path) -> Result<CpuLimit, BenchError> {
         let path = workspace.join("deploy/base/daemonset.yaml");
-        let text = std::fs::read_to_string(&path).map_err(io("cannot read", &path))?;
+        let text = std::fs::read_to_string(&path).map_err(FileError::on("cannot read", &path))?;
         CpuLimit::parse_manifest(&text).ok_or_else(|| BenchError::Parse {
             what: path.display().to_string(),
             detail: "no `limits:` block with a `cpu:` quantity (like `cpu: 500m`)".into(),
@@ -57,7 +58,7 @@ pub struct CpuGroup {
 impl CpuGroup {
     pub fn create(limit: CpuLimit) -> Result<CpuGroup, BenchError> {
         let dir = Path::new(CPU_CONTROLLER).join(format!("aksnet-bench-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(io(
+        std::fs::create_dir_all(&dir).map_err(FileError::on(
             "cannot create a cgroup v1 cpu group (is the cpu controller mounted there?)",
             &dir,
         ))?;
@@ -69,7 +70,8 @@ impl CpuGroup {
 
     fn write(&self, file: &str, value: u64) -> Result<(), BenchError> {
         let path = self.dir.join(file);
-        std::fs::write(&path, value.to_string()).map_err(io("cannot write", &path))
+        std::fs::write(&path, value.to_string()).map_err(FileError::on("cannot write", &path))?;
+        Ok(())
     }
 
     /// Periods in which the group used up its quota and waited (`cpu.stat` `nr_throttled`).

@@ -8,10 +8,11 @@
 use crate::bench::agent::{scrape, Agent, Mode};
 use crate::bench::completeness::free_local_port;
 use crate::bench::datapath::READY_TIMEOUT;
-use crate::bench::error::{io, BenchError};
+use crate::bench::error::BenchError;
 use crate::bench::load;
 use crate::bench::report::{median, Row};
 use crate::bench::rig::{Launch, Rig, EVENTS_METRIC, FRONTEND};
+use crate::file_error::FileError;
 use crate::lab::topology::plan;
 use std::collections::BTreeMap;
 use std::net::SocketAddrV4;
@@ -433,7 +434,7 @@ impl Delta {
 /// `schedstat` run time, both in ns.
 fn cpu_time(pid: u32) -> Result<(f64, f64), BenchError> {
     let path = PathBuf::from(format!("/proc/{pid}/stat"));
-    let stat = std::fs::read_to_string(&path).map_err(io("cannot read", &path))?;
+    let stat = std::fs::read_to_string(&path).map_err(FileError::on("cannot read", &path))?;
     let ticks = parse_stat_ticks(&stat).ok_or_else(|| BenchError::Parse {
         what: path.display().to_string(),
         detail: format!("no utime/stime fields in {stat:?}"),
@@ -442,7 +443,7 @@ fn cpu_time(pid: u32) -> Result<(f64, f64), BenchError> {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let tasks = PathBuf::from(format!("/proc/{pid}/task"));
     let mut sched = 0.0;
-    for task in std::fs::read_dir(&tasks).map_err(io("cannot list", &tasks))? {
+    for task in std::fs::read_dir(&tasks).map_err(FileError::on("cannot list", &tasks))? {
         let Ok(task) = task else { continue };
         // A thread that exited since the listing simply has nothing to add.
         let text = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
@@ -470,7 +471,7 @@ fn parse_stat_ticks(stat: &str) -> Option<u64> {
 fn programs(pid: u32) -> Result<BTreeMap<u32, (String, u64, u64)>, BenchError> {
     let dir = PathBuf::from(format!("/proc/{pid}/fdinfo"));
     let mut found = BTreeMap::new();
-    for entry in std::fs::read_dir(&dir).map_err(io("cannot list", &dir))? {
+    for entry in std::fs::read_dir(&dir).map_err(FileError::on("cannot list", &dir))? {
         let Ok(entry) = entry else { continue };
         let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
         if let Some((id, ns, runs)) = parse_prog_fdinfo(&text) {
@@ -517,8 +518,12 @@ struct BpfStats {
 
 impl BpfStats {
     fn enable() -> Result<BpfStats, BenchError> {
-        let previous = std::fs::read_to_string(SYSCTL).map_err(io("cannot read", SYSCTL))?;
-        std::fs::write(SYSCTL, "1").map_err(io("cannot enable BPF run-time statistics", SYSCTL))?;
+        let previous =
+            std::fs::read_to_string(SYSCTL).map_err(FileError::on("cannot read", SYSCTL))?;
+        std::fs::write(SYSCTL, "1").map_err(FileError::on(
+            "cannot enable BPF run-time statistics",
+            SYSCTL,
+        ))?;
         Ok(BpfStats {
             previous: previous.trim().to_owned(),
         })

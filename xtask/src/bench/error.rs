@@ -2,7 +2,6 @@
 
 use crate::cmd::CmdError;
 use crate::lab::LabError;
-use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -10,12 +9,8 @@ pub enum BenchError {
     Lab(#[from] LabError),
     #[error(transparent)]
     Cmd(#[from] CmdError),
-    #[error("{what} ({path}): {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] crate::file_error::FileError),
     #[error("cannot enter network namespace {netns}: {source} (the bench needs root)")]
     Netns {
         netns: String,
@@ -33,15 +28,4 @@ pub enum BenchError {
     Parse { what: String, detail: String },
     #[error("{what} did not finish: {detail}")]
     Failed { what: String, detail: String },
-}
-
-pub(crate) fn io<'a>(
-    what: &'static str,
-    path: impl Into<PathBuf> + 'a,
-) -> impl FnOnce(std::io::Error) -> BenchError + 'a {
-    move |source| BenchError::Io {
-        what,
-        path: path.into(),
-        source,
-    }
 }

@@ -18,6 +18,7 @@ mod userspace;
 
 pub use error::BenchError;
 
+use crate::file_error::FileError;
 use report::{Machine, Report};
 use rig::Rig;
 use std::path::Path;
@@ -171,7 +172,7 @@ pub fn run(
         .and_then(|old| old.find(HAND_KEPT).map(|at| old[at..].to_string()))
         .unwrap_or_default();
     let text = format!("{}\n{kept}", report.markdown());
-    std::fs::write(&path, text).map_err(error::io("cannot write", &path))?;
+    std::fs::write(&path, text).map_err(FileError::on("cannot write", &path))?;
     println!(
         "written to {} after {:.0} s",
         path.display(),

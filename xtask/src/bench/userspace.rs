@@ -2,9 +2,10 @@
 //! pipeline.rs), read back from criterion's estimates, and the flow table's memory
 //! (aksnet-agent/benches/flow_table_rss.rs).
 
-use crate::bench::error::{io, BenchError};
+use crate::bench::error::BenchError;
 use crate::bench::report::{median, thousands, Row};
 use crate::cmd::Cmd;
+use crate::file_error::FileError;
 use serde_json::Value;
 use std::path::Path;
 
@@ -70,7 +71,8 @@ pub fn pipeline(workspace: &Path, plan: &Plan) -> Result<Vec<Row>, BenchError> {
     let home = workspace.join("target/aksnet-bench/criterion");
     if home.exists() {
         // Stale estimates from an earlier run must not stand in for a benchmark that did not run.
-        std::fs::remove_dir_all(&home).map_err(io("cannot clear old criterion results", &home))?;
+        std::fs::remove_dir_all(&home)
+            .map_err(FileError::on("cannot clear old criterion results", &home))?;
     }
     let (samples, warm, measure) = (
         plan.samples.to_string(),
@@ -115,7 +117,7 @@ pub fn pipeline(workspace: &Path, plan: &Plan) -> Result<Vec<Row>, BenchError> {
 fn per_element_ns(home: &Path, id: &str) -> Result<f64, BenchError> {
     let read = |file: &str| -> Result<Value, BenchError> {
         let path = home.join(id).join("new").join(file);
-        let text = std::fs::read_to_string(&path).map_err(io(
+        let text = std::fs::read_to_string(&path).map_err(FileError::on(
             "no criterion result (did the benchmark run? see its output above)",
             &path,
         ))?;

@@ -3,8 +3,9 @@
 //! tarball in the image work directory and as an image in podman's store.
 
 use super::podman::Podman;
-use super::{io, ImageError, BUILD_LIMIT};
+use super::{ImageError, BUILD_LIMIT};
 use crate::cmd::{run_quiet, succeeds, Cmd};
+use crate::file_error::FileError;
 use std::path::Path;
 
 /// The recipe's revision, in the cache's names: bump it when the recipe changes, so that a
@@ -79,16 +80,20 @@ fn debootstrap(rootfs: &Path, tarball: &Path, mirror: &str) -> Result<(), ImageE
             .arg(&partial)
             .arg("."),
     )?;
-    std::fs::rename(&partial, tarball).map_err(io("cannot store the base tarball", tarball))
+    std::fs::rename(&partial, tarball)
+        .map_err(FileError::on("cannot store the base tarball", tarball))?;
+    Ok(())
 }
 
 /// What debian:bookworm-slim also drops: the package cache and lists, documentation, manuals
 /// and translations, now and in later installs.
 fn slim(rootfs: &Path) -> Result<(), ImageError> {
     let cfg = rootfs.join("etc/dpkg/dpkg.cfg.d/slim");
-    std::fs::write(&cfg, SLIM_DPKG_CFG).map_err(io("cannot write the dpkg config", &cfg))?;
+    std::fs::write(&cfg, SLIM_DPKG_CFG)
+        .map_err(FileError::on("cannot write the dpkg config", &cfg))?;
     let apt = rootfs.join("etc/apt/apt.conf.d/slim");
-    std::fs::write(&apt, SLIM_APT_CONF).map_err(io("cannot write the apt config", &apt))?;
+    std::fs::write(&apt, SLIM_APT_CONF)
+        .map_err(FileError::on("cannot write the apt config", &apt))?;
     let kept_by_apt = |name: &str| name != "partial" && name != "lock";
     empty(&rootfs.join("var/cache/apt"), |name| name.ends_with(".bin"))?;
     empty(&rootfs.join("var/cache/apt/archives"), |name| {
@@ -99,7 +104,7 @@ fn slim(rootfs: &Path) -> Result<(), ImageError> {
         empty(&rootfs.join(dir), |_| true)?;
     }
     let docs = rootfs.join("usr/share/doc");
-    let entries = std::fs::read_dir(&docs).map_err(io("cannot list", &docs))?;
+    let entries = std::fs::read_dir(&docs).map_err(FileError::on("cannot list", &docs))?;
     for package in entries.filter_map(Result::ok) {
         empty(&package.path(), |name| name != "copyright")?;
     }
@@ -123,7 +128,7 @@ fn empty(dir: &Path, remove: impl Fn(&str) -> bool) -> Result<(), ImageError> {
         } else {
             std::fs::remove_file(&path)
         };
-        removed.map_err(io("cannot remove", &path))?;
+        removed.map_err(FileError::on("cannot remove", &path))?;
     }
     Ok(())
 }

@@ -7,7 +7,8 @@
 //! fails the container test until it is translated here too. Probes, resources and scheduling
 //! are not (no kubelet and no cgroup limits here).
 
-use super::{io, ImageError};
+use super::ImageError;
+use crate::file_error::FileError;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -164,7 +165,7 @@ pub struct AgentPod {
 
 impl AgentPod {
     pub fn load(path: &Path) -> Result<AgentPod, ImageError> {
-        let text = std::fs::read_to_string(path).map_err(io("cannot read", path))?;
+        let text = std::fs::read_to_string(path).map_err(FileError::on("cannot read", path))?;
         let daemonset: DaemonSet =
             serde_yaml::from_str(&text).map_err(|e| ImageError::DaemonSet {
                 path: path.into(),

@@ -12,6 +12,7 @@ pub mod podman;
 pub mod seccomp;
 
 use crate::cmd::{run_quiet, CmdError};
+use crate::file_error::FileError;
 use podman::Podman;
 use std::path::{Path, PathBuf};
 
@@ -25,12 +26,8 @@ pub enum ImageError {
         "{0}\n  the image build needs root, podman, runc and debootstrap (`cargo xtask setup`)"
     )]
     Cmd(#[from] CmdError),
-    #[error("{what} ({path}): {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] crate::file_error::FileError),
     #[error("{path}: {detail}")]
     Dockerfile { path: PathBuf, detail: String },
     #[error("{path}: {detail}")]
@@ -41,17 +38,6 @@ pub enum ImageError {
     Apt(#[from] crate::apt::AptError),
     #[error("podman reported an image size that is not a number: {0:?}")]
     Size(String),
-}
-
-pub(crate) fn io<'a>(
-    what: &'static str,
-    path: &'a Path,
-) -> impl FnOnce(std::io::Error) -> ImageError + 'a {
-    move |source| ImageError::Io {
-        what,
-        path: path.into(),
-        source,
-    }
 }
 
 /// Bound of the slow steps: debootstrap, the image build (its `apt-get install` reaches Debian's
@@ -73,12 +59,15 @@ pub fn work_dir(workspace: &Path) -> PathBuf {
 /// `tag`.
 pub fn build(workspace: &Path, agent: &Path, tag: &str) -> Result<Built, ImageError> {
     let work = work_dir(workspace);
-    std::fs::create_dir_all(&work).map_err(io("cannot create the image work directory", &work))?;
+    std::fs::create_dir_all(&work).map_err(FileError::on(
+        "cannot create the image work directory",
+        &work,
+    ))?;
     let podman = Podman::configured(&work)?;
     let base = base::ensure(&podman, &work)?;
     let dockerfile = workspace.join("Dockerfile");
     let text = std::fs::read_to_string(&dockerfile)
-        .map_err(io("cannot read the Dockerfile", &dockerfile))?;
+        .map_err(FileError::on("cannot read the Dockerfile", &dockerfile))?;
     let containerfile =
         containerfile::with_prebuilt_agent(&text).map_err(|detail| ImageError::Dockerfile {
             path: dockerfile.clone(),
@@ -87,7 +76,8 @@ pub fn build(workspace: &Path, agent: &Path, tag: &str) -> Result<Built, ImageEr
     // One context per build: only the Containerfile and the binary, nothing else is sent.
     let context = work.join(format!("context-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&context);
-    std::fs::create_dir_all(&context).map_err(io("cannot create the build context", &context))?;
+    std::fs::create_dir_all(&context)
+        .map_err(FileError::on("cannot create the build context", &context))?;
     let built = build_in(&podman, &context, &containerfile, agent, &base, tag);
     let _ = std::fs::remove_dir_all(&context);
     built
@@ -102,9 +92,10 @@ fn build_in(
     tag: &str,
 ) -> Result<Built, ImageError> {
     let file = context.join("Containerfile");
-    std::fs::write(&file, containerfile).map_err(io("cannot write the Containerfile", &file))?;
+    std::fs::write(&file, containerfile)
+        .map_err(FileError::on("cannot write the Containerfile", &file))?;
     let binary = context.join(containerfile::AGENT_IN_CONTEXT);
-    std::fs::copy(agent, &binary).map_err(io("cannot copy the agent binary", agent))?;
+    std::fs::copy(agent, &binary).map_err(FileError::on("cannot copy the agent binary", agent))?;
     run_quiet(
         podman
             .cmd_within(BUILD_LIMIT)

@@ -8,8 +8,9 @@
 //!   this machine's bounding set lacks (`--ulimit host` is not honoured by 4.3): the defaults are
 //!   set to the limits this process already has, which need no privilege.
 
-use super::{io, ImageError};
+use super::ImageError;
 use crate::cmd::Cmd;
+use crate::file_error::FileError;
 use std::path::{Path, PathBuf};
 
 /// podman lowers its own RLIMIT_NPROC to this at start, so a container cannot be given more.
@@ -24,7 +25,7 @@ impl Podman {
     pub fn configured(work: &Path) -> Result<Podman, ImageError> {
         let conf = work.join("containers.conf");
         std::fs::write(&conf, containers_conf())
-            .map_err(io("cannot write podman's configuration", &conf))?;
+            .map_err(FileError::on("cannot write podman's configuration", &conf))?;
         Ok(Podman { conf })
     }
 

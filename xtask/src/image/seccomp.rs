@@ -2,7 +2,8 @@
 //! seccomp.json`): what one lets through for a given capability set, and the variants the tests
 //! run under.
 
-use super::{io, ImageError};
+use super::ImageError;
+use crate::file_error::FileError;
 use serde_json::{json, Value};
 use std::path::Path;
 
@@ -10,7 +11,7 @@ use std::path::Path;
 pub const PODMAN_DEFAULT: &str = "/usr/share/containers/seccomp.json";
 
 pub fn load(path: &Path) -> Result<Value, ImageError> {
-    let text = std::fs::read_to_string(path).map_err(io("cannot read", path))?;
+    let text = std::fs::read_to_string(path).map_err(FileError::on("cannot read", path))?;
     let profile: Value = serde_json::from_str(&text).map_err(|e| ImageError::Seccomp {
         path: path.into(),
         detail: e.to_string(),
@@ -25,7 +26,8 @@ pub fn load(path: &Path) -> Result<Value, ImageError> {
 }
 
 pub fn store(profile: &Value, path: &Path) -> Result<(), ImageError> {
-    std::fs::write(path, profile.to_string()).map_err(io("cannot write", path))
+    std::fs::write(path, profile.to_string()).map_err(FileError::on("cannot write", path))?;
+    Ok(())
 }
 
 /// Whether `profile` lets a process holding `caps` (`CAP_…` names) call `syscall` with any

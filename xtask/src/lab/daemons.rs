@@ -5,6 +5,7 @@
 //! kube-proxy's healthCheckNodePort server.
 
 use crate::cmd::CmdError;
+use crate::file_error::FileError;
 use crate::lab::error::LabError;
 use crate::lab::exec;
 use crate::lab::netns::{etc_netns_dir, netns_name};
@@ -64,11 +65,8 @@ struct Launcher<'a> {
 }
 
 fn write(path: &Path, text: &str) -> Result<(), LabError> {
-    std::fs::write(path, text).map_err(|source| LabError::Io {
-        what: "cannot write lab file",
-        path: path.into(),
-        source,
-    })
+    std::fs::write(path, text).map_err(FileError::on("cannot write lab file", path))?;
+    Ok(())
 }
 
 impl Launcher<'_> {
@@ -83,13 +81,7 @@ impl Launcher<'_> {
         let log = self
             .dir
             .join(format!("{}-{}.log", host.suffix(), what.replace(' ', "-")));
-        let open = |p: &Path| {
-            File::create(p).map_err(|source| LabError::Io {
-                what: "cannot create daemon log",
-                path: p.into(),
-                source,
-            })
-        };
+        let open = |p: &Path| File::create(p).map_err(FileError::on("cannot create daemon log", p));
         let child = Command::new("ip")
             .args(["netns", "exec", &netns])
             .args(argv)
@@ -139,11 +131,8 @@ impl Launcher<'_> {
 
     fn nginx(&mut self, host: Host, name: &str, port: u16, servers: &str) -> Result<(), LabError> {
         let dir = self.dir.join(format!("nginx-{name}"));
-        std::fs::create_dir_all(&dir).map_err(|source| LabError::Io {
-            what: "cannot create nginx directory",
-            path: dir.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&dir)
+            .map_err(FileError::on("cannot create nginx directory", &dir))?;
         let d = dir.display();
         let conf = format!(
             "daemon off;\nworker_processes 1;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log notice;\n\
@@ -377,11 +366,8 @@ fn start_all(l: &mut Launcher, topo: &Topology) -> Result<(), LabError> {
     for pod in topo.pods.iter().chain(&topo.node2_pods) {
         let netns = netns_name(l.prefix, pod.host);
         let etc = etc_netns_dir(&netns);
-        std::fs::create_dir_all(&etc).map_err(|source| LabError::Io {
-            what: "cannot create the pod's /etc/netns",
-            path: etc.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&etc)
+            .map_err(FileError::on("cannot create the pod's /etc/netns", &etc))?;
         write(&etc.join("resolv.conf"), &pod_resolv_conf())?;
         let name = pod
             .k8s_name

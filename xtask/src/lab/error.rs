@@ -8,12 +8,8 @@ pub enum LabError {
     /// A command of the lab's failed; the lab needs root and what set-up installs.
     #[error("{0}\n  the lab needs root and the tools `cargo xtask setup` installs (iproute2, iptables, conntrack, nginx-light, dnsmasq-base, socat, curl, openssl)")]
     Cmd(#[from] CmdError),
-    #[error("{what} ({path}): {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] crate::file_error::FileError),
     #[error("{what} in namespace {netns} did not start within {seconds}s; its log: {log}")]
     NotReady {
         what: String,

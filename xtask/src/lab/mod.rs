@@ -42,6 +42,7 @@ pub use state::LabState;
 pub use topology::{ApiServerAccess, Cni, Host, Proto, Topology};
 pub use traffic::{Answer, ScenarioReport, StepReport};
 
+use crate::file_error::FileError;
 use daemons::Daemon;
 use std::path::{Path, PathBuf};
 
@@ -83,20 +84,12 @@ fn work_dir(state_dir: &Path, prefix: &str) -> PathBuf {
     state_dir.join(prefix.trim_end_matches('-'))
 }
 
-fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> LabError + 'a {
-    move |source| LabError::Io {
-        what,
-        path: path.into(),
-        source,
-    }
-}
-
 impl Lab {
     /// Builds the lab. On any failure, what was built is torn down before the error returns.
     pub fn up(opts: LabOptions) -> Result<Lab, LabError> {
         let work_dir = work_dir(&opts.state_dir, &opts.prefix);
         std::fs::create_dir_all(&work_dir)
-            .map_err(io("cannot create the lab directory", &work_dir))?;
+            .map_err(FileError::on("cannot create the lab directory", &work_dir))?;
         let mut lab = Lab {
             cni: opts.cni,
             prefix: opts.prefix,
@@ -111,7 +104,7 @@ impl Lab {
         for node in Host::NODES {
             let path = lab.agent_config_path(node);
             std::fs::write(&path, agent_config::render_on(&lab.topology, node))
-                .map_err(io("cannot write the agent config", &path))?;
+                .map_err(FileError::on("cannot write the agent config", &path))?;
         }
         Ok(lab)
     }
@@ -291,7 +284,7 @@ pub fn clean_up(state_dir: &Path) -> Result<Vec<String>, LabError> {
             failures.extend(lab.teardown());
         }
         std::fs::remove_file(&state_path)
-            .map_err(io("cannot remove the lab state", &state_path))?;
+            .map_err(FileError::on("cannot remove the lab state", &state_path))?;
     }
     for prefix in netns::orphaned_prefixes() {
         failures.extend(netns::teardown(&prefix));

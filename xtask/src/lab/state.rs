@@ -1,5 +1,6 @@
 //! The state file a lab left up by `cargo xtask lab up` is found by (`lab run`, `lab down`).
 
+use crate::file_error::FileError;
 use crate::lab::error::LabError;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -30,11 +31,8 @@ pub fn write(path: &Path, state: &LabState) -> Result<(), LabError> {
         path: path.into(),
         detail: e.to_string(),
     })?;
-    std::fs::write(path, text).map_err(|source| LabError::Io {
-        what: "cannot write the lab state",
-        path: path.into(),
-        source,
-    })
+    std::fs::write(path, text).map_err(FileError::on("cannot write the lab state", path))?;
+    Ok(())
 }
 
 pub fn read(path: &Path) -> Result<LabState, LabError> {
@@ -43,13 +41,7 @@ pub fn read(path: &Path) -> Result<LabState, LabError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(LabError::NoLab { path: path.into() })
         }
-        Err(source) => {
-            return Err(LabError::Io {
-                what: "cannot read the lab state",
-                path: path.into(),
-                source,
-            })
-        }
+        Err(source) => return Err(FileError::on("cannot read the lab state", path)(source).into()),
     };
     toml::from_str(&text).map_err(|e| LabError::State {
         path: path.into(),
