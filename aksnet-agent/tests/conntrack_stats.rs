@@ -30,18 +30,7 @@ impl Namespace {
         run(&["ip", "netns", "add", &name]);
         let ns = Namespace(name);
         ns.exec(&["ip", "link", "set", "lo", "up"]);
-        // Conntrack tracks a namespace only once a rule there needs it.
-        ns.exec(&[
-            "iptables",
-            "-A",
-            "OUTPUT",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-j",
-            "ACCEPT",
-        ]);
+        ns.exec(&aksnet_tests::conntrack::TRACKING_RULE);
         ns
     }
 

@@ -455,21 +455,7 @@ fn overflow_is_counted_as_lost_and_capture_keeps_running() {
         "this test creates network namespaces and needs root (CI runs it as root)"
     );
     let lab = Namespaces::create(&["overflow"]);
-    // A conntrack rule makes the kernel track this namespace's traffic.
-    exec_in(
-        lab.name(0),
-        &[
-            "iptables",
-            "-A",
-            "OUTPUT",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-j",
-            "ACCEPT",
-        ],
-    );
+    exec_in(lab.name(0), &aksnet_tests::conntrack::TRACKING_RULE);
     let ns = open(lab.name(0));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()

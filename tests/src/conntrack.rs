@@ -103,6 +103,20 @@ pub fn list(netns: &str) -> Result<Vec<Entry>, String> {
     run(netns, &["-L"]).map(|out| parse(&out))
 }
 
+/// A rule that makes conntrack track a namespace's traffic: it tracks a namespace only once a
+/// rule there needs it.
+pub const TRACKING_RULE: [&str; 9] = [
+    "iptables",
+    "-A",
+    "OUTPUT",
+    "-m",
+    "conntrack",
+    "--ctstate",
+    "NEW",
+    "-j",
+    "ACCEPT",
+];
+
 /// Deletes the TCP entry of the connection from `client` (its original source).
 pub fn delete_tcp_from(netns: &str, client: SocketAddrV4) -> Result<(), String> {
     let (src, sport) = (client.ip().to_string(), client.port().to_string());
