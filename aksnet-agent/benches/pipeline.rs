@@ -107,7 +107,7 @@ fn record() -> Vec<u8> {
     unsafe {
         std::slice::from_raw_parts(
             (&raw as *const ConnEvent).cast::<u8>(),
-            std::mem::size_of::<ConnEvent>(),
+            size_of::<ConnEvent>(),
         )
     }
     .to_vec()

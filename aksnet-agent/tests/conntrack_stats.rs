@@ -162,12 +162,7 @@ fn send_invalid(port: u16) {
 
 #[test]
 fn conntrack_statistics_match_conntrack_tools_and_proc() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test creates a network namespace and needs root (CI runs it as root)"
-    );
+    aksnet_tests::require_root();
     let ns = Namespace::create();
     let netns = NetnsTarget::Named(ns.0.clone()).open().unwrap();
     let mut reader = ConntrackReader::open(&netns).unwrap();

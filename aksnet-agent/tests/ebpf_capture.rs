@@ -308,12 +308,7 @@ fn make_traffic(client_ns: &str, router_ns: &str, server_ns: &str) -> Vec<(Expec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_each_nat_connection_once_with_exact_tuples() {
-    // SAFETY: plain syscall.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test needs root (BPF and netns)"
-    );
+    aksnet_tests::require_root();
     let lab = Lab::create("once");
     let router_inode = lab.inode(&lab.router);
     let (r0, r1) = (
@@ -496,12 +491,7 @@ fn loss_counters(health: &CaptureHealth) -> (u64, u64) {
 /// packet reports it, counted recovered; and every connection is reported exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_ring_counts_each_lost_connection_once_and_its_late_report_as_recovered() {
-    // SAFETY: plain syscall.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test needs root (BPF and netns)"
-    );
+    aksnet_tests::require_root();
     let lab = Lab::create("flood");
     let health = Arc::new(CaptureHealth::default());
     // Room for one event: the reader blocks on the second until the test receives.

@@ -27,11 +27,6 @@ const POD: &str = "10.244.0.10";
 const CONNECTIONS: usize = 3;
 const EVENTS_SYSCTL: &str = "/proc/sys/net/netfilter/nf_conntrack_events";
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 /// Namespaces made for one test, deleted on drop even when the test fails.
 struct Namespaces(Vec<String>);
 
@@ -321,10 +316,7 @@ fn parse_witness_line(line: &str) -> Option<Seen> {
 
 #[test]
 fn netlink_capture_reports_dnat_and_masquerade_exactly_once() {
-    assert!(
-        is_root(),
-        "this test creates network namespaces and needs root (CI runs it as root)"
-    );
+    aksnet_tests::require_root();
     let lab = build_lab();
     let (client, node, server) = (open(lab.name(0)), open(lab.name(1)), open(lab.name(2)));
 
@@ -450,10 +442,7 @@ fn netlink_capture_reports_dnat_and_masquerade_exactly_once() {
 
 #[test]
 fn overflow_is_counted_as_lost_and_capture_keeps_running() {
-    assert!(
-        is_root(),
-        "this test creates network namespaces and needs root (CI runs it as root)"
-    );
+    aksnet_tests::require_root();
     let lab = Namespaces::create(&["overflow"]);
     exec_in(lab.name(0), &aksnet_tests::conntrack::TRACKING_RULE);
     let ns = open(lab.name(0));

@@ -192,8 +192,11 @@ mod tests {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: plain `#[repr(C)]` data with explicit padding fields and no pointers.
+    // SAFETY: plain `#[repr(C)]` data with explicit padding fields and no pointers, so every
+    // byte pattern is a valid value; the same holds for the two types below.
     unsafe impl aya::Pod for super::RawTuple {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnEvent {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::KernelOffsets {}
 }

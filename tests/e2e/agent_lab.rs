@@ -233,7 +233,7 @@ fn reused_client_port(source: &str) {
     });
     client.join().expect("the client thread failed");
     let lines = agent.finish();
-    let ours = |v: &&serde_json::Value| {
+    let ours = |v: &&Value| {
         v["orig"]["sport"] == CLIENT_PORT && v["orig"]["dst"] == plan::FRONTEND_APP.to_string()
     };
     let opened: Vec<String> = of_event(&lines, "new")

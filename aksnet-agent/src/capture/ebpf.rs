@@ -330,7 +330,7 @@ impl MapSizes {
             .clamp(CONNS_BOUNDS.0, CONNS_BOUNDS.1)
             .saturating_add(possible_cpus.saturating_mul(LRU_LOCAL_FREE));
         // Each record carries an 8-byte header in the ring.
-        let record = std::mem::size_of::<aksnet_common::ConnEvent>() as u64 + 8;
+        let record = size_of::<aksnet_common::ConnEvent>() as u64 + 8;
         let needed = EXPECTED_EVENTS_PER_SEC * record * UNREAD_FOR.as_millis() as u64 / 1000;
         let ring_bytes = needed.next_power_of_two().clamp(1 << 18, 1 << 24);
         MapSizes {
@@ -871,7 +871,7 @@ mod tests {
     fn the_ring_holds_the_expected_events_and_wakes_at_a_quarter() {
         let sizes = MapSizes::new(None, 2);
         assert!(sizes.ring_bytes.is_power_of_two());
-        let record = std::mem::size_of::<aksnet_common::ConnEvent>() as u64 + 8;
+        let record = size_of::<aksnet_common::ConnEvent>() as u64 + 8;
         let held = u64::from(sizes.ring_bytes) / record;
         assert!(
             held * 1000 >= EXPECTED_EVENTS_PER_SEC * UNREAD_FOR.as_millis() as u64,

@@ -53,7 +53,7 @@ impl BootClock {
 
 /// Decodes one ring-buffer record.
 pub fn decode_conn_event(bytes: &[u8], clock: &BootClock) -> Result<FlowEvent, DecodeError> {
-    let expected = std::mem::size_of::<ConnEvent>();
+    let expected = size_of::<ConnEvent>();
     if bytes.len() != expected {
         return Err(DecodeError::Size {
             got: bytes.len(),
@@ -156,7 +156,7 @@ mod tests {
             in_ifindex: 2,
             out_ifindex: 7,
             kind: event_kind::NEW,
-            hook: aksnet_common::hook::XMIT,
+            hook: hook::XMIT,
             ..Default::default()
         };
         let clock = BootClock::with_epoch(SystemTime::UNIX_EPOCH);
@@ -199,7 +199,7 @@ mod tests {
             orig,
             reply,
             kind: event_kind::NEW,
-            hook: aksnet_common::hook::NAT_SETUP,
+            hook: hook::NAT_SETUP,
             ..Default::default()
         };
         let flow = decode_conn_event(&bytes_of(&ev), &BootClock::now()).unwrap();
@@ -218,7 +218,7 @@ mod tests {
         ));
         let ev = ConnEvent {
             kind: event_kind::NEW,
-            hook: aksnet_common::hook::XMIT,
+            hook: hook::XMIT,
             ..Default::default()
         };
         assert_eq!(

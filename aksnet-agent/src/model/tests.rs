@@ -64,12 +64,12 @@ pub(crate) fn lab_topology(cni: CniMode) -> Topology {
          \n[[lb_frontends]]\nip = \"192.0.2.13\"\nservice = \"app-routing-system/nginx\"\nexternal_traffic_policy = \"Cluster\"\n",
     );
     let config: TopologyLayer =
-        crate::topology::parse_toml(std::path::Path::new("lab.toml"), &config).unwrap();
+        crate::topology::parse_toml(Path::new("lab.toml"), &config).unwrap();
     let node_port = |name: &str, port, etp| ServicePort {
         name: name.into(),
         kind: ServiceKind::NodePort,
         ip: None,
-        proto: Proto::Tcp,
+        proto: Tcp,
         port,
         etp: Some(etp),
     };
@@ -90,7 +90,7 @@ pub(crate) fn lab_topology(cni: CniMode) -> Topology {
                     name: "ingress-nginx/ingress-nginx-controller:http".into(),
                     ip: ip(addr),
                     port: 80,
-                    proto: Proto::Tcp,
+                    proto: Tcp,
                 })
                 .collect(),
         ),
@@ -681,8 +681,8 @@ fn hop_names_reasons_and_hints_are_plain_english() {
     }
 }
 
-fn model_err(text: &str) -> crate::topology::FileError {
-    Model::parse(std::path::Path::new("models/bad.toml"), text).unwrap_err()
+fn model_err(text: &str) -> FileError {
+    Model::parse(Path::new("models/bad.toml"), text).unwrap_err()
 }
 
 const KUBENET: &str = include_str!("../../models/kubenet.toml");
@@ -771,7 +771,7 @@ fn malformed_models_name_file_line_and_field() {
         "{e}"
     );
 
-    let err = Model::from_file(std::path::Path::new("/nonexistent/model.toml")).unwrap_err();
+    let err = Model::from_file(Path::new("/nonexistent/model.toml")).unwrap_err();
     assert!(
         err.to_string()
             .contains("cannot read /nonexistent/model.toml"),

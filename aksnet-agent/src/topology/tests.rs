@@ -85,9 +85,7 @@ fn lab_config_parses_and_classifies_addresses() {
     // A pod interface on the path marks an address the topology did not list as a pod.
     assert_eq!(t.class_of(ip("10.224.0.10"), true), Pod);
     assert_eq!(
-        t.service_at(crate::events::Proto::Tcp, ip("192.0.2.11"), 80)
-            .unwrap()
-            .etp,
+        t.service_at(Proto::Tcp, ip("192.0.2.11"), 80).unwrap().etp,
         Some(Etp::Local)
     );
 }
@@ -148,7 +146,7 @@ fn flags_win_over_config_which_wins_over_discovery() {
         local_pods: Some(vec![ip("10.224.0.10")]),
         ..Default::default()
     };
-    let config: TopologyLayer = config::parse_toml(Path::new("lab.toml"), LAB_CONFIG).unwrap();
+    let config: TopologyLayer = parse_toml(Path::new("lab.toml"), LAB_CONFIG).unwrap();
     let flags = TopologyLayer {
         cni: Some(CniMode::AzureCniOverlay),
         ..Default::default()
@@ -193,14 +191,14 @@ fn the_config_file_sets_the_new_facts() {
     let text = format!(
         "{LAB_CONFIG_HEAD}api_server = [\"10.0.0.200\"]\nprivate_ranges = [\"172.16.0.0/12\"]\nnode_pod_cidrs = [\"10.244.0.0/24\"]\nmasq_link_local = true\n"
     );
-    let l: TopologyLayer = config::parse_toml(Path::new("new.toml"), &text).unwrap();
+    let l: TopologyLayer = parse_toml(Path::new("new.toml"), &text).unwrap();
     let t = Topology::from_layers([l]).unwrap();
     assert_eq!(t.api_server, vec![ip("10.0.0.200")]);
     assert_eq!(t.private_ranges, vec!["172.16.0.0/12".parse().unwrap()]);
     assert_eq!(t.node_pod_cidrs, vec!["10.244.0.0/24".parse().unwrap()]);
     assert_eq!(t.masq_link_local, Some(true));
     // Discovery's lists cannot be set from a file.
-    let err = config::parse_toml::<TopologyLayer>(Path::new("x.toml"), "services = []\n");
+    let err = parse_toml::<TopologyLayer>(Path::new("x.toml"), "services = []\n");
     assert!(err.is_err());
 }
 
@@ -235,7 +233,7 @@ fn dual_stack_pod_cidr_list() {
         "pod_cidr = \"10.244.0.0/16\"",
         "pod_cidr = [\"10.244.0.0/16\", \"fd00:10:244::/56\"]",
     );
-    let l: TopologyLayer = config::parse_toml(Path::new("ds.toml"), &text).unwrap();
+    let l: TopologyLayer = parse_toml(Path::new("ds.toml"), &text).unwrap();
     let t = Topology::from_layers([l]).unwrap();
     assert_eq!(t.class_of(ip("fd00:10:244::12"), false), AddrClass::Pod);
     assert_eq!(t.class_of(ip("2001:db8::10"), false), AddrClass::Internet);
@@ -248,7 +246,7 @@ fn node_subnet_api_server_private_ranges_and_pods_on_other_nodes_have_classes() 
         "api_server = [\"198.51.100.50\", \"10.229.0.4\"]\n\
          private_ranges = [\"172.16.0.0/16\"]\nnode_pod_cidrs = [\"10.244.0.0/24\"]\n{LAB_CONFIG}"
     );
-    let l: TopologyLayer = config::parse_toml(Path::new("facts.toml"), &text).unwrap();
+    let l: TopologyLayer = parse_toml(Path::new("facts.toml"), &text).unwrap();
     let t = Topology::from_layers([l]).unwrap();
     use AddrClass::*;
     for (addr, class) in [

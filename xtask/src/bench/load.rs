@@ -168,7 +168,7 @@ pub fn connect_once(src: Ipv4Addr, dst: SocketAddrV4) -> Result<u16, std::io::Er
             libc::IPPROTO_IP,
             libc::IP_BIND_ADDRESS_NO_PORT,
             (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
     if rc != 0 {

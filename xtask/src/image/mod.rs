@@ -27,7 +27,7 @@ pub enum ImageError {
     )]
     Cmd(#[from] CmdError),
     #[error(transparent)]
-    File(#[from] crate::file_error::FileError),
+    File(#[from] FileError),
     #[error("{path}: {detail}")]
     Dockerfile { path: PathBuf, detail: String },
     #[error("{path}: {detail}")]

@@ -87,7 +87,7 @@ pub fn execute(cmd: LabCommand) -> Result<(), LabError> {
                     lab.agent_config_path(node).display()
                 );
             }
-            for host in crate::lab::Host::ALL {
+            for host in Host::ALL {
                 println!("  {}", lab.netns(host));
             }
             lab.persist(&state_dir)?;
