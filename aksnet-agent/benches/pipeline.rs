@@ -19,7 +19,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
-use xtask::lab::{agent_config, Cni};
+use xtask::lab::agent_config;
 
 /// Live flows in the table while correlation is measured: a busy node's conntrack table.
 const LIVE_FLOWS: u32 = 100_000;
@@ -171,7 +171,7 @@ fn correlate(c: &mut Criterion) {
 
 fn classifier() -> Classifier {
     let path = std::env::temp_dir().join(format!("aksnet-bench-{}.toml", std::process::id()));
-    let topo = xtask::lab::Topology::new(Cni::Kubenet);
+    let topo = xtask::lab::Topology::new(CniMode::Kubenet);
     std::fs::write(&path, agent_config::render(&topo)).expect("cannot write the bench topology");
     let topology = Topology::from_file(&path).expect("the lab's agent config loads");
     let _ = std::fs::remove_file(&path);

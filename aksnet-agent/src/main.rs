@@ -93,8 +93,8 @@ struct CommonArgs {
 #[derive(clap::Args, Debug)]
 struct FactArgs {
     /// The cluster's network mode (config `cni`).
-    #[arg(long, value_enum, global = true)]
-    cni: Option<CniArg>,
+    #[arg(long, value_parser = cni_parser(), global = true)]
+    cni: Option<CniMode>,
     /// Where service NAT happens: iptables (kube-proxy) or cilium (config `dataplane`).
     #[arg(long, value_parser = parse_serde::<Dataplane>, global = true)]
     dataplane: Option<Dataplane>,
@@ -168,7 +168,7 @@ impl FactArgs {
             Some(v).filter(|v| !v.is_empty())
         }
         TopologyLayer {
-            cni: self.cni.map(CniMode::from),
+            cni: self.cni,
             dataplane: self.dataplane,
             node_name: self.node_name,
             node_ips: given(self.node_ip),
@@ -229,22 +229,11 @@ fn lb_frontend(text: &str) -> Result<LbFrontend, String> {
     })
 }
 
-/// `--cni` values, as AKS names the network plugins.
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum CniArg {
-    Kubenet,
-    AzureCni,
-    AzureCniOverlay,
-}
-
-impl From<CniArg> for CniMode {
-    fn from(arg: CniArg) -> CniMode {
-        match arg {
-            CniArg::Kubenet => CniMode::Kubenet,
-            CniArg::AzureCni => CniMode::AzureCni,
-            CniArg::AzureCniOverlay => CniMode::AzureCniOverlay,
-        }
-    }
+/// `--cni`'s parser: the names AKS gives the modes, listed by `--help`.
+fn cni_parser() -> impl clap::builder::TypedValueParser<Value = CniMode> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(CniMode::ALL.map(CniMode::as_str))
+        .map(|name| name.parse().expect("each possible value is a mode's name"))
 }
 
 #[derive(Subcommand, Debug)]

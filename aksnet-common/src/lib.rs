@@ -1,8 +1,12 @@
-//! Types shared by aksnet's kernel programs (`aksnet-ebpf`) and its agent (`aksnet-agent`).
+//! Types shared by aksnet's kernel programs (`aksnet-ebpf`) and its agent (`aksnet-agent`), and
+//! the names the agent shares with xtask ([`CniMode`]).
 //!
-//! Everything here is `#[repr(C)]` and `no_std`: the kernel writes these bytes and userspace reads
-//! them, so a layout change here is a protocol change between the two sides.
+//! Everything the kernel touches is `#[repr(C)]` and `no_std`: the kernel writes these bytes and
+//! userspace reads them, so a layout change here is a protocol change between the two sides.
 #![no_std]
+
+mod cni;
+pub use cni::{CniMode, UnknownCniMode};
 
 /// What a [`ConnEvent`] reports about a connection.
 pub mod event_kind {

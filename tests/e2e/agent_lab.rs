@@ -18,7 +18,7 @@ use aksnet_tests::require_root;
 use serde_json::Value;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use xtask::lab::{ApiServerAccess, Cni, Host, Lab, LabOptions, Scenario};
+use xtask::lab::{ApiServerAccess, CniMode, Host, Lab, LabOptions, Scenario};
 
 /// Where each node's agent serves its metrics, inside that node's namespace.
 const METRICS: &str = "127.0.0.1:9965";
@@ -67,7 +67,7 @@ fn check_node(
     capture.opened.len()
 }
 
-fn end_to_end(cni: Cni, source: &str, api_server: ApiServerAccess) {
+fn end_to_end(cni: CniMode, source: &str, api_server: ApiServerAccess) {
     require_root();
     let started = Instant::now();
     let lab = Lab::up(LabOptions {
@@ -141,37 +141,41 @@ fn end_to_end(cni: Cni, source: &str, api_server: ApiServerAccess) {
 
 #[test]
 fn kubenet_ebpf() {
-    end_to_end(Cni::Kubenet, "ebpf", ApiServerAccess::Public);
+    end_to_end(CniMode::Kubenet, "ebpf", ApiServerAccess::Public);
 }
 
 #[test]
 fn azure_cni_ebpf() {
-    end_to_end(Cni::AzureCni, "ebpf", ApiServerAccess::Public);
+    end_to_end(CniMode::AzureCni, "ebpf", ApiServerAccess::Public);
 }
 
 #[test]
 fn azure_cni_overlay_ebpf() {
-    end_to_end(Cni::AzureCniOverlay, "ebpf", ApiServerAccess::Public);
+    end_to_end(CniMode::AzureCniOverlay, "ebpf", ApiServerAccess::Public);
 }
 
 #[test]
 fn kubenet_netlink() {
-    end_to_end(Cni::Kubenet, "netlink", ApiServerAccess::Private);
+    end_to_end(CniMode::Kubenet, "netlink", ApiServerAccess::Private);
 }
 
 #[test]
 fn azure_cni_netlink() {
-    end_to_end(Cni::AzureCni, "netlink", ApiServerAccess::Private);
+    end_to_end(CniMode::AzureCni, "netlink", ApiServerAccess::Private);
 }
 
 #[test]
 fn azure_cni_overlay_netlink() {
-    end_to_end(Cni::AzureCniOverlay, "netlink", ApiServerAccess::Private);
+    end_to_end(
+        CniMode::AzureCniOverlay,
+        "netlink",
+        ApiServerAccess::Private,
+    );
 }
 
 /// A kubenet lab, and an agent outside it dumping its node with `--source source`.
 fn kubenet_lab_watched_from_beside(source: &str) -> (Lab, Agent) {
-    let lab = Lab::up(LabOptions::new(Cni::Kubenet)).unwrap();
+    let lab = Lab::up(LabOptions::new(CniMode::Kubenet)).unwrap();
     let agent = Agent::start(
         Path::new(env!("CARGO_BIN_EXE_aksnet-agent")),
         &lab,

@@ -32,7 +32,7 @@ use xtask::image::daemonset::{AgentPod, Node};
 use xtask::image::podman::Podman;
 use xtask::image::seccomp;
 use xtask::lab::topology::plan;
-use xtask::lab::{Cni, Host, Lab, LabOptions, Scenario};
+use xtask::lab::{CniMode, Host, Lab, LabOptions, Scenario};
 
 const METRICS: &str = "0.0.0.0:9965";
 const SCRAPE: &str = "http://127.0.0.1:9965";
@@ -286,7 +286,7 @@ fn confinement(podman: &Podman, name: &str, caps: &[String], pod: &AgentPod) -> 
 fn daemonset_captures_exactly(
     rig: &Rig,
     pod: &AgentPod,
-    cni: Cni,
+    cni: CniMode,
     default: RuntimeDefault,
 ) -> String {
     let lab = Lab::up(LabOptions::new(cni)).unwrap_or_else(|e| panic!("{cni} lab: {e}"));
@@ -453,7 +453,8 @@ fn check_refusal(
 
 /// Without CAP_BPF, and under a profile that denies bpf(2), the agent exits naming what to fix.
 fn refusals(rig: &Rig, pod: &AgentPod) -> Vec<String> {
-    let lab = Lab::up(LabOptions::new(Cni::Kubenet)).unwrap_or_else(|e| panic!("kubenet lab: {e}"));
+    let lab =
+        Lab::up(LabOptions::new(CniMode::Kubenet)).unwrap_or_else(|e| panic!("kubenet lab: {e}"));
     let mut failures = Vec::new();
 
     let mut no_bpf = pod.clone();
@@ -526,8 +527,8 @@ fn daemonset_security_context_in_podman() {
 
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut summary = vec![
-            daemonset_captures_exactly(&rig, &pod, Cni::Kubenet, RuntimeDefault::Podman),
-            daemonset_captures_exactly(&rig, &pod, Cni::AzureCni, RuntimeDefault::Containerd),
+            daemonset_captures_exactly(&rig, &pod, CniMode::Kubenet, RuntimeDefault::Podman),
+            daemonset_captures_exactly(&rig, &pod, CniMode::AzureCni, RuntimeDefault::Containerd),
         ];
         let failures = refusals(&rig, &pod);
         assert_no_failures("refused starts", &failures);

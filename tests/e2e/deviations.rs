@@ -9,11 +9,11 @@
 use aksnet_tests::agent::{assert_no_failures, reported, run_scenarios, Agent, Placement};
 use aksnet_tests::require_root;
 use std::path::Path;
-use xtask::lab::{Cni, Lab, LabOptions, Misconfig, Scenario};
+use xtask::lab::{CniMode, Lab, LabOptions, Misconfig, Scenario};
 
 /// Applies `name` on a `cni` lab and checks what the agent makes of it. The broken flow's
 /// reason must contain every one of `key_words` and the address the node SNATed it to.
-fn caught(cni: Cni, name: &str, key_words: &[&str]) {
+fn caught(cni: CniMode, name: &str, key_words: &[&str]) {
     require_root();
     let misconfig = Misconfig::find(cni, name).unwrap();
     let lab = Lab::up(LabOptions::new(cni)).unwrap_or_else(|e| panic!("{cni} lab: {e}"));
@@ -92,7 +92,7 @@ fn caught(cni: Cni, name: &str, key_words: &[&str]) {
 #[test]
 fn azure_cni_missing_non_masquerade() {
     caught(
-        Cni::AzureCni,
+        CniMode::AzureCni,
         "missing-non-masquerade",
         &["node IP", "pod IP is lost", "nonMasqueradeCIDRs"],
     );
@@ -101,7 +101,7 @@ fn azure_cni_missing_non_masquerade() {
 #[test]
 fn kubenet_double_snat() {
     caught(
-        Cni::Kubenet,
+        CniMode::Kubenet,
         "double-snat",
         &["double SNAT", "Application Gateway", "one source rewrite"],
     );
@@ -110,7 +110,7 @@ fn kubenet_double_snat() {
 #[test]
 fn azure_cni_double_snat() {
     caught(
-        Cni::AzureCni,
+        CniMode::AzureCni,
         "double-snat",
         &["double SNAT", "Application Gateway", "one source rewrite"],
     );
@@ -119,7 +119,7 @@ fn azure_cni_double_snat() {
 #[test]
 fn kubenet_etp_cluster_declared_local() {
     caught(
-        Cni::Kubenet,
+        CniMode::Kubenet,
         "etp-cluster-declared-local",
         &[
             "declared externalTrafficPolicy Local",
@@ -132,7 +132,7 @@ fn kubenet_etp_cluster_declared_local() {
 #[test]
 fn azure_cni_etp_cluster_declared_local() {
     caught(
-        Cni::AzureCni,
+        CniMode::AzureCni,
         "etp-cluster-declared-local",
         &[
             "declared externalTrafficPolicy Local",
@@ -145,7 +145,7 @@ fn azure_cni_etp_cluster_declared_local() {
 #[test]
 fn azure_cni_overlay_double_snat() {
     caught(
-        Cni::AzureCniOverlay,
+        CniMode::AzureCniOverlay,
         "double-snat",
         &["double SNAT", "Application Gateway", "one source rewrite"],
     );
@@ -154,7 +154,7 @@ fn azure_cni_overlay_double_snat() {
 #[test]
 fn azure_cni_overlay_etp_cluster_declared_local() {
     caught(
-        Cni::AzureCniOverlay,
+        CniMode::AzureCniOverlay,
         "etp-cluster-declared-local",
         &[
             "declared externalTrafficPolicy Local",
@@ -168,15 +168,15 @@ fn azure_cni_overlay_etp_cluster_declared_local() {
 #[test]
 fn every_misconfiguration_is_tested() {
     let tested = [
-        (Cni::AzureCni, "missing-non-masquerade"),
-        (Cni::Kubenet, "double-snat"),
-        (Cni::AzureCni, "double-snat"),
-        (Cni::Kubenet, "etp-cluster-declared-local"),
-        (Cni::AzureCni, "etp-cluster-declared-local"),
-        (Cni::AzureCniOverlay, "double-snat"),
-        (Cni::AzureCniOverlay, "etp-cluster-declared-local"),
+        (CniMode::AzureCni, "missing-non-masquerade"),
+        (CniMode::Kubenet, "double-snat"),
+        (CniMode::AzureCni, "double-snat"),
+        (CniMode::Kubenet, "etp-cluster-declared-local"),
+        (CniMode::AzureCni, "etp-cluster-declared-local"),
+        (CniMode::AzureCniOverlay, "double-snat"),
+        (CniMode::AzureCniOverlay, "etp-cluster-declared-local"),
     ];
-    for cni in Cni::ALL {
+    for cni in CniMode::ALL {
         for m in Misconfig::all(cni) {
             assert!(
                 tested.contains(&(cni, m.name)),

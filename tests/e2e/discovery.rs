@@ -17,7 +17,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
-use xtask::lab::{Cni, Host, Lab, LabOptions, Scenario};
+use xtask::lab::{CniMode, Host, Lab, LabOptions, Scenario};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_aksnet-agent");
 
@@ -35,9 +35,9 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// source). azure-cni's ip-masq-agent shows the vnet; a kubenet node cannot. kube-proxy's
 /// `default/kubernetes` endpoints show the API server on both.
 type Revealed = &'static [(&'static str, &'static str)];
-fn facts_of(cni: Cni) -> (&'static [&'static str], Revealed) {
+fn facts_of(cni: CniMode) -> (&'static [&'static str], Revealed) {
     match cni {
-        Cni::Kubenet => (
+        CniMode::Kubenet => (
             &["vnet_cidrs"],
             &[
                 ("cni", "interfaces"),
@@ -81,15 +81,15 @@ const GENERALISED: &[(&str, &str, &str)] = &[
 
 #[test]
 fn kubenet_lab_without_config_captures_exactly_and_names_what_is_missing() {
-    without_config(Cni::Kubenet);
+    without_config(CniMode::Kubenet);
 }
 
 #[test]
 fn azure_cni_lab_without_config_captures_exactly_and_names_what_is_missing() {
-    without_config(Cni::AzureCni);
+    without_config(CniMode::AzureCni);
 }
 
-fn without_config(cni: Cni) {
+fn without_config(cni: CniMode) {
     require_root();
     let (unrevealed, revealed) = facts_of(cni);
     let lab = Lab::up(LabOptions::new(cni)).unwrap_or_else(|e| panic!("{cni} lab: {e}"));
@@ -246,7 +246,7 @@ impl Drop for SlowIptables {
 #[test]
 fn a_hanging_iptables_save_does_not_hold_events() {
     require_root();
-    let cni = Cni::Kubenet;
+    let cni = CniMode::Kubenet;
     let lab = Lab::up(LabOptions::new(cni)).unwrap_or_else(|e| panic!("{cni} lab: {e}"));
     let slow = SlowIptables::new();
     let path = slow.path_env();
@@ -295,7 +295,7 @@ fn a_hanging_iptables_save_does_not_hold_events() {
 #[test]
 fn a_plain_host_with_only_nat_rules() {
     require_root();
-    let cni = Cni::Kubenet;
+    let cni = CniMode::Kubenet;
     let lab = Lab::up(LabOptions::new(cni)).unwrap_or_else(|e| panic!("{cni} lab: {e}"));
     let host = lab.netns(Host::Lb);
     // The daemon, on the host (its listener there), killed by Agent's Drop if the test panics.

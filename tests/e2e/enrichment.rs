@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use xtask::lab::topology::plan;
-use xtask::lab::{Cni, Lab, LabOptions, Proto, Scenario, Topology};
+use xtask::lab::{CniMode, Lab, LabOptions, Proto, Scenario, Topology};
 
 /// The names the agent must give a flow: the pods at its original source, original destination
 /// and translated destination, and the Service at its original destination (by port, where
@@ -49,7 +49,7 @@ fn expected_names(topology: &Topology, d: &Dumped) -> BTreeMap<Ipv4Addr, String>
     .collect()
 }
 
-fn names_flows(cni: Cni) {
+fn names_flows(cni: CniMode) {
     require_root();
     let lab = Lab::up(LabOptions::new(cni)).unwrap_or_else(|e| panic!("{cni} lab: {e}"));
     // The agent observes the node through --netns but runs, with its API client, here.
@@ -116,10 +116,10 @@ fn names_flows(cni: Cni) {
 
 #[test]
 fn kubenet_flows_carry_pod_and_service_names() {
-    names_flows(Cni::Kubenet);
+    names_flows(CniMode::Kubenet);
 }
 
 #[test]
 fn azure_cni_flows_carry_pod_and_service_names() {
-    names_flows(Cni::AzureCni);
+    names_flows(CniMode::AzureCni);
 }

@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 use xtask::lab::topology::plan;
-use xtask::lab::{Cni, Host, Lab, LabOptions, Scenario};
+use xtask::lab::{CniMode, Host, Lab, LabOptions, Scenario};
 
 const METRICS: &str = "127.0.0.1:9965";
 const PROMETHEUS: &str = "127.0.0.1:9090";
@@ -185,7 +185,7 @@ fn value(prometheus: &Prometheus, promql: &str) -> Option<f64> {
 #[test]
 fn kubenet_snat_exhaustion_is_forecast_and_alerted_before_connections_fail() {
     require_root();
-    let lab = Lab::up(LabOptions::new(Cni::Kubenet)).unwrap_or_else(|e| panic!("lab: {e}"));
+    let lab = Lab::up(LabOptions::new(CniMode::Kubenet)).unwrap_or_else(|e| panic!("lab: {e}"));
     let node = lab.node_netns();
     let api = KubeApi::lab(lab.topology(), Some(&node)).expect("the fake Kubernetes API");
     let kubeconfig = lab.work_dir().join("kubeconfig");
@@ -220,7 +220,7 @@ fn kubenet_snat_exhaustion_is_forecast_and_alerted_before_connections_fail() {
         ("lb-inbound-tcp", app.as_str(), "kube_proxy_masquerade"),
         ("agic-inbound", "", "application_gateway"),
     ] {
-        lab.run(&Scenario::find(Cni::Kubenet, scenario).unwrap())
+        lab.run(&Scenario::find(CniMode::Kubenet, scenario).unwrap())
             .unwrap_or_else(|e| panic!("{scenario}: {e}"));
         let promql =
             format!("aksnet_client_address_lost_total{{service=\"{service}\",hop=\"{hop}\"}}");

@@ -13,7 +13,7 @@ use aksnet_tests::require_root;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
-use xtask::lab::{Cni, Host, Lab, LabOptions, Scenario};
+use xtask::lab::{CniMode, Host, Lab, LabOptions, Scenario};
 
 /// Connections the scenario opens, one per run.
 const CONNECTIONS: usize = 5;
@@ -22,7 +22,7 @@ const PROMETHEUS: &str = "127.0.0.1:9090";
 /// Two scrape intervals and Prometheus's query lag.
 const SCRAPED: Duration = Duration::from_secs(10);
 
-fn snat_translations_reach_prometheus(cni: Cni) {
+fn snat_translations_reach_prometheus(cni: CniMode) {
     require_root();
     let lab = Lab::up(LabOptions::new(cni)).unwrap_or_else(|e| panic!("{cni} lab: {e}"));
     let node = lab.node_netns();
@@ -100,10 +100,10 @@ fn snat_translations_reach_prometheus(cni: Cni) {
 
 #[test]
 fn kubenet_snat_translations_reach_prometheus() {
-    snat_translations_reach_prometheus(Cni::Kubenet);
+    snat_translations_reach_prometheus(CniMode::Kubenet);
 }
 
 #[test]
 fn azure_cni_snat_translations_reach_prometheus() {
-    snat_translations_reach_prometheus(Cni::AzureCni);
+    snat_translations_reach_prometheus(CniMode::AzureCni);
 }

@@ -458,7 +458,7 @@ fn list(kind: &str, items: Vec<Value>) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use xtask::lab::Cni;
+    use xtask::lab::CniMode;
 
     /// A raw HTTP/1.1 GET, returning the whole response (the server closes the connection).
     fn get(addr: SocketAddr, target: &str) -> String {
@@ -472,9 +472,9 @@ mod tests {
     #[test]
     fn lab_lists_follow_the_topology_of_each_cni() {
         for (cni, app_ip) in [
-            (Cni::Kubenet, "10.244.0.10"),
-            (Cni::AzureCni, "10.224.0.10"),
-            (Cni::AzureCniOverlay, "10.244.0.10"),
+            (CniMode::Kubenet, "10.244.0.10"),
+            (CniMode::AzureCni, "10.224.0.10"),
+            (CniMode::AzureCniOverlay, "10.244.0.10"),
         ] {
             let topology = Topology::new(cni);
             let pods = lab_pod_list(&topology);
@@ -557,7 +557,7 @@ mod tests {
 
     #[test]
     fn dropping_the_server_closes_held_watches() {
-        let api = KubeApi::start(lab_routes(&Topology::new(Cni::Kubenet))).unwrap();
+        let api = KubeApi::start(lab_routes(&Topology::new(CniMode::Kubenet))).unwrap();
         let target = format!("/api/v1/services?watch=true&resourceVersion={LAB_RESOURCE_VERSION}");
         let mut stream = TcpStream::connect(api.addr()).unwrap();
         write!(stream, "GET {target} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();

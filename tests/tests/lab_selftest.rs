@@ -6,10 +6,10 @@
 
 use aksnet_tests::{conntrack, require_root};
 use std::time::Instant;
-use xtask::lab::{ApiServerAccess, Cni, Host, Lab, LabOptions, Scenario};
+use xtask::lab::{ApiServerAccess, CniMode, Host, Lab, LabOptions, Scenario};
 
 /// Runs `scenarios` (all of the lab's when `None`) and checks both nodes' conntrack after each.
-fn selftest(cni: Cni, api_server: ApiServerAccess, only: Option<&str>) {
+fn selftest(cni: CniMode, api_server: ApiServerAccess, only: Option<&str>) {
     require_root();
     let started = Instant::now();
     let lab = Lab::up(LabOptions {
@@ -90,23 +90,23 @@ fn selftest(cni: Cni, api_server: ApiServerAccess, only: Option<&str>) {
 
 #[test]
 fn kubenet_lab() {
-    selftest(Cni::Kubenet, ApiServerAccess::Public, None);
+    selftest(CniMode::Kubenet, ApiServerAccess::Public, None);
 }
 
 #[test]
 fn azure_cni_lab() {
-    selftest(Cni::AzureCni, ApiServerAccess::Public, None);
+    selftest(CniMode::AzureCni, ApiServerAccess::Public, None);
 }
 
 #[test]
 fn azure_cni_overlay_lab() {
-    selftest(Cni::AzureCniOverlay, ApiServerAccess::Public, None);
+    selftest(CniMode::AzureCniOverlay, ApiServerAccess::Public, None);
 }
 
 /// A private cluster's API server, on each CNI: only the scenario it changes.
 #[test]
 fn private_api_server() {
-    for cni in Cni::ALL {
+    for cni in CniMode::ALL {
         selftest(cni, ApiServerAccess::Private, Some("pod-to-api-server"));
     }
 }

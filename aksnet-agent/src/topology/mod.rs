@@ -27,50 +27,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 use std::fmt;
 use std::net::IpAddr;
 use std::path::Path;
-use std::str::FromStr;
 
-/// The AKS network plug-in mode; one model file per mode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum CniMode {
-    Kubenet,
-    AzureCni,
-    AzureCniOverlay,
-}
-
-impl CniMode {
-    pub const ALL: [CniMode; 3] = [
-        CniMode::Kubenet,
-        CniMode::AzureCni,
-        CniMode::AzureCniOverlay,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CniMode::Kubenet => "kubenet",
-            CniMode::AzureCni => "azure-cni",
-            CniMode::AzureCniOverlay => "azure-cni-overlay",
-        }
-    }
-}
-
-impl fmt::Display for CniMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for CniMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        CniMode::ALL
-            .into_iter()
-            .find(|m| m.as_str() == s)
-            .ok_or_else(|| {
-                format!("unknown CNI mode `{s}`: use kubenet, azure-cni or azure-cni-overlay")
-            })
-    }
-}
+pub use aksnet_common::CniMode;
 
 /// Where service NAT happens: netfilter (kube-proxy iptables, visible in conntrack) or Cilium's
 /// eBPF programs (not visible to conntrack).

@@ -6,7 +6,7 @@ use crate::bench::error::BenchError;
 use crate::bench::load::{self, EchoServer};
 use crate::lab::netns::pids_in;
 use crate::lab::topology::plan;
-use crate::lab::{Cni, Host, Lab, LabOptions};
+use crate::lab::{CniMode, Host, Lab, LabOptions};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,7 +48,7 @@ pub struct Rig {
 
 impl Rig {
     pub fn up(agent_binary: &Path) -> Result<Rig, BenchError> {
-        let lab = Lab::up(LabOptions::new(Cni::Kubenet))?;
+        let lab = Lab::up(LabOptions::new(CniMode::Kubenet))?;
         let pod = lab.netns(Host::PodApp);
         // The lab's app server is socat forking a shell per connection: a few hundred
         // connections a second, which would hide the datapath. The bench answers instead.

@@ -85,11 +85,11 @@ pub fn render_on(topo: &Topology, node: Host) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lab::topology::{ApiServerAccess, Cni};
+    use crate::lab::topology::{ApiServerAccess, CniMode};
 
     #[test]
     fn renders_the_plan_keys() {
-        let text = render(&Topology::new(Cni::Kubenet));
+        let text = render(&Topology::new(CniMode::Kubenet));
         let value: toml::Value = toml::from_str(&text).unwrap();
         assert_eq!(value["cni"].as_str(), Some("kubenet"));
         assert_eq!(value["pod_cidr"].as_str(), Some("10.244.0.0/16"));
@@ -104,10 +104,11 @@ mod tests {
         );
         assert_eq!(value["node_pod_cidrs"][0].as_str(), Some("10.244.0.0/24"));
         assert_eq!(value["api_server"][0].as_str(), Some("198.51.100.40"));
-        let azure: toml::Value = toml::from_str(&render(&Topology::new(Cni::AzureCni))).unwrap();
+        let azure: toml::Value =
+            toml::from_str(&render(&Topology::new(CniMode::AzureCni))).unwrap();
         assert!(azure.get("pod_cidr").is_none());
         assert!(azure.get("node_pod_cidrs").is_none());
-        let overlay = Topology::with_api_server(Cni::AzureCniOverlay, ApiServerAccess::Private);
+        let overlay = Topology::with_api_server(CniMode::AzureCniOverlay, ApiServerAccess::Private);
         let node2: toml::Value = toml::from_str(&render_on(&overlay, Host::Node2)).unwrap();
         assert_eq!(node2["node_ips"][0].as_str(), Some("10.224.0.5"));
         assert_eq!(node2["node_pod_cidrs"][0].as_str(), Some("10.244.1.0/24"));

@@ -3,7 +3,7 @@
 use crate::cmd::{Cmd, CmdError};
 use crate::lab::topology::plan;
 use crate::lab::{
-    clean_up, teardown_prefix, ApiServerAccess, Cni, Host, Lab, LabError, LabOptions, Scenario,
+    clean_up, teardown_prefix, ApiServerAccess, CniMode, Host, Lab, LabError, LabOptions, Scenario,
     Topology, DEFAULT_STATE_DIR,
 };
 use std::io::{BufRead, BufReader};
@@ -17,7 +17,7 @@ pub enum LabCommand {
     /// Build a lab and leave it up (state in --state-dir).
     Up {
         #[arg(long)]
-        cni: Cni,
+        cni: CniMode,
         /// Where `default/kubernetes` sends pods: public or private.
         #[arg(long, default_value = "public")]
         api_server: ApiServerAccess,
@@ -38,7 +38,7 @@ pub enum LabCommand {
     /// List the scenarios and the conntrack entries each must produce on each node.
     List {
         #[arg(long, default_value = "kubenet")]
-        cni: Cni,
+        cni: CniMode,
         #[arg(long, default_value = "public")]
         api_server: ApiServerAccess,
     },
@@ -55,7 +55,7 @@ pub enum LabCommand {
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
     #[arg(long, default_value = "kubenet")]
-    pub cni: Cni,
+    pub cni: CniMode,
     /// Upper bound, in seconds, on each agent run; the demo stops the agent as soon as the
     /// scenarios are done.
     #[arg(long, default_value_t = 60)]
@@ -161,7 +161,7 @@ fn print_expected(s: &Scenario) {
     }
 }
 
-fn demo(cni: Cni, duration: u64, state_dir: &Path) -> Result<(), LabError> {
+fn demo(cni: CniMode, duration: u64, state_dir: &Path) -> Result<(), LabError> {
     build_agent()?;
     let opts = LabOptions {
         state_dir: state_dir.to_path_buf(),

@@ -9,7 +9,7 @@ use crate::file_error::FileError;
 use crate::lab::error::LabError;
 use crate::lab::exec;
 use crate::lab::netns::{etc_netns_dir, netns_name};
-use crate::lab::topology::{plan, Cni, Host, Service, Topology, Workload};
+use crate::lab::topology::{plan, CniMode, Host, Service, Topology, Workload};
 use std::fs::File;
 use std::net::Ipv4Addr;
 use std::os::unix::process::CommandExt;
@@ -239,7 +239,7 @@ fn appgw_servers(topo: &Topology, crt: &Path, key: &Path) -> String {
         "    location / {{ {} }}\n",
         proxy(format!("{app}:{}", plan::APP_PORT))
     );
-    if topo.cni == Cni::Kubenet {
+    if topo.cni == CniMode::Kubenet {
         locations.push_str(&format!(
             "    location /nodeport/ {{ {} }}\n",
             proxy(format!("{}:{}", plan::NODE_IP, plan::APP_NODE_PORT))
@@ -338,7 +338,7 @@ fn start_all(l: &mut Launcher, topo: &Topology) -> Result<(), LabError> {
         &[format!("--address=/{}/{}", plan::PE_FQDN, plan::PE_IP)],
     )?;
     l.nginx(Host::Appgw, "appgw", 443, &appgw_servers(topo, &crt, &key))?;
-    if topo.cni != Cni::Kubenet {
+    if topo.cni != CniMode::Kubenet {
         l.nginx(Host::Agc, "agc", 80, &agc_servers(topo))?;
     }
     let healthz = l.script("healthz.sh", HEALTHZ_SH)?;

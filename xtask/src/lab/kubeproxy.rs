@@ -237,12 +237,12 @@ fn render_table(table: &str, chains: &[String], rules: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lab::topology::Cni;
+    use crate::lab::topology::CniMode;
 
     #[test]
     fn chain_names_match_kube_proxy_hashing() {
         // Every cluster has `default/kubernetes:https`; its chain is KUBE-SVC-NPX46M4PTMTKRN6Y.
-        let mut svc = Topology::new(Cni::Kubenet).services[0].clone();
+        let mut svc = Topology::new(CniMode::Kubenet).services[0].clone();
         (svc.name, svc.port_name) = ("kubernetes", "https");
         assert_eq!(svc_chain(&svc), "KUBE-SVC-NPX46M4PTMTKRN6Y");
         assert_eq!(ext_chain(&svc), "KUBE-EXT-NPX46M4PTMTKRN6Y");
@@ -250,7 +250,7 @@ mod tests {
 
     #[test]
     fn every_jump_target_is_declared() {
-        for (cni, node) in Cni::ALL
+        for (cni, node) in CniMode::ALL
             .into_iter()
             .flat_map(|c| Host::NODES.map(|n| (c, n)))
         {

@@ -5,9 +5,9 @@
 //! `deviates`.
 //!
 //! ```no_run
-//! use xtask::lab::{Cni, Lab, LabOptions, Misconfig};
-//! let lab = Lab::up(LabOptions::new(Cni::AzureCni))?;
-//! let misconfig = Misconfig::find(Cni::AzureCni, "missing-non-masquerade")?;
+//! use xtask::lab::{CniMode, Lab, LabOptions, Misconfig};
+//! let lab = Lab::up(LabOptions::new(CniMode::AzureCni))?;
+//! let misconfig = Misconfig::find(CniMode::AzureCni, "missing-non-masquerade")?;
 //! lab.apply(&misconfig)?;
 //! lab.run(&misconfig.shown_by())?; // the answers now show the node IP instead of the pod IP
 //! # Ok::<(), xtask::lab::LabError>(())
@@ -18,7 +18,7 @@ use crate::lab::exec;
 use crate::lab::kubeproxy;
 use crate::lab::paths::PathId;
 use crate::lab::scenario::{EndpointMatch, NatKind, PortMatch, Scenario, Traffic};
-use crate::lab::topology::{masquerade_to_pod_ip, plan, Cni, Topology, TrafficPolicy};
+use crate::lab::topology::{masquerade_to_pod_ip, plan, CniMode, Topology, TrafficPolicy};
 use std::fmt;
 use std::net::Ipv4Addr;
 
@@ -88,7 +88,7 @@ pub struct Symptom {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Misconfig {
     pub name: &'static str,
-    pub cni: Cni,
+    pub cni: CniMode,
     /// What the operator got wrong and what it breaks, in operator words.
     pub breaks: &'static str,
     pub change: NodeChange,
@@ -97,11 +97,11 @@ pub struct Misconfig {
     pub also_affects: &'static [&'static str],
 }
 
-fn build(cni: Cni, name: &'static str) -> Option<Misconfig> {
+fn build(cni: CniMode, name: &'static str) -> Option<Misconfig> {
     let masq = masquerade_to_pod_ip(cni);
     let (breaks, change, symptom, also_affects) = match name {
         // kubenet and Overlay do not keep vnet traffic unmasqueraded in the first place.
-        "missing-non-masquerade" if cni == Cni::AzureCni => (
+        "missing-non-masquerade" if cni == CniMode::AzureCni => (
             "ip-masq-agent's nonMasqueradeCIDRs lost the vnet: pod traffic to the vnet (VMs, \
              private endpoints, other pods) is MASQUERADEd to the node IP, so vnet peers see \
              the node instead of the pod and NSG rules or allow-lists written for pod IPs stop \
@@ -135,7 +135,11 @@ fn build(cni: Cni, name: &'static str) -> Option<Misconfig> {
             NodeChange::ExtraNatRules(vec![format!(
                 r#"-A POSTROUTING -s {} -o {} -m comment --comment "custom: masquerade Application Gateway traffic to pods" -j MASQUERADE"#,
                 plan::APPGW_SUBNET,
-                if cni == Cni::Kubenet { "cbr0" } else { "azv+" }
+                if cni == CniMode::Kubenet {
+                    "cbr0"
+                } else {
+                    "azv+"
+                }
             )]),
             Symptom {
                 scenario: "agic-inbound",
@@ -176,14 +180,14 @@ fn build(cni: Cni, name: &'static str) -> Option<Misconfig> {
 
 impl Misconfig {
     /// Every misconfiguration that applies to this CNI, in `MISCONFIG_NAMES` order.
-    pub fn all(cni: Cni) -> Vec<Misconfig> {
+    pub fn all(cni: CniMode) -> Vec<Misconfig> {
         MISCONFIG_NAMES
             .iter()
             .filter_map(|name| build(cni, name))
             .collect()
     }
 
-    pub fn find(cni: Cni, name: &str) -> Result<Misconfig, LabError> {
+    pub fn find(cni: CniMode, name: &str) -> Result<Misconfig, LabError> {
         MISCONFIG_NAMES
             .iter()
             .find(|n| **n == name)
@@ -360,7 +364,7 @@ mod tests {
 
     #[test]
     fn rerendering_changes_reach_exactly_the_changed_table() {
-        for cni in Cni::ALL {
+        for cni in CniMode::ALL {
             let topo = Topology::new(cni);
             for m in Misconfig::all(cni) {
                 let text = m.nat_change(&topo);
@@ -398,17 +402,17 @@ mod tests {
 
     #[test]
     fn missing_non_masquerade_drops_only_the_vnet_return_rule() {
-        let m = Misconfig::find(Cni::AzureCni, "missing-non-masquerade").unwrap();
-        let text = m.nat_change(&Topology::new(Cni::AzureCni));
+        let m = Misconfig::find(CniMode::AzureCni, "missing-non-masquerade").unwrap();
+        let text = m.nat_change(&Topology::new(CniMode::AzureCni));
         assert!(text.contains("-F IP-MASQ-AGENT"), "{text}");
         assert!(!text.contains(plan::VNET_CIDR), "{text}");
         assert!(text.contains("-A IP-MASQ-AGENT -m comment"), "{text}");
-        assert!(Misconfig::find(Cni::Kubenet, "missing-non-masquerade").is_err());
+        assert!(Misconfig::find(CniMode::Kubenet, "missing-non-masquerade").is_err());
     }
 
     #[test]
     fn symptoms_change_one_flow_of_a_real_scenario() {
-        for cni in Cni::ALL {
+        for cni in CniMode::ALL {
             for m in Misconfig::all(cni) {
                 let documented = Scenario::find(cni, m.symptom.scenario).unwrap();
                 let shown = m.shown_by();
@@ -436,8 +440,8 @@ mod tests {
                 }
             }
         }
-        assert_eq!(Misconfig::all(Cni::Kubenet).len(), 2);
-        assert_eq!(Misconfig::all(Cni::AzureCni).len(), 3);
-        assert_eq!(Misconfig::all(Cni::AzureCniOverlay).len(), 2);
+        assert_eq!(Misconfig::all(CniMode::Kubenet).len(), 2);
+        assert_eq!(Misconfig::all(CniMode::AzureCni).len(), 3);
+        assert_eq!(Misconfig::all(CniMode::AzureCniOverlay).len(), 2);
     }
 }

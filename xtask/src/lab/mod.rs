@@ -5,8 +5,8 @@
 //! must show.
 //!
 //! ```no_run
-//! use xtask::lab::{Cni, Lab, LabOptions, Scenario};
-//! let lab = Lab::up(LabOptions::new(Cni::Kubenet))?;
+//! use xtask::lab::{CniMode, Lab, LabOptions, Scenario};
+//! let lab = Lab::up(LabOptions::new(CniMode::Kubenet))?;
 //! for scenario in Scenario::all(lab.cni()) {
 //!     let report = lab.run(&scenario)?;
 //!     println!("{} ok, node must show {:?}", report.scenario, scenario.expected_on_node());
@@ -39,7 +39,7 @@ pub use scenario::{
     TupleMatch, SCENARIO_NAMES,
 };
 pub use state::LabState;
-pub use topology::{ApiServerAccess, Cni, Host, Proto, Topology};
+pub use topology::{ApiServerAccess, CniMode, Host, Proto, Topology};
 pub use traffic::{Answer, ScenarioReport, StepReport};
 
 use crate::file_error::FileError;
@@ -51,7 +51,7 @@ pub const DEFAULT_STATE_DIR: &str = "/run/aksnet-lab";
 
 #[derive(Clone, Debug)]
 pub struct LabOptions {
-    pub cni: Cni,
+    pub cni: CniMode,
     pub state_dir: PathBuf,
     /// Namespace-name prefix of this instance (`aksl-<pid>-<seq>-`); unique per process and lab.
     pub prefix: String,
@@ -60,7 +60,7 @@ pub struct LabOptions {
 }
 
 impl LabOptions {
-    pub fn new(cni: Cni) -> LabOptions {
+    pub fn new(cni: CniMode) -> LabOptions {
         LabOptions {
             cni,
             state_dir: DEFAULT_STATE_DIR.into(),
@@ -71,7 +71,7 @@ impl LabOptions {
 }
 
 pub struct Lab {
-    cni: Cni,
+    cni: CniMode,
     prefix: String,
     work_dir: PathBuf,
     topology: Topology,
@@ -149,7 +149,7 @@ impl Lab {
         misconfig::apply(&self.node_netns(), &self.topology, misconfig)
     }
 
-    pub fn cni(&self) -> Cni {
+    pub fn cni(&self) -> CniMode {
         self.cni
     }
 
@@ -218,9 +218,9 @@ impl Lab {
     pub fn attach(state_dir: &Path) -> Result<Lab, LabError> {
         let path = state::state_file(state_dir);
         let s = state::read(&path)?;
-        let cni: Cni = s.cni.parse().map_err(|detail| LabError::State {
+        let cni: CniMode = s.cni.parse().map_err(|unknown| LabError::State {
             path: path.clone(),
-            detail,
+            detail: format!("`{}`: {unknown}", s.cni),
         })?;
         let api_server: ApiServerAccess =
             s.api_server.parse().map_err(|detail| LabError::State {

@@ -4,7 +4,7 @@
 use crate::lab::error::LabError;
 use crate::lab::paths::PathId;
 use crate::lab::topology::{
-    masquerade_to_pod_ip, plan, ApiServerAccess, Cni, Host, Proto, Topology,
+    masquerade_to_pod_ip, plan, ApiServerAccess, CniMode, Host, Proto, Topology,
 };
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -238,7 +238,7 @@ impl fmt::Display for Traffic {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Scenario {
     pub name: &'static str,
-    pub cni: Cni,
+    pub cni: CniMode,
     pub summary: &'static str,
     pub traffic: Vec<Traffic>,
     /// What the first node (`Host::Node`) must show.
@@ -311,7 +311,7 @@ pub fn server_name(topo: &Topology, host: Host) -> String {
 
 impl Scenario {
     /// Every scenario that applies to this CNI (public API server), in `SCENARIO_NAMES` order.
-    pub fn all(cni: Cni) -> Vec<Scenario> {
+    pub fn all(cni: CniMode) -> Vec<Scenario> {
         Scenario::all_in(&Topology::new(cni))
     }
 
@@ -323,7 +323,7 @@ impl Scenario {
             .collect()
     }
 
-    pub fn find(cni: Cni, name: &str) -> Result<Scenario, LabError> {
+    pub fn find(cni: CniMode, name: &str) -> Result<Scenario, LabError> {
         Scenario::find_in(&Topology::new(cni), name)
     }
 
@@ -371,7 +371,7 @@ fn build(topo: &Topology, name: &'static str) -> Option<Scenario> {
     );
     let app_name = server_name(topo, Host::PodApp);
     let masq = masquerade_to_pod_ip(cni);
-    let kubenet = cni == Cni::Kubenet;
+    let kubenet = cni == CniMode::Kubenet;
     let node = plan::NODE_IP;
     let app_port = plan::APP_PORT;
     // The node's view of a pod's outbound connection to a destination outside the pod CIDR:
@@ -750,43 +750,51 @@ mod tests {
     fn every_name_builds_for_some_cni_and_agic_nodeport_is_kubenet_only() {
         for name in SCENARIO_NAMES {
             assert!(
-                Cni::ALL.iter().any(|c| Scenario::find(*c, name).is_ok()),
+                CniMode::ALL
+                    .iter()
+                    .any(|c| Scenario::find(*c, name).is_ok()),
                 "{name}"
             );
         }
-        assert!(Scenario::find(Cni::AzureCni, "agic-nodeport").is_err());
-        assert!(Scenario::find(Cni::AzureCniOverlay, "agic-nodeport").is_err());
-        assert!(Scenario::find(Cni::Kubenet, "agc-inbound").is_err());
-        assert_eq!(Scenario::all(Cni::Kubenet).len(), 19);
-        assert_eq!(Scenario::all(Cni::AzureCni).len(), 19);
-        assert_eq!(Scenario::all(Cni::AzureCniOverlay).len(), 19);
+        assert!(Scenario::find(CniMode::AzureCni, "agic-nodeport").is_err());
+        assert!(Scenario::find(CniMode::AzureCniOverlay, "agic-nodeport").is_err());
+        assert!(Scenario::find(CniMode::Kubenet, "agc-inbound").is_err());
+        assert_eq!(Scenario::all(CniMode::Kubenet).len(), 19);
+        assert_eq!(Scenario::all(CniMode::AzureCni).len(), 19);
+        assert_eq!(Scenario::all(CniMode::AzureCniOverlay).len(), 19);
     }
 
     #[test]
     fn nat_kinds_follow_aks_facts() {
         let nat = |cni, name: &str| Scenario::find(cni, name).unwrap().expected[0].nat;
-        assert_eq!(nat(Cni::Kubenet, "lb-inbound-tcp"), NatKind::DnatSnat);
-        assert_eq!(nat(Cni::Kubenet, "agic-inbound"), NatKind::None);
-        assert_eq!(nat(Cni::Kubenet, "pod-to-vnet"), NatKind::Snat);
-        assert_eq!(nat(Cni::AzureCni, "pod-to-vnet"), NatKind::None);
-        assert_eq!(nat(Cni::AzureCni, "pod-to-internet"), NatKind::Snat);
-        assert_eq!(nat(Cni::AzureCni, "vnet-client-to-pod"), NatKind::None);
-        assert_eq!(nat(Cni::Kubenet, "vnet-client-to-pod"), NatKind::DnatSnat);
-        assert_eq!(nat(Cni::AzureCni, "l7-ingress"), NatKind::Dnat);
-        assert_eq!(nat(Cni::AzureCniOverlay, "pod-to-vnet"), NatKind::Snat);
+        assert_eq!(nat(CniMode::Kubenet, "lb-inbound-tcp"), NatKind::DnatSnat);
+        assert_eq!(nat(CniMode::Kubenet, "agic-inbound"), NatKind::None);
+        assert_eq!(nat(CniMode::Kubenet, "pod-to-vnet"), NatKind::Snat);
+        assert_eq!(nat(CniMode::AzureCni, "pod-to-vnet"), NatKind::None);
+        assert_eq!(nat(CniMode::AzureCni, "pod-to-internet"), NatKind::Snat);
+        assert_eq!(nat(CniMode::AzureCni, "vnet-client-to-pod"), NatKind::None);
         assert_eq!(
-            nat(Cni::AzureCniOverlay, "vnet-client-to-pod"),
+            nat(CniMode::Kubenet, "vnet-client-to-pod"),
             NatKind::DnatSnat
         );
-        assert_eq!(nat(Cni::AzureCniOverlay, "agc-inbound"), NatKind::None);
-        assert_eq!(nat(Cni::AzureCni, "pod-to-imds"), NatKind::Snat);
-        assert_eq!(nat(Cni::AzureCni, "internal-lb-from-vnet"), NatKind::Dnat);
+        assert_eq!(nat(CniMode::AzureCni, "l7-ingress"), NatKind::Dnat);
+        assert_eq!(nat(CniMode::AzureCniOverlay, "pod-to-vnet"), NatKind::Snat);
         assert_eq!(
-            nat(Cni::Kubenet, "lb-inbound-cross-node"),
+            nat(CniMode::AzureCniOverlay, "vnet-client-to-pod"),
             NatKind::DnatSnat
         );
-        assert_eq!(nat(Cni::Kubenet, "clusterip-cross-node"), NatKind::Dnat);
-        assert_eq!(nat(Cni::Kubenet, "vnet-to-kubelet"), NatKind::None);
+        assert_eq!(nat(CniMode::AzureCniOverlay, "agc-inbound"), NatKind::None);
+        assert_eq!(nat(CniMode::AzureCni, "pod-to-imds"), NatKind::Snat);
+        assert_eq!(
+            nat(CniMode::AzureCni, "internal-lb-from-vnet"),
+            NatKind::Dnat
+        );
+        assert_eq!(
+            nat(CniMode::Kubenet, "lb-inbound-cross-node"),
+            NatKind::DnatSnat
+        );
+        assert_eq!(nat(CniMode::Kubenet, "clusterip-cross-node"), NatKind::Dnat);
+        assert_eq!(nat(CniMode::Kubenet, "vnet-to-kubelet"), NatKind::None);
     }
 
     #[test]
@@ -797,27 +805,30 @@ mod tests {
                 .expected[0]
                 .nat
         };
-        for cni in Cni::ALL {
+        for cni in CniMode::ALL {
             assert_eq!(
                 nat(cni, ApiServerAccess::Public),
                 NatKind::DnatSnat,
                 "{cni}"
             );
         }
-        assert_eq!(nat(Cni::AzureCni, ApiServerAccess::Private), NatKind::Dnat);
         assert_eq!(
-            nat(Cni::Kubenet, ApiServerAccess::Private),
+            nat(CniMode::AzureCni, ApiServerAccess::Private),
+            NatKind::Dnat
+        );
+        assert_eq!(
+            nat(CniMode::Kubenet, ApiServerAccess::Private),
             NatKind::DnatSnat
         );
         assert_eq!(
-            nat(Cni::AzureCniOverlay, ApiServerAccess::Private),
+            nat(CniMode::AzureCniOverlay, ApiServerAccess::Private),
             NatKind::DnatSnat
         );
     }
 
     #[test]
     fn cross_node_scenarios_state_both_nodes() {
-        for cni in Cni::ALL {
+        for cni in CniMode::ALL {
             for s in Scenario::all(cni) {
                 let crosses = s.name.ends_with("-cross-node");
                 assert_eq!(

@@ -7,49 +7,7 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
 
-/// The node's network mode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Cni {
-    Kubenet,
-    AzureCni,
-    AzureCniOverlay,
-}
-
-impl Cni {
-    pub const ALL: [Cni; 3] = [Cni::Kubenet, Cni::AzureCni, Cni::AzureCniOverlay];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Cni::Kubenet => "kubenet",
-            Cni::AzureCni => "azure-cni",
-            Cni::AzureCniOverlay => "azure-cni-overlay",
-        }
-    }
-
-    /// Whether pod IPs are vnet addresses that any vnet client can reach (azure-cni flat);
-    /// kubenet and Overlay pods take the pod CIDR, routed only for the cluster's own subnets.
-    pub fn pods_in_vnet(self) -> bool {
-        self == Cni::AzureCni
-    }
-}
-
-impl fmt::Display for Cni {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Cni {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Cni::ALL
-            .into_iter()
-            .find(|c| c.as_str() == s)
-            .ok_or_else(|| {
-                format!("unknown CNI mode `{s}`: use kubenet, azure-cni or azure-cni-overlay")
-            })
-    }
-}
+pub use aksnet_common::CniMode;
 
 /// Where the cluster's API server is, as the endpoints of `default/kubernetes` show.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -307,7 +265,7 @@ pub fn node_of(pod: Host) -> Host {
 
 /// A pod's address: kubenet and Overlay use its node's pod /24, azure-cni gives pods vnet
 /// addresses (secondary IPs of their node's NIC).
-pub fn pod_ip(cni: Cni, pod: Host) -> Ipv4Addr {
+pub fn pod_ip(cni: CniMode, pod: Host) -> Ipv4Addr {
     let last = match pod {
         Host::PodApp | Host::PodWeb => 10,
         Host::PodUdp => 11,
@@ -326,10 +284,10 @@ pub fn pod_ip(cni: Cni, pod: Host) -> Ipv4Addr {
 /// The address a Service's MASQUERADE gives node-forwarded traffic towards a pod on node 1: the
 /// egress interface's address (kubenet: `cbr0`; azure-cni and Overlay: `azv*` has none, so the
 /// node IP).
-pub fn masquerade_to_pod_ip(cni: Cni) -> Ipv4Addr {
+pub fn masquerade_to_pod_ip(cni: CniMode) -> Ipv4Addr {
     match cni {
-        Cni::Kubenet => plan::CBR0_IP,
-        Cni::AzureCni | Cni::AzureCniOverlay => plan::NODE_IP,
+        CniMode::Kubenet => plan::CBR0_IP,
+        CniMode::AzureCni | CniMode::AzureCniOverlay => plan::NODE_IP,
     }
 }
 
@@ -527,7 +485,7 @@ pub struct RouteTable {
 
 #[derive(Clone, Debug)]
 pub struct Topology {
-    pub cni: Cni,
+    pub cni: CniMode,
     pub hosts: Vec<HostSpec>,
     pub links: Vec<Link>,
     /// The pods of the first node (`Host::Node`), the one every single-node scenario uses.
@@ -604,7 +562,7 @@ const NO_REDIRECTS: [(&str, &str); 2] = [
     ("net.ipv4.conf.default.send_redirects", "0"),
 ];
 
-fn pods(cni: Cni) -> Vec<Pod> {
+fn pods(cni: CniMode) -> Vec<Pod> {
     let spec = [
         (
             Host::PodApp,
@@ -647,8 +605,8 @@ fn pods(cni: Cni) -> Vec<Pod> {
             let digest = hex(&sha256(k8s_name.as_bytes()));
             // The CNIs derive these names from a hash of the container; ours from the pod name.
             let host_ifname = match cni {
-                Cni::Kubenet => format!("veth{}", &digest[..8]),
-                Cni::AzureCni | Cni::AzureCniOverlay => format!("azv{}", &digest[..11]),
+                CniMode::Kubenet => format!("veth{}", &digest[..8]),
+                CniMode::AzureCni | CniMode::AzureCniOverlay => format!("azv{}", &digest[..11]),
             };
             Pod {
                 host,
@@ -893,7 +851,7 @@ fn vnet_hosts(vnet: &mut HostSpec) -> (Vec<HostSpec>, Vec<Link>) {
 
 /// One AKS node: its link into the node subnet, its routes, and its pods' links.
 fn node(
-    cni: Cni,
+    cni: CniMode,
     facts: NodeFacts,
     pods: &[Pod],
     first_mac: usize,
@@ -916,7 +874,7 @@ fn node(
         a: end(Host::Vnet, vnet_ifname, &[cidr(plan::NODE_GW, vnet_len)]),
         b: node_end,
     }];
-    if cni == Cni::Kubenet {
+    if cni == CniMode::Kubenet {
         // br_netfilter: bridged pod-to-pod traffic goes through iptables, as on AKS.
         node.sysctls
             .push(("net.bridge.bridge-nf-call-iptables", "1"));
@@ -929,12 +887,12 @@ fn node(
         let mut host_end = end(facts.host, &pod.host_ifname, &[]);
         host_end.mac = Some(host_veth_mac(first_mac + i));
         let pod_end = match cni {
-            Cni::Kubenet => {
+            CniMode::Kubenet => {
                 host_end.master = Some("cbr0".to_string());
                 spec.routes.push(Route::via("default", facts.bridge_ip));
                 end(pod.host, "eth0", &[cidr(pod.ip, 24)])
             }
-            Cni::AzureCni | Cni::AzureCniOverlay => {
+            CniMode::AzureCni | CniMode::AzureCniOverlay => {
                 node.routes
                     .push(Route::dev(&cidr(pod.ip, 32), &pod.host_ifname));
                 spec.routes
@@ -962,7 +920,7 @@ fn node(
 /// only for the subnets that use the cluster's route table (kubenet) or Azure's overlay routing
 /// domain (Overlay, extended to AGC and, since AGIC 1.8, the Application Gateway); the pod CIDR
 /// itself is listed so un-NATed pod-to-pod traffic between nodes is routed too.
-fn pod_routing(cni: Cni, all_pods: &[Pod], vnet: &mut HostSpec) -> Option<RouteTable> {
+fn pod_routing(cni: CniMode, all_pods: &[Pod], vnet: &mut HostSpec) -> Option<RouteTable> {
     if cni.pods_in_vnet() {
         for pod in all_pods {
             let node = node_facts(node_of(pod.host));
@@ -971,7 +929,7 @@ fn pod_routing(cni: Cni, all_pods: &[Pod], vnet: &mut HostSpec) -> Option<RouteT
         return None;
     }
     let mut associated_subnets = vec![plan::NODE_SUBNET, plan::APPGW_SUBNET];
-    if cni == Cni::AzureCniOverlay {
+    if cni == CniMode::AzureCniOverlay {
         associated_subnets.push(plan::AGC_SUBNET);
     }
     associated_subnets.push(plan::CLUSTER_POD_CIDR);
@@ -994,11 +952,11 @@ fn pod_routing(cni: Cni, all_pods: &[Pod], vnet: &mut HostSpec) -> Option<RouteT
 
 impl Topology {
     /// The lab of `cni` with a public API server.
-    pub fn new(cni: Cni) -> Topology {
+    pub fn new(cni: CniMode) -> Topology {
         Topology::with_api_server(cni, ApiServerAccess::default())
     }
 
-    pub fn with_api_server(cni: Cni, api_server: ApiServerAccess) -> Topology {
+    pub fn with_api_server(cni: CniMode, api_server: ApiServerAccess) -> Topology {
         let all_pods = pods(cni);
         let (pods, node2_pods): (Vec<Pod>, Vec<Pod>) = all_pods
             .iter()
@@ -1050,10 +1008,10 @@ impl Topology {
         hosts.extend(node_hosts);
 
         let (non_masquerade_cidrs, cluster_cidr) = match cni {
-            Cni::Kubenet | Cni::AzureCniOverlay => {
+            CniMode::Kubenet | CniMode::AzureCniOverlay => {
                 (vec![plan::CLUSTER_POD_CIDR], plan::CLUSTER_POD_CIDR)
             }
-            Cni::AzureCni => (vec![plan::VNET_CIDR], plan::NODE_SUBNET),
+            CniMode::AzureCni => (vec![plan::VNET_CIDR], plan::NODE_SUBNET),
         };
         Topology {
             cni,
@@ -1114,7 +1072,7 @@ mod tests {
 
     #[test]
     fn interface_names_fit_the_kernel_limit_and_are_unique_per_namespace() {
-        for cni in Cni::ALL {
+        for cni in CniMode::ALL {
             let topo = Topology::new(cni);
             let mut seen = std::collections::HashSet::new();
             for link in &topo.links {
@@ -1138,7 +1096,7 @@ mod tests {
             let (net, len): (Ipv4Addr, u32) = (net.parse().unwrap(), len.parse().unwrap());
             u32::from(ip) >> (32 - len) == u32::from(net) >> (32 - len)
         };
-        for cni in Cni::ALL {
+        for cni in CniMode::ALL {
             let topo = Topology::new(cni);
             let mut seen = std::collections::HashSet::new();
             for node in Host::NODES {
@@ -1161,7 +1119,7 @@ mod tests {
 
     #[test]
     fn every_host_has_exactly_one_spec() {
-        for cni in Cni::ALL {
+        for cni in CniMode::ALL {
             let topo = Topology::new(cni);
             for host in Host::ALL {
                 assert_eq!(
