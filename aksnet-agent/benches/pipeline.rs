@@ -171,8 +171,8 @@ fn correlate(c: &mut Criterion) {
 
 fn classifier() -> Classifier {
     let path = std::env::temp_dir().join(format!("aksnet-bench-{}.toml", std::process::id()));
-    let topo = xtask::lab::Topology::new(CniMode::Kubenet);
-    std::fs::write(&path, agent_config::render(&topo)).expect("cannot write the bench topology");
+    let layout = xtask::lab::Layout::new(CniMode::Kubenet);
+    std::fs::write(&path, agent_config::render(&layout)).expect("cannot write the bench topology");
     let topology = Topology::from_file(&path).expect("the lab's agent config loads");
     let _ = std::fs::remove_file(&path);
     let model = Model::load_builtin(CniMode::Kubenet).expect("the built-in kubenet model loads");

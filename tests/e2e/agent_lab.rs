@@ -194,7 +194,7 @@ fn reused_client_port(source: &str) {
     use socket2::{Domain, SockAddr, Socket, Type};
     use std::io::{Read, Write};
     use std::net::SocketAddrV4;
-    use xtask::lab::topology::plan;
+    use xtask::lab::layout::plan;
 
     const CONNECTIONS: usize = 5;
     const CLIENT_PORT: u16 = 41_234;
@@ -275,7 +275,7 @@ fn reused_client_port_netlink() {
 #[test]
 fn a_connection_deleted_at_once_is_reported_opened_and_ended() {
     use std::net::{SocketAddrV4, TcpStream};
-    use xtask::lab::topology::plan;
+    use xtask::lab::layout::plan;
 
     const CONNECTIONS: u16 = 60;
     const FIRST_PORT: u16 = 42_000;

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use xtask::image::daemonset::{AgentPod, Node};
 use xtask::image::podman::Podman;
 use xtask::image::seccomp;
-use xtask::lab::topology::plan;
+use xtask::lab::layout::plan;
 use xtask::lab::{CniMode, Host, Lab, LabOptions, Scenario};
 
 const METRICS: &str = "0.0.0.0:9965";

@@ -12,15 +12,15 @@ use aksnet_tests::require_root;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::Path;
-use xtask::lab::topology::plan;
-use xtask::lab::{CniMode, Lab, LabOptions, Proto, Scenario, Topology};
+use xtask::lab::layout::plan;
+use xtask::lab::{CniMode, Lab, LabOptions, Layout, Proto, Scenario};
 
 /// The names the agent must give a flow: the pods at its original source, original destination
 /// and translated destination, and the Service at its original destination (by port, where
 /// one LB frontend serves several Services).
-fn expected_names(topology: &Topology, d: &Dumped) -> BTreeMap<Ipv4Addr, String> {
+fn expected_names(layout: &Layout, d: &Dumped) -> BTreeMap<Ipv4Addr, String> {
     let pod = |ip: Ipv4Addr| {
-        topology
+        layout
             .pods
             .iter()
             .find(|p| p.ip == ip)
@@ -28,7 +28,7 @@ fn expected_names(topology: &Topology, d: &Dumped) -> BTreeMap<Ipv4Addr, String>
     };
     let service = |proto: Proto, ip: Ipv4Addr, port: u16| {
         let at_ip = || {
-            topology
+            layout
                 .services
                 .iter()
                 .filter(|s| s.cluster_ip == ip || s.lb_ip == Some(ip))
@@ -62,11 +62,11 @@ fn names_flows(cni: CniMode) {
     let scenarios = Scenario::all(cni);
     run_scenarios(&lab, &scenarios);
     let opened = agent.finish_opened();
-    let topology = lab.topology();
+    let layout = lab.layout();
 
     let mut failures = Vec::new();
     for d in &opened {
-        let expected = expected_names(topology, d);
+        let expected = expected_names(layout, d);
         if d.names != expected {
             failures.push(format!(
                 "names {:?}, expected {expected:?}: {}",
@@ -81,7 +81,7 @@ fn names_flows(cni: CniMode) {
         }
     }
     // The headline case, spelled out: the LB inbound flow names the Service and the pod.
-    let app = topology.pod(xtask::lab::Host::PodApp);
+    let app = layout.pod(xtask::lab::Host::PodApp);
     let inbound = opened
         .iter()
         .find(|d| *d.original.dst.ip() == plan::FRONTEND_APP && d.proto == Proto::Tcp);

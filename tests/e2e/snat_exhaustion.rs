@@ -31,7 +31,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
-use xtask::lab::topology::plan;
+use xtask::lab::layout::plan;
 use xtask::lab::{CniMode, Host, Lab, LabOptions, Scenario};
 
 const METRICS: &str = "127.0.0.1:9965";
@@ -187,7 +187,7 @@ fn kubenet_snat_exhaustion_is_forecast_and_alerted_before_connections_fail() {
     require_root();
     let lab = Lab::up(LabOptions::new(CniMode::Kubenet)).unwrap_or_else(|e| panic!("lab: {e}"));
     let node = lab.node_netns();
-    let api = KubeApi::lab(lab.topology(), Some(&node)).expect("the fake Kubernetes API");
+    let api = KubeApi::lab(lab.layout(), Some(&node)).expect("the fake Kubernetes API");
     let kubeconfig = lab.work_dir().join("kubeconfig");
     api.write_kubeconfig(&kubeconfig).unwrap();
     let agent = Daemon::start(&lab, &kubeconfig);
@@ -210,7 +210,7 @@ fn kubenet_snat_exhaustion_is_forecast_and_alerted_before_connections_fail() {
     let mut failures = Vec::new();
     // Whose client address is lost, and where.
     let app = lab
-        .topology()
+        .layout()
         .services
         .iter()
         .find(|s| s.lb_ip == Some(plan::FRONTEND_APP))
@@ -236,7 +236,7 @@ fn kubenet_snat_exhaustion_is_forecast_and_alerted_before_connections_fail() {
     let open = |host: Host| NetnsTarget::Named(lab.netns(host)).open().unwrap();
     let server = Server::start(&open(Host::Inet));
     let pods = [Host::PodApp, Host::PodIngress].map(|host| {
-        let pod = lab.topology().pod(host);
+        let pod = lab.layout().pod(host);
         (open(host), pod.k8s_name)
     });
     let dest = SocketAddr::from((plan::INET_SERVER, DEST_PORT));

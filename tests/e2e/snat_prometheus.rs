@@ -47,7 +47,7 @@ fn snat_translations_reach_prometheus(cni: CniMode) {
         lab.run(&scenario)
             .unwrap_or_else(|e| panic!("{cni} {}: {e}", scenario.name));
     }
-    let pod = lab.topology().pod(Host::PodApp).k8s_name;
+    let pod = lab.layout().pod(Host::PodApp).k8s_name;
     let n = CONNECTIONS as f64;
     let mut failures = Vec::new();
     for hop in ["node_snat", "lb_snat_inferred"] {

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use xtask::lab::topology::plan;
+use xtask::lab::layout::plan;
 use xtask::lab::{ExpectedConntrack, Host, Lab, Proto, Scenario, Tuple};
 
 /// The agent under test, stopped with SIGTERM when dropped.
@@ -181,7 +181,7 @@ impl Agent {
             Placement::OnNode => Some(node.as_str()),
         };
         let api =
-            KubeApi::lab(lab.topology(), api_netns).expect("cannot start the fake Kubernetes API");
+            KubeApi::lab(lab.layout(), api_netns).expect("cannot start the fake Kubernetes API");
         let kubeconfig = lab.work_dir().join("kubeconfig");
         api.write_kubeconfig(&kubeconfig).unwrap();
         let mut agent = Agent::start(

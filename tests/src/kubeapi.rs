@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
-use xtask::lab::topology::{plan, Pod, Service, Workload};
-use xtask::lab::Topology;
+use xtask::lab::layout::{plan, Pod, Service, Workload};
+use xtask::lab::Layout;
 
 /// How often the acceptor checks whether the server is being dropped.
 const ACCEPT_POLL: Duration = Duration::from_millis(20);
@@ -133,8 +133,8 @@ impl KubeApi {
     }
 
     /// The lab's pods (on its node) and Services, with watches that stay open and quiet.
-    pub fn lab(topology: &Topology, netns: Option<&str>) -> io::Result<KubeApi> {
-        let routes = lab_routes(topology);
+    pub fn lab(layout: &Layout, netns: Option<&str>) -> io::Result<KubeApi> {
+        let routes = lab_routes(layout);
         match netns {
             Some(netns) => KubeApi::start_in_netns(netns, routes),
             None => KubeApi::start(routes),
@@ -301,7 +301,7 @@ fn reply(mut stream: &TcpStream, status: &str, body: &str) {
 
 /// The lab's pods and Services: lists at [`LAB_RESOURCE_VERSION`], and watches from there that
 /// stay open without events.
-pub fn lab_routes(topology: &Topology) -> Vec<Route> {
+pub fn lab_routes(layout: &Layout) -> Vec<Route> {
     let quiet = |path| {
         Route::watch(
             path,
@@ -311,8 +311,8 @@ pub fn lab_routes(topology: &Topology) -> Vec<Route> {
         )
     };
     vec![
-        Route::list("/api/v1/pods", lab_pod_list(topology).to_string()),
-        Route::list("/api/v1/services", lab_service_list(topology).to_string()),
+        Route::list("/api/v1/pods", lab_pod_list(layout).to_string()),
+        Route::list("/api/v1/services", lab_service_list(layout).to_string()),
         quiet("/api/v1/pods"),
         quiet("/api/v1/services"),
     ]
@@ -331,8 +331,8 @@ fn split_name(namespaced: &str) -> (&str, &str) {
 }
 
 /// The `PodList` the API returns for the lab node's pods (`spec.nodeName` = the lab's node).
-pub fn lab_pod_list(topology: &Topology) -> Value {
-    let items: Vec<Value> = topology
+pub fn lab_pod_list(layout: &Layout) -> Value {
+    let items: Vec<Value> = layout
         .pods
         .iter()
         .enumerate()
@@ -375,9 +375,9 @@ fn pod_object(pod: &Pod, uid: &str) -> Value {
 }
 
 /// The `ServiceList` of the lab's Services: one object per Service, with all its ports.
-pub fn lab_service_list(topology: &Topology) -> Value {
+pub fn lab_service_list(layout: &Layout) -> Value {
     let mut by_name: BTreeMap<String, Vec<&Service>> = BTreeMap::new();
-    for port in &topology.services {
+    for port in &layout.services {
         by_name
             .entry(port.namespaced_name())
             .or_default()
@@ -476,10 +476,10 @@ mod tests {
             (CniMode::AzureCni, "10.224.0.10"),
             (CniMode::AzureCniOverlay, "10.244.0.10"),
         ] {
-            let topology = Topology::new(cni);
-            let pods = lab_pod_list(&topology);
+            let layout = Layout::new(cni);
+            let pods = lab_pod_list(&layout);
             let items = pods["items"].as_array().unwrap();
-            assert_eq!(items.len(), topology.pods.len());
+            assert_eq!(items.len(), layout.pods.len());
             let app = items
                 .iter()
                 .find(|p| p["metadata"]["name"] == "app-6d8f7c9b5-x2kqp")
@@ -488,7 +488,7 @@ mod tests {
             assert_eq!(app["status"]["podIP"], app_ip, "{cni}");
             assert_eq!(app["spec"]["nodeName"], plan::NODE_NAME);
 
-            let services = lab_service_list(&topology);
+            let services = lab_service_list(&layout);
             let names: Vec<String> = services["items"]
                 .as_array()
                 .unwrap()
@@ -557,7 +557,7 @@ mod tests {
 
     #[test]
     fn dropping_the_server_closes_held_watches() {
-        let api = KubeApi::start(lab_routes(&Topology::new(CniMode::Kubenet))).unwrap();
+        let api = KubeApi::start(lab_routes(&Layout::new(CniMode::Kubenet))).unwrap();
         let target = format!("/api/v1/services?watch=true&resourceVersion={LAB_RESOURCE_VERSION}");
         let mut stream = TcpStream::connect(api.addr()).unwrap();
         write!(stream, "GET {target} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();

@@ -13,7 +13,7 @@ use crate::bench::load;
 use crate::bench::report::{median, Row};
 use crate::bench::rig::{Launch, Rig, EVENTS_METRIC, FRONTEND};
 use crate::file_error::FileError;
-use crate::lab::topology::plan;
+use crate::lab::layout::plan;
 use std::collections::BTreeMap;
 use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};

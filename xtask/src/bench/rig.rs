@@ -4,8 +4,8 @@
 use crate::bench::agent::{scrape, Agent, AgentArgs, Line, Mode};
 use crate::bench::error::BenchError;
 use crate::bench::load::{self, EchoServer};
+use crate::lab::layout::plan;
 use crate::lab::netns::pids_in;
-use crate::lab::topology::plan;
 use crate::lab::{CniMode, Host, Lab, LabOptions};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};

@@ -1,6 +1,6 @@
 //! The agent's topology config for each lab node (the keys of the agent's `TopologyLayer`).
 
-use crate::lab::topology::{node_facts, plan, Host, Topology};
+use crate::lab::layout::{node_facts, plan, Host, Layout};
 use serde::Serialize;
 
 #[derive(Serialize)]
@@ -37,16 +37,16 @@ struct AgentConfig {
 }
 
 /// The config of the agent on the first node.
-pub fn render(topo: &Topology) -> String {
-    render_on(topo, Host::Node)
+pub fn render(layout: &Layout) -> String {
+    render_on(layout, Host::Node)
 }
 
 /// The config of the agent on `node`.
-pub fn render_on(topo: &Topology, node: Host) -> String {
+pub fn render_on(layout: &Layout, node: Host) -> String {
     let facts = node_facts(node);
-    let pod_cidr = (!topo.cni.pods_in_vnet()).then_some(plan::CLUSTER_POD_CIDR);
+    let pod_cidr = (!layout.cni.pods_in_vnet()).then_some(plan::CLUSTER_POD_CIDR);
     let config = AgentConfig {
-        cni: topo.cni.as_str(),
+        cni: layout.cni.as_str(),
         node_name: facts.name,
         node_ips: vec![facts.ip.to_string()],
         vnet_cidrs: vec![plan::VNET_CIDR],
@@ -57,18 +57,18 @@ pub fn render_on(topo: &Topology, node: Host) -> String {
         appgw_subnets: vec![plan::APPGW_SUBNET],
         agc_subnets: vec![plan::AGC_SUBNET],
         private_endpoints: vec![plan::PE_IP.to_string()],
-        health_probe_sources: vec![topo.lb.probe_source.to_string()],
-        lb_outbound_ips: vec![topo.lb.outbound_ip.to_string()],
-        lb_frontends: topo
+        health_probe_sources: vec![layout.lb.probe_source.to_string()],
+        lb_outbound_ips: vec![layout.lb.outbound_ip.to_string()],
+        lb_frontends: layout
             .lb
             .frontends
             .iter()
             .map(|ip| {
-                let svc = topo
+                let svc = layout
                     .services
                     .iter()
                     .find(|s| s.lb_ip == Some(*ip))
-                    .expect("every LB frontend belongs to a Service of the topology");
+                    .expect("every LB frontend belongs to a Service of the layout");
                 LbFrontend {
                     ip: ip.to_string(),
                     service: svc.namespaced_name(),
@@ -76,7 +76,7 @@ pub fn render_on(topo: &Topology, node: Host) -> String {
                 }
             })
             .collect(),
-        api_server: vec![topo.api_server.ip().to_string()],
+        api_server: vec![layout.api_server.ip().to_string()],
         private_ranges: vec![plan::ON_PREMISES_CIDR],
     };
     toml::to_string(&config).expect("the agent config is plain strings and lists")
@@ -85,11 +85,11 @@ pub fn render_on(topo: &Topology, node: Host) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lab::topology::{ApiServerAccess, CniMode};
+    use crate::lab::layout::{ApiServerAccess, CniMode};
 
     #[test]
     fn renders_the_plan_keys() {
-        let text = render(&Topology::new(CniMode::Kubenet));
+        let text = render(&Layout::new(CniMode::Kubenet));
         let value: toml::Value = toml::from_str(&text).unwrap();
         assert_eq!(value["cni"].as_str(), Some("kubenet"));
         assert_eq!(value["pod_cidr"].as_str(), Some("10.244.0.0/16"));
@@ -104,11 +104,10 @@ mod tests {
         );
         assert_eq!(value["node_pod_cidrs"][0].as_str(), Some("10.244.0.0/24"));
         assert_eq!(value["api_server"][0].as_str(), Some("198.51.100.40"));
-        let azure: toml::Value =
-            toml::from_str(&render(&Topology::new(CniMode::AzureCni))).unwrap();
+        let azure: toml::Value = toml::from_str(&render(&Layout::new(CniMode::AzureCni))).unwrap();
         assert!(azure.get("pod_cidr").is_none());
         assert!(azure.get("node_pod_cidrs").is_none());
-        let overlay = Topology::with_api_server(CniMode::AzureCniOverlay, ApiServerAccess::Private);
+        let overlay = Layout::with_api_server(CniMode::AzureCniOverlay, ApiServerAccess::Private);
         let node2: toml::Value = toml::from_str(&render_on(&overlay, Host::Node2)).unwrap();
         assert_eq!(node2["node_ips"][0].as_str(), Some("10.224.0.5"));
         assert_eq!(node2["node_pod_cidrs"][0].as_str(), Some("10.244.1.0/24"));

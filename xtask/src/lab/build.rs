@@ -1,15 +1,15 @@
-//! Applies a [`Topology`] to fresh namespaces: links, addresses, routes, rules, neighbours,
+//! Applies a [`Layout`] to fresh namespaces: links, addresses, routes, rules, neighbours,
 //! sysctls, and the iptables rules of the node (kube-proxy, ip-masq-agent) and of the Azure LB.
 
 use crate::lab::error::LabError;
 use crate::lab::exec;
 use crate::lab::kubeproxy;
+use crate::lab::layout::{Host, Layout, LinkEnd, Route};
 use crate::lab::netns::netns_name;
-use crate::lab::topology::{Host, LinkEnd, Route, Topology};
 
-pub fn apply(prefix: &str, topo: &Topology) -> Result<(), LabError> {
+pub fn apply(prefix: &str, layout: &Layout) -> Result<(), LabError> {
     let ns = |host: Host| netns_name(prefix, host);
-    for spec in &topo.hosts {
+    for spec in &layout.hosts {
         let netns = ns(spec.host);
         exec::ip(&netns, &["link", "set", "lo", "up"])?;
         for (key, value) in &spec.sysctls {
@@ -24,7 +24,7 @@ pub fn apply(prefix: &str, topo: &Topology) -> Result<(), LabError> {
             exec::ip(&netns, &["link", "set", bridge, "up"])?;
         }
     }
-    for link in &topo.links {
+    for link in &layout.links {
         // Created inside the first namespace with its peer placed straight into the second, so
         // no interface ever exists in the host namespace (and names only need to be unique per ns).
         let (a, b) = (&link.a, &link.b);
@@ -42,7 +42,7 @@ pub fn apply(prefix: &str, topo: &Topology) -> Result<(), LabError> {
         configure_end(&ns(a.host), a)?;
         configure_end(&peer_ns, b)?;
     }
-    for spec in &topo.hosts {
+    for spec in &layout.hosts {
         let netns = ns(spec.host);
         for route in &spec.routes {
             add_route(&netns, route)?;
@@ -78,13 +78,13 @@ pub fn apply(prefix: &str, topo: &Topology) -> Result<(), LabError> {
         exec::in_ns_with_input(
             &ns(node),
             &["iptables-restore"],
-            &kubeproxy::node_nat_rules_on(topo, node),
+            &kubeproxy::node_nat_rules_on(layout, node),
         )?;
     }
     exec::in_ns_with_input(
         &ns(Host::Lb),
         &["iptables-restore"],
-        &kubeproxy::lb_nat_rules(topo),
+        &kubeproxy::lb_nat_rules(layout),
     )?;
     Ok(())
 }

@@ -1,10 +1,10 @@
 //! `cargo xtask lab ...`: up, run, down, list, demo.
 
 use crate::cmd::{Cmd, CmdError};
-use crate::lab::topology::plan;
+use crate::lab::layout::plan;
 use crate::lab::{
-    clean_up, teardown_prefix, ApiServerAccess, CniMode, Host, Lab, LabError, LabOptions, Scenario,
-    Topology, DEFAULT_STATE_DIR,
+    clean_up, teardown_prefix, ApiServerAccess, CniMode, Host, Lab, LabError, LabOptions, Layout,
+    Scenario, DEFAULT_STATE_DIR,
 };
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -103,7 +103,7 @@ pub fn execute(cmd: LabCommand) -> Result<(), LabError> {
             } else {
                 scenarios
                     .iter()
-                    .map(|n| Scenario::find_in(lab.topology(), n))
+                    .map(|n| Scenario::find_in(lab.layout(), n))
                     .collect::<Result<_, _>>()?
             };
             run_scenarios(&lab, &selected)
@@ -119,7 +119,7 @@ pub fn execute(cmd: LabCommand) -> Result<(), LabError> {
             Ok(())
         }
         LabCommand::List { cni, api_server } => {
-            for s in Scenario::all_in(&Topology::with_api_server(cni, api_server)) {
+            for s in Scenario::all_in(&Layout::with_api_server(cni, api_server)) {
                 println!("{} — {}", s.name, s.summary);
                 print_expected(&s);
             }

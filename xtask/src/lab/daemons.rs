@@ -8,8 +8,8 @@ use crate::cmd::CmdError;
 use crate::file_error::FileError;
 use crate::lab::error::LabError;
 use crate::lab::exec;
+use crate::lab::layout::{plan, CniMode, Host, Layout, Service, Workload};
 use crate::lab::netns::{etc_netns_dir, netns_name};
-use crate::lab::topology::{plan, CniMode, Host, Service, Topology, Workload};
 use std::fs::File;
 use std::net::Ipv4Addr;
 use std::os::unix::process::CommandExt;
@@ -221,7 +221,7 @@ pub fn certificate_path(dir: &Path) -> PathBuf {
 /// Application Gateway: TLS termination, host and path rules, X-Forwarded-For, and a new
 /// connection from its private IP. AGIC's backend pool is the app pod's IP (both CNIs); the
 /// `/nodeport/` rule is the hand-made backend pool on the node's NodePort (kubenet variant).
-fn appgw_servers(topo: &Topology, crt: &Path, key: &Path) -> String {
+fn appgw_servers(layout: &Layout, crt: &Path, key: &Path) -> String {
     let tls = format!(
         "    ssl_certificate {};\n    ssl_certificate_key {};\n",
         crt.display(),
@@ -234,12 +234,12 @@ fn appgw_servers(topo: &Topology, crt: &Path, key: &Path) -> String {
             plan::APPGW_IP
         )
     };
-    let app = topo.pod(Host::PodApp).ip;
+    let app = layout.pod(Host::PodApp).ip;
     let mut locations = format!(
         "    location / {{ {} }}\n",
         proxy(format!("{app}:{}", plan::APP_PORT))
     );
-    if topo.cni == CniMode::Kubenet {
+    if layout.cni == CniMode::Kubenet {
         locations.push_str(&format!(
             "    location /nodeport/ {{ {} }}\n",
             proxy(format!("{}:{}", plan::NODE_IP, plan::APP_NODE_PORT))
@@ -255,12 +255,12 @@ fn appgw_servers(topo: &Topology, crt: &Path, key: &Path) -> String {
 
 /// Application Gateway for Containers: plain HTTP on its frontend, a new connection from its
 /// subnet address to the app pod IP, X-Forwarded-For.
-fn agc_servers(topo: &Topology) -> String {
+fn agc_servers(layout: &Layout) -> String {
     format!(
         "  server {{\n    listen {}:80;\n    location / {{ proxy_pass http://{}:{}; proxy_bind {}; \
          proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }}\n  }}\n",
         plan::AGC_FRONTEND,
-        topo.pod(Host::PodApp).ip,
+        layout.pod(Host::PodApp).ip,
         plan::APP_PORT,
         plan::AGC_IP
     )
@@ -274,19 +274,20 @@ fn pod_resolv_conf() -> String {
     )
 }
 
-fn health_checked(topo: &Topology) -> Vec<&Service> {
-    topo.services
+fn health_checked(layout: &Layout) -> Vec<&Service> {
+    layout
+        .services
         .iter()
         .filter(|s| s.health_check_node_port.is_some())
         .collect()
 }
 
-/// Starts every server of the topology and waits until each listens. What it started is in
+/// Starts every server of the layout and waits until each listens. What it started is in
 /// `started` even when it fails, so the caller can reap it.
 pub fn start(
     prefix: &str,
     dir: &Path,
-    topo: &Topology,
+    layout: &Layout,
     started: &mut Vec<Daemon>,
 ) -> Result<(), LabError> {
     let mut l = Launcher {
@@ -294,12 +295,12 @@ pub fn start(
         dir,
         daemons: Vec::new(),
     };
-    let result = start_all(&mut l, topo);
+    let result = start_all(&mut l, layout);
     started.append(&mut l.daemons);
     result
 }
 
-fn start_all(l: &mut Launcher, topo: &Topology) -> Result<(), LabError> {
+fn start_all(l: &mut Launcher, layout: &Layout) -> Result<(), LabError> {
     let (crt, key) = make_certificate(l.dir)?;
     l.http_echo(
         Host::Inet,
@@ -337,12 +338,17 @@ fn start_all(l: &mut Launcher, topo: &Topology) -> Result<(), LabError> {
         53,
         &[format!("--address=/{}/{}", plan::PE_FQDN, plan::PE_IP)],
     )?;
-    l.nginx(Host::Appgw, "appgw", 443, &appgw_servers(topo, &crt, &key))?;
-    if topo.cni != CniMode::Kubenet {
-        l.nginx(Host::Agc, "agc", 80, &agc_servers(topo))?;
+    l.nginx(
+        Host::Appgw,
+        "appgw",
+        443,
+        &appgw_servers(layout, &crt, &key),
+    )?;
+    if layout.cni != CniMode::Kubenet {
+        l.nginx(Host::Agc, "agc", 80, &agc_servers(layout))?;
     }
     let healthz = l.script("healthz.sh", HEALTHZ_SH)?;
-    for svc in health_checked(topo) {
+    for svc in health_checked(layout) {
         let port = svc
             .health_check_node_port
             .expect("filtered on health_check_node_port");
@@ -363,7 +369,7 @@ fn start_all(l: &mut Launcher, topo: &Topology) -> Result<(), LabError> {
             &argv,
         )?;
     }
-    for pod in topo.pods.iter().chain(&topo.node2_pods) {
+    for pod in layout.pods.iter().chain(&layout.node2_pods) {
         let netns = netns_name(l.prefix, pod.host);
         let etc = etc_netns_dir(&netns);
         std::fs::create_dir_all(&etc)
@@ -395,7 +401,7 @@ fn start_all(l: &mut Launcher, topo: &Topology) -> Result<(), LabError> {
                 let servers = format!(
                     "  server {{\n    listen {port};\n    location / {{ proxy_pass http://{}:{upstream_port}; \
                      proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }}\n  }}\n",
-                    topo.pod(*upstream).ip
+                    layout.pod(*upstream).ip
                 );
                 l.nginx(pod.host, "ingress", *port, &servers)?;
             }

@@ -1,8 +1,8 @@
 //! The node's nat table as kube-proxy (iptables mode) and ip-masq-agent write it on AKS, and the
-//! Azure LB's outbound rule, rendered as `iptables-restore` input from the topology.
+//! Azure LB's outbound rule, rendered as `iptables-restore` input from the layout.
 
 use crate::lab::hash::{base32, sha256};
-use crate::lab::topology::{node_of, Host, Service, Topology, TrafficPolicy};
+use crate::lab::layout::{node_of, Host, Layout, Service, TrafficPolicy};
 
 /// kube-proxy's `portProtoHash`: base32(sha256(servicePortName + protocol))[:16].
 fn port_proto_hash(svc: &Service) -> String {
@@ -31,13 +31,13 @@ pub fn sep_chain(svc: &Service, endpoint: &str) -> String {
 }
 
 /// Rules for the first node's nat table (a complete table: the node namespace starts empty).
-pub fn node_nat_rules(topo: &Topology) -> String {
-    node_nat_rules_on(topo, Host::Node)
+pub fn node_nat_rules(layout: &Layout) -> String {
+    node_nat_rules_on(layout, Host::Node)
 }
 
 /// Rules for `node`'s nat table. kube-proxy programs every Service on every node; only
 /// externalTrafficPolicy Local chains differ, listing the endpoints on that node.
-pub fn node_nat_rules_on(topo: &Topology, node: Host) -> String {
+pub fn node_nat_rules_on(layout: &Layout, node: Host) -> String {
     let mut chains: Vec<String> = vec![
         "KUBE-SERVICES".into(),
         "KUBE-NODEPORTS".into(),
@@ -56,7 +56,7 @@ pub fn node_nat_rules_on(topo: &Topology, node: Host) -> String {
         "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000".into(),
         r#"-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully"#.into(),
     ];
-    for cidr in &topo.non_masquerade_cidrs {
+    for cidr in &layout.non_masquerade_cidrs {
         rules.push(format!(
             r#"-A IP-MASQ-AGENT -d {cidr} -m comment --comment "ip-masq-agent: local traffic is not subject to MASQUERADE" -j RETURN"#
         ));
@@ -67,9 +67,9 @@ pub fn node_nat_rules_on(topo: &Topology, node: Host) -> String {
     );
 
     let mut nodeport_rules = Vec::new();
-    for svc in &topo.services {
+    for svc in &layout.services {
         service_rules(
-            topo,
+            layout,
             node,
             svc,
             &mut chains,
@@ -86,7 +86,7 @@ pub fn node_nat_rules_on(topo: &Topology, node: Host) -> String {
 }
 
 fn service_rules(
-    topo: &Topology,
+    layout: &Layout,
     node: Host,
     svc: &Service,
     chains: &mut Vec<String>,
@@ -132,7 +132,7 @@ fn service_rules(
                 chains.push(svl_chain.clone());
                 rules.push(format!(
                     r#"-A {ext_chain} -s {} -m comment --comment "pod traffic for {name} external destinations" -j {svc_chain}"#,
-                    topo.cluster_cidr
+                    layout.cluster_cidr
                 ));
                 rules.push(format!(
                     r#"-A {ext_chain} -m comment --comment "masquerade LOCAL traffic for {name} external destinations" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ"#
@@ -147,19 +147,19 @@ fn service_rules(
                     .copied()
                     .filter(|e| node_of(*e) == node)
                     .collect();
-                endpoint_jumps(topo, svc, &local, &svl_chain, rules);
+                endpoint_jumps(layout, svc, &local, &svl_chain, rules);
             }
         }
     }
 
     rules.push(format!(
         r#"-A {svc_chain} ! -s {} -d {}/32 -p {p} -m comment --comment "{name} cluster IP" -m {p} --dport {} -j KUBE-MARK-MASQ"#,
-        topo.cluster_cidr, svc.cluster_ip, svc.port
+        layout.cluster_cidr, svc.cluster_ip, svc.port
     ));
-    endpoint_jumps(topo, svc, &svc.endpoints, &svc_chain, rules);
+    endpoint_jumps(layout, svc, &svc.endpoints, &svc_chain, rules);
 
     for host in &svc.endpoints {
-        let ip = topo.endpoint_ip(*host);
+        let ip = layout.endpoint_ip(*host);
         let endpoint = format!("{ip}:{}", svc.target_port);
         let sep = sep_chain(svc, &endpoint);
         chains.push(sep.clone());
@@ -175,7 +175,7 @@ fn service_rules(
 /// kube-proxy's endpoint selection among `endpoints`: random with probability 1/(remaining),
 /// last one unconditional.
 fn endpoint_jumps(
-    topo: &Topology,
+    layout: &Layout,
     svc: &Service,
     endpoints: &[Host],
     chain: &str,
@@ -184,7 +184,7 @@ fn endpoint_jumps(
     let name = svc.port_name_string();
     let n = endpoints.len();
     for (i, host) in endpoints.iter().enumerate() {
-        let endpoint = format!("{}:{}", topo.endpoint_ip(*host), svc.target_port);
+        let endpoint = format!("{}:{}", layout.endpoint_ip(*host), svc.target_port);
         let sep = sep_chain(svc, &endpoint);
         let statistic = if i + 1 < n {
             format!(
@@ -203,8 +203,8 @@ fn endpoint_jumps(
 /// The Azure LB's outbound rule: node traffic leaving for the internet gets the LB's public IP and
 /// a port from the node's allocation. Floating-IP inbound replies are reply-direction traffic of
 /// existing entries, so this rule never touches them.
-pub fn lb_nat_rules(topo: &Topology) -> String {
-    let lb = &topo.lb;
+pub fn lb_nat_rules(layout: &Layout) -> String {
+    let lb = &layout.lb;
     let (lo, hi) = lb.outbound_ports;
     let rules: Vec<String> = ["tcp", "udp"]
         .iter()
@@ -237,12 +237,12 @@ fn render_table(table: &str, chains: &[String], rules: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lab::topology::CniMode;
+    use crate::lab::layout::CniMode;
 
     #[test]
     fn chain_names_match_kube_proxy_hashing() {
         // Every cluster has `default/kubernetes:https`; its chain is KUBE-SVC-NPX46M4PTMTKRN6Y.
-        let mut svc = Topology::new(CniMode::Kubenet).services[0].clone();
+        let mut svc = Layout::new(CniMode::Kubenet).services[0].clone();
         (svc.name, svc.port_name) = ("kubernetes", "https");
         assert_eq!(svc_chain(&svc), "KUBE-SVC-NPX46M4PTMTKRN6Y");
         assert_eq!(ext_chain(&svc), "KUBE-EXT-NPX46M4PTMTKRN6Y");
@@ -254,7 +254,7 @@ mod tests {
             .into_iter()
             .flat_map(|c| Host::NODES.map(|n| (c, n)))
         {
-            let text = node_nat_rules_on(&Topology::new(cni), node);
+            let text = node_nat_rules_on(&Layout::new(cni), node);
             let declared: Vec<&str> = text
                 .lines()
                 .filter_map(|l| l.strip_prefix(':'))

@@ -16,9 +16,9 @@
 use crate::lab::error::LabError;
 use crate::lab::exec;
 use crate::lab::kubeproxy;
+use crate::lab::layout::{masquerade_to_pod_ip, plan, CniMode, Layout, TrafficPolicy};
 use crate::lab::paths::PathId;
 use crate::lab::scenario::{EndpointMatch, NatKind, PortMatch, Scenario, Traffic};
-use crate::lab::topology::{masquerade_to_pod_ip, plan, CniMode, Topology, TrafficPolicy};
 use std::fmt;
 use std::net::Ipv4Addr;
 
@@ -244,23 +244,23 @@ impl Misconfig {
     }
 
     /// The `iptables-restore --noflush` input that makes the node's nat table (as the lab
-    /// builds it from `topo`) misconfigured.
-    pub fn nat_change(&self, topo: &Topology) -> String {
+    /// builds it from `layout`) misconfigured.
+    pub fn nat_change(&self, layout: &Layout) -> String {
         let lines = match &self.change {
             NodeChange::ExtraNatRules(rules) => rules.clone(),
             NodeChange::DropNonMasqueradeCidr(cidr) => {
-                let mut changed = topo.clone();
+                let mut changed = layout.clone();
                 changed.non_masquerade_cidrs.retain(|c| c != cidr);
-                rerender(topo, &changed)
+                rerender(layout, &changed)
             }
             NodeChange::KubeProxyPolicy { service, policy } => {
-                let mut changed = topo.clone();
+                let mut changed = layout.clone();
                 changed
                     .services
                     .iter_mut()
                     .filter(|s| s.namespaced_name() == *service)
                     .for_each(|s| s.external_traffic_policy = *policy);
-                rerender(topo, &changed)
+                rerender(layout, &changed)
             }
         };
         format!("*nat\n{}\nCOMMIT\n", lines.join("\n"))
@@ -278,11 +278,11 @@ impl fmt::Display for Misconfig {
 }
 
 /// Applies the misconfiguration to the nat table of the node namespace, in one atomic restore.
-pub(crate) fn apply(node_netns: &str, topo: &Topology, m: &Misconfig) -> Result<(), LabError> {
+pub(crate) fn apply(node_netns: &str, layout: &Layout, m: &Misconfig) -> Result<(), LabError> {
     exec::in_ns_with_input(
         node_netns,
         &["iptables-restore", "--noflush"],
-        &m.nat_change(topo),
+        &m.nat_change(layout),
     )?;
     Ok(())
 }
@@ -310,7 +310,7 @@ const BUILTIN_CHAINS: [&str; 4] = ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING
 /// from `after`: every chain that differs is flushed and refilled, new chains are created first
 /// and chains no longer rendered are removed last (once nothing jumps to them). Chains that do
 /// not differ, and rules added by hand, are left alone.
-fn rerender(before: &Topology, after: &Topology) -> Vec<String> {
+fn rerender(before: &Layout, after: &Layout) -> Vec<String> {
     let old = chains_of(&kubeproxy::node_nat_rules(before));
     let new = chains_of(&kubeproxy::node_nat_rules(after));
     let find = |chains: &[(String, Vec<String>)], name: &str| {
@@ -365,16 +365,16 @@ mod tests {
     #[test]
     fn rerendering_changes_reach_exactly_the_changed_table() {
         for cni in CniMode::ALL {
-            let topo = Topology::new(cni);
+            let layout = Layout::new(cni);
             for m in Misconfig::all(cni) {
-                let text = m.nat_change(&topo);
+                let text = m.nat_change(&layout);
                 let lines: Vec<String> = text
                     .lines()
                     .filter(|l| l.starts_with('-'))
                     .map(String::from)
                     .collect();
                 assert!(!lines.is_empty(), "{m}");
-                let mut changed = topo.clone();
+                let mut changed = layout.clone();
                 match &m.change {
                     NodeChange::DropNonMasqueradeCidr(cidr) => {
                         changed.non_masquerade_cidrs.retain(|c| c != cidr)
@@ -392,7 +392,7 @@ mod tests {
                 let mut expected = chains_of(&kubeproxy::node_nat_rules(&changed));
                 expected.sort();
                 assert_eq!(
-                    after_restore(&kubeproxy::node_nat_rules(&topo), &lines),
+                    after_restore(&kubeproxy::node_nat_rules(&layout), &lines),
                     expected,
                     "{m}"
                 );
@@ -403,7 +403,7 @@ mod tests {
     #[test]
     fn missing_non_masquerade_drops_only_the_vnet_return_rule() {
         let m = Misconfig::find(CniMode::AzureCni, "missing-non-masquerade").unwrap();
-        let text = m.nat_change(&Topology::new(CniMode::AzureCni));
+        let text = m.nat_change(&Layout::new(CniMode::AzureCni));
         assert!(text.contains("-F IP-MASQ-AGENT"), "{text}");
         assert!(!text.contains(plan::VNET_CIDR), "{text}");
         assert!(text.contains("-A IP-MASQ-AGENT -m comment"), "{text}");

@@ -23,15 +23,16 @@ pub mod error;
 mod exec;
 mod hash;
 pub mod kubeproxy;
+pub mod layout;
 pub mod misconfig;
 pub mod netns;
 pub mod paths;
 pub mod scenario;
 mod state;
-pub mod topology;
 pub mod traffic;
 
 pub use error::LabError;
+pub use layout::{ApiServerAccess, CniMode, Host, Layout, Proto};
 pub use misconfig::{Misconfig, NodeChange, SeenAs, Symptom, MISCONFIG_NAMES};
 pub use paths::PathId;
 pub use scenario::{
@@ -39,7 +40,6 @@ pub use scenario::{
     TupleMatch, SCENARIO_NAMES,
 };
 pub use state::LabState;
-pub use topology::{ApiServerAccess, CniMode, Host, Proto, Topology};
 pub use traffic::{Answer, ScenarioReport, StepReport};
 
 use crate::file_error::FileError;
@@ -74,7 +74,7 @@ pub struct Lab {
     cni: CniMode,
     prefix: String,
     work_dir: PathBuf,
-    topology: Topology,
+    layout: Layout,
     daemons: Vec<Daemon>,
     /// Whether dropping this handle tears the lab down (false once persisted or when attached).
     owned: bool,
@@ -94,16 +94,16 @@ impl Lab {
             cni: opts.cni,
             prefix: opts.prefix,
             work_dir,
-            topology: Topology::with_api_server(opts.cni, opts.api_server),
+            layout: Layout::with_api_server(opts.cni, opts.api_server),
             daemons: Vec::new(),
             owned: true,
         };
         netns::create(&lab.prefix)?;
-        build::apply(&lab.prefix, &lab.topology)?;
-        daemons::start(&lab.prefix, &lab.work_dir, &lab.topology, &mut lab.daemons)?;
+        build::apply(&lab.prefix, &lab.layout)?;
+        daemons::start(&lab.prefix, &lab.work_dir, &lab.layout, &mut lab.daemons)?;
         for node in Host::NODES {
             let path = lab.agent_config_path(node);
-            std::fs::write(&path, agent_config::render_on(&lab.topology, node))
+            std::fs::write(&path, agent_config::render_on(&lab.layout, node))
                 .map_err(FileError::on("cannot write the agent config", &path))?;
         }
         Ok(lab)
@@ -111,7 +111,7 @@ impl Lab {
 
     /// Every scenario of this lab (its CNI and API server), in `SCENARIO_NAMES` order.
     pub fn scenarios(&self) -> Vec<Scenario> {
-        Scenario::all_in(&self.topology)
+        Scenario::all_in(&self.layout)
     }
 
     /// Runs a scenario's traffic and checks every answer (who answered, the address the server
@@ -146,7 +146,7 @@ impl Lab {
                     .join(", "),
             });
         }
-        misconfig::apply(&self.node_netns(), &self.topology, misconfig)
+        misconfig::apply(&self.node_netns(), &self.layout, misconfig)
     }
 
     pub fn cni(&self) -> CniMode {
@@ -157,8 +157,8 @@ impl Lab {
         &self.prefix
     }
 
-    pub fn topology(&self) -> &Topology {
-        &self.topology
+    pub fn layout(&self) -> &Layout {
+        &self.layout
     }
 
     pub fn netns(&self, host: Host) -> String {
@@ -207,7 +207,7 @@ impl Lab {
             work_dir: self.work_dir.clone(),
             topology: self.topology_path(),
             pids: self.daemons.iter().map(|d| d.child.id()).collect(),
-            api_server: self.topology.api_server.to_string(),
+            api_server: self.layout.api_server.to_string(),
         };
         state::write(&state::state_file(state_dir), &lab_state)?;
         self.owned = false;
@@ -231,7 +231,7 @@ impl Lab {
             cni,
             prefix: s.prefix,
             work_dir: s.work_dir,
-            topology: Topology::with_api_server(cni, api_server),
+            layout: Layout::with_api_server(cni, api_server),
             daemons: Vec::new(),
             owned: false,
         })

@@ -3,7 +3,7 @@
 
 use crate::lab::error::LabError;
 use crate::lab::exec;
-use crate::lab::topology::Host;
+use crate::lab::layout::Host;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};

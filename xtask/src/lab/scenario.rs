@@ -2,10 +2,10 @@
 //! must get back, and what a correct observer must see in the node's conntrack table.
 
 use crate::lab::error::LabError;
-use crate::lab::paths::PathId;
-use crate::lab::topology::{
-    masquerade_to_pod_ip, plan, ApiServerAccess, CniMode, Host, Proto, Topology,
+use crate::lab::layout::{
+    masquerade_to_pod_ip, plan, ApiServerAccess, CniMode, Host, Layout, Proto,
 };
+use crate::lab::paths::PathId;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -304,38 +304,38 @@ fn http(from: Host, url: String, expect: Expect) -> Traffic {
 }
 
 /// The `server=` name of a pod's echo server (its pod name).
-pub fn server_name(topo: &Topology, host: Host) -> String {
-    let k8s = topo.pod(host).k8s_name;
+pub fn server_name(layout: &Layout, host: Host) -> String {
+    let k8s = layout.pod(host).k8s_name;
     k8s.split('/').nth(1).unwrap_or(k8s).to_string()
 }
 
 impl Scenario {
     /// Every scenario that applies to this CNI (public API server), in `SCENARIO_NAMES` order.
     pub fn all(cni: CniMode) -> Vec<Scenario> {
-        Scenario::all_in(&Topology::new(cni))
+        Scenario::all_in(&Layout::new(cni))
     }
 
-    /// Every scenario of the lab built from `topo`, in `SCENARIO_NAMES` order.
-    pub fn all_in(topo: &Topology) -> Vec<Scenario> {
+    /// Every scenario of the lab built from `layout`, in `SCENARIO_NAMES` order.
+    pub fn all_in(layout: &Layout) -> Vec<Scenario> {
         SCENARIO_NAMES
             .iter()
-            .filter_map(|name| build(topo, name))
+            .filter_map(|name| build(layout, name))
             .collect()
     }
 
     pub fn find(cni: CniMode, name: &str) -> Result<Scenario, LabError> {
-        Scenario::find_in(&Topology::new(cni), name)
+        Scenario::find_in(&Layout::new(cni), name)
     }
 
-    pub fn find_in(topo: &Topology, name: &str) -> Result<Scenario, LabError> {
+    pub fn find_in(layout: &Layout, name: &str) -> Result<Scenario, LabError> {
         SCENARIO_NAMES
             .iter()
             .find(|n| **n == name)
-            .and_then(|n| build(topo, n))
+            .and_then(|n| build(layout, n))
             .ok_or_else(|| LabError::UnknownScenario {
                 name: name.to_string(),
-                cni: topo.cni.to_string(),
-                known: Scenario::all_in(topo)
+                cni: layout.cni.to_string(),
+                known: Scenario::all_in(layout)
                     .iter()
                     .map(|s| s.name)
                     .collect::<Vec<_>>()
@@ -358,18 +358,18 @@ impl Scenario {
     }
 }
 
-fn build(topo: &Topology, name: &'static str) -> Option<Scenario> {
+fn build(layout: &Layout, name: &'static str) -> Option<Scenario> {
     use PathId::*;
     use Proto::{Tcp, Udp};
-    let cni = topo.cni;
-    let pod = |h: Host| topo.pod(h).ip;
+    let cni = layout.cni;
+    let pod = |h: Host| layout.pod(h).ip;
     let (app, udp, ingress, coredns) = (
         pod(Host::PodApp),
         pod(Host::PodUdp),
         pod(Host::PodIngress),
         pod(Host::PodCoreDns),
     );
-    let app_name = server_name(topo, Host::PodApp);
+    let app_name = server_name(layout, Host::PodApp);
     let masq = masquerade_to_pod_ip(cni);
     let kubenet = cni == CniMode::Kubenet;
     let node = plan::NODE_IP;
@@ -408,7 +408,7 @@ fn build(topo: &Topology, name: &'static str) -> Option<Scenario> {
     };
 
     let web = pod(Host::PodWeb);
-    let web_name = server_name(topo, Host::PodWeb);
+    let web_name = server_name(layout, Host::PodWeb);
     // The second leg of a connection the first node DNATed to the web pod and MASQUERADEd to
     // its own IP (eTP Cluster): on the second node, node IP → pod, no NAT.
     let forwarded_to_web = || {
@@ -440,7 +440,7 @@ fn build(topo: &Topology, name: &'static str) -> Option<Scenario> {
                 bind: Some(plan::CLIENT),
                 dst: SocketAddrV4::new(plan::FRONTEND_APP, 53),
                 payload: "aksnetlab-query",
-                expect: Expect::from(&server_name(topo, Host::PodUdp), masq),
+                expect: Expect::from(&server_name(layout, Host::PodUdp), masq),
             })],
             vec![entry(
                 LbInboundUdp,
@@ -644,10 +644,10 @@ fn build(topo: &Topology, name: &'static str) -> Option<Scenario> {
             vec![],
         ),
         "pod-to-api-server" => {
-            let api = topo.api_server.ip();
+            let api = layout.api_server.ip();
             let port = plan::API_SERVER_PORT;
             let seen = pod_source_seen_as(app, api);
-            let (expect, inferred) = match topo.api_server {
+            let (expect, inferred) = match layout.api_server {
                 ApiServerAccess::Public => {
                     let mut expect = Expect::from("kube-apiserver", plan::LB_OUTBOUND_IP);
                     expect.peer_ports = Some(plan::LB_OUTBOUND_PORTS);
@@ -800,7 +800,7 @@ mod tests {
     #[test]
     fn api_server_nat_follows_access_and_cni() {
         let nat = |cni, access| {
-            Scenario::find_in(&Topology::with_api_server(cni, access), "pod-to-api-server")
+            Scenario::find_in(&Layout::with_api_server(cni, access), "pod-to-api-server")
                 .unwrap()
                 .expected[0]
                 .nat

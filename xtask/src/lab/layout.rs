@@ -1,4 +1,4 @@
-//! The lab's declarative topology: every namespace, link, address, route, pod and Service, as data,
+//! The lab's declarative layout: every namespace, link, address, route, pod and Service, as data,
 //! for one CNI mode. `build` applies it; `agent_config` and the scenarios read it. The address plan
 //! is [`plan`].
 
@@ -484,7 +484,7 @@ pub struct RouteTable {
 }
 
 #[derive(Clone, Debug)]
-pub struct Topology {
+pub struct Layout {
     pub cni: CniMode,
     pub hosts: Vec<HostSpec>,
     pub links: Vec<Link>,
@@ -950,13 +950,13 @@ fn pod_routing(cni: CniMode, all_pods: &[Pod], vnet: &mut HostSpec) -> Option<Ro
     })
 }
 
-impl Topology {
+impl Layout {
     /// The lab of `cni` with a public API server.
-    pub fn new(cni: CniMode) -> Topology {
-        Topology::with_api_server(cni, ApiServerAccess::default())
+    pub fn new(cni: CniMode) -> Layout {
+        Layout::with_api_server(cni, ApiServerAccess::default())
     }
 
-    pub fn with_api_server(cni: CniMode, api_server: ApiServerAccess) -> Topology {
+    pub fn with_api_server(cni: CniMode, api_server: ApiServerAccess) -> Layout {
         let all_pods = pods(cni);
         let (pods, node2_pods): (Vec<Pod>, Vec<Pod>) = all_pods
             .iter()
@@ -1013,7 +1013,7 @@ impl Topology {
             }
             CniMode::AzureCni => (vec![plan::VNET_CIDR], plan::NODE_SUBNET),
         };
-        Topology {
+        Layout {
             cni,
             hosts,
             links,
@@ -1073,9 +1073,9 @@ mod tests {
     #[test]
     fn interface_names_fit_the_kernel_limit_and_are_unique_per_namespace() {
         for cni in CniMode::ALL {
-            let topo = Topology::new(cni);
+            let layout = Layout::new(cni);
             let mut seen = std::collections::HashSet::new();
-            for link in &topo.links {
+            for link in &layout.links {
                 for e in [&link.a, &link.b] {
                     assert!(e.ifname.len() <= 15, "{} too long", e.ifname);
                     assert!(
@@ -1097,12 +1097,12 @@ mod tests {
             u32::from(ip) >> (32 - len) == u32::from(net) >> (32 - len)
         };
         for cni in CniMode::ALL {
-            let topo = Topology::new(cni);
+            let layout = Layout::new(cni);
             let mut seen = std::collections::HashSet::new();
             for node in Host::NODES {
                 let facts = node_facts(node);
                 assert!(seen.insert(facts.ip), "{cni}: {} repeats", facts.ip);
-                for pod in topo.pods_on(node) {
+                for pod in layout.pods_on(node) {
                     assert!(seen.insert(pod.ip), "{cni}: {} repeats", pod.ip);
                     assert_eq!(node_of(pod.host), node);
                     let home = if cni.pods_in_vnet() {
@@ -1113,17 +1113,17 @@ mod tests {
                     assert!(in_cidr(pod.ip, home), "{cni}: {} not in {home}", pod.ip);
                 }
             }
-            assert_eq!(topo.pods_on(Host::Node2).len(), 1, "{cni}");
+            assert_eq!(layout.pods_on(Host::Node2).len(), 1, "{cni}");
         }
     }
 
     #[test]
     fn every_host_has_exactly_one_spec() {
         for cni in CniMode::ALL {
-            let topo = Topology::new(cni);
+            let layout = Layout::new(cni);
             for host in Host::ALL {
                 assert_eq!(
-                    topo.hosts.iter().filter(|h| h.host == host).count(),
+                    layout.hosts.iter().filter(|h| h.host == host).count(),
                     1,
                     "{host:?}"
                 );
