@@ -48,15 +48,15 @@ pub enum Opened {
 /// Live SNAT'ed connections of one node, and the outbound ports ended ones still hold.
 #[derive(Debug, Default)]
 pub struct SnatTable {
-    live: HashMap<FlowKey, Entry>,
+    live: foldhash::HashMap<FlowKey, Entry>,
     /// Who holds each translated tuple: conntrack keeps these unique per table (netns, zone).
-    holders: HashMap<TranslatedKey, FlowKey>,
+    holders: foldhash::HashMap<TranslatedKey, FlowKey>,
     /// How long the outbound device keeps an ended flow's port; zero: not at all.
     idle_timeout: Duration,
     /// Ports of ended flows the outbound device still holds, per destination: when they are
     /// released and how many, oldest first. Ends within one second share an entry, which bounds
     /// each destination's queue by the idle timeout in seconds.
-    held: HashMap<Destination, VecDeque<(Instant, u64)>>,
+    held: foldhash::HashMap<Destination, VecDeque<(Instant, u64)>>,
 }
 
 #[derive(Debug)]
