@@ -575,9 +575,10 @@ impl<W: Write> Pipeline<W> {
                 view.in_iface.as_deref(),
             );
             let outbound = topology.map_or(OutboundType::default(), |t| t.outbound_type);
-            let hops = nat_hops(&class, outbound);
-            metrics.observe_new(&observation(event, &class, &hops, pod.as_deref()));
-            if let Some(lost) = dump::client_address_lost(&class) {
+            let marks = class.hop_marks();
+            let hops = nat_hops(&marks, outbound);
+            metrics.observe_new(&observation(event, &class, &marks, &hops, pod.as_deref()));
+            if let Some(lost) = dump::client_address_lost_at(&class, &marks) {
                 let service = self.service_of(event);
                 metrics.observe_client_address_lost(service.as_deref(), lost.hop_class);
             }
@@ -685,6 +686,7 @@ fn source_pod(
 fn observation<'a>(
     event: &FlowEvent,
     class: &'a Classification,
+    marks: &[HopMark],
     hops: &'a [NatHop],
     pod: Option<&'a str>,
 ) -> FlowObservation<'a> {
@@ -694,7 +696,7 @@ fn observation<'a>(
         path: class.path.as_ref().map_or("unclassified", |p| p.0.as_str()),
         cni: class.cni.map_or("unknown", CniMode::as_str),
         verdict: verdict_label(class.verdict),
-        deviation: deviation_class(class),
+        deviation: deviation_class(class, marks),
         hops,
         pod,
     }
@@ -710,10 +712,9 @@ fn verdict_label(verdict: Verdict) -> &'static str {
 
 /// The NAT hops the metrics count: those the node applied and, where the outbound type is the
 /// load balancer, its inferred SNAT (a NAT gateway or firewall does not use the LB's ports).
-fn nat_hops(class: &Classification, outbound: OutboundType) -> Vec<NatHop> {
-    class
-        .hop_marks()
-        .into_iter()
+fn nat_hops(marks: &[HopMark], outbound: OutboundType) -> Vec<NatHop> {
+    marks
+        .iter()
         .filter(|hop| hop.evidence != Evidence::ExpectedNotSeen)
         .filter_map(|hop| match hop.kind {
             HopKind::NodeDnat => Some(NatHop::KubeProxyDnat),
@@ -735,7 +736,7 @@ fn nat_hops(class: &Classification, outbound: OutboundType) -> Vec<NatHop> {
 }
 
 /// A short, bounded label for why a flow deviates: which node NAT was unexpected or missing.
-fn deviation_class(class: &Classification) -> Option<&'static str> {
+fn deviation_class(class: &Classification, marks: &[HopMark]) -> Option<&'static str> {
     if class.verdict != Verdict::Deviates {
         return None;
     }
@@ -746,13 +747,7 @@ fn deviation_class(class: &Classification) -> Option<&'static str> {
         (HopKind::NodeDnat, _, false) => Some("unexpected-node-dnat"),
         _ => None,
     };
-    Some(
-        class
-            .hop_marks()
-            .iter()
-            .find_map(class_of)
-            .unwrap_or("other"),
-    )
+    Some(marks.iter().find_map(class_of).unwrap_or("other"))
 }
 
 #[cfg(test)]
@@ -783,7 +778,7 @@ mod tests {
         );
         let class = classifier.classify(&event);
         let outbound = |t| {
-            nat_hops(&class, t)
+            nat_hops(&class.hop_marks(), t)
                 .into_iter()
                 .filter(|hop| *hop != NatHop::NodeSnat)
                 .collect::<Vec<_>>()

@@ -281,8 +281,8 @@ async fn attach_when_loaded(
     std::future::pending::<()>().await;
 }
 
-/// netlink's DESTROY events, counted on their way to the pipeline (the count proves or disproves
-/// the `nf_ct_delete` hook). NEW comes from eBPF, with interfaces.
+/// netlink's DESTROY events, sent to the pipeline directly and counted by the capture (the
+/// count proves or disproves the `nf_ct_delete` hook). NEW comes from eBPF, with interfaces.
 fn connection_ends(
     netns: &netns::Netns,
     tx: mpsc::Sender<FlowEvent>,
@@ -292,28 +292,14 @@ fn connection_ends(
         new_events: false,
         ..Default::default()
     };
-    let (ends_tx, mut ends_rx) = mpsc::channel::<FlowEvent>(ENDS_QUEUE);
-    let ends = Arc::new(AtomicU64::new(0));
-    match netlink::NetlinkCapture::start_with(netns, ends_only, ends_tx, Arc::clone(health)) {
-        Ok(capture) => {
-            let counted = Arc::clone(&ends);
-            // Ends when the netlink capture is dropped (its sender with it).
-            tokio::spawn(async move {
-                while let Some(event) = ends_rx.recv().await {
-                    counted.fetch_add(1, Ordering::Relaxed);
-                    if tx.send(event).await.is_err() {
-                        return;
-                    }
-                }
-            });
-            Some(proof::EndsStandIn { capture, ends })
-        }
+    match netlink::NetlinkCapture::start_with(netns, ends_only, tx, Arc::clone(health)) {
+        Ok(capture) => Some(proof::EndsStandIn {
+            ends: capture.delivered(),
+            capture,
+        }),
         Err(err) => {
             log::warn!("no source of connection ends ({err}): flows end only when the flow table evicts them");
             None
         }
     }
 }
-
-/// DESTROY events between the netlink socket and the pipeline.
-const ENDS_QUEUE: usize = 1024;

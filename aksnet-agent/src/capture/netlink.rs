@@ -17,7 +17,7 @@ use crate::events::FlowEvent;
 use parse::{NFNLGRP_CONNTRACK_DESTROY, NFNLGRP_CONNTRACK_NEW};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
@@ -31,8 +31,11 @@ const POLL_INTERVAL: Duration = Duration::from_millis(200);
 const READ_PAUSE: Duration = Duration::from_millis(10);
 /// Pause between attempts to hand an event to a full channel.
 const BACKPRESSURE_WAIT: Duration = Duration::from_millis(5);
-/// One datagram; ctnetlink events are well under 1 KiB each.
-const RECV_BUF: usize = 64 * 1024;
+/// Datagrams read by one `recvmmsg(2)`: a busy node's events cost a system call per batch.
+const RECV_BATCH: usize = 64;
+/// Room for one datagram: each holds one ctnetlink event, well under 1 KiB (a longer one is
+/// truncated by the kernel, and counted as undecodable).
+const DATAGRAM_BUF: usize = 8 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
@@ -77,6 +80,7 @@ impl Default for NetlinkOptions {
 pub struct NetlinkCapture {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    delivered: Arc<AtomicU64>,
 }
 
 impl NetlinkCapture {
@@ -111,6 +115,7 @@ impl NetlinkCapture {
             detail: format!("conntrack {events} events in {label}"),
         });
         let stop = Arc::new(AtomicBool::new(false));
+        let delivered = Arc::new(AtomicU64::new(0));
         let receiver = Receiver {
             sock,
             netns: netns.inode(),
@@ -118,6 +123,7 @@ impl NetlinkCapture {
             tx,
             health,
             stop: stop.clone(),
+            delivered: Arc::clone(&delivered),
         };
         let thread = std::thread::Builder::new()
             .name("aksnet-netlink".into())
@@ -126,7 +132,13 @@ impl NetlinkCapture {
         Ok(NetlinkCapture {
             stop,
             thread: Some(thread),
+            delivered,
         })
+    }
+
+    /// Events this capture handed to the pipeline so far.
+    pub fn delivered(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.delivered)
     }
 }
 
@@ -297,26 +309,18 @@ struct Receiver {
     tx: mpsc::Sender<FlowEvent>,
     health: Arc<CaptureHealth>,
     stop: Arc<AtomicBool>,
+    delivered: Arc<AtomicU64>,
 }
 
 impl Receiver {
     fn run(self) {
-        let mut buf = vec![0u8; RECV_BUF];
+        let mut batch = Batch::new();
         // Blocking until a datagram comes, then without blocking until the socket is empty.
         let mut flags = 0;
         while !self.stop.load(Ordering::Relaxed) {
-            // SAFETY: buf is valid for writes of buf.len() bytes.
-            let n = unsafe {
-                libc::recv(
-                    self.sock.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    flags,
-                )
-            };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                match err.raw_os_error() {
+            let received = match batch.receive(&self.sock, flags) {
+                Ok(n) => n,
+                Err(err) => match err.raw_os_error() {
                     Some(libc::EAGAIN) if flags == libc::MSG_DONTWAIT => {
                         // Emptied: let the next events gather in the socket's buffer, so that
                         // a busy node costs a wake-up per batch, not one per connection.
@@ -343,25 +347,36 @@ impl Receiver {
                         );
                         return;
                     }
-                }
-            }
+                },
+            };
             flags = libc::MSG_DONTWAIT;
             let ts = SystemTime::now();
-            for parsed in parse_datagram(&buf[..n as usize], self.netns, ts) {
-                match parsed {
-                    Ok(event) => {
-                        if !self.deliver(event) {
-                            return;
+            for i in 0..received {
+                let Some(datagram) = batch.datagram(i) else {
+                    self.undecodable(&format!(
+                        "a datagram longer than {DATAGRAM_BUF} bytes was cut short"
+                    ));
+                    continue;
+                };
+                for parsed in parse_datagram(datagram, self.netns, ts) {
+                    match parsed {
+                        Ok(event) => {
+                            if !self.deliver(event) {
+                                return;
+                            }
+                            self.health.count_event();
+                            self.delivered.fetch_add(1, Ordering::Relaxed);
                         }
-                        self.health.count_event();
-                    }
-                    Err(e) => {
-                        self.health.decode_errors.fetch_add(1, Ordering::Relaxed);
-                        log::warn!("undecodable conntrack event in {}: {e}", self.label);
+                        Err(e) => self.undecodable(&e.to_string()),
                     }
                 }
             }
         }
+    }
+
+    fn undecodable(&self, why: &str) {
+        self.health.decode_errors.fetch_add(1, Ordering::Relaxed);
+        log::warn!("undecodable conntrack event in {}: {why}", self.label);
     }
 
     /// Hands one event to the pipeline, waiting while the channel is full but still honouring
@@ -381,5 +396,72 @@ impl Receiver {
                 }
             }
         }
+    }
+}
+
+/// Buffers for [`RECV_BATCH`] datagrams, read by one `recvmmsg(2)`. It stays on the receive
+/// thread: its message headers point into its own buffers.
+struct Batch {
+    bufs: Vec<u8>,
+    iovs: Vec<libc::iovec>,
+    msgs: Vec<libc::mmsghdr>,
+}
+
+impl Batch {
+    fn new() -> Batch {
+        let mut bufs = vec![0u8; RECV_BATCH * DATAGRAM_BUF];
+        let mut iovs: Vec<libc::iovec> = bufs
+            .chunks_exact_mut(DATAGRAM_BUF)
+            .map(|buf| libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            })
+            .collect();
+        let msgs = iovs
+            .iter_mut()
+            .map(|iov| {
+                // SAFETY: mmsghdr is plain data; all-zero is a valid value (no name, no
+                // control data).
+                let mut msg: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                msg.msg_hdr.msg_iov = iov;
+                msg.msg_hdr.msg_iovlen = 1;
+                msg
+            })
+            .collect();
+        // Moving the vectors into the struct moves no heap memory: the pointers stay valid.
+        Batch { bufs, iovs, msgs }
+    }
+
+    /// Receives up to [`RECV_BATCH`] datagrams; with `flags` 0 it blocks until the first one
+    /// (or the socket's receive timeout), never for the rest. Returns how many arrived.
+    fn receive(&mut self, sock: &OwnedFd, flags: libc::c_int) -> io::Result<usize> {
+        // MSG_WAITFORONE: wait for the first datagram only, then take what is already queued.
+        // SAFETY: msgs point at iovs, which point into bufs; all three live in self, outlive
+        // the call and are never resized; msgs.len() is their number.
+        let n = unsafe {
+            libc::recvmmsg(
+                sock.as_raw_fd(),
+                self.msgs.as_mut_ptr(),
+                self.msgs.len() as libc::c_uint,
+                flags | libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// The `i`th datagram of the last receive; `None` when it did not fit its buffer.
+    fn datagram(&self, i: usize) -> Option<&[u8]> {
+        let msg = &self.msgs[i];
+        if msg.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+            return None;
+        }
+        let start = i * DATAGRAM_BUF;
+        let len = (msg.msg_len as usize).min(self.iovs[i].iov_len);
+        Some(&self.bufs[start..start + len])
     }
 }

@@ -27,7 +27,7 @@ struct Slot {
 pub(super) struct Store {
     chunks: Vec<Vec<Slot>>,
     index: HashTable<u32>,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: foldhash::fast::RandomState,
     /// Oldest and newest live slots.
     head: u32,
     tail: u32,

@@ -48,15 +48,15 @@ pub enum Opened {
 /// Live SNAT'ed connections of one node, and the outbound ports ended ones still hold.
 #[derive(Debug, Default)]
 pub struct SnatTable {
-    live: HashMap<FlowKey, Entry>,
+    live: foldhash::HashMap<FlowKey, Entry>,
     /// Who holds each translated tuple: conntrack keeps these unique per table (netns, zone).
-    holders: HashMap<TranslatedKey, FlowKey>,
+    holders: foldhash::HashMap<TranslatedKey, FlowKey>,
     /// How long the outbound device keeps an ended flow's port; zero: not at all.
     idle_timeout: Duration,
     /// Ports of ended flows the outbound device still holds, per destination: when they are
     /// released and how many, oldest first. Ends within one second share an entry, which bounds
     /// each destination's queue by the idle timeout in seconds.
-    held: HashMap<Destination, VecDeque<(Instant, u64)>>,
+    held: foldhash::HashMap<Destination, VecDeque<(Instant, u64)>>,
 }
 
 #[derive(Debug)]
@@ -147,25 +147,33 @@ impl SnatTable {
         if !key.proto.has_ports() {
             return None;
         }
-        let was_live = self.close(&key);
+        // Two hash operations for a new connection (this runs for every SNAT'ed one): each
+        // insert returns what it replaced.
         let slot = TranslatedKey::new(&key, &translated);
-        let stale = self.holders.get(&slot).copied();
+        let stale = self
+            .holders
+            .insert(slot, key)
+            .filter(|holder| *holder != key);
         if let Some(stale) = stale {
+            // Its holder slot is this connection's now, so only its live entry goes.
             self.close(&stale);
         }
-        self.holders.insert(slot, key);
-        self.live.insert(
-            key,
-            Entry {
-                translated,
-                outbound,
-                pod: pod.map(str::to_owned),
-            },
-        );
-        Some(match (stale, was_live) {
+        let entry = Entry {
+            translated,
+            outbound,
+            pod: pod.map(str::to_owned),
+        };
+        let previous = self.live.insert(key, entry);
+        if let Some(previous) = &previous {
+            let old_slot = TranslatedKey::new(&key, &previous.translated);
+            if old_slot != slot {
+                self.release(old_slot, &key);
+            }
+        }
+        Some(match (stale, previous) {
             (Some(stale), _) => Opened::Conflict { stale },
-            (None, true) => Opened::Updated,
-            (None, false) => Opened::New,
+            (None, Some(_)) => Opened::Updated,
+            (None, None) => Opened::New,
         })
     }
 
@@ -201,11 +209,17 @@ impl SnatTable {
 
     fn remove(&mut self, key: &FlowKey) -> Option<Entry> {
         let entry = self.live.remove(key)?;
-        let slot = TranslatedKey::new(key, &entry.translated);
-        if self.holders.get(&slot) == Some(key) {
-            self.holders.remove(&slot);
-        }
+        self.release(TranslatedKey::new(key, &entry.translated), key);
         Some(entry)
+    }
+
+    /// Frees `slot` if `key` holds it (another connection may have taken it since).
+    fn release(&mut self, slot: TranslatedKey, key: &FlowKey) {
+        if let std::collections::hash_map::Entry::Occupied(holder) = self.holders.entry(slot) {
+            if holder.get() == key {
+                holder.remove();
+            }
+        }
     }
 
     /// Releases the ports whose idle timeout passed by `now`.

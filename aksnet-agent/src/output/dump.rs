@@ -1,7 +1,7 @@
 //! `--dump`: one line per flow as it is seen, as text for a person or JSON for a program.
 
 use crate::events::{EventKind, FlowEvent, Proto, SourceKind, Tuple};
-use crate::model::{Classification, Evidence, HopKind, Verdict};
+use crate::model::{Classification, Evidence, HopKind, HopMark, Verdict};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -82,6 +82,29 @@ const HEALTH_PROBE_PATH: &str = "lb-health-probe";
 /// the node's MASQUERADE of a connection that also went through kube-proxy's DNAT
 /// (`externalTrafficPolicy: Cluster`).
 pub fn client_address_lost(class: &Classification) -> Option<ClientAddressLost> {
+    let at = client_address_lost_at(class, &class.hop_marks())?;
+    // The hop chain is rendered only for the one hop named, and only when the address was lost.
+    let hop = class.hops().into_iter().nth(at.index)?;
+    Some(ClientAddressLost {
+        hop: hop.what,
+        hop_class: at.hop_class,
+        fix: at.fix,
+    })
+}
+
+/// Where [`client_address_lost`] finds the client's address replaced, decided from the hops'
+/// kinds and evidence alone (`marks`, [`Classification::hop_marks`]), so that the metrics
+/// render no text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LostAt {
+    /// The hop's position in the chain (`hop_marks` and `hops` list the same hops).
+    pub index: usize,
+    /// See [`ClientAddressLost::hop_class`].
+    pub hop_class: &'static str,
+    pub fix: &'static str,
+}
+
+pub fn client_address_lost_at(class: &Classification, marks: &[HopMark]) -> Option<LostAt> {
     if class
         .path
         .as_ref()
@@ -89,28 +112,36 @@ pub fn client_address_lost(class: &Classification) -> Option<ClientAddressLost> 
     {
         return None;
     }
-    let hops = class.hops();
     let seen = || {
-        hops.iter()
-            .filter(|hop| hop.evidence != Evidence::ExpectedNotSeen)
+        marks
+            .iter()
+            .enumerate()
+            .filter(|(_, hop)| hop.evidence != Evidence::ExpectedNotSeen)
     };
-    let lost = |hop: &crate::model::Hop, hop_class, fix| ClientAddressLost {
-        hop: hop.what.clone(),
-        hop_class,
-        fix,
-    };
-    if let Some(proxy) = seen().find_map(|hop| match hop.kind {
-        HopKind::AppgwProxy => Some((hop, "application_gateway")),
-        HopKind::AgcProxy => Some((hop, "application_gateway_for_containers")),
-        HopKind::IngressProxy => Some((hop, "ingress_proxy")),
-        _ => None,
-    }) {
-        return Some(lost(proxy.0, proxy.1, FIX_XFF));
+    let proxy = seen().find_map(|(index, hop)| {
+        let hop_class = match hop.kind {
+            HopKind::AppgwProxy => "application_gateway",
+            HopKind::AgcProxy => "application_gateway_for_containers",
+            HopKind::IngressProxy => "ingress_proxy",
+            _ => return None,
+        };
+        Some(LostAt {
+            index,
+            hop_class,
+            fix: FIX_XFF,
+        })
+    });
+    if proxy.is_some() {
+        return proxy;
     }
-    let from_client = hops.first().is_some_and(|hop| hop.kind == HopKind::Client);
-    let dnat = seen().any(|hop| hop.kind == HopKind::NodeDnat);
-    let masquerade = seen().find(|hop| hop.kind == HopKind::NodeSnat)?;
-    (from_client && dnat).then(|| lost(masquerade, "kube_proxy_masquerade", FIX_ETP_LOCAL))
+    let from_client = marks.first().is_some_and(|hop| hop.kind == HopKind::Client);
+    let dnat = seen().any(|(_, hop)| hop.kind == HopKind::NodeDnat);
+    let (index, _) = seen().find(|(_, hop)| hop.kind == HopKind::NodeSnat)?;
+    (from_client && dnat).then_some(LostAt {
+        index,
+        hop_class: "kube_proxy_masquerade",
+        fix: FIX_ETP_LOCAL,
+    })
 }
 
 /// The fields of a JSON dump line that make up the flow again (`explain --from-dump`).

@@ -12,6 +12,7 @@ use crate::bench::error::BenchError;
 use crate::bench::load;
 use crate::bench::report::{median, Row};
 use crate::bench::rig::{Launch, Rig, EVENTS_METRIC, FRONTEND};
+use crate::cmd::Cmd;
 use crate::file_error::FileError;
 use crate::lab::layout::plan;
 use std::collections::BTreeMap;
@@ -116,7 +117,7 @@ fn rows(plan: &Plan, samples: &[Vec<Sample>]) -> Vec<Row> {
         row
     };
     let conns = format!(
-        "{} sequential connections internet → LB frontend {FRONTEND} → node DNAT+SNAT → pod",
+        "{} sequential connections internet → LB frontend {FRONTEND} → node DNAT+SNAT → pod, their ends included (`conntrack -F` after them)",
         plan.connections
     );
     let mut rows = vec![
@@ -272,6 +273,7 @@ fn connections(
         what: "the cost run".into(),
         detail: "the agent is not running".into(),
     })?;
+    end_connections(rig)?;
     settle(progress);
     let idle_start = Snapshot::take(pid)?;
     std::thread::sleep(IDLE);
@@ -288,6 +290,7 @@ fn connections(
             ),
         });
     }
+    end_connections(rig)?;
     settle(progress);
     let end = Snapshot::take(pid)?;
     if agent.exited() {
@@ -310,6 +313,18 @@ fn connections(
         cpu_ns: busy.cpu_ns / n,
         sched_ns: busy.sched_ns / n,
     })
+}
+
+/// Ends every connection of the node now. conntrack reports an end (DESTROY) only when it reaps
+/// the entry: for the storm's reset connections 10 s after their last packet, or later at its
+/// garbage collector's pace, so one run's ends fell into a later run's idle or measured window
+/// at random. Flushing the node's table reaps every entry at once, with the same DESTROY events:
+/// a run then measures each of its connections' start and end, and nothing of another run's.
+fn end_connections(rig: &Rig) -> Result<(), BenchError> {
+    Cmd::new("ip")
+        .args(["netns", "exec", &rig.node(), "conntrack", "-F"])
+        .output_string()?;
+    Ok(())
 }
 
 /// Waits until `progress` stood still for [`SETTLE_QUIET`].

@@ -226,7 +226,10 @@ fn notes(plan: &Plan) -> Vec<String> {
             "Cost per connection: CPU time, which holds on this shared machine where wall time does not. \
              Each run starts the agent as the DaemonSet runs it (no `--dump`, metrics on a local port), \
              waits until it counted a probe, measures 1 s idle, then {} sequential connections from the \
-             internet client through the LB frontend, and waits until its event count stands still; then \
+             internet client through the LB frontend; then it flushes the node's conntrack table \
+             (`conntrack -F`, before the idle second too), so that every connection's end (netlink \
+             DESTROY, otherwise sent when conntrack reaps the entry, 10 s or more later) falls in the \
+             run that opened it, and waits until the agent's progress stands still; then \
              once more with `--dump --output json` into a file. Kernel: `kernel.bpf_stats_enabled` is \
              set to 1 for the cost runs and restored after; `run_time_ns` and `run_cnt` are summed over \
              the BPF programs the agent's own file descriptors hold (`/proc/PID/fdinfo`). The xmit \
