@@ -1,18 +1,19 @@
 //! The agent's pipeline, wired end to end: capture → flow table → classification → outputs
 //! (dump, metrics). `main.rs` parses flags into [`RunOptions`] and calls [`run`] or [`explain`].
+//! Here: start-up and the loop that feeds events on; `handle` does each event's work, `labels`
+//! names what the metrics and the dump show of a classified flow.
 
 use crate::capture::netns::{IfNames, Netns, NetnsError, NetnsTarget};
 use crate::capture::{self, CaptureError, CaptureHealth, SourceChoice};
-use crate::enrich::{EnrichConfig, Enricher, OwnerKind};
-use crate::events::{EventKind, FlowEvent};
-use crate::flows::{FlowTable, InterfaceWait, Update, INTERFACES_WAIT};
+use crate::enrich::{EnrichConfig, Enricher};
+use crate::events::FlowEvent;
+use crate::flows::{FlowTable, InterfaceWait, INTERFACES_WAIT};
 use crate::metrics::conntrack::ConntrackReader;
 use crate::metrics::{self, Metrics, MetricsConfig, MetricsError, Readiness};
-use crate::model::Classification;
-use crate::output::dump::{self, Dump, FlowView, Format};
+use crate::output::dump::{self, Dump, Format};
 use crate::output::explain;
 use crate::startup::{self, Classify, Given, Knowledge, KnowledgeError};
-use crate::topology::{LoadError, OutboundType, TopologyLayer};
+use crate::topology::{LoadError, TopologyLayer};
 use std::io::{BufRead, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -21,8 +22,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+mod handle;
 mod labels;
-use labels::{names, nat_hops, observation, source_pod};
+use handle::Pipeline;
 
 /// Events waiting between the capture and the pipeline; beyond this the capture's own buffers
 /// (ring buffer, netlink socket) absorb bursts and count what they lose.
@@ -457,188 +459,5 @@ impl Stop {
             _ = tokio::signal::ctrl_c() => {}
             _ = self.term.recv() => {}
         }
-    }
-}
-
-/// The per-event work: table, classification, outputs.
-struct Pipeline<W: Write> {
-    table: FlowTable,
-    ifnames: IfNames,
-    classifier: Classify,
-    enricher: Enricher,
-    metrics: Option<Arc<Metrics>>,
-    dump: Option<Dump<W>>,
-    /// Write hop diagrams instead of dump lines.
-    diagram: bool,
-    verbose: bool,
-    matching: Option<Matcher>,
-    show_ends: bool,
-    /// Dump lines written so far, for `--count`.
-    shown: u64,
-}
-
-impl<W: Write> Pipeline<W> {
-    /// Whether `--count` flows were shown.
-    fn done(&self, count: Option<u64>) -> bool {
-        count.is_some_and(|n| self.shown >= n)
-    }
-
-    /// Handles `first` and what is already queued behind it, up to [`EVENT_BATCH`]: the loop
-    /// wakes up, and the dump is written out, once per batch, not once per event.
-    fn handle_queued(
-        &mut self,
-        first: FlowEvent,
-        rx: &mut mpsc::Receiver<FlowEvent>,
-        waiting: &mut InterfaceWait,
-        count: Option<u64>,
-    ) -> Result<(), AgentError> {
-        let now = std::time::Instant::now();
-        let (mut next, mut handled) = (Some(first), 0);
-        while let Some(event) = next {
-            self.handle_all(waiting.offer(event, now), count)?;
-            handled += 1;
-            if handled == EVENT_BATCH || self.done(count) {
-                break;
-            }
-            next = rx.try_recv().ok();
-        }
-        self.flush()
-    }
-
-    /// Writes out the dump lines of the events handled since the last flush.
-    fn flush(&mut self) -> Result<(), AgentError> {
-        match &mut self.dump {
-            Some(dump) => dump.flush().map_err(AgentError::Output),
-            None => Ok(()),
-        }
-    }
-
-    /// [`handle`](Self::handle)s events in order, stopping once `--count` lines are shown.
-    fn handle_all(&mut self, events: Vec<FlowEvent>, count: Option<u64>) -> Result<(), AgentError> {
-        for event in events {
-            if self.done(count) {
-                break;
-            }
-            self.handle(event)?;
-        }
-        Ok(())
-    }
-
-    fn handle(&mut self, event: FlowEvent) -> Result<(), AgentError> {
-        let update = self.table.apply(event);
-        // Evicted flows' ends will never arrive: close them for the live-SNAT accounting now.
-        for flow in self.table.drain_evicted() {
-            if let Some(metrics) = &self.metrics {
-                metrics.observe_end(&flow.event.key());
-            }
-        }
-        match update {
-            Update::Opened(flow) => self.report(EventKind::New, &flow.event),
-            Update::NatChanged(flow) => self.report(EventKind::NatChanged, &flow.event),
-            Update::Closed(flow) => self.close(&flow.event),
-            Update::Replaced { ended, opened } => {
-                self.close(&ended.event)?;
-                self.report(EventKind::New, &opened.event)
-            }
-            Update::OpenedAndClosed(flow) => {
-                self.report(EventKind::New, &flow.event)?;
-                self.close(&flow.event)
-            }
-            Update::Unchanged => Ok(()),
-        }
-    }
-
-    fn close(&mut self, event: &FlowEvent) -> Result<(), AgentError> {
-        if let Some(metrics) = &self.metrics {
-            metrics.observe_end(&event.key());
-        }
-        if self.show_ends {
-            let view = self.view(EventKind::Destroy, event, None);
-            self.write(&view)?;
-        }
-        Ok(())
-    }
-
-    fn report(&mut self, kind: EventKind, event: &FlowEvent) -> Result<(), AgentError> {
-        let mut view = self.view(kind, event, None);
-        let class = self.classifier.classify_with_interfaces(
-            event,
-            view.in_iface.as_deref(),
-            view.out_iface.as_deref(),
-        );
-        if let (Some(metrics), EventKind::New) = (&self.metrics, kind) {
-            let topology = self.classifier.topology();
-            let pod = source_pod(
-                &self.enricher,
-                topology,
-                event.orig.src,
-                view.in_iface.as_deref(),
-            );
-            let outbound = topology.map_or(OutboundType::default(), |t| t.outbound_type);
-            let marks = class.hop_marks();
-            let hops = nat_hops(&marks, outbound);
-            metrics.observe_new(&observation(event, &class, &marks, &hops, pod.as_deref()));
-            if let Some(lost) = dump::client_address_lost_at(&class, &marks) {
-                let service = self.service_of(event);
-                metrics.observe_client_address_lost(service.as_deref(), lost.hop_class);
-            }
-        }
-        view.classification = Some(&class);
-        self.write(&view)
-    }
-
-    /// The Service an inbound connection was addressed to (its frontend, cluster IP or node
-    /// port), as the enrichment or else the topology's LB frontends know it; `None` when it was
-    /// addressed to a pod directly (Application Gateway, AGC).
-    fn service_of(&self, event: &FlowEvent) -> Option<String> {
-        let dst = &event.orig;
-        self.enricher
-            .lookup_port(dst.dst, event.proto, dst.dport)
-            .filter(|owner| owner.kind == OwnerKind::Service)
-            .map(|owner| owner.to_string())
-            .or_else(|| {
-                self.classifier
-                    .topology()?
-                    .lb_frontends
-                    .iter()
-                    .find(|frontend| frontend.ip == dst.dst)
-                    .and_then(|frontend| frontend.service.clone())
-            })
-    }
-
-    fn view<'a>(
-        &self,
-        kind: EventKind,
-        event: &'a FlowEvent,
-        classification: Option<&'a Classification>,
-    ) -> FlowView<'a> {
-        let name = |index: Option<u32>| index.and_then(|i| self.ifnames.name(i).ok().flatten());
-        FlowView {
-            kind,
-            event,
-            in_iface: name(event.in_ifindex),
-            out_iface: name(event.out_ifindex),
-            names: names(&self.enricher, event),
-            classification,
-        }
-    }
-
-    fn write(&mut self, view: &FlowView<'_>) -> Result<(), AgentError> {
-        let Some(dump) = &mut self.dump else {
-            return Ok(());
-        };
-        if self.matching.is_some_and(|m| !m.matches(view.event)) {
-            return Ok(());
-        }
-        match (self.diagram, view.classification) {
-            (true, Some(class)) => {
-                dump.write_raw(&explain::render(view.event, class, self.verbose))
-            }
-            (true, None) => return Ok(()),
-            (false, _) => dump.write(view),
-        }
-        .map_err(AgentError::Output)?;
-        self.shown += 1;
-        Ok(())
     }
 }
