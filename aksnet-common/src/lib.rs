@@ -146,6 +146,9 @@ pub struct KernelOffsets {
     pub skb_len: u32,
     /// `net_device.ifindex`.
     pub netdev_ifindex: u32,
+    /// `net_device.nd_net.net` (the device's namespace), or [`OFFSET_ABSENT`] on a kernel
+    /// without `CONFIG_NET_NS`, where every device is in the one namespace.
+    pub netdev_net: u32,
     /// `nf_conn.tuplehash` (array of two `nf_conntrack_tuple_hash`).
     pub ct_tuplehash: u32,
     /// `sizeof(struct nf_conntrack_tuple_hash)`: stride from the original to the reply entry.

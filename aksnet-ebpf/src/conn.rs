@@ -22,6 +22,7 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     skb_iif: OFFSET_ABSENT,
     skb_len: OFFSET_ABSENT,
     netdev_ifindex: OFFSET_ABSENT,
+    netdev_net: OFFSET_ABSENT,
     ct_tuplehash: OFFSET_ABSENT,
     tuplehash_size: OFFSET_ABSENT,
     tuplehash_tuple: OFFSET_ABSENT,
@@ -186,8 +187,8 @@ unsafe fn read_into<T>(dst: *mut T, addr: u64) -> bool {
 /// nothing else: its connection was reported at its first packet, which conntrack marks
 /// `IP_CT_NEW` (`IP_CT_RELATED` for an expected one), or is reported by its replies
 /// (connections whose first packets do not leave through this namespace, and retries after a
-/// full ring buffer). Another namespace's connection costs one more read (`ct->ct_net`) and
-/// never touches [`CONNS`].
+/// full ring buffer). A packet leaving through another namespace's device costs one more
+/// direct load (`dev->nd_net`) and never a helper call.
 #[inline(always)]
 pub fn on_xmit(skb: u64, dev: u64) {
     // SAFETY: `skb` is the tracepoint's typed `struct sk_buff *` and the offset a constant the
@@ -198,12 +199,42 @@ pub fn on_xmit(skb: u64, dev: u64) {
     if info == ct_info::ESTABLISHED || info == ct_info::UNTRACKED {
         return;
     }
+    if leaves_another_namespace(dev) {
+        return;
+    }
     let packet = Packet {
         skb,
         dev,
         reply: info >= ct_info::IS_REPLY,
     };
     seen(nfct & !ct_info::MASK, hook::XMIT, Some(packet));
+}
+
+/// The packet leaves through a device of another namespace than the observed one, so its
+/// conntrack entry is that namespace's: a packet gets its entry from the hooks of the namespace
+/// it is routed in, routing there sends it out through a device of that namespace first, and
+/// crossing into another namespace (veth, tunnels: `skb_scrub_packet`) drops the entry. (A
+/// macvlan's lower device may sit in another namespace: the packet left the macvlan first.)
+/// Never true before the observed namespace's `struct net *` is learnt, when every namespace
+/// is observed, or on a kernel without network namespaces.
+#[inline(always)]
+fn leaves_another_namespace(dev: u64) -> bool {
+    let field = off!(netdev_net);
+    if field == u64::from(OFFSET_ABSENT) {
+        return false;
+    }
+    let Some(observed) = OBSERVED_NET.get_ptr(0) else {
+        return false;
+    };
+    // SAFETY: a pointer into the one-entry array, written once with the same value by racers.
+    let observed = unsafe { *observed };
+    if observed == 0 {
+        return false;
+    }
+    // SAFETY: `dev` is the tracepoint's typed `struct net_device *`: a direct load the verifier
+    // checks against BTF, as for `skb->_nfct` above.
+    let net = unsafe { core::ptr::read_volatile((dev + field) as *const u64) };
+    net != observed
 }
 
 /// `nf_nat_setup_info` completed the connection's NAT decision.

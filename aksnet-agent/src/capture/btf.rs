@@ -561,6 +561,7 @@ pub fn resolve_offsets(btf: &Btf, kernel: &str) -> Result<KernelOffsets, BtfErro
         skb_iif: required("sk_buff.skb_iif", 4)?,
         skb_len: required("sk_buff.len", 4)?,
         netdev_ifindex: required("net_device.ifindex", 4)?,
+        netdev_net: optional("net_device.nd_net.net", 8)?,
         // Not read whole: the tuples inside it are, at the offsets below.
         ct_tuplehash: btf.member_offset("nf_conn.tuplehash").map_err(|cause| {
             BtfError::MissingField {

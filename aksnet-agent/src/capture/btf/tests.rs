@@ -173,12 +173,6 @@ fn add_core(b: &mut Builder, l: Layout) -> Core {
             at("", ct_union, 32 + s),
         ],
     );
-    let bytes16 = b.array(u8, u32, 16);
-    b.strukt(
-        "net_device",
-        32 + s,
-        &[at("name", bytes16, 0), at("ifindex", u32, 16 + s)],
-    );
     let ns_common = b.strukt(
         "ns_common",
         24,
@@ -192,6 +186,19 @@ fn add_core(b: &mut Builder, l: Layout) -> Core {
         "net",
         40 + s,
         &[at("passive", u32, 0), at("ns", ns_common, 8 + s)],
+    );
+    let bytes16 = b.array(u8, u32, 16);
+    let net_ptr = b.ptr(net);
+    let pnet = b.strukt("", 8, &[at("net", net_ptr, 0)]);
+    let pnet = b.raw("possible_net_t", KIND_TYPEDEF, false, 0, pnet, &[]);
+    b.strukt(
+        "net_device",
+        32 + s,
+        &[
+            at("name", bytes16, 0),
+            at("ifindex", u32, 16 + s),
+            at("nd_net", pnet, 24 + s),
+        ],
     );
     Core {
         u8,
@@ -275,6 +282,7 @@ fn expected(l: Layout) -> KernelOffsets {
         skb_iif: 40 + s,
         skb_len: 16 + s,
         netdev_ifindex: 16 + s,
+        netdev_net: 24 + s,
         ct_tuplehash: 16 + s,
         tuplehash_size: 56,
         tuplehash_tuple: 16,
@@ -652,6 +660,7 @@ fn this_machines_kernel_btf_is_consistent() {
         assert!(field < size("sk_buff"));
     }
     assert!(off.netdev_ifindex < size("net_device"));
+    assert!(off.netdev_net < size("net_device"));
     assert!(off.net_ns_inum < size("net"));
     eprintln!("{} {off:?}", source.kernel);
 }
