@@ -2,7 +2,7 @@
 
 use aksnet_common::{
     conn_flags, ct_info, ct_status, event_kind, hook, ConnEvent, KernelOffsets, RawTuple,
-    OFFSET_ABSENT, TUPLE_FINGERPRINT_LEN,
+    CT_SPAN_MAX, OFFSET_ABSENT, TUPLE_FINGERPRINT_LEN,
 };
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -13,7 +13,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
-use core::ffi::c_void;
+use core::{ffi::c_void, mem::MaybeUninit};
 
 /// Field offsets of the running kernel, written by the agent before load (see aksnet-common).
 #[unsafe(no_mangle)]
@@ -37,6 +37,8 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     tuple_dst_u3: OFFSET_ABSENT,
     tuple_dst_port: OFFSET_ABSENT,
     tuple_dst_protonum: OFFSET_ABSENT,
+    ct_span_start: OFFSET_ABSENT,
+    ct_span_len: 0,
 };
 
 /// Network namespace inode to report, 0 for all namespaces. Written by the agent before load.
@@ -167,17 +169,50 @@ fn read<T>(addr: u64) -> Option<T> {
     unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
 }
 
-/// Reads kernel memory at `addr` straight into `dst`, saving a stack copy.
+/// A field of the tracepoint's typed `struct sk_buff *` or `struct net_device *`, at an offset
+/// from `OFFSETS`: a direct load the verifier checks against BTF and makes fault-safe.
 ///
 /// # Safety
-/// `dst` must be valid for writes of a `T`.
+/// `addr` must be such a pointer plus the offset of a field of type `T`.
 #[inline(always)]
-unsafe fn read_into<T>(dst: *mut T, addr: u64) -> bool {
-    // SAFETY: per the contract on `dst`; the helper checks the source address.
+unsafe fn load<T>(addr: u64) -> T {
+    // SAFETY: per the contract.
+    unsafe { core::ptr::read_volatile(addr as *const T) }
+}
+
+/// The bytes of one `nf_conn` that the programs use (both tuples, status, namespace, zone,
+/// mark), read by one helper call instead of one call per field.
+type Span = MaybeUninit<[u64; CT_SPAN_MAX as usize / 8]>;
+
+/// Reads `ct`'s span into `span`; false when unreadable.
+#[inline(always)]
+fn read_span(ct: u64, span: &mut Span) -> bool {
+    let len = off!(ct_span_len);
+    if len > u64::from(CT_SPAN_MAX) {
+        return false;
+    }
+    // SAFETY: `span` has room for `CT_SPAN_MAX` bytes; the helper checks the source address.
     let ret = unsafe {
-        generated::bpf_probe_read_kernel(dst.cast(), size_of::<T>() as u32, addr as *const c_void)
+        generated::bpf_probe_read_kernel(
+            span.as_mut_ptr().cast(),
+            len as u32,
+            (ct + off!(ct_span_start)) as *const c_void,
+        )
     };
     ret == 0
+}
+
+/// The `nf_conn` field at `offset` (an `OFFSETS` value), out of a span.
+///
+/// # Safety
+/// `span` was filled by [`read_span`], and the field lies inside it (the agent sizes the span
+/// to cover every field the programs use). The span starts 8-byte aligned and C aligns every
+/// field naturally, so the load is aligned, as the verifier requires on the stack.
+#[inline(always)]
+unsafe fn field<T: Copy>(span: &Span, offset: u64) -> T {
+    let at = (offset - off!(ct_span_start)) as usize;
+    // SAFETY: per the contract.
+    unsafe { span.as_ptr().cast::<u8>().add(at).cast::<T>().read() }
 }
 
 /// A packet is leaving on `dev`: report its connection if that is news.
@@ -251,23 +286,23 @@ fn known(ct: u64, fingerprint: u64) -> Option<*mut ConnState> {
     (unsafe { (*state).fingerprint } == fingerprint).then_some(state)
 }
 
-/// `Some(netns)` when the connection is one the agent observes (0 when it observes all and the
-/// namespace is read later, if reported), `None` when it is another namespace's. Unreadable
-/// counts as another namespace's: nothing could be reported about it anyway.
+/// `Some(netns)` when a connection in namespace `net` (its `ct->ct_net`) is one the agent
+/// observes (0 when it observes all and the namespace is read later, if reported), `None` when
+/// it is another namespace's. Unreadable counts as another namespace's: nothing could be
+/// reported about it anyway.
 #[inline(always)]
-fn observed_netns(ct: u64) -> Option<u32> {
+fn observed_netns(net: u64) -> Option<u32> {
     // SAFETY: reading a static.
     let filter = unsafe { core::ptr::read_volatile(&raw const NETNS_FILTER) };
     if filter == 0 {
         return Some(0);
     }
-    let net = read::<u64>(ct + off!(ct_net))?;
     let cached = OBSERVED_NET.get_ptr_mut(0)?;
     // SAFETY: a pointer into the one-entry array; racing writers store the same value.
     if unsafe { *cached } == net {
         return Some(filter);
     }
-    if unsafe { *cached } != 0 || read::<u32>(net + off!(net_ns_inum)) != Some(filter) {
+    if unsafe { *cached } != 0 || net_inum(net) != Some(filter) {
         return None;
     }
     // SAFETY: as above.
@@ -283,19 +318,24 @@ pub fn on_delete(ct: u64, dying_set: bool) {
     if ct == 0 {
         return;
     }
-    let Some(netns) = observed_netns(ct) else {
+    let mut span = Span::uninit();
+    if !read_span(ct, &mut span) {
+        return;
+    }
+    // SAFETY: the span was read, and holds these fields.
+    let (net, status) = unsafe {
+        (
+            field(&span, off!(ct_net)),
+            field::<u64>(&span, off!(ct_status)),
+        )
+    };
+    let Some(netns) = observed_netns(net) else {
         return;
     };
-    let Some(fingerprint) = fingerprint_of(ct) else {
-        return;
-    };
+    let fingerprint = fingerprint_of(&span);
     // SAFETY: the state is copied out at once; a concurrent update only makes it stale.
     let outstanding = known(ct, fingerprint).is_some_and(|s| unsafe { (*s).loss_outstanding() });
-    let status = read::<u64>(ct + off!(ct_status));
     let _ = CONNS.remove(ct);
-    let Some(status) = status else {
-        return;
-    };
     // Another caller already deletes it (nf_ct_delete sets DYING once and bails out after).
     if !dying_set && status & ct_status::DYING != 0 {
         return;
@@ -310,31 +350,37 @@ pub fn on_delete(ct: u64, dying_set: bool) {
     };
     // The entry is gone: a lost end is never recovered, and a connection counted lost and not
     // recovered is not counted twice.
-    if !emit(&report, None) && !outstanding {
+    if !emit(&report, &span, None) && !outstanding {
         bump(&LOST);
     }
 }
 
-/// A connection of the observed namespace that may be news: a first packet, a reply, a
-/// packet-less hook. One lookup; everything else only when reporting.
+/// A connection that may be news: a first packet, a reply, a packet-less hook. One read of the
+/// `nf_conn` and one lookup; a report adds no other read of it.
 #[inline(always)]
 fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
     if ct == 0 {
         return;
     }
-    let Some(netns) = observed_netns(ct) else {
+    let mut span = Span::uninit();
+    if !read_span(ct, &mut span) {
+        return;
+    }
+    // SAFETY: the span was read, and holds these fields.
+    let (net, status) = unsafe {
+        (
+            field(&span, off!(ct_net)),
+            field::<u64>(&span, off!(ct_status)),
+        )
+    };
+    let Some(netns) = observed_netns(net) else {
         return;
     };
-    let Some(fingerprint) = fingerprint_of(ct) else {
-        return;
-    };
+    let fingerprint = fingerprint_of(&span);
     let state = known(ct, fingerprint);
     // SAFETY: the pointer is into a live map value; the copy may be stale, never torn in a way
     // that matters (each field is written whole).
     let mut old = state.map_or(ConnState::new(fingerprint), |s| unsafe { *s });
-    let Some(status) = read::<u64>(ct + off!(ct_status)) else {
-        return;
-    };
     // A packet still in flight after nf_ct_delete: the end is reported, do not bring it back.
     if status & ct_status::DYING != 0 {
         return;
@@ -373,7 +419,7 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
         report.kind = event_kind::NAT_CHANGED;
     }
 
-    let reported = emit(&report, packet);
+    let reported = emit(&report, &span, packet);
     let mut new = old;
     if seen_reply {
         new.seen_reply = 1;
@@ -464,12 +510,10 @@ struct Report {
     renewed: bool,
 }
 
-/// Puts one event on the ring buffer; returns false when it is full. Wakes the agent only once
-/// [`WAKEUP_BYTES`] are queued (see there).
-/// Kernel fields are read straight into the reserved record: the BPF stack (512 bytes) is too
-/// small for a staged copy.
+/// Puts one event on the ring buffer, from `ct`'s `span` and the packet; returns false when it
+/// is full. Wakes the agent only once [`WAKEUP_BYTES`] are queued (see there).
 #[inline(always)]
-fn emit(report: &Report, packet: Option<Packet>) -> bool {
+fn emit(report: &Report, span: &Span, packet: Option<Packet>) -> bool {
     let ct = report.ct;
     let Some(mut entry) = EVENTS.reserve::<ConnEvent>(0) else {
         return false;
@@ -484,18 +528,16 @@ fn emit(report: &Report, packet: Option<Packet>) -> bool {
         // an event from a packet counts that packet, for the agent's first view of the flow.
         (*ev).packets = 0;
         (*ev).bytes = 0;
-        // A failed read leaves a zero family, which the agent counts as a decode error.
-        (*ev).orig = RawTuple::default();
-        read_tuple(ct, 0, &raw mut (*ev).orig);
-        (*ev).reply = RawTuple::default();
-        read_tuple(ct, 1, &raw mut (*ev).reply);
+        copy_tuple(span, 0, &raw mut (*ev).orig);
+        copy_tuple(span, 1, &raw mut (*ev).reply);
         (*ev).netns = if report.netns != 0 {
             report.netns
         } else {
-            netns_of(ct).unwrap_or(0)
+            // An unreadable namespace leaves 0, which the agent shows as unknown.
+            net_inum(field(span, off!(ct_net))).unwrap_or(0)
         };
-        (*ev).mark = optional::<u32>(ct, off!(ct_mark));
-        (*ev).zone = optional::<u16>(ct, off!(ct_zone_id));
+        (*ev).mark = optional::<u32>(span, off!(ct_mark));
+        (*ev).zone = optional::<u16>(span, off!(ct_zone_id));
         (*ev).in_ifindex = 0;
         (*ev).out_ifindex = 0;
         match packet {
@@ -503,17 +545,17 @@ fn emit(report: &Report, packet: Option<Packet>) -> bool {
             // unknown until an original-direction packet is sent (for a connection that ends
             // on this host, never).
             Some(p) if p.reply => {
-                read_into(&raw mut (*ev).in_ifindex, p.dev + off!(netdev_ifindex));
+                (*ev).in_ifindex = load(p.dev + off!(netdev_ifindex));
             }
             Some(p) => {
-                read_into(&raw mut (*ev).in_ifindex, p.skb + off!(skb_iif));
-                read_into(&raw mut (*ev).out_ifindex, p.dev + off!(netdev_ifindex));
+                (*ev).in_ifindex = load(p.skb + off!(skb_iif));
+                (*ev).out_ifindex = load(p.dev + off!(netdev_ifindex));
             }
             None => {}
         }
         if let Some(p) = packet {
             (*ev).packets = 1;
-            (*ev).bytes = u64::from(read::<u32>(p.skb + off!(skb_len)).unwrap_or(0));
+            (*ev).bytes = u64::from(load::<u32>(p.skb + off!(skb_len)));
         }
         (*ev).kind = report.kind;
         (*ev).hook = report.hook;
@@ -536,45 +578,59 @@ fn emit(report: &Report, packet: Option<Packet>) -> bool {
 }
 
 /// A field the kernel may have compiled out: 0 when absent.
+///
+/// # Safety
+/// As for [`field`].
 #[inline(always)]
-fn optional<T: Default>(ct: u64, offset: u64) -> T {
+unsafe fn optional<T: Copy + Default>(span: &Span, offset: u64) -> T {
     if offset == u64::from(OFFSET_ABSENT) {
         return T::default();
     }
-    read::<T>(ct + offset).unwrap_or_default()
+    // SAFETY: per the contract.
+    unsafe { field(span, offset) }
 }
 
-/// `ct->ct_net.net->ns.inum`
+/// `net->ns.inum`
 #[inline(always)]
-fn netns_of(ct: u64) -> Option<u32> {
-    let net = read::<u64>(ct + off!(ct_net))?;
+fn net_inum(net: u64) -> Option<u32> {
     read::<u32>(net + off!(net_ns_inum))
 }
 
-/// Reads `ct->tuplehash[dir].tuple` (direction 0 original, 1 reply) into `out`.
+/// Copies `ct->tuplehash[dir].tuple` (direction 0 original, 1 reply) out of `span` into `out`.
+///
+/// # Safety
+/// As for [`field`]; `out` must be valid for writes.
 #[inline(always)]
-fn read_tuple(ct: u64, dir: u64, out: *mut RawTuple) -> bool {
-    let t = ct + off!(ct_tuplehash) + dir * off!(tuplehash_size) + off!(tuplehash_tuple);
-    // SAFETY: `out` is a valid destination; each field is written by one kernel read.
+unsafe fn copy_tuple(span: &Span, dir: u64, out: *mut RawTuple) {
+    let t = off!(ct_tuplehash) + dir * off!(tuplehash_size) + off!(tuplehash_tuple);
+    // SAFETY: per the contract; `RawTuple` is 4-byte aligned, so its addresses take words.
     unsafe {
-        read_into(&raw mut (*out).src, t + off!(tuple_src_u3))
-            && read_into(&raw mut (*out).dst, t + off!(tuple_dst_u3))
-            && read_into(&raw mut (*out).sport, t + off!(tuple_src_port))
-            && read_into(&raw mut (*out).dport, t + off!(tuple_dst_port))
-            && read_into(&raw mut (*out).l3num, t + off!(tuple_src_l3num))
-            && read_into(&raw mut (*out).protonum, t + off!(tuple_dst_protonum))
+        (&raw mut (*out).src)
+            .cast::<[u32; 4]>()
+            .write(field(span, t + off!(tuple_src_u3)));
+        (&raw mut (*out).dst)
+            .cast::<[u32; 4]>()
+            .write(field(span, t + off!(tuple_dst_u3)));
+        (*out).sport = field(span, t + off!(tuple_src_port));
+        (*out).dport = field(span, t + off!(tuple_dst_port));
+        (*out).l3num = field(span, t + off!(tuple_src_l3num));
+        (*out).protonum = field(span, t + off!(tuple_dst_protonum));
+        (*out)._pad = 0;
     }
 }
 
 /// Cheap hash of the first [`TUPLE_FINGERPRINT_LEN`] bytes of the original tuple (which
-/// conntrack never changes for a live entry), read in one go.
+/// conntrack never changes for a live entry).
 #[inline(always)]
-fn fingerprint_of(ct: u64) -> Option<u64> {
-    let t = ct + off!(ct_tuplehash) + off!(tuplehash_tuple);
-    let words = read::<[u64; TUPLE_FINGERPRINT_LEN / 8]>(t)?;
+fn fingerprint_of(span: &Span) -> u64 {
+    // SAFETY: the agent's span covers the whole fingerprint; a tuple is 4-byte aligned.
+    let words: [u32; TUPLE_FINGERPRINT_LEN / 4] =
+        unsafe { field(span, off!(ct_tuplehash) + off!(tuplehash_tuple)) };
     let mut h: u64 = 0;
     for w in words {
-        h = (h ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
+        h = (h ^ u64::from(w))
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(29);
     }
-    Some(h)
+    h
 }

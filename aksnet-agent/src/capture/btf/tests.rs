@@ -262,7 +262,7 @@ fn add_conntrack(b: &mut Builder, c: &Core, l: Layout) {
     let pnet = b.raw("", KIND_CONST, false, 0, pnet, &[]);
     let mut members = vec![at("ct_general", c.u32, 0), at("tuplehash", hashes, 16 + s)];
     if l.zone {
-        members.push(at("zone", zone, 12));
+        members.push(at("zone", zone, 12 + s));
     }
     if l.status {
         let status = if l.status_bytes == 4 { c.u32 } else { c.u64 };
@@ -287,7 +287,7 @@ fn expected(l: Layout) -> KernelOffsets {
         tuplehash_size: 56,
         tuplehash_tuple: 16,
         ct_status: 128 + s,
-        ct_zone_id: if l.zone { 12 } else { OFFSET_ABSENT },
+        ct_zone_id: if l.zone { 12 + s } else { OFFSET_ABSENT },
         ct_mark: if l.mark { 168 + s } else { OFFSET_ABSENT },
         ct_net: 136 + s,
         net_ns_inum: 8 + s + 16,
@@ -297,6 +297,14 @@ fn expected(l: Layout) -> KernelOffsets {
         tuple_dst_u3: 20,
         tuple_dst_port: 36,
         tuple_dst_protonum: 38,
+        // From the zone (or the original tuple) to the end of the mark (or ct_net).
+        ct_span_start: if l.zone { 8 + s } else { 32 + s },
+        ct_span_len: match (l.zone, l.mark) {
+            (true, true) => 164,
+            (true, false) => 136,
+            (false, true) => 140,
+            (false, false) => 112,
+        },
     }
 }
 
@@ -354,6 +362,28 @@ fn compiled_out_optional_fields_are_absent() {
         (OFFSET_ABSENT, OFFSET_ABSENT)
     );
     assert_eq!(offsets, expected(layout));
+}
+
+#[test]
+fn the_conn_span_covers_every_field_read_and_no_more_than_the_programs_read() {
+    let offsets = expected(DEFAULT);
+    let (start, len) = ct_span(&offsets).unwrap();
+    assert_eq!((start, len), (8, 164));
+    assert_eq!(start % 8, 0);
+    let far_mark = KernelOffsets {
+        ct_mark: 300,
+        ..offsets
+    };
+    assert_eq!(ct_span(&far_mark), Err(296));
+    let err = BtfError::WideConn {
+        kernel: "6.1.0-test".into(),
+        span: 296,
+    }
+    .to_string();
+    assert!(
+        err.contains("span 296 bytes") && err.ends_with("use --source netlink on this kernel"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -661,6 +691,8 @@ fn this_machines_kernel_btf_is_consistent() {
     }
     assert!(off.netdev_ifindex < size("net_device"));
     assert!(off.netdev_net < size("net_device"));
+    // The one read of an nf_conn stays inside it.
+    assert!(off.ct_span_start + off.ct_span_len <= size("nf_conn"));
     assert!(off.net_ns_inum < size("net"));
     eprintln!("{} {off:?}", source.kernel);
 }
