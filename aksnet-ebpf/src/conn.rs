@@ -82,8 +82,9 @@ static RECOVERED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(1 << 16, 0);
 
 /// `struct net *` of the observed namespace (index 0), learnt from its first connection, so
-/// that telling another namespace's connection apart costs one read (`ct->ct_net`) instead of
-/// two (`->ns.inum`). The agent holds the namespace open, so the address stays its own.
+/// that telling another namespace's device (`dev->nd_net`) or connection (`ct->ct_net`) apart
+/// is a compare, not a read of `->ns.inum`. The agent holds the namespace open, so the address
+/// stays its own.
 #[map]
 static OBSERVED_NET: Array<u64> = Array::with_max_entries(1, 0);
 
