@@ -81,6 +81,18 @@ static RECOVERED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(1 << 16, 0);
 
+/// Connections that no later packet can tell anything new, one tag ([`Settled`]) per slot,
+/// the slot chosen by the `nf_conn` address. Their packets (replies, mostly: an
+/// original-direction packet of such a connection takes the one-load fast path) are dismissed
+/// by one load from this small array instead of a `CONNS` lookup, which misses the cache on a
+/// busy node. A slot another connection took only costs that lookup.
+#[map]
+static SETTLED: Array<u64> = Array::with_max_entries(SETTLED_SLOTS, 0);
+
+/// 32 KiB of tags. `nf_conn` objects are 256 bytes apart in their slab cache, so 4 096 slots
+/// cover 1 MiB of them without two sharing a slot.
+const SETTLED_SLOTS: u32 = 4096;
+
 /// `struct net *` of the observed namespace (index 0), learnt from its first connection, so
 /// that telling another namespace's device (`dev->nd_net`) or connection (`ct->ct_net`) apart
 /// is a compare, not a read of `->ns.inum`. The agent holds the namespace open, so the address
@@ -136,6 +148,65 @@ impl ConnState {
     /// Counted lost and not recovered since.
     fn loss_outstanding(&self) -> bool {
         self.loss_counted != 0 && self.recovered == 0
+    }
+
+    /// Nothing a later packet could add while the NAT status bits stay `nat`: reported with
+    /// them and with a packet's interfaces, its reply recorded, no loss to recover.
+    fn settled(&self, nat: u16) -> bool {
+        self.reported != 0
+            && self.reported_nat == nat
+            && self.ifaces_reported != 0
+            && self.seen_reply != 0
+            && !self.loss_outstanding()
+            && self.renew_pending == 0
+    }
+}
+
+/// A settled connection's tag in its [`SETTLED`] slot: its `nf_conn` address, fingerprint and
+/// NAT status bits, so that another connection in the same slot, a reuse of the `nf_conn` for
+/// another tuple, or a NAT change all miss it. A reuse for the same tuple is told by its first
+/// packets, which lack `IPS_SEEN_REPLY` and so take the full path, which clears the slot; and
+/// `nf_ct_delete` clears it where it can be hooked.
+#[derive(Clone, Copy)]
+struct Settled {
+    slot: u32,
+    tag: u64,
+}
+
+impl Settled {
+    #[inline(always)]
+    fn of(ct: u64, fingerprint: u64, nat: u16) -> Settled {
+        Settled {
+            slot: ((ct >> 8) as u32) & (SETTLED_SLOTS - 1),
+            // Never 0, the empty slot.
+            tag: (fingerprint ^ ct ^ (u64::from(nat) << 48)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                | 1,
+        }
+    }
+
+    /// The slot holds this connection's tag.
+    #[inline(always)]
+    fn holds(self) -> bool {
+        // SAFETY: a pointer into the array; a 64-bit load is never torn.
+        SETTLED
+            .get_ptr(self.slot)
+            .is_some_and(|t| unsafe { *t } == self.tag)
+    }
+
+    /// Records the connection as settled, or clears its tag when it no longer is.
+    #[inline(always)]
+    fn set(self, settled: bool) {
+        let Some(t) = SETTLED.get_ptr_mut(self.slot) else {
+            return;
+        };
+        // SAFETY: as above; whole 64-bit stores.
+        unsafe {
+            if settled {
+                *t = self.tag;
+            } else if *t == self.tag {
+                *t = 0;
+            }
+        }
     }
 }
 
@@ -337,6 +408,8 @@ pub fn on_delete(ct: u64, dying_set: bool) {
     // SAFETY: the state is copied out at once; a concurrent update only makes it stale.
     let outstanding = known(ct, fingerprint).is_some_and(|s| unsafe { (*s).loss_outstanding() });
     let _ = CONNS.remove(ct);
+    let nat = (status & ct_status::NAT_MASK) as u16;
+    Settled::of(ct, fingerprint, nat).set(false);
     // Another caller already deletes it (nf_ct_delete sets DYING once and bails out after).
     if !dying_set && status & ct_status::DYING != 0 {
         return;
@@ -378,6 +451,12 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
         return;
     };
     let fingerprint = fingerprint_of(&span);
+    let seen_reply = status & ct_status::SEEN_REPLY != 0;
+    let nat = (status & ct_status::NAT_MASK) as u16;
+    let settled = Settled::of(ct, fingerprint, nat);
+    if seen_reply && settled.holds() {
+        return;
+    }
     let state = known(ct, fingerprint);
     // SAFETY: the pointer is into a live map value; the copy may be stale, never torn in a way
     // that matters (each field is written whole).
@@ -386,7 +465,6 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
     if status & ct_status::DYING != 0 {
         return;
     }
-    let seen_reply = status & ct_status::SEEN_REPLY != 0;
     let renewed = old.seen_reply != 0 && !seen_reply;
     if renewed {
         old = ConnState {
@@ -394,7 +472,6 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
             ..ConnState::new(fingerprint)
         };
     }
-    let nat = (status & ct_status::NAT_MASK) as u16;
     // A connection first reported without a packet (by nf_nat_setup_info) gets one more NEW
     // from its first packet, for the interfaces.
     let wants_ifaces = packet.is_some() && old.ifaces_reported == 0;
@@ -405,6 +482,10 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
                 // SAFETY: as above; racing writers store the same 1.
                 unsafe { (*s).seen_reply = 1 };
             }
+            old.seen_reply = 1;
+        }
+        if old.settled(nat) {
+            settled.set(true);
         }
         return;
     }
@@ -441,6 +522,7 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
         bump(&LOST);
         new.loss_counted = 1;
     }
+    settled.set(new.settled(nat));
     match state {
         // A known connection: store only what changed, field by field, so a racing CPU's
         // facts survive. Two CPUs racing here at worst report the connection twice, which the
