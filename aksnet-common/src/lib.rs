@@ -70,8 +70,15 @@ pub mod ct_info {
 /// running kernel's tuple is at least this long.
 pub const TUPLE_FINGERPRINT_LEN: usize = 40;
 
-/// One direction of a conntrack entry, as `struct nf_conntrack_tuple` holds it.
-#[repr(C)]
+/// Most bytes of a `struct nf_conn` the kernel programs read in one go: every field they use
+/// (both tuples, status, namespace, zone, mark) lies within about 160 bytes on 64-bit kernels,
+/// so one helper call reads them all. The agent refuses a kernel whose fields spread wider.
+pub const CT_SPAN_MAX: u32 = 192;
+
+/// One direction of a conntrack entry, as `struct nf_conntrack_tuple` holds it. Aligned to 4
+/// (where [`ConnEvent`] puts it anyway) so that the kernel programs store the addresses a word
+/// at a time.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RawTuple {
     /// `union nf_inet_addr`: an IPv4 address uses the first 4 bytes.
@@ -150,6 +157,9 @@ pub struct KernelOffsets {
     pub skb_len: u32,
     /// `net_device.ifindex`.
     pub netdev_ifindex: u32,
+    /// `net_device.nd_net.net` (the device's namespace), or [`OFFSET_ABSENT`] on a kernel
+    /// without `CONFIG_NET_NS`, where every device is in the one namespace.
+    pub netdev_net: u32,
     /// `nf_conn.tuplehash` (array of two `nf_conntrack_tuple_hash`).
     pub ct_tuplehash: u32,
     /// `sizeof(struct nf_conntrack_tuple_hash)`: stride from the original to the reply entry.
@@ -173,6 +183,11 @@ pub struct KernelOffsets {
     pub tuple_dst_u3: u32,
     pub tuple_dst_port: u32,
     pub tuple_dst_protonum: u32,
+    /// Where the programs' one read of an `nf_conn` starts: 8-byte aligned, at or before the
+    /// first byte of the `nf_conn` fields above that they use.
+    pub ct_span_start: u32,
+    /// Bytes of that read, up to the last byte they use; at most [`CT_SPAN_MAX`].
+    pub ct_span_len: u32,
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 
 use aksnet_common::{
     conn_flags, ct_info, ct_status, event_kind, hook, ConnEvent, KernelOffsets, RawTuple,
-    OFFSET_ABSENT, TUPLE_FINGERPRINT_LEN,
+    CT_SPAN_MAX, OFFSET_ABSENT, TUPLE_FINGERPRINT_LEN,
 };
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -13,7 +13,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
-use core::ffi::c_void;
+use core::{ffi::c_void, mem::MaybeUninit};
 
 /// Field offsets of the running kernel, written by the agent before load (see aksnet-common).
 #[unsafe(no_mangle)]
@@ -22,6 +22,7 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     skb_iif: OFFSET_ABSENT,
     skb_len: OFFSET_ABSENT,
     netdev_ifindex: OFFSET_ABSENT,
+    netdev_net: OFFSET_ABSENT,
     ct_tuplehash: OFFSET_ABSENT,
     tuplehash_size: OFFSET_ABSENT,
     tuplehash_tuple: OFFSET_ABSENT,
@@ -36,6 +37,8 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     tuple_dst_u3: OFFSET_ABSENT,
     tuple_dst_port: OFFSET_ABSENT,
     tuple_dst_protonum: OFFSET_ABSENT,
+    ct_span_start: OFFSET_ABSENT,
+    ct_span_len: 0,
 };
 
 /// Network namespace inode to report, 0 for all namespaces. Written by the agent before load.
@@ -78,9 +81,22 @@ static RECOVERED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(1 << 16, 0);
 
+/// Connections that no later packet can tell anything new, one tag ([`Settled`]) per slot,
+/// the slot chosen by the `nf_conn` address. Their packets (replies, mostly: an
+/// original-direction packet of such a connection takes the one-load fast path) are dismissed
+/// by one load from this small array instead of a `CONNS` lookup, which misses the cache on a
+/// busy node. A slot another connection took only costs that lookup.
+#[map]
+static SETTLED: Array<u64> = Array::with_max_entries(SETTLED_SLOTS, 0);
+
+/// 32 KiB of tags. `nf_conn` objects are 256 bytes apart in their slab cache, so 4 096 slots
+/// cover 1 MiB of them without two sharing a slot.
+const SETTLED_SLOTS: u32 = 4096;
+
 /// `struct net *` of the observed namespace (index 0), learnt from its first connection, so
-/// that telling another namespace's connection apart costs one read (`ct->ct_net`) instead of
-/// two (`->ns.inum`). The agent holds the namespace open, so the address stays its own.
+/// that telling another namespace's device (`dev->nd_net`) or connection (`ct->ct_net`) apart
+/// is a compare, not a read of `->ns.inum`. The agent holds the namespace open, so the address
+/// stays its own.
 #[map]
 static OBSERVED_NET: Array<u64> = Array::with_max_entries(1, 0);
 
@@ -133,6 +149,65 @@ impl ConnState {
     fn loss_outstanding(&self) -> bool {
         self.loss_counted != 0 && self.recovered == 0
     }
+
+    /// Nothing a later packet could add while the NAT status bits stay `nat`: reported with
+    /// them and with a packet's interfaces, its reply recorded, no loss to recover.
+    fn settled(&self, nat: u16) -> bool {
+        self.reported != 0
+            && self.reported_nat == nat
+            && self.ifaces_reported != 0
+            && self.seen_reply != 0
+            && !self.loss_outstanding()
+            && self.renew_pending == 0
+    }
+}
+
+/// A settled connection's tag in its [`SETTLED`] slot: its `nf_conn` address, fingerprint and
+/// NAT status bits, so that another connection in the same slot, a reuse of the `nf_conn` for
+/// another tuple, or a NAT change all miss it. A reuse for the same tuple is told by its first
+/// packets, which lack `IPS_SEEN_REPLY` and so take the full path, which clears the slot; and
+/// `nf_ct_delete` clears it where it can be hooked.
+#[derive(Clone, Copy)]
+struct Settled {
+    slot: u32,
+    tag: u64,
+}
+
+impl Settled {
+    #[inline(always)]
+    fn of(ct: u64, fingerprint: u64, nat: u16) -> Settled {
+        Settled {
+            slot: ((ct >> 8) as u32) & (SETTLED_SLOTS - 1),
+            // Never 0, the empty slot.
+            tag: (fingerprint ^ ct ^ (u64::from(nat) << 48)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                | 1,
+        }
+    }
+
+    /// The slot holds this connection's tag.
+    #[inline(always)]
+    fn holds(self) -> bool {
+        // SAFETY: a pointer into the array; a 64-bit load is never torn.
+        SETTLED
+            .get_ptr(self.slot)
+            .is_some_and(|t| unsafe { *t } == self.tag)
+    }
+
+    /// Records the connection as settled, or clears its tag when it no longer is.
+    #[inline(always)]
+    fn set(self, settled: bool) {
+        let Some(t) = SETTLED.get_ptr_mut(self.slot) else {
+            return;
+        };
+        // SAFETY: as above; whole 64-bit stores.
+        unsafe {
+            if settled {
+                *t = self.tag;
+            } else if *t == self.tag {
+                *t = 0;
+            }
+        }
+    }
 }
 
 /// One offset from [`OFFSETS`]; volatile so the compiler cannot fold the placeholder value the
@@ -166,17 +241,50 @@ fn read<T>(addr: u64) -> Option<T> {
     unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
 }
 
-/// Reads kernel memory at `addr` straight into `dst`, saving a stack copy.
+/// A field of the tracepoint's typed `struct sk_buff *` or `struct net_device *`, at an offset
+/// from `OFFSETS`: a direct load the verifier checks against BTF and makes fault-safe.
 ///
 /// # Safety
-/// `dst` must be valid for writes of a `T`.
+/// `addr` must be such a pointer plus the offset of a field of type `T`.
 #[inline(always)]
-unsafe fn read_into<T>(dst: *mut T, addr: u64) -> bool {
-    // SAFETY: per the contract on `dst`; the helper checks the source address.
+unsafe fn load<T>(addr: u64) -> T {
+    // SAFETY: per the contract.
+    unsafe { core::ptr::read_volatile(addr as *const T) }
+}
+
+/// The bytes of one `nf_conn` that the programs use (both tuples, status, namespace, zone,
+/// mark), read by one helper call instead of one call per field.
+type Span = MaybeUninit<[u64; CT_SPAN_MAX as usize / 8]>;
+
+/// Reads `ct`'s span into `span`; false when unreadable.
+#[inline(always)]
+fn read_span(ct: u64, span: &mut Span) -> bool {
+    let len = off!(ct_span_len);
+    if len > u64::from(CT_SPAN_MAX) {
+        return false;
+    }
+    // SAFETY: `span` has room for `CT_SPAN_MAX` bytes; the helper checks the source address.
     let ret = unsafe {
-        generated::bpf_probe_read_kernel(dst.cast(), size_of::<T>() as u32, addr as *const c_void)
+        generated::bpf_probe_read_kernel(
+            span.as_mut_ptr().cast(),
+            len as u32,
+            (ct + off!(ct_span_start)) as *const c_void,
+        )
     };
     ret == 0
+}
+
+/// The `nf_conn` field at `offset` (an `OFFSETS` value), out of a span.
+///
+/// # Safety
+/// `span` was filled by [`read_span`], and the field lies inside it (the agent sizes the span
+/// to cover every field the programs use). The span starts 8-byte aligned and C aligns every
+/// field naturally, so the load is aligned, as the verifier requires on the stack.
+#[inline(always)]
+unsafe fn field<T: Copy>(span: &Span, offset: u64) -> T {
+    let at = (offset - off!(ct_span_start)) as usize;
+    // SAFETY: per the contract.
+    unsafe { span.as_ptr().cast::<u8>().add(at).cast::<T>().read() }
 }
 
 /// A packet is leaving on `dev`: report its connection if that is news.
@@ -186,8 +294,8 @@ unsafe fn read_into<T>(dst: *mut T, addr: u64) -> bool {
 /// nothing else: its connection was reported at its first packet, which conntrack marks
 /// `IP_CT_NEW` (`IP_CT_RELATED` for an expected one), or is reported by its replies
 /// (connections whose first packets do not leave through this namespace, and retries after a
-/// full ring buffer). Another namespace's connection costs one more read (`ct->ct_net`) and
-/// never touches [`CONNS`].
+/// full ring buffer). A packet leaving through another namespace's device costs one more
+/// direct load (`dev->nd_net`) and never a helper call.
 #[inline(always)]
 pub fn on_xmit(skb: u64, dev: u64) {
     // SAFETY: `skb` is the tracepoint's typed `struct sk_buff *` and the offset a constant the
@@ -198,12 +306,42 @@ pub fn on_xmit(skb: u64, dev: u64) {
     if info == ct_info::ESTABLISHED || info == ct_info::UNTRACKED {
         return;
     }
+    if leaves_another_namespace(dev) {
+        return;
+    }
     let packet = Packet {
         skb,
         dev,
         reply: info >= ct_info::IS_REPLY,
     };
     seen(nfct & !ct_info::MASK, hook::XMIT, Some(packet));
+}
+
+/// The packet leaves through a device of another namespace than the observed one, so its
+/// conntrack entry is that namespace's: a packet gets its entry from the hooks of the namespace
+/// it is routed in, routing there sends it out through a device of that namespace first, and
+/// crossing into another namespace (veth, tunnels: `skb_scrub_packet`) drops the entry. (A
+/// macvlan's lower device may sit in another namespace: the packet left the macvlan first.)
+/// Never true before the observed namespace's `struct net *` is learnt, when every namespace
+/// is observed, or on a kernel without network namespaces.
+#[inline(always)]
+fn leaves_another_namespace(dev: u64) -> bool {
+    let field = off!(netdev_net);
+    if field == u64::from(OFFSET_ABSENT) {
+        return false;
+    }
+    let Some(observed) = OBSERVED_NET.get_ptr(0) else {
+        return false;
+    };
+    // SAFETY: a pointer into the one-entry array, written once with the same value by racers.
+    let observed = unsafe { *observed };
+    if observed == 0 {
+        return false;
+    }
+    // SAFETY: `dev` is the tracepoint's typed `struct net_device *`: a direct load the verifier
+    // checks against BTF, as for `skb->_nfct` above.
+    let net = unsafe { core::ptr::read_volatile((dev + field) as *const u64) };
+    net != observed
 }
 
 /// `nf_nat_setup_info` completed the connection's NAT decision.
@@ -220,23 +358,23 @@ fn known(ct: u64, fingerprint: u64) -> Option<*mut ConnState> {
     (unsafe { (*state).fingerprint } == fingerprint).then_some(state)
 }
 
-/// `Some(netns)` when the connection is one the agent observes (0 when it observes all and the
-/// namespace is read later, if reported), `None` when it is another namespace's. Unreadable
-/// counts as another namespace's: nothing could be reported about it anyway.
+/// `Some(netns)` when a connection in namespace `net` (its `ct->ct_net`) is one the agent
+/// observes (0 when it observes all and the namespace is read later, if reported), `None` when
+/// it is another namespace's. Unreadable counts as another namespace's: nothing could be
+/// reported about it anyway.
 #[inline(always)]
-fn observed_netns(ct: u64) -> Option<u32> {
+fn observed_netns(net: u64) -> Option<u32> {
     // SAFETY: reading a static.
     let filter = unsafe { core::ptr::read_volatile(&raw const NETNS_FILTER) };
     if filter == 0 {
         return Some(0);
     }
-    let net = read::<u64>(ct + off!(ct_net))?;
     let cached = OBSERVED_NET.get_ptr_mut(0)?;
     // SAFETY: a pointer into the one-entry array; racing writers store the same value.
     if unsafe { *cached } == net {
         return Some(filter);
     }
-    if unsafe { *cached } != 0 || read::<u32>(net + off!(net_ns_inum)) != Some(filter) {
+    if unsafe { *cached } != 0 || net_inum(net) != Some(filter) {
         return None;
     }
     // SAFETY: as above.
@@ -252,19 +390,26 @@ pub fn on_delete(ct: u64, dying_set: bool) {
     if ct == 0 {
         return;
     }
-    let Some(netns) = observed_netns(ct) else {
+    let mut span = Span::uninit();
+    if !read_span(ct, &mut span) {
+        return;
+    }
+    // SAFETY: the span was read, and holds these fields.
+    let (net, status) = unsafe {
+        (
+            field(&span, off!(ct_net)),
+            field::<u64>(&span, off!(ct_status)),
+        )
+    };
+    let Some(netns) = observed_netns(net) else {
         return;
     };
-    let Some(fingerprint) = fingerprint_of(ct) else {
-        return;
-    };
+    let fingerprint = fingerprint_of(&span);
     // SAFETY: the state is copied out at once; a concurrent update only makes it stale.
     let outstanding = known(ct, fingerprint).is_some_and(|s| unsafe { (*s).loss_outstanding() });
-    let status = read::<u64>(ct + off!(ct_status));
     let _ = CONNS.remove(ct);
-    let Some(status) = status else {
-        return;
-    };
+    let nat = (status & ct_status::NAT_MASK) as u16;
+    Settled::of(ct, fingerprint, nat).set(false);
     // Another caller already deletes it (nf_ct_delete sets DYING once and bails out after).
     if !dying_set && status & ct_status::DYING != 0 {
         return;
@@ -279,36 +424,47 @@ pub fn on_delete(ct: u64, dying_set: bool) {
     };
     // The entry is gone: a lost end is never recovered, and a connection counted lost and not
     // recovered is not counted twice.
-    if !emit(&report, None) && !outstanding {
+    if !emit(&report, &span, None) && !outstanding {
         bump(&LOST);
     }
 }
 
-/// A connection of the observed namespace that may be news: a first packet, a reply, a
-/// packet-less hook. One lookup; everything else only when reporting.
+/// A connection that may be news: a first packet, a reply, a packet-less hook. One read of the
+/// `nf_conn` and one lookup; a report adds no other read of it.
 #[inline(always)]
 fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
     if ct == 0 {
         return;
     }
-    let Some(netns) = observed_netns(ct) else {
+    let mut span = Span::uninit();
+    if !read_span(ct, &mut span) {
+        return;
+    }
+    // SAFETY: the span was read, and holds these fields.
+    let (net, status) = unsafe {
+        (
+            field(&span, off!(ct_net)),
+            field::<u64>(&span, off!(ct_status)),
+        )
+    };
+    let Some(netns) = observed_netns(net) else {
         return;
     };
-    let Some(fingerprint) = fingerprint_of(ct) else {
+    let fingerprint = fingerprint_of(&span);
+    let seen_reply = status & ct_status::SEEN_REPLY != 0;
+    let nat = (status & ct_status::NAT_MASK) as u16;
+    let settled = Settled::of(ct, fingerprint, nat);
+    if seen_reply && settled.holds() {
         return;
-    };
+    }
     let state = known(ct, fingerprint);
     // SAFETY: the pointer is into a live map value; the copy may be stale, never torn in a way
     // that matters (each field is written whole).
     let mut old = state.map_or(ConnState::new(fingerprint), |s| unsafe { *s });
-    let Some(status) = read::<u64>(ct + off!(ct_status)) else {
-        return;
-    };
     // A packet still in flight after nf_ct_delete: the end is reported, do not bring it back.
     if status & ct_status::DYING != 0 {
         return;
     }
-    let seen_reply = status & ct_status::SEEN_REPLY != 0;
     let renewed = old.seen_reply != 0 && !seen_reply;
     if renewed {
         old = ConnState {
@@ -316,7 +472,6 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
             ..ConnState::new(fingerprint)
         };
     }
-    let nat = (status & ct_status::NAT_MASK) as u16;
     // A connection first reported without a packet (by nf_nat_setup_info) gets one more NEW
     // from its first packet, for the interfaces.
     let wants_ifaces = packet.is_some() && old.ifaces_reported == 0;
@@ -327,6 +482,10 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
                 // SAFETY: as above; racing writers store the same 1.
                 unsafe { (*s).seen_reply = 1 };
             }
+            old.seen_reply = 1;
+        }
+        if old.settled(nat) {
+            settled.set(true);
         }
         return;
     }
@@ -342,7 +501,7 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
         report.kind = event_kind::NAT_CHANGED;
     }
 
-    let reported = emit(&report, packet);
+    let reported = emit(&report, &span, packet);
     let mut new = old;
     if seen_reply {
         new.seen_reply = 1;
@@ -363,6 +522,7 @@ fn seen(ct: u64, hook: u8, packet: Option<Packet>) {
         bump(&LOST);
         new.loss_counted = 1;
     }
+    settled.set(new.settled(nat));
     match state {
         // A known connection: store only what changed, field by field, so a racing CPU's
         // facts survive. Two CPUs racing here at worst report the connection twice, which the
@@ -433,12 +593,10 @@ struct Report {
     renewed: bool,
 }
 
-/// Puts one event on the ring buffer; returns false when it is full. Wakes the agent only once
-/// [`WAKEUP_BYTES`] are queued (see there).
-/// Kernel fields are read straight into the reserved record: the BPF stack (512 bytes) is too
-/// small for a staged copy.
+/// Puts one event on the ring buffer, from `ct`'s `span` and the packet; returns false when it
+/// is full. Wakes the agent only once [`WAKEUP_BYTES`] are queued (see there).
 #[inline(always)]
-fn emit(report: &Report, packet: Option<Packet>) -> bool {
+fn emit(report: &Report, span: &Span, packet: Option<Packet>) -> bool {
     let ct = report.ct;
     let Some(mut entry) = EVENTS.reserve::<ConnEvent>(0) else {
         return false;
@@ -453,18 +611,16 @@ fn emit(report: &Report, packet: Option<Packet>) -> bool {
         // an event from a packet counts that packet, for the agent's first view of the flow.
         (*ev).packets = 0;
         (*ev).bytes = 0;
-        // A failed read leaves a zero family, which the agent counts as a decode error.
-        (*ev).orig = RawTuple::default();
-        read_tuple(ct, 0, &raw mut (*ev).orig);
-        (*ev).reply = RawTuple::default();
-        read_tuple(ct, 1, &raw mut (*ev).reply);
+        copy_tuple(span, 0, &raw mut (*ev).orig);
+        copy_tuple(span, 1, &raw mut (*ev).reply);
         (*ev).netns = if report.netns != 0 {
             report.netns
         } else {
-            netns_of(ct).unwrap_or(0)
+            // An unreadable namespace leaves 0, which the agent shows as unknown.
+            net_inum(field(span, off!(ct_net))).unwrap_or(0)
         };
-        (*ev).mark = optional::<u32>(ct, off!(ct_mark));
-        (*ev).zone = optional::<u16>(ct, off!(ct_zone_id));
+        (*ev).mark = optional::<u32>(span, off!(ct_mark));
+        (*ev).zone = optional::<u16>(span, off!(ct_zone_id));
         (*ev).in_ifindex = 0;
         (*ev).out_ifindex = 0;
         match packet {
@@ -472,17 +628,17 @@ fn emit(report: &Report, packet: Option<Packet>) -> bool {
             // unknown until an original-direction packet is sent (for a connection that ends
             // on this host, never).
             Some(p) if p.reply => {
-                read_into(&raw mut (*ev).in_ifindex, p.dev + off!(netdev_ifindex));
+                (*ev).in_ifindex = load(p.dev + off!(netdev_ifindex));
             }
             Some(p) => {
-                read_into(&raw mut (*ev).in_ifindex, p.skb + off!(skb_iif));
-                read_into(&raw mut (*ev).out_ifindex, p.dev + off!(netdev_ifindex));
+                (*ev).in_ifindex = load(p.skb + off!(skb_iif));
+                (*ev).out_ifindex = load(p.dev + off!(netdev_ifindex));
             }
             None => {}
         }
         if let Some(p) = packet {
             (*ev).packets = 1;
-            (*ev).bytes = u64::from(read::<u32>(p.skb + off!(skb_len)).unwrap_or(0));
+            (*ev).bytes = u64::from(load::<u32>(p.skb + off!(skb_len)));
         }
         (*ev).kind = report.kind;
         (*ev).hook = report.hook;
@@ -505,45 +661,59 @@ fn emit(report: &Report, packet: Option<Packet>) -> bool {
 }
 
 /// A field the kernel may have compiled out: 0 when absent.
+///
+/// # Safety
+/// As for [`field`].
 #[inline(always)]
-fn optional<T: Default>(ct: u64, offset: u64) -> T {
+unsafe fn optional<T: Copy + Default>(span: &Span, offset: u64) -> T {
     if offset == u64::from(OFFSET_ABSENT) {
         return T::default();
     }
-    read::<T>(ct + offset).unwrap_or_default()
+    // SAFETY: per the contract.
+    unsafe { field(span, offset) }
 }
 
-/// `ct->ct_net.net->ns.inum`
+/// `net->ns.inum`
 #[inline(always)]
-fn netns_of(ct: u64) -> Option<u32> {
-    let net = read::<u64>(ct + off!(ct_net))?;
+fn net_inum(net: u64) -> Option<u32> {
     read::<u32>(net + off!(net_ns_inum))
 }
 
-/// Reads `ct->tuplehash[dir].tuple` (direction 0 original, 1 reply) into `out`.
+/// Copies `ct->tuplehash[dir].tuple` (direction 0 original, 1 reply) out of `span` into `out`.
+///
+/// # Safety
+/// As for [`field`]; `out` must be valid for writes.
 #[inline(always)]
-fn read_tuple(ct: u64, dir: u64, out: *mut RawTuple) -> bool {
-    let t = ct + off!(ct_tuplehash) + dir * off!(tuplehash_size) + off!(tuplehash_tuple);
-    // SAFETY: `out` is a valid destination; each field is written by one kernel read.
+unsafe fn copy_tuple(span: &Span, dir: u64, out: *mut RawTuple) {
+    let t = off!(ct_tuplehash) + dir * off!(tuplehash_size) + off!(tuplehash_tuple);
+    // SAFETY: per the contract; `RawTuple` is 4-byte aligned, so its addresses take words.
     unsafe {
-        read_into(&raw mut (*out).src, t + off!(tuple_src_u3))
-            && read_into(&raw mut (*out).dst, t + off!(tuple_dst_u3))
-            && read_into(&raw mut (*out).sport, t + off!(tuple_src_port))
-            && read_into(&raw mut (*out).dport, t + off!(tuple_dst_port))
-            && read_into(&raw mut (*out).l3num, t + off!(tuple_src_l3num))
-            && read_into(&raw mut (*out).protonum, t + off!(tuple_dst_protonum))
+        (&raw mut (*out).src)
+            .cast::<[u32; 4]>()
+            .write(field(span, t + off!(tuple_src_u3)));
+        (&raw mut (*out).dst)
+            .cast::<[u32; 4]>()
+            .write(field(span, t + off!(tuple_dst_u3)));
+        (*out).sport = field(span, t + off!(tuple_src_port));
+        (*out).dport = field(span, t + off!(tuple_dst_port));
+        (*out).l3num = field(span, t + off!(tuple_src_l3num));
+        (*out).protonum = field(span, t + off!(tuple_dst_protonum));
+        (*out)._pad = 0;
     }
 }
 
 /// Cheap hash of the first [`TUPLE_FINGERPRINT_LEN`] bytes of the original tuple (which
-/// conntrack never changes for a live entry), read in one go.
+/// conntrack never changes for a live entry).
 #[inline(always)]
-fn fingerprint_of(ct: u64) -> Option<u64> {
-    let t = ct + off!(ct_tuplehash) + off!(tuplehash_tuple);
-    let words = read::<[u64; TUPLE_FINGERPRINT_LEN / 8]>(t)?;
+fn fingerprint_of(span: &Span) -> u64 {
+    // SAFETY: the agent's span covers the whole fingerprint; a tuple is 4-byte aligned.
+    let words: [u32; TUPLE_FINGERPRINT_LEN / 4] =
+        unsafe { field(span, off!(ct_tuplehash) + off!(tuplehash_tuple)) };
     let mut h: u64 = 0;
     for w in words {
-        h = (h ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
+        h = (h ^ u64::from(w))
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(29);
     }
-    Some(h)
+    h
 }

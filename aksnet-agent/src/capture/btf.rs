@@ -5,7 +5,7 @@
 //! Supports split BTF: kernel modules (`/sys/kernel/btf/nf_conntrack`) describe their types on
 //! top of `vmlinux`, continuing its type ids and string offsets.
 
-use aksnet_common::{KernelOffsets, OFFSET_ABSENT, TUPLE_FINGERPRINT_LEN};
+use aksnet_common::{KernelOffsets, CT_SPAN_MAX, OFFSET_ABSENT, TUPLE_FINGERPRINT_LEN};
 use std::path::{Path, PathBuf};
 
 const MAGIC: u16 = 0xeb9f;
@@ -88,6 +88,8 @@ pub enum BtfError {
         size: u32,
         reads: u32,
     },
+    #[error("kernel {kernel}: the struct nf_conn fields the kernel programs use span {span} bytes, more than the {CT_SPAN_MAX} they read at once; use --source netlink on this kernel")]
+    WideConn { kernel: String, span: u32 },
     #[error("kernel {kernel}: optional field {field} is unusable: {cause}")]
     BadOptionalField {
         kernel: String,
@@ -556,11 +558,12 @@ pub fn resolve_offsets(btf: &Btf, kernel: &str) -> Result<KernelOffsets, BtfErro
             size: tuple_size,
         });
     }
-    Ok(KernelOffsets {
+    let mut offsets = KernelOffsets {
         skb_nfct: required("sk_buff._nfct", 8)?,
         skb_iif: required("sk_buff.skb_iif", 4)?,
         skb_len: required("sk_buff.len", 4)?,
         netdev_ifindex: required("net_device.ifindex", 4)?,
+        netdev_net: optional("net_device.nd_net.net", 8)?,
         // Not read whole: the tuples inside it are, at the offsets below.
         ct_tuplehash: btf.member_offset("nf_conn.tuplehash").map_err(|cause| {
             BtfError::MissingField {
@@ -582,7 +585,55 @@ pub fn resolve_offsets(btf: &Btf, kernel: &str) -> Result<KernelOffsets, BtfErro
         tuple_dst_u3: required("nf_conntrack_tuple.dst.u3", 16)?,
         tuple_dst_port: required("nf_conntrack_tuple.dst.u.all", 2)?,
         tuple_dst_protonum: required("nf_conntrack_tuple.dst.protonum", 1)?,
-    })
+        ct_span_start: 0,
+        ct_span_len: 0,
+    };
+    (offsets.ct_span_start, offsets.ct_span_len) =
+        ct_span(&offsets).map_err(|span| BtfError::WideConn {
+            kernel: kernel.to_owned(),
+            span,
+        })?;
+    Ok(offsets)
+}
+
+/// The programs' one read of an `nf_conn`: (start, length) covering every field they use,
+/// from an 8-byte aligned start (so that each field keeps its natural alignment in the copy);
+/// `Err(length)` when that is more than [`CT_SPAN_MAX`] bytes.
+fn ct_span(o: &KernelOffsets) -> Result<(u32, u32), u32> {
+    // Each tuple is hashed (the fingerprint) and decoded field by field.
+    let tuple_end = [
+        TUPLE_FINGERPRINT_LEN as u32,
+        o.tuple_src_u3 + 16,
+        o.tuple_src_port + 2,
+        o.tuple_src_l3num + 2,
+        o.tuple_dst_u3 + 16,
+        o.tuple_dst_port + 2,
+        o.tuple_dst_protonum + 1,
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or_default();
+    let orig = o.ct_tuplehash + o.tuplehash_tuple;
+    let fields = [
+        (orig, tuple_end),
+        (orig + o.tuplehash_size, tuple_end),
+        (o.ct_status, 8),
+        (o.ct_net, 8),
+        (o.ct_zone_id, 2),
+        (o.ct_mark, 4),
+    ];
+    let present = || fields.into_iter().filter(|&(at, _)| at != OFFSET_ABSENT);
+    let start = present().map(|(at, _)| at).min().unwrap_or_default() & !7;
+    let end = present()
+        .map(|(at, len)| at + len)
+        .max()
+        .unwrap_or_default();
+    let len = end - start;
+    if len <= CT_SPAN_MAX {
+        Ok((start, len))
+    } else {
+        Err(len)
+    }
 }
 
 #[cfg(test)]

@@ -60,6 +60,10 @@ struct Sample {
     ns_per_known_run: f64,
     ns_per_datagram: f64,
     runs_per_datagram: f64,
+    /// The same known connection's datagrams in its reply direction.
+    reply_ns_per_run: f64,
+    reply_ns_per_datagram: f64,
+    reply_runs_per_datagram: f64,
     daemon_us: f64,
     daemon_sched_us: f64,
     dump_us: f64,
@@ -77,7 +81,7 @@ pub fn run(rig: &Rig, plan: &Plan, subjects: &[Subject]) -> Result<Vec<Row>, Ben
             let i = (i + round) % subjects.len();
             let s = once(rig, plan, &subjects[i].binary)?;
             println!(
-                "  run {}/{} {}: kernel {:.2} µs/conn ({:.1} runs), {:.0} ns/run on a known flow ({:.0} ns/datagram); agent {:.1} µs/conn daemon, {:.1} µs/conn dump",
+                "  run {}/{} {}: kernel {:.2} µs/conn ({:.1} runs), {:.0} ns/run on a known flow ({:.0} ns/datagram), {:.0} ns/run on its replies ({:.0} ns/datagram); agent {:.1} µs/conn daemon, {:.1} µs/conn dump",
                 round + 1,
                 plan.runs,
                 subjects[i].binary.display(),
@@ -85,6 +89,8 @@ pub fn run(rig: &Rig, plan: &Plan, subjects: &[Subject]) -> Result<Vec<Row>, Ben
                 s.runs_per_conn,
                 s.ns_per_known_run,
                 s.ns_per_datagram,
+                s.reply_ns_per_run,
+                s.reply_ns_per_datagram,
                 s.daemon_us,
                 s.dump_us
             );
@@ -171,6 +177,24 @@ fn rows(plan: &Plan, samples: &[Vec<Sample>]) -> Vec<Row> {
             figure(&|s| s.runs_per_datagram, "", 1),
         ),
         row(
+            "kernel",
+            format!(
+                "BPF time per program run, the same connection's reply direction (internet → node → app pod, {} datagrams)",
+                plan.datagrams
+            ),
+            figure(&|s| s.reply_ns_per_run, "ns", 0),
+        ),
+        row(
+            "kernel",
+            "… per datagram (all its program runs on the way)".into(),
+            figure(&|s| s.reply_ns_per_datagram, "ns", 0),
+        ),
+        row(
+            "kernel",
+            "… program runs per datagram".into(),
+            figure(&|s| s.reply_runs_per_datagram, "", 1),
+        ),
+        row(
             "agent",
             format!("agent CPU per connection, daemon mode (`utime+stime`; {conns})"),
             figure(&|s| s.daemon_us, "µs", 1),
@@ -229,10 +253,13 @@ fn once(rig: &Rig, plan: &Plan, binary: &Path) -> Result<Sample, BenchError> {
     sample.per_program = cost.per_program;
     sample.daemon_us = cost.cpu_ns / 1000.0;
     sample.daemon_sched_us = cost.sched_ns / 1000.0;
-    let known = known_connection(rig, plan, &mut agent)?;
+    let (known, reply) = known_connection(rig, plan, &mut agent)?;
     sample.ns_per_known_run = known.ns_per_run;
     sample.ns_per_datagram = known.ns_per_datagram;
     sample.runs_per_datagram = known.runs_per_datagram;
+    sample.reply_ns_per_run = reply.ns_per_run;
+    sample.reply_ns_per_datagram = reply.ns_per_datagram;
+    sample.reply_runs_per_datagram = reply.runs_per_datagram;
     agent.stop();
 
     let file = std::env::temp_dir().join(format!("aksnet-bench-{}-dump.json", std::process::id()));
@@ -349,16 +376,31 @@ struct Known {
 
 /// The kernel cost of packets of a connection the agent already reported: one UDP socket from
 /// the app pod to the internet server, one datagram answered (so conntrack has seen a reply),
-/// then `plan.datagrams` more in the original direction.
-fn known_connection(rig: &Rig, plan: &Plan, agent: &mut Agent) -> Result<Known, BenchError> {
+/// then `plan.datagrams` more in the original direction, and as many in the reply direction.
+fn known_connection(
+    rig: &Rig,
+    plan: &Plan,
+    agent: &mut Agent,
+) -> Result<(Known, Known), BenchError> {
     let pid = agent.pid().unwrap_or_default();
     let flow = load::UdpFlow::establish(&rig.pod(), &rig.inet(), UDP_SINK)?;
-    // Let its report through first: the stream is what is measured.
+    // Let its report through first: the streams are what is measured.
     std::thread::sleep(Duration::from_millis(200));
+    let original = stream(pid, plan, || flow.send(plan.datagrams))?;
+    let reply = stream(pid, plan, || flow.answer(plan.datagrams))?;
+    Ok((original, reply))
+}
+
+/// The kernel cost of one stream of `plan.datagrams` datagrams that `send` sends.
+fn stream(
+    pid: u32,
+    plan: &Plan,
+    send: impl FnOnce() -> Result<(), BenchError>,
+) -> Result<Known, BenchError> {
     let idle_start = Snapshot::take(pid)?;
     std::thread::sleep(IDLE);
     let start = Snapshot::take(pid)?;
-    flow.send(plan.datagrams)?;
+    send()?;
     let end = Snapshot::take(pid)?;
     let idle = start.since(&idle_start);
     let busy = end.since(&start).minus_idle(&idle);

@@ -369,9 +369,11 @@ fn receive(
 pub struct UdpFlow {
     client: UdpSocket,
     /// Kept open so that datagrams find a socket (and are dropped when its buffer is full)
-    /// instead of drawing ICMP errors.
-    _sink: UdpSocket,
+    /// instead of drawing ICMP errors; it also sends the answers.
+    sink_socket: UdpSocket,
     sink: SocketAddrV4,
+    /// The client's address as the sink sees it (after the node's SNAT), for answers.
+    client_seen_as: std::net::SocketAddr,
 }
 
 impl UdpFlow {
@@ -418,8 +420,9 @@ impl UdpFlow {
             .map_err(fail("no answer came back from"))?;
         Ok(UdpFlow {
             client,
-            _sink: server,
+            sink_socket: server,
             sink,
+            client_seen_as: from,
         })
     }
 
@@ -430,6 +433,18 @@ impl UdpFlow {
             self.client
                 .send(&payload)
                 .map_err(socket_error("the UDP stream broke towards", self.sink))?;
+        }
+        Ok(())
+    }
+
+    /// Sends `datagrams` 64-byte datagrams back from the sink to the client (the connection's
+    /// reply direction), as fast as the socket takes them.
+    pub fn answer(&self, datagrams: u64) -> Result<(), BenchError> {
+        let payload = [0x5a_u8; 64];
+        for _ in 0..datagrams {
+            self.sink_socket
+                .send_to(&payload, self.client_seen_as)
+                .map_err(socket_error("the UDP answers broke from", self.sink))?;
         }
         Ok(())
     }

@@ -173,12 +173,6 @@ fn add_core(b: &mut Builder, l: Layout) -> Core {
             at("", ct_union, 32 + s),
         ],
     );
-    let bytes16 = b.array(u8, u32, 16);
-    b.strukt(
-        "net_device",
-        32 + s,
-        &[at("name", bytes16, 0), at("ifindex", u32, 16 + s)],
-    );
     let ns_common = b.strukt(
         "ns_common",
         24,
@@ -192,6 +186,19 @@ fn add_core(b: &mut Builder, l: Layout) -> Core {
         "net",
         40 + s,
         &[at("passive", u32, 0), at("ns", ns_common, 8 + s)],
+    );
+    let bytes16 = b.array(u8, u32, 16);
+    let net_ptr = b.ptr(net);
+    let pnet = b.strukt("", 8, &[at("net", net_ptr, 0)]);
+    let pnet = b.raw("possible_net_t", KIND_TYPEDEF, false, 0, pnet, &[]);
+    b.strukt(
+        "net_device",
+        32 + s,
+        &[
+            at("name", bytes16, 0),
+            at("ifindex", u32, 16 + s),
+            at("nd_net", pnet, 24 + s),
+        ],
     );
     Core {
         u8,
@@ -255,7 +262,7 @@ fn add_conntrack(b: &mut Builder, c: &Core, l: Layout) {
     let pnet = b.raw("", KIND_CONST, false, 0, pnet, &[]);
     let mut members = vec![at("ct_general", c.u32, 0), at("tuplehash", hashes, 16 + s)];
     if l.zone {
-        members.push(at("zone", zone, 12));
+        members.push(at("zone", zone, 12 + s));
     }
     if l.status {
         let status = if l.status_bytes == 4 { c.u32 } else { c.u64 };
@@ -275,11 +282,12 @@ fn expected(l: Layout) -> KernelOffsets {
         skb_iif: 40 + s,
         skb_len: 16 + s,
         netdev_ifindex: 16 + s,
+        netdev_net: 24 + s,
         ct_tuplehash: 16 + s,
         tuplehash_size: 56,
         tuplehash_tuple: 16,
         ct_status: 128 + s,
-        ct_zone_id: if l.zone { 12 } else { OFFSET_ABSENT },
+        ct_zone_id: if l.zone { 12 + s } else { OFFSET_ABSENT },
         ct_mark: if l.mark { 168 + s } else { OFFSET_ABSENT },
         ct_net: 136 + s,
         net_ns_inum: 8 + s + 16,
@@ -289,6 +297,14 @@ fn expected(l: Layout) -> KernelOffsets {
         tuple_dst_u3: 20,
         tuple_dst_port: 36,
         tuple_dst_protonum: 38,
+        // From the zone (or the original tuple) to the end of the mark (or ct_net).
+        ct_span_start: if l.zone { 8 + s } else { 32 + s },
+        ct_span_len: match (l.zone, l.mark) {
+            (true, true) => 164,
+            (true, false) => 136,
+            (false, true) => 140,
+            (false, false) => 112,
+        },
     }
 }
 
@@ -346,6 +362,28 @@ fn compiled_out_optional_fields_are_absent() {
         (OFFSET_ABSENT, OFFSET_ABSENT)
     );
     assert_eq!(offsets, expected(layout));
+}
+
+#[test]
+fn the_conn_span_covers_every_field_read_and_no_more_than_the_programs_read() {
+    let offsets = expected(DEFAULT);
+    let (start, len) = ct_span(&offsets).unwrap();
+    assert_eq!((start, len), (8, 164));
+    assert_eq!(start % 8, 0);
+    let far_mark = KernelOffsets {
+        ct_mark: 300,
+        ..offsets
+    };
+    assert_eq!(ct_span(&far_mark), Err(296));
+    let err = BtfError::WideConn {
+        kernel: "6.1.0-test".into(),
+        span: 296,
+    }
+    .to_string();
+    assert!(
+        err.contains("span 296 bytes") && err.ends_with("use --source netlink on this kernel"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -652,6 +690,9 @@ fn this_machines_kernel_btf_is_consistent() {
         assert!(field < size("sk_buff"));
     }
     assert!(off.netdev_ifindex < size("net_device"));
+    assert!(off.netdev_net < size("net_device"));
+    // The one read of an nf_conn stays inside it.
+    assert!(off.ct_span_start + off.ct_span_len <= size("nf_conn"));
     assert!(off.net_ns_inum < size("net"));
     eprintln!("{} {off:?}", source.kernel);
 }
