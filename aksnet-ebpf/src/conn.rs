@@ -371,10 +371,11 @@ fn observed_netns(net: u64) -> Option<u32> {
     }
     let cached = OBSERVED_NET.get_ptr_mut(0)?;
     // SAFETY: a pointer into the one-entry array; racing writers store the same value.
-    if unsafe { *cached } == net {
+    let learnt = unsafe { *cached };
+    if learnt == net {
         return Some(filter);
     }
-    if unsafe { *cached } != 0 || net_inum(net) != Some(filter) {
+    if learnt != 0 || net_inum(net) != Some(filter) {
         return None;
     }
     // SAFETY: as above.

@@ -26,6 +26,21 @@ pub fn run(workspace: &Path) -> Result<()> {
             "warnings",
         ]),
     )?;
+    step(
+        "clippy of the kernel programs",
+        cargo().current_dir(workspace.join("aksnet-ebpf")).args([
+            "+nightly",
+            "clippy",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--release",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
     // A test that cannot run on this kernel is #[ignore]d with its reason, never skipped
     // silently, and runs where it can: `programs_load` inside each VM of the VM step below.
     step(

@@ -373,7 +373,7 @@ pub struct UdpFlow {
     sink_socket: UdpSocket,
     sink: SocketAddrV4,
     /// The client's address as the sink sees it (after the node's SNAT), for answers.
-    client_seen_as: std::net::SocketAddr,
+    client_seen_as: SocketAddr,
 }
 
 impl UdpFlow {
