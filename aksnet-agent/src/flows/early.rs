@@ -8,7 +8,7 @@
 
 use super::same_connection;
 use crate::events::{FlowEvent, FlowKey};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, SystemTime};
 
 /// How long an end waits for its start: both sources are read every ~10 ms, so a start still
@@ -23,7 +23,7 @@ const CAPACITY: usize = 4096;
 /// Unknown ends, by connection, with their arrival order for expiry.
 #[derive(Default)]
 pub(super) struct EarlyEnds {
-    ends: HashMap<FlowKey, FlowEvent>,
+    ends: foldhash::HashMap<FlowKey, FlowEvent>,
     /// Keys with the `ts` of the end they were stored with, oldest first; an entry whose end
     /// was taken or replaced since is skipped.
     order: VecDeque<(SystemTime, FlowKey)>,
@@ -46,6 +46,10 @@ impl EarlyEnds {
     /// happened; the eBPF capture stamps a start with its first packet's time) and names the
     /// same conntrack entry; a later connection on the tuple starts after the old end.
     pub(super) fn take_for(&mut self, start: &FlowEvent) -> Option<FlowEvent> {
+        // Every new connection asks; almost always nothing is kept.
+        if self.order.is_empty() {
+            return None;
+        }
         self.expire(start.ts);
         let key = start.key();
         let end = self.ends.get(&key)?;
