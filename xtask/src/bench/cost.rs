@@ -160,40 +160,45 @@ fn rows(plan: &Plan, samples: &[Vec<Sample>]) -> Vec<Row> {
         "a known connection's packets (UDP, app pod → node SNAT → internet {UDP_SINK}, {} datagrams after one reply)",
         plan.datagrams
     );
-    rows.extend([
-        row(
-            "kernel",
-            format!("BPF time per program run, {stream}"),
-            figure(&|s| s.ns_per_known_run, "ns", 0),
-        ),
-        row(
-            "kernel",
-            "… per datagram (all its program runs on the way)".into(),
-            figure(&|s| s.ns_per_datagram, "ns", 0),
-        ),
-        row(
-            "kernel",
-            "… program runs per datagram".into(),
-            figure(&|s| s.runs_per_datagram, "", 1),
-        ),
-        row(
-            "kernel",
-            format!(
-                "BPF time per program run, the same connection's reply direction (internet → node → app pod, {} datagrams)",
-                plan.datagrams
+    // The same three figures for each direction of the known connection.
+    let stream_rows = |what: String,
+                       per_run: fn(&Sample) -> f64,
+                       per_datagram: fn(&Sample) -> f64,
+                       runs: fn(&Sample) -> f64| {
+        [
+            row(
+                "kernel",
+                format!("BPF time per program run, {what}"),
+                figure(&per_run, "ns", 0),
             ),
-            figure(&|s| s.reply_ns_per_run, "ns", 0),
+            row(
+                "kernel",
+                "… per datagram (all its program runs on the way)".into(),
+                figure(&per_datagram, "ns", 0),
+            ),
+            row(
+                "kernel",
+                "… program runs per datagram".into(),
+                figure(&runs, "", 1),
+            ),
+        ]
+    };
+    rows.extend(stream_rows(
+        stream,
+        |s| s.ns_per_known_run,
+        |s| s.ns_per_datagram,
+        |s| s.runs_per_datagram,
+    ));
+    rows.extend(stream_rows(
+        format!(
+            "the same connection's reply direction (internet → node → app pod, {} datagrams)",
+            plan.datagrams
         ),
-        row(
-            "kernel",
-            "… per datagram (all its program runs on the way)".into(),
-            figure(&|s| s.reply_ns_per_datagram, "ns", 0),
-        ),
-        row(
-            "kernel",
-            "… program runs per datagram".into(),
-            figure(&|s| s.reply_runs_per_datagram, "", 1),
-        ),
+        |s| s.reply_ns_per_run,
+        |s| s.reply_ns_per_datagram,
+        |s| s.reply_runs_per_datagram,
+    ));
+    rows.extend([
         row(
             "agent",
             format!("agent CPU per connection, daemon mode (`utime+stime`; {conns})"),
