@@ -12,7 +12,6 @@ use crate::bench::error::BenchError;
 use crate::bench::load;
 use crate::bench::report::{median, Row};
 use crate::bench::rig::{Launch, Rig, EVENTS_METRIC, FRONTEND};
-use crate::cmd::Cmd;
 use crate::file_error::FileError;
 use crate::lab::layout::plan;
 use std::collections::BTreeMap;
@@ -353,9 +352,7 @@ fn connections(
 /// at random. Flushing the node's table reaps every entry at once, with the same DESTROY events:
 /// a run then measures each of its connections' start and end, and nothing of another run's.
 fn end_connections(rig: &Rig) -> Result<(), BenchError> {
-    Cmd::new("ip")
-        .args(["netns", "exec", &rig.node(), "conntrack", "-F"])
-        .output_string()?;
+    crate::lab::exec::in_ns(&rig.node(), &["conntrack", "-F"])?;
     Ok(())
 }
 

@@ -20,7 +20,7 @@ mod build;
 pub mod cli;
 mod daemons;
 pub mod error;
-mod exec;
+pub(crate) mod exec;
 mod hash;
 pub mod kubeproxy;
 pub mod layout;
