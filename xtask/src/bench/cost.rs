@@ -2,8 +2,11 @@
 //! noisy machine where wall time does not: the kernel time of its BPF programs
 //! (`kernel.bpf_stats_enabled`, each program's `run_time_ns`/`run_cnt` from the agent's own
 //! file descriptors) and its process CPU time (`utime+stime` of `/proc/PID/stat`, with the
-//! per-thread `schedstat` run time as a finer cross-check). Each run measures every agent binary
-//! under test in turn, so the "before" and "after" figures share the machine's load.
+//! per-thread `schedstat` run time as a finer cross-check and a breakdown by thread). Each run
+//! measures every agent binary under test in turn, so the "before" and "after" figures share the
+//! machine's load. Each agent handles two storms: a DaemonSet's agent runs for days, so the
+//! figure is the second (steady state); the first, with its maps and heap still growing, is
+//! reported beside it.
 
 use crate::bench::agent::{scrape, Agent, Mode};
 use crate::bench::completeness::free_local_port;
@@ -14,7 +17,7 @@ use crate::bench::report::{median, Row};
 use crate::bench::rig::{Launch, Rig, EVENTS_METRIC, FRONTEND};
 use crate::file_error::FileError;
 use crate::lab::layout::plan;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -63,8 +66,12 @@ struct Sample {
     reply_ns_per_run: f64,
     reply_ns_per_datagram: f64,
     reply_runs_per_datagram: f64,
+    /// The first storm after the agent started, its tables and heap still growing.
+    daemon_first_us: f64,
     daemon_us: f64,
     daemon_sched_us: f64,
+    /// Per thread name: `schedstat` run time (µs) and times scheduled in, per connection.
+    daemon_threads: BTreeMap<String, (f64, f64)>,
     dump_us: f64,
     dump_sched_us: f64,
 }
@@ -80,7 +87,7 @@ pub fn run(rig: &Rig, plan: &Plan, subjects: &[Subject]) -> Result<Vec<Row>, Ben
             let i = (i + round) % subjects.len();
             let s = once(rig, plan, &subjects[i].binary)?;
             println!(
-                "  run {}/{} {}: kernel {:.2} µs/conn ({:.1} runs), {:.0} ns/run on a known flow ({:.0} ns/datagram), {:.0} ns/run on its replies ({:.0} ns/datagram); agent {:.1} µs/conn daemon, {:.1} µs/conn dump",
+                "  run {}/{} {}: kernel {:.2} µs/conn ({:.1} runs), {:.0} ns/run on a known flow ({:.0} ns/datagram), {:.0} ns/run on its replies ({:.0} ns/datagram); agent {:.1} µs/conn daemon ({:.1} on its first storm), {:.1} µs/conn dump",
                 round + 1,
                 plan.runs,
                 subjects[i].binary.display(),
@@ -91,7 +98,17 @@ pub fn run(rig: &Rig, plan: &Plan, subjects: &[Subject]) -> Result<Vec<Row>, Ben
                 s.reply_ns_per_run,
                 s.reply_ns_per_datagram,
                 s.daemon_us,
+                s.daemon_first_us,
                 s.dump_us
+            );
+            let threads: Vec<String> = s
+                .daemon_threads
+                .iter()
+                .map(|(name, (us, slices))| format!("{name} {us:.1} µs/{slices:.2}"))
+                .collect();
+            println!(
+                "    daemon threads per connection (run time/times scheduled): {}",
+                threads.join(", ")
             );
             samples[i].push(s);
         }
@@ -137,12 +154,10 @@ fn rows(plan: &Plan, samples: &[Vec<Sample>]) -> Vec<Row> {
             figure(&|s| s.runs_per_conn, "", 1),
         ),
     ];
-    let programs: Vec<String> = samples
+    let programs: BTreeSet<String> = samples
         .iter()
         .flatten()
         .flat_map(|s| s.per_program.keys().cloned())
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
         .collect();
     for name in programs {
         rows.push(row(
@@ -200,17 +215,42 @@ fn rows(plan: &Plan, samples: &[Vec<Sample>]) -> Vec<Row> {
     rows.extend([
         row(
             "agent",
-            format!("agent CPU per connection, daemon mode (`utime+stime`; {conns})"),
+            format!("agent CPU per connection, daemon mode (`utime+stime`; {conns}; the agent's second storm: steady state)"),
             figure(&|s| s.daemon_us, "µs", 1),
+        ),
+        row(
+            "agent",
+            "… its first storm after start, its tables and heap still growing".into(),
+            figure(&|s| s.daemon_first_us, "µs", 1),
         ),
         row(
             "agent",
             "… the same from the threads' `schedstat` run time (ns resolution)".into(),
             figure(&|s| s.daemon_sched_us, "µs", 1),
         ),
+    ]);
+    let threads: BTreeSet<String> = samples
+        .iter()
+        .flatten()
+        .flat_map(|s| s.daemon_threads.keys().cloned())
+        .collect();
+    for name in threads {
+        let of = |s: &Sample| s.daemon_threads.get(&name).copied().unwrap_or_default();
+        rows.push(row(
+            "agent",
+            format!("… of which thread `{name}`"),
+            figure(&|s| of(s).0, "µs", 1),
+        ));
+        rows.push(row(
+            "agent",
+            format!("… times `{name}` was scheduled in per connection"),
+            figure(&|s| of(s).1, "", 2),
+        ));
+    }
+    rows.extend([
         row(
             "agent",
-            "agent CPU per connection, `--dump --output json` to a file (`utime+stime`)".into(),
+            "agent CPU per connection, `--dump --output json` to a file (`utime+stime`; second storm)".into(),
             figure(&|s| s.dump_us, "µs", 1),
         ),
         row(
@@ -251,12 +291,15 @@ fn once(rig: &Rig, plan: &Plan, binary: &Path) -> Result<Sample, BenchError> {
     };
     let (mut agent, _) = rig.launch(&daemon, READY_TIMEOUT)?;
     let progress = || scrape(metrics, EVENTS_METRIC).unwrap_or(f64::NAN);
+    let first = connections(rig, plan, &mut agent, &progress)?;
+    sample.daemon_first_us = first.cpu_ns / 1000.0;
     let cost = connections(rig, plan, &mut agent, &progress)?;
     sample.kernel_us_per_conn = cost.kernel_ns / 1000.0;
     sample.runs_per_conn = cost.runs;
     sample.per_program = cost.per_program;
     sample.daemon_us = cost.cpu_ns / 1000.0;
     sample.daemon_sched_us = cost.sched_ns / 1000.0;
+    sample.daemon_threads = cost.threads;
     let (known, reply) = known_connection(rig, plan, &mut agent)?;
     sample.ns_per_known_run = known.ns_per_run;
     sample.ns_per_datagram = known.ns_per_datagram;
@@ -276,7 +319,8 @@ fn once(rig: &Rig, plan: &Plan, binary: &Path) -> Result<Sample, BenchError> {
     };
     let (mut agent, _) = rig.launch(&dump, READY_TIMEOUT)?;
     let progress = || std::fs::metadata(&file).map_or(f64::NAN, |m| m.len() as f64);
-    let cost = connections(rig, plan, &mut agent, &progress);
+    let cost = connections(rig, plan, &mut agent, &progress)
+        .and_then(|_first| connections(rig, plan, &mut agent, &progress));
     agent.stop();
     let _ = std::fs::remove_file(&file);
     let cost = cost?;
@@ -292,6 +336,8 @@ struct PerConnection {
     per_program: BTreeMap<String, f64>,
     cpu_ns: f64,
     sched_ns: f64,
+    /// Per thread name: `schedstat` run time (µs) and times scheduled in.
+    threads: BTreeMap<String, (f64, f64)>,
 }
 
 fn connections(
@@ -343,6 +389,11 @@ fn connections(
             .collect(),
         cpu_ns: busy.cpu_ns / n,
         sched_ns: busy.sched_ns / n,
+        threads: busy
+            .threads
+            .iter()
+            .map(|(name, (ns, slices))| (name.clone(), (ns / n / 1000.0, slices / n)))
+            .collect(),
     })
 }
 
@@ -421,6 +472,8 @@ struct Snapshot {
     cpu_ns: f64,
     /// Sum of the threads' `schedstat` run time.
     sched_ns: f64,
+    /// Per thread name: summed `schedstat` run time and times scheduled in.
+    threads: BTreeMap<String, (f64, f64)>,
     /// Per program id: name, `run_time_ns`, `run_cnt`.
     programs: BTreeMap<u32, (String, u64, u64)>,
 }
@@ -433,15 +486,18 @@ struct Delta {
     bpf_ns: f64,
     bpf_runs: f64,
     per_program: BTreeMap<String, f64>,
+    threads: BTreeMap<String, (f64, f64)>,
 }
 
 impl Snapshot {
     fn take(pid: u32) -> Result<Snapshot, BenchError> {
-        let (cpu_ns, sched_ns) = cpu_time(pid)?;
+        let cpu_ns = cpu_time(pid)?;
+        let threads = threads(pid)?;
         Ok(Snapshot {
             at: Instant::now(),
             cpu_ns,
-            sched_ns,
+            sched_ns: threads.values().map(|(ns, _)| ns).sum(),
+            threads,
             programs: programs(pid)?,
         })
     }
@@ -459,6 +515,18 @@ impl Snapshot {
             bpf_runs += runs.saturating_sub(runs0) as f64;
             *per_program.entry(name.clone()).or_insert(0.0) += ns;
         }
+        // A thread that ended in between (tokio's blocking pool) takes its time with it.
+        let threads = self
+            .threads
+            .iter()
+            .map(|(name, (ns, slices))| {
+                let (ns0, slices0) = earlier.threads.get(name).copied().unwrap_or_default();
+                (
+                    name.clone(),
+                    ((ns - ns0).max(0.0), (slices - slices0).max(0.0)),
+                )
+            })
+            .collect();
         Delta {
             seconds: self.at.duration_since(earlier.at).as_secs_f64(),
             cpu_ns: self.cpu_ns - earlier.cpu_ns,
@@ -466,6 +534,7 @@ impl Snapshot {
             bpf_ns,
             bpf_runs,
             per_program,
+            threads,
         }
     }
 }
@@ -485,13 +554,17 @@ impl Delta {
         for (name, ns) in &mut self.per_program {
             *ns -= idle.per_program.get(name).copied().unwrap_or(0.0) * scale;
         }
+        for (name, (ns, slices)) in &mut self.threads {
+            let (idle_ns, idle_slices) = idle.threads.get(name).copied().unwrap_or_default();
+            *ns -= idle_ns * scale;
+            *slices -= idle_slices * scale;
+        }
         self
     }
 }
 
-/// `utime+stime` of the whole process (dead threads included) and the live threads' summed
-/// `schedstat` run time, both in ns.
-fn cpu_time(pid: u32) -> Result<(f64, f64), BenchError> {
+/// `utime+stime` of the whole process (dead threads included), in ns.
+fn cpu_time(pid: u32) -> Result<f64, BenchError> {
     let path = PathBuf::from(format!("/proc/{pid}/stat"));
     let stat = std::fs::read_to_string(&path).map_err(FileError::on("cannot read", &path))?;
     let ticks = parse_stat_ticks(&stat).ok_or_else(|| BenchError::Parse {
@@ -500,19 +573,36 @@ fn cpu_time(pid: u32) -> Result<(f64, f64), BenchError> {
     })?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks as f64 * 1e9 / hz)
+}
+
+/// The live threads' `schedstat` run time (ns) and times scheduled in, summed per thread name:
+/// which thread takes the time, and how often it wakes up to do so.
+fn threads(pid: u32) -> Result<BTreeMap<String, (f64, f64)>, BenchError> {
     let tasks = PathBuf::from(format!("/proc/{pid}/task"));
-    let mut sched = 0.0;
+    let mut threads = BTreeMap::new();
     for task in std::fs::read_dir(&tasks).map_err(FileError::on("cannot list", &tasks))? {
         let Ok(task) = task else { continue };
         // A thread that exited since the listing simply has nothing to add.
-        let text = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
-        sched += text
-            .split_whitespace()
-            .next()
-            .and_then(|ns| ns.parse::<f64>().ok())
-            .unwrap_or(0.0);
+        let read = |file| std::fs::read_to_string(task.path().join(file)).unwrap_or_default();
+        let Some((ns, slices)) = parse_schedstat(&read("schedstat")) else {
+            continue;
+        };
+        let name = read("comm").trim().to_owned();
+        let total: &mut (f64, f64) = threads.entry(name).or_default();
+        total.0 += ns;
+        total.1 += slices;
     }
-    Ok((ticks as f64 * 1e9 / hz, sched))
+    Ok(threads)
+}
+
+/// Run time (ns) and times scheduled in, the first and third fields of `schedstat`.
+fn parse_schedstat(text: &str) -> Option<(f64, f64)> {
+    let fields: Vec<f64> = text
+        .split_whitespace()
+        .map(|field| field.parse().ok())
+        .collect::<Option<_>>()?;
+    Some((*fields.first()?, *fields.get(2)?))
 }
 
 /// `utime + stime` (fields 14 and 15) of a `/proc/PID/stat` line; the command name in
@@ -612,6 +702,13 @@ mod tests {
     }
 
     #[test]
+    fn reads_run_time_and_times_scheduled_from_schedstat() {
+        assert_eq!(parse_schedstat("123456 789 42\n"), Some((123456.0, 42.0)));
+        assert_eq!(parse_schedstat("123456 789"), None);
+        assert_eq!(parse_schedstat(""), None);
+    }
+
+    #[test]
     fn reads_program_counters_and_skips_links() {
         let prog = "pos:\t0\nflags:\t02000002\nprog_type:\t26\nprog_id:\t57\nrun_time_ns:\t1200\nrun_cnt:\t7\n";
         assert_eq!(parse_prog_fdinfo(prog), Some((57, 1200, 7)));
@@ -628,10 +725,12 @@ mod tests {
             bpf_ns: ns,
             bpf_runs: ns,
             per_program: BTreeMap::from([("p".to_string(), ns)]),
+            threads: BTreeMap::from([("t".to_string(), (ns, ns / 10.0))]),
         };
         let busy = delta(2.0, 1000.0).minus_idle(&delta(1.0, 100.0));
         assert_eq!(busy.bpf_ns, 800.0);
         assert_eq!(busy.per_program["p"], 800.0);
+        assert_eq!(busy.threads["t"], (800.0, 80.0));
         assert_eq!(spread(&[3.0, 1.0, 2.0], "µs", 1), "2.0 µs (1.0–3.0)");
     }
 }
