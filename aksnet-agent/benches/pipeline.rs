@@ -10,6 +10,7 @@ mod common;
 
 use aksnet_agent::events::{decode_conn_event, BootClock, EventKind, FlowEvent, Tuple};
 use aksnet_agent::flows::FlowTable;
+use aksnet_agent::metrics::{FlowObservation, Metrics, MetricsConfig, NatHop};
 use aksnet_agent::model::{Classifier, Model};
 use aksnet_agent::output::dump::{Dump, FlowView, Format};
 use aksnet_agent::topology::{CniMode, Topology};
@@ -169,6 +170,50 @@ fn correlate(c: &mut Criterion) {
     g.finish();
 }
 
+/// What the pipeline tells the metrics of one connection from the internet through the LB
+/// frontend to the pod, DNAT'ed and masqueraded on the node.
+fn lb_inbound_observed(ev: &FlowEvent) -> FlowObservation<'static> {
+    const HOPS: [NatHop; 2] = [NatHop::KubeProxyDnat, NatHop::NodeSnat];
+    FlowObservation {
+        key: ev.key(),
+        translated: ev.translated(),
+        path: "lb-inbound",
+        cni: "kubenet",
+        verdict: "conforms",
+        deviation: None,
+        hops: &HOPS,
+        pod: None,
+    }
+}
+
+fn metrics(c: &mut Criterion) {
+    let metrics = Metrics::new(&MetricsConfig::default()).expect("the default metrics build");
+    for n in 0..LIVE_FLOWS {
+        metrics.observe_new(&lb_inbound_observed(&lb_inbound(n)));
+    }
+    let mut g = c.benchmark_group("metrics");
+    g.throughput(Throughput::Elements(1));
+    // Churn at a steady size, as in `flow_table`: one connection counted and SNAT-accounted,
+    // the oldest one ended.
+    let mut n = LIVE_FLOWS;
+    g.bench_function("open_close_snat_100k_live", |b| {
+        b.iter_batched(
+            || {
+                let open = lb_inbound(n);
+                let close = lb_inbound(n - LIVE_FLOWS).key();
+                n += 1;
+                (open, close)
+            },
+            |(open, close)| {
+                metrics.observe_new(&lb_inbound_observed(black_box(&open)));
+                metrics.observe_end(black_box(&close));
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
 fn classifier() -> Classifier {
     let path = std::env::temp_dir().join(format!("aksnet-bench-{}.toml", std::process::id()));
     let layout = xtask::lab::Layout::new(CniMode::Kubenet);
@@ -215,5 +260,5 @@ fn dump(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decode, correlate, classify, dump);
+criterion_group!(benches, decode, correlate, metrics, classify, dump);
 criterion_main!(benches);

@@ -183,6 +183,17 @@ impl Knowledge {
     /// Merges what was found under what was given and builds the classifier. Only a model that
     /// does not fit the network mode is an error; a missing fact never is.
     pub fn build(given: &Given, found: Found) -> Result<Knowledge, KnowledgeError> {
+        Self::build_after(given, found, None)
+    }
+
+    /// [`build`](Self::build), keeping `before`'s classifier when the facts did not change: the
+    /// classifier follows from the facts alone, and rebuilding it (and dropping the old one on
+    /// the event loop) every refresh costs the node CPU for nothing.
+    fn build_after(
+        given: &Given,
+        found: Found,
+        before: Option<&Knowledge>,
+    ) -> Result<Knowledge, KnowledgeError> {
         let mut layers = found.discovery.layers.clone();
         layers.extend(found.imds.clone().map(|l| (Source::Imds, l)));
         layers.extend(found.api.clone().map(|l| (Source::Api, l)));
@@ -190,6 +201,13 @@ impl Knowledge {
         layers.extend(config.map(|l| (Source::Config, l)));
         layers.push((Source::Flag, given.flags.clone()));
         let facts = Facts::merge(layers);
+        if let Some(before) = before.filter(|before| before.facts == facts) {
+            return Ok(Knowledge {
+                facts,
+                found,
+                classify: before.classify.clone(),
+            });
+        }
         let missing = facts.missing();
         let classifier = match Topology::from_merged(facts.layer.clone()) {
             Ok(topology) => {
@@ -391,7 +409,8 @@ impl Classify {
 /// classifies with what the operator gave alone (the discovery's result still arrives later).
 pub const FIRST_DISCOVERY_WAIT: Duration = Duration::from_secs(2);
 
-/// Runs discovery now and every `period` on its own task, and sends each classifier it builds.
+/// Runs discovery now and every `period` on its own task, and sends a classifier whenever the
+/// facts change.
 /// The first round is logged in full; later ones log what changed. A round whose classifier
 /// cannot be built (a `--model` for another network mode) keeps the previous one, with a warning.
 pub fn spawn_refresh(
@@ -408,16 +427,23 @@ pub fn spawn_refresh(
         let mut api = ApiFacts::default();
         loop {
             let found = discover(&given, &netns, &enricher, &mut api).await;
-            match Knowledge::build(&given, found) {
+            match Knowledge::build_after(&given, found, previous.as_ref()) {
                 Ok(knowledge) => {
-                    match &previous {
-                        None => knowledge.log(),
-                        Some(before) => knowledge.log_changes(before),
-                    }
+                    let changed = match &previous {
+                        None => {
+                            knowledge.log();
+                            true
+                        }
+                        Some(before) => {
+                            knowledge.log_changes(before);
+                            knowledge.facts != before.facts
+                        }
+                    };
                     if let Some(metrics) = &metrics {
                         knowledge.export(metrics);
                     }
-                    if tx.send(knowledge.classify.clone()).is_err() {
+                    // The pipeline keeps its classifier until the facts change.
+                    if changed && tx.send(knowledge.classify.clone()).is_err() {
                         return;
                     }
                     previous = Some(knowledge);
@@ -559,6 +585,28 @@ mod tests {
         let k = Knowledge::build(&given, found).unwrap();
         assert_eq!(k.classify.topology().map(|t| t.cni), Some(CniMode::Kubenet));
         assert_eq!(k.facts.source("vnet_cidrs"), None);
+    }
+
+    #[test]
+    fn a_refresh_keeps_the_classifier_until_the_facts_change() {
+        let given = given(TopologyLayer {
+            cni: Some(CniMode::Kubenet),
+            ..Default::default()
+        });
+        let first = Knowledge::build(&given, Found::default()).unwrap();
+        let topology = |k: &Knowledge| k.classify.topology().unwrap() as *const Topology;
+        let same = Knowledge::build_after(&given, Found::default(), Some(&first)).unwrap();
+        assert_eq!(topology(&same), topology(&first));
+        let found = Found {
+            config: Some(TopologyLayer {
+                vnet_cidrs: Some(vec!["10.224.0.0/12".parse().unwrap()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let changed = Knowledge::build_after(&given, found, Some(&first)).unwrap();
+        assert_ne!(changed.facts, first.facts);
+        assert_ne!(topology(&changed), topology(&first));
     }
 
     #[test]
