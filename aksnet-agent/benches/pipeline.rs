@@ -1,6 +1,6 @@
 //! Userspace pipeline cost per event on one core: ring-buffer record decoding, flow-table
-//! correlation, classification against the built-in kubenet model, and the `--dump --output json`
-//! line. `cargo xtask bench` runs these and reads criterion's medians; run one by hand with
+//! correlation, the metrics' counting and SNAT accounting, classification against the built-in
+//! kubenet model, and the `--dump --output json` line. `cargo xtask bench` runs these and reads criterion's medians; run one by hand with
 //! `cargo bench -p aksnet-agent --bench pipeline -- decode`.
 //!
 //! The flows are the lab's (xtask::lab): an internet client through the LB frontend to the app

@@ -10,7 +10,7 @@ use serde_json::Value;
 use std::path::Path;
 
 /// The pipeline benchmarks, in table order, with what each measures.
-const PIPELINE: [(&str, &str); 7] = [
+const PIPELINE: [(&str, &str); 8] = [
     (
         "decode/conn_event",
         "decode one ring-buffer record (`decode_conn_event`)",
@@ -22,6 +22,10 @@ const PIPELINE: [(&str, &str); 7] = [
     (
         "flow_table/repeat_100k_live",
         "correlate: a known flow reported again, 100k live flows",
+    ),
+    (
+        "metrics/open_close_snat_100k_live",
+        "metrics: a connection counted, SNAT-accounted and ended, 100k live (`Metrics::observe_new` + `observe_end`)",
     ),
     (
         "classify/lb_inbound",
