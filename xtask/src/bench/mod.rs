@@ -229,13 +229,17 @@ fn notes(plan: &Plan) -> Vec<String> {
              internet client through the LB frontend; then it flushes the node's conntrack table \
              (`conntrack -F`, before the idle second too), so that every connection's end (netlink \
              DESTROY, otherwise sent when conntrack reaps the entry, 10 s or more later) falls in the \
-             run that opened it, and waits until the agent's progress stands still; then \
-             once more with `--dump --output json` into a file. Kernel: `kernel.bpf_stats_enabled` is \
+             run that opened it, and waits until the agent's threads run no more than twice their \
+             idle rate over 300 ms (without scraping its metrics, which would add load a Prometheus \
+             scraping every 15 s does not). Each agent does this twice and the second storm is the \
+             figure: a DaemonSet's agent runs for days, its tables and heap already grown; the first \
+             is shown beside it. Then the same with `--dump --output json` into a file. Kernel: `kernel.bpf_stats_enabled` is \
              set to 1 for the cost runs and restored after; `run_time_ns` and `run_cnt` are summed over \
              the BPF programs the agent's own file descriptors hold (`/proc/PID/fdinfo`). The xmit \
              program runs for every packet leaving any device of the machine, including other users' \
              traffic: the idle second's rate is subtracted. Agent: `utime+stime` of `/proc/PID/stat` \
-             (10 ms ticks), idle subtracted, and the threads' `schedstat` run time as a finer check. \
+             (10 ms ticks), idle subtracted, and the threads' `schedstat` run time as a finer check, also \
+             per thread with the times each was scheduled in. \
              Known connection: one UDP socket from the app pod to the internet server, answered once \
              (conntrack established), then {} datagrams; `run_time_ns / run_cnt` over that stream. {} runs; \
              with `--baseline`, each run measures both binaries, alternating which goes first.",
