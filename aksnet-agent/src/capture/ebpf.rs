@@ -31,9 +31,12 @@ const XMIT_HOOK: &str = "tp_btf/net_dev_start_xmit";
 const KALLSYMS: &str = "/proc/kallsyms";
 /// How often the kernel's lost-event counter is read.
 const LOST_POLL: Duration = Duration::from_secs(1);
-/// How often the ring buffer is read without a wake-up: the kernel wakes the agent only once a
-/// quarter of the buffer is queued, so this bounds the delay of an event on a quiet node.
+/// How often the ring buffer is read without a wake-up while events flow: the kernel wakes the
+/// agent only once a quarter of the buffer is queued, so this bounds the delay of an event.
 const READ_EVERY: Duration = Duration::from_millis(10);
+/// The same once a read found nothing: an idle node's agent wakes up 10 times a second instead
+/// of 100, and the first event after a quiet spell waits at most this long.
+const IDLE_READ_EVERY: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
@@ -301,9 +304,10 @@ struct MapSizes {
 /// buffer absorbs while the agent is not reading: a busy node's peak, several times what the
 /// lab's fastest storm reaches on this kind of machine.
 const EXPECTED_EVENTS_PER_SEC: u64 = 40_000;
-/// How long the agent may go without reading: its read timer (10 ms), plus what the DaemonSet's
-/// CPU limit keeps it off the CPU (500m: up to 50 ms of every 100 ms CFS period), plus
-/// scheduling delay on a loaded node.
+/// How long the agent may go without reading while events flow: its read timer (10 ms), plus
+/// what the DaemonSet's CPU limit keeps it off the CPU (500m: up to 50 ms of every 100 ms CFS
+/// period), plus scheduling delay on a loaded node. A burst after a quiet spell wakes it once a
+/// quarter of the buffer is queued, or at the idle pace, whichever comes first.
 const UNREAD_FOR: Duration = Duration::from_millis(150);
 /// Bounds on `CONNS`: at least a small node's worth; at most what the pod's memory limit affords
 /// (about 100 bytes an entry, charged to its memory cgroup).
@@ -703,16 +707,16 @@ fn log_tail(log: &str) -> String {
 }
 
 /// Drains the ring buffer when the kernel signals that enough is queued, and every
-/// [`READ_EVERY`] otherwise, decoding and forwarding the records in one batch.
+/// [`READ_EVERY`] otherwise ([`IDLE_READ_EVERY`] after a read that found nothing), decoding and
+/// forwarding the records in one batch.
 async fn read_events(
     mut ring: AsyncFd<RingBuf<MapData>>,
     tx: mpsc::Sender<FlowEvent>,
     health: Arc<CaptureHealth>,
 ) {
     let clock = BootClock::now();
-    let mut timer = tokio::time::interval(READ_EVERY);
-    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::new();
+    let mut pause = READ_EVERY;
     loop {
         let woken = tokio::select! {
             ready = ring.readable_mut() => match ready {
@@ -726,11 +730,16 @@ async fn read_events(
                     return;
                 }
             },
-            _ = timer.tick() => false,
+            _ = tokio::time::sleep(pause) => false,
         };
         if !woken {
             drain(ring.get_mut(), &clock, &health, &mut batch);
         }
+        pause = if batch.is_empty() {
+            IDLE_READ_EVERY
+        } else {
+            READ_EVERY
+        };
         for event in batch.drain(..) {
             if tx.send(event).await.is_err() {
                 // The pipeline is gone: nobody wants events any more.
