@@ -599,8 +599,10 @@ fn cpu_time(pid: u32) -> Result<f64, BenchError> {
 }
 
 /// The live threads' `schedstat` run time (ns) and times scheduled in, summed per thread name:
-/// which thread takes the time, and how often it wakes up to do so.
+/// which thread takes the time, and how often it wakes up to do so. The main thread, named after
+/// the binary's file, is `main` whatever the binary under test is called.
 fn threads(pid: u32) -> Result<BTreeMap<String, (f64, f64)>, BenchError> {
+    let process = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
     let tasks = PathBuf::from(format!("/proc/{pid}/task"));
     let mut threads = BTreeMap::new();
     for task in std::fs::read_dir(&tasks).map_err(FileError::on("cannot list", &tasks))? {
@@ -610,7 +612,12 @@ fn threads(pid: u32) -> Result<BTreeMap<String, (f64, f64)>, BenchError> {
         let Some((ns, slices)) = parse_schedstat(&read("schedstat")) else {
             continue;
         };
-        let name = read("comm").trim().to_owned();
+        let comm = read("comm");
+        let name = if comm == process {
+            "main".to_owned()
+        } else {
+            comm.trim().to_owned()
+        };
         let total: &mut (f64, f64) = threads.entry(name).or_default();
         total.0 += ns;
         total.1 += slices;
