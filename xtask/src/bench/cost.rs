@@ -68,6 +68,9 @@ struct Sample {
     reply_runs_per_datagram: f64,
     /// The first storm after the agent started, its tables and heap still growing.
     daemon_first_us: f64,
+    /// The daemon's CPU and wake-ups while idle (the second before its second storm).
+    idle_ms_per_s: f64,
+    idle_wakeups_per_s: f64,
     daemon_us: f64,
     daemon_sched_us: f64,
     /// Per thread name: `schedstat` run time (µs) and times scheduled in, per connection.
@@ -225,6 +228,16 @@ fn rows(plan: &Plan, samples: &[Vec<Sample>]) -> Vec<Row> {
         ),
         row(
             "agent",
+            "agent CPU while idle, daemon mode (`schedstat`, the second before its second storm), ms per second".into(),
+            figure(&|s| s.idle_ms_per_s, "ms/s", 2),
+        ),
+        row(
+            "agent",
+            "… times its threads were scheduled in, per second".into(),
+            figure(&|s| s.idle_wakeups_per_s, "/s", 0),
+        ),
+        row(
+            "agent",
             "… the same from the threads' `schedstat` run time (ns resolution)".into(),
             figure(&|s| s.daemon_sched_us, "µs", 1),
         ),
@@ -300,6 +313,8 @@ fn once(rig: &Rig, plan: &Plan, binary: &Path) -> Result<Sample, BenchError> {
     sample.daemon_us = cost.cpu_ns / 1000.0;
     sample.daemon_sched_us = cost.sched_ns / 1000.0;
     sample.daemon_threads = cost.threads;
+    sample.idle_ms_per_s = cost.idle_ms_per_s;
+    sample.idle_wakeups_per_s = cost.idle_wakeups_per_s;
     let (known, reply) = known_connection(rig, plan, &mut agent)?;
     sample.ns_per_known_run = known.ns_per_run;
     sample.ns_per_datagram = known.ns_per_datagram;
@@ -331,6 +346,10 @@ fn once(rig: &Rig, plan: &Plan, binary: &Path) -> Result<Sample, BenchError> {
 
 /// Per-connection costs of one storm, idle subtracted.
 struct PerConnection {
+    /// The agent's CPU (`schedstat`) and times its threads were scheduled in, per second of the
+    /// idle window.
+    idle_ms_per_s: f64,
+    idle_wakeups_per_s: f64,
     kernel_ns: f64,
     runs: f64,
     per_program: BTreeMap<String, f64>,
@@ -379,7 +398,11 @@ fn connections(
     }
     let busy = end.since(&start).minus_idle(&idle);
     let n = storm.ok as f64;
+    let idle_seconds = idle.seconds.max(f64::EPSILON);
     Ok(PerConnection {
+        idle_ms_per_s: idle.sched_ns / 1e6 / idle_seconds,
+        idle_wakeups_per_s: idle.threads.values().map(|(_, slices)| slices).sum::<f64>()
+            / idle_seconds,
         kernel_ns: busy.bpf_ns / n,
         runs: busy.bpf_runs / n,
         per_program: busy
