@@ -9,6 +9,7 @@ mod cap;
 mod completeness;
 mod cost;
 mod datapath;
+mod entries;
 pub mod error;
 pub mod load;
 pub mod report;
