@@ -47,8 +47,9 @@ struct Counts {
     lost: Result<u64, String>,
     conntrack: u64,
     conntrack_warned: bool,
-    /// The connections the agent did not report, when it reported fewer than the truth.
-    missed: Vec<Missed>,
+    /// The client ports whose reports differ from their uses, when nothing accounts for the
+    /// difference between the agent's count and the truth.
+    mismatched: Vec<Mismatch>,
 }
 
 /// Runs the storms with the agent uncapped, or inside `cap` (a CPU-limited cgroup).
@@ -70,8 +71,8 @@ pub fn run(rig: &Rig, plan: &Plan, cap: Option<&Cap>) -> Result<Vec<Row>, BenchE
             c.conntrack,
             if c.conntrack_warned { " (it warned of ENOBUFS)" } else { "" }
         );
-        for missed in &c.missed {
-            println!("{missed}");
+        for port in &c.mismatched {
+            println!("{port}");
         }
         runs.push(c);
     }
@@ -251,14 +252,16 @@ fn once(
     lines.extend(out.lines);
     let reported = agent_news(&lines);
     let (conntrack, conntrack_warned) = watcher.stop()?;
-    // Lost events are accounted for; only what nothing accounts for is looked for.
-    let unaccounted = reported.len() as u64 + *lost.as_ref().unwrap_or(&0) < truth;
-    let mut missed = if unaccounted {
-        missed(&storm.connections, &reported)
+    // Lost events account for a shortfall (and, recovered later, for a few reports more); what
+    // nothing accounts for is looked for.
+    let (agent_count, lost_count) = (reported.len() as u64, *lost.as_ref().unwrap_or(&0));
+    let unaccounted = agent_count + lost_count < truth || (lost_count == 0 && agent_count > truth);
+    let mut mismatched = if unaccounted {
+        mismatched(&storm.connections, &reported)
     } else {
         Vec::new()
     };
-    for m in &mut missed {
+    for m in &mut mismatched {
         m.conntrack = conntrack
             .lines()
             .filter(|l| orig_sport(l) == Some(m.port))
@@ -270,11 +273,11 @@ fn once(
         truth,
         reused: storm.reused,
         rate: storm.per_second(),
-        agent: reported.len() as u64,
+        agent: agent_count,
         lost,
         conntrack: count_conntrack(&conntrack),
         conntrack_warned,
-        missed,
+        mismatched,
     })
 }
 
@@ -310,23 +313,25 @@ fn agent_news(lines: &[String]) -> Vec<(u16, String)> {
     news
 }
 
-/// Most client ports a shortfall lists.
-const MISSED_SHOWN: usize = 5;
+/// Most client ports an unaccounted difference lists.
+const MISMATCHED_SHOWN: usize = 5;
 
-/// A client port the agent reported fewer connections on than the storm completed, listed when
-/// the agent's reports and counted losses fall short of the new entries: when each use began,
-/// and what the agent and conntrack said of the port. A use the node carried on the previous use's entry (see
-/// [`entries`](super::entries)) lists its port too; conntrack's trace then shows no entry of its own for it.
+/// A client port the agent reported another number of connections on than the storm completed,
+/// listed when the agent's count differs from the new entries and no counted loss explains it:
+/// when each use began, and what the agent and conntrack said of the port. A use the node
+/// carried on the previous use's entry (see [`entries`](super::entries)) lists its port too;
+/// conntrack's trace then shows no entry of its own for it.
 #[derive(Clone, Debug)]
-struct Missed {
+struct Mismatch {
     port: u16,
     uses: Vec<SystemTime>,
     reported: Vec<String>,
     conntrack: Vec<String>,
 }
 
-/// The ports (at most [`MISSED_SHOWN`]) whose uses outnumber the agent's lines for them.
-fn missed(connections: &[(u16, SystemTime)], reported: &[(u16, String)]) -> Vec<Missed> {
+/// The ports (at most [`MISMATCHED_SHOWN`]) whose uses and the agent's lines for them differ in
+/// number.
+fn mismatched(connections: &[(u16, SystemTime)], reported: &[(u16, String)]) -> Vec<Mismatch> {
     let mut uses: BTreeMap<u16, Vec<SystemTime>> = BTreeMap::new();
     for &(port, at) in connections {
         uses.entry(port).or_default().push(at);
@@ -338,18 +343,18 @@ fn missed(connections: &[(u16, SystemTime)], reported: &[(u16, String)]) -> Vec<
     uses.into_iter()
         .filter_map(|(port, uses)| {
             let reported = lines.remove(&port).unwrap_or_default();
-            (reported.len() < uses.len()).then_some(Missed {
+            (reported.len() != uses.len()).then_some(Mismatch {
                 port,
                 uses,
                 reported,
                 conntrack: Vec::new(),
             })
         })
-        .take(MISSED_SHOWN)
+        .take(MISMATCHED_SHOWN)
         .collect()
 }
 
-impl std::fmt::Display for Missed {
+impl std::fmt::Display for Mismatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let secs = |t: &SystemTime| {
             let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -358,7 +363,7 @@ impl std::fmt::Display for Missed {
         let uses: Vec<String> = self.uses.iter().map(secs).collect();
         writeln!(
             f,
-            "    missed: client port {} was used {} times (connects began at {}), the agent reported {}:",
+            "    client port {} was used {} times (connects began at {}), the agent reported {}:",
             self.port,
             self.uses.len(),
             uses.join(", "),
@@ -530,19 +535,23 @@ mod tests {
     }
 
     #[test]
-    fn a_shortfall_names_the_ports_used_more_often_than_reported() {
+    fn a_difference_names_the_ports_reported_another_number_of_times_than_used() {
         let at = |ms| UNIX_EPOCH + Duration::from_millis(ms);
         let connections = [(100, at(1)), (200, at(2)), (100, at(3)), (300, at(4))];
-        let reported = [(100, "first".to_string()), (200, "only".to_string())];
-        let missed = missed(&connections, &reported);
-        let named: Vec<(u16, usize, usize)> = missed
+        let reported = [
+            (100, "first".to_string()),
+            (200, "once".to_string()),
+            (200, "twice".to_string()),
+        ];
+        let mismatched = mismatched(&connections, &reported);
+        let named: Vec<(u16, usize, usize)> = mismatched
             .iter()
             .map(|m| (m.port, m.uses.len(), m.reported.len()))
             .collect();
-        assert_eq!(named, [(100, 2, 1), (300, 1, 0)]);
+        assert_eq!(named, [(100, 2, 1), (200, 1, 2), (300, 1, 0)]);
         assert_eq!(
-            missed[0].to_string().lines().next(),
-            Some("    missed: client port 100 was used 2 times (connects began at 0.001000, 0.003000), the agent reported 1:")
+            mismatched[0].to_string().lines().next(),
+            Some("    client port 100 was used 2 times (connects began at 0.001000, 0.003000), the agent reported 1:")
         );
     }
 
