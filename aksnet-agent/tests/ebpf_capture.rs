@@ -441,24 +441,29 @@ async fn reports_each_nat_connection_once_with_exact_tuples() {
     }
 }
 
-/// A UDP service no one answers (the server replies port unreachable, itself rate-limited).
-const FLOOD_SERVICE: &str = "198.51.100.20:5353";
-/// Client ports of the overflow test: more connections than the ring buffer holds records.
+/// A host whose UDP ports no one answers (it replies port unreachable, itself rate-limited).
+const FLOOD_HOST: &str = "198.51.100.20";
+/// Its ports the overflow test sends to, from each client port: one conntrack entry each.
+const FLOOD_SERVICE_PORTS: std::ops::Range<u16> = 5353..5360;
+/// Client ports of the overflow test: with [`FLOOD_SERVICE_PORTS`], 63 000 connections, more
+/// than the ring buffer holds records (about 55 000 in 8 MiB).
 const FLOOD_PORTS: std::ops::Range<u16> = 20_000..29_000;
-/// Two connections that leave the capture's reader blocked on a full channel.
+/// Connections that leave the capture's reader blocked on a full channel.
 const BLOCKING_PORTS: std::ops::Range<u16> = 19_998..20_000;
 
-/// From the client namespace, sends `datagrams` datagrams to [`FLOOD_SERVICE`] from each port
-/// (one conntrack entry per port), pausing now and then so no queue on the way overflows.
+/// From the client namespace, sends `datagrams` datagrams from each port to each of
+/// [`FLOOD_SERVICE_PORTS`], pausing now and then so no queue on the way overflows.
 fn send_from_ports(client_ns: &str, ports: std::ops::Range<u16>, datagrams: usize) {
     in_netns(client_ns, move || {
         for port in ports {
             let udp = UdpSocket::bind((CLIENT_IP, port)).expect("bind flood port");
-            for _ in 0..datagrams {
-                udp.send_to(b"q", FLOOD_SERVICE)
-                    .expect("send flood datagram");
+            for service in FLOOD_SERVICE_PORTS {
+                for _ in 0..datagrams {
+                    udp.send_to(b"q", (FLOOD_HOST, service))
+                        .expect("send flood datagram");
+                }
             }
-            if port % 200 == 0 {
+            if port % 25 == 0 {
                 std::thread::sleep(Duration::from_millis(2));
             }
         }
@@ -537,17 +542,21 @@ async fn a_full_ring_counts_each_lost_connection_once_and_its_late_report_as_rec
     );
     // Connections dropped on the way before conntrack saw them would also first show up now.
     assert!(second.len() as u64 >= lost, "{} < {lost}", second.len());
-    let mut counts: HashMap<u16, usize> = HashMap::new();
+    let mut counts: HashMap<(u16, u16), usize> = HashMap::new();
     for event in first.iter().chain(&second) {
         assert_eq!(event.kind, EventKind::New, "{event:?}");
-        assert_eq!(event.orig.dst, addr(FLOOD_SERVICE).ip(), "{event:?}");
-        *counts.entry(event.orig.sport).or_default() += 1;
+        assert_eq!(event.orig.dst.to_string(), FLOOD_HOST, "{event:?}");
+        *counts
+            .entry((event.orig.sport, event.orig.dport))
+            .or_default() += 1;
     }
     for port in BLOCKING_PORTS.chain(FLOOD_PORTS) {
-        assert_eq!(
-            counts.get(&port),
-            Some(&1),
-            "connection from port {port} not reported exactly once"
-        );
+        for service in FLOOD_SERVICE_PORTS {
+            assert_eq!(
+                counts.get(&(port, service)),
+                Some(&1),
+                "connection from port {port} to {service} not reported exactly once"
+            );
+        }
     }
 }

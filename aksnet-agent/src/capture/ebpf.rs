@@ -304,11 +304,14 @@ struct MapSizes {
 /// buffer absorbs while the agent is not reading: a busy node's peak, several times what the
 /// lab's fastest storm reaches on this kind of machine.
 const EXPECTED_EVENTS_PER_SEC: u64 = 40_000;
-/// How long the agent may go without reading while events flow: its read timer (10 ms), plus
-/// what the DaemonSet's CPU limit keeps it off the CPU (500m: up to 50 ms of every 100 ms CFS
-/// period), plus scheduling delay on a loaded node. A burst after a quiet spell wakes it once a
-/// quarter of the buffer is queued, or at the idle pace, whichever comes first.
-const UNREAD_FOR: Duration = Duration::from_millis(150);
+/// How long the agent may go without reading while events flow: its read timer (10 ms), what
+/// the DaemonSet's CPU limit keeps it off the CPU (500m: up to 50 ms of every 100 ms CFS period),
+/// and above all the scheduler's delay on a node whose CPUs are saturated, where the agent's
+/// cgroup is one entity weighed against every busy task: in the lab's capped completeness storms
+/// its threads stayed runnable but off the CPU for 0.4 s and more, unthrottled, and a 150 ms ring
+/// (1 MiB) lost thousands of events in a third of the runs. 1 s makes an 8 MiB ring here. A burst
+/// after a quiet spell wakes it once a quarter of the buffer is queued, or at the idle pace.
+const UNREAD_FOR: Duration = Duration::from_secs(1);
 /// Bounds on `CONNS`: at least a small node's worth; at most what the pod's memory limit affords
 /// (about 100 bytes an entry, charged to its memory cgroup).
 const CONNS_BOUNDS: (u32, u32) = (16_384, 262_144);

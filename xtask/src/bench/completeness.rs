@@ -1,19 +1,22 @@
 //! Capture completeness under load: as many new connections as the lab can take through the
-//! node's DNAT, counted three ways: by the traffic generator (ground truth), by the agent (plus
-//! what it says it lost), and by `conntrack -E` on the node.
+//! node's DNAT, counted four ways: by the traffic generator (connections completed), by the
+//! node's nat table (new conntrack entries: the ground truth, see [`entries`](super::entries)), by the agent
+//! (plus what it says it lost), and by `conntrack -E` on the node.
 
 use crate::bench::agent::{scrape, tail, Mode};
 use crate::bench::cap::{CpuGroup, CpuLimit};
 use crate::bench::datapath::READY_TIMEOUT;
+use crate::bench::entries::EntryCounter;
 use crate::bench::error::BenchError;
 use crate::bench::report::{median, thousands, Row};
 use crate::bench::rig::{Launch, Rig, CLIENT, FRONTEND};
 use crate::cmd::CmdError;
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const STORM_DEADLINE: Duration = Duration::from_secs(120);
 /// The agent has caught up once it printed nothing for this long after the storm...
@@ -32,6 +35,9 @@ pub struct Plan {
 /// One run's three counts.
 #[derive(Clone, Debug)]
 struct Counts {
+    /// Connections the storm completed.
+    completed: u64,
+    /// New conntrack entries they got (the kernel's own count): what the agent must report.
     truth: u64,
     /// Connections of `truth` that reused an earlier connection's 4-tuple in the same run.
     reused: u64,
@@ -41,25 +47,33 @@ struct Counts {
     lost: Result<u64, String>,
     conntrack: u64,
     conntrack_warned: bool,
+    /// The client ports whose reports differ from their uses, when nothing accounts for the
+    /// difference between the agent's count and the truth.
+    mismatched: Vec<Mismatch>,
 }
 
 /// Runs the storms with the agent uncapped, or inside `cap` (a CPU-limited cgroup).
 pub fn run(rig: &Rig, plan: &Plan, cap: Option<&Cap>) -> Result<Vec<Row>, BenchError> {
+    let counter = EntryCounter::install(&rig.node())?;
     let mut runs = Vec::new();
     for i in 0..plan.runs {
-        let c = once(rig, plan, cap)?;
+        let c = once(rig, plan, cap, &counter)?;
         println!(
-            "  run {}/{}: {} connections ({} reused a 4-tuple) at {}/s; agent reported {}, lost {}; conntrack -E reported {}{}",
+            "  run {}/{}: {} connections ({} reused a 4-tuple) at {}/s, {} new conntrack entries; agent reported {}, lost {}; conntrack -E reported {}{}",
             i + 1,
             plan.runs,
-            c.truth,
+            c.completed,
             c.reused,
             thousands(c.rate),
+            c.truth,
             c.agent,
             c.lost.as_ref().map_or_else(|e| format!("unknown ({e})"), u64::to_string),
             c.conntrack,
             if c.conntrack_warned { " (it warned of ENOBUFS)" } else { "" }
         );
+        for port in &c.mismatched {
+            println!("{port}");
+        }
         runs.push(c);
     }
     let n = runs.len();
@@ -68,7 +82,7 @@ pub fn run(rig: &Rig, plan: &Plan, cap: Option<&Cap>) -> Result<Vec<Row>, BenchE
     let truth = med(&|c| c.truth as f64);
     let share = |count: f64| {
         format!(
-            "{} ({:.2}% of the truth)",
+            "{} ({:.2}% of the new entries)",
             thousands(count),
             100.0 * count / truth
         )
@@ -108,7 +122,13 @@ pub fn run(rig: &Rig, plan: &Plan, cap: Option<&Cap>) -> Result<Vec<Row>, BenchE
             ),
             Row::new(
                 section,
-                "DNAT translations the agent reported, of the ground truth",
+                "new conntrack entries with the frontend's DNAT (the node's nat table; ground truth)",
+                thousands(truth),
+                agg.clone(),
+            ),
+            Row::new(
+                section,
+                "DNAT translations the agent reported, of the new entries",
                 share(med(&|c| c.agent as f64)),
                 agg.clone(),
             ),
@@ -129,14 +149,20 @@ pub fn run(rig: &Rig, plan: &Plan, cap: Option<&Cap>) -> Result<Vec<Row>, BenchE
     Ok(vec![
         Row::new(
             "completeness",
-            format!("connections completed (traffic generator, ground truth; {connections})"),
-            thousands(truth),
+            format!("connections completed (traffic generator; {connections})"),
+            thousands(med(&|c| c.completed as f64)),
             agg.clone(),
         ),
         Row::new(
             "completeness",
             "… of which reused an earlier connection's 4-tuple (client port handed out again)",
             thousands(med(&|c| c.reused as f64)),
+            agg.clone(),
+        ),
+        Row::new(
+            "completeness",
+            "new conntrack entries with the frontend's DNAT (the node's nat table; ground truth: a SYN that overtakes the previous RST of its port gets none)",
+            thousands(truth),
             agg.clone(),
         ),
         Row::new(
@@ -188,7 +214,12 @@ pub struct Cap {
     pub section: &'static str,
 }
 
-fn once(rig: &Rig, plan: &Plan, cap: Option<&Cap>) -> Result<Counts, BenchError> {
+fn once(
+    rig: &Rig,
+    plan: &Plan,
+    cap: Option<&Cap>,
+    counter: &EntryCounter,
+) -> Result<Counts, BenchError> {
     let watcher = ConntrackWatcher::start(&rig.node())?;
     let metrics = free_local_port()?;
     let launch = Launch {
@@ -199,6 +230,7 @@ fn once(rig: &Rig, plan: &Plan, cap: Option<&Cap>) -> Result<Counts, BenchError>
         cgroup: cap.map(|c| c.group.dir.as_path()),
     };
     let (mut agent, _) = rig.launch(&launch, READY_TIMEOUT)?;
+    counter.reset()?;
     let storm = rig.storm(plan.connections, plan.workers, STORM_DEADLINE)?;
     // Collect until the agent has been quiet for a while: it reports what the kernel queued.
     let mut lines = Vec::new();
@@ -212,30 +244,50 @@ fn once(rig: &Rig, plan: &Plan, cap: Option<&Cap>) -> Result<Counts, BenchError>
     if agent.exited() {
         return Err(agent.fail("exited before the storm was counted"));
     }
+    let truth = counter.read()?;
     let lost = scrape(metrics, LOST_METRIC)
         .map(|v| v as u64)
         .map_err(|e| e.to_string());
     let out = agent.stop();
     lines.extend(out.lines);
-    let agent_count = count_agent(&lines);
+    let reported = agent_news(&lines);
     let (conntrack, conntrack_warned) = watcher.stop()?;
+    // Lost events account for a shortfall (and, recovered later, for a few reports more); what
+    // nothing accounts for is looked for.
+    let (agent_count, lost_count) = (reported.len() as u64, *lost.as_ref().unwrap_or(&0));
+    let unaccounted = agent_count + lost_count < truth || (lost_count == 0 && agent_count > truth);
+    let mut mismatched = if unaccounted {
+        mismatched(&storm.connections, &reported)
+    } else {
+        Vec::new()
+    };
+    for m in &mut mismatched {
+        m.conntrack = conntrack
+            .lines()
+            .filter(|l| orig_sport(l) == Some(m.port))
+            .map(str::to_string)
+            .collect();
+    }
     Ok(Counts {
-        truth: storm.ok,
+        completed: storm.ok,
+        truth,
         reused: storm.reused,
         rate: storm.per_second(),
         agent: agent_count,
         lost,
-        conntrack,
+        conntrack: count_conntrack(&conntrack),
         conntrack_warned,
+        mismatched,
     })
 }
 
-/// The agent's `new` lines for measured connections that show the frontend's DNAT. Not
-/// deduplicated by tuple: a 4-tuple the client reused is a new conntrack entry, reported anew.
-fn count_agent(lines: &[String]) -> u64 {
+/// The agent's `new` lines for measured connections that show the frontend's DNAT: their client
+/// port, and their time and translated source port. Not deduplicated by tuple: a 4-tuple the
+/// client reused is a new conntrack entry, reported anew.
+fn agent_news(lines: &[String]) -> Vec<(u16, String)> {
     let client = CLIENT.to_string();
     let frontend = FRONTEND.ip().to_string();
-    let mut count = 0;
+    let mut news = Vec::new();
     for line in lines {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
@@ -244,15 +296,86 @@ fn count_agent(lines: &[String]) -> u64 {
         let dnat = v["nat"]
             .as_array()
             .is_some_and(|n| n.iter().any(|x| x == "dnat"));
-        count += u64::from(
-            v["event"] == "new"
-                && dnat
-                && orig["src"] == client.as_str()
-                && orig["dst"] == frontend.as_str()
-                && orig["dport"] == FRONTEND.port(),
-        );
+        let measured = v["event"] == "new"
+            && dnat
+            && orig["src"] == client.as_str()
+            && orig["dst"] == frontend.as_str()
+            && orig["dport"] == FRONTEND.port();
+        let port = orig["sport"].as_u64().and_then(|p| u16::try_from(p).ok());
+        if let (true, Some(port)) = (measured, port) {
+            let at = v["ts"].as_str().unwrap_or("(no ts)");
+            news.push((
+                port,
+                format!("{at} source NATed to port {}", v["reply"]["dport"]),
+            ));
+        }
     }
-    count
+    news
+}
+
+/// Most client ports an unaccounted difference lists.
+const MISMATCHED_SHOWN: usize = 5;
+
+/// A client port the agent reported another number of connections on than the storm completed,
+/// listed when the agent's count differs from the new entries and no counted loss explains it:
+/// when each use began, and what the agent and conntrack said of the port. A use the node
+/// carried on the previous use's entry (see [`entries`](super::entries)) lists its port too;
+/// conntrack's trace then shows no entry of its own for it.
+#[derive(Clone, Debug)]
+struct Mismatch {
+    port: u16,
+    uses: Vec<SystemTime>,
+    reported: Vec<String>,
+    conntrack: Vec<String>,
+}
+
+/// The ports (at most [`MISMATCHED_SHOWN`]) whose uses and the agent's lines for them differ in
+/// number.
+fn mismatched(connections: &[(u16, SystemTime)], reported: &[(u16, String)]) -> Vec<Mismatch> {
+    let mut uses: BTreeMap<u16, Vec<SystemTime>> = BTreeMap::new();
+    for &(port, at) in connections {
+        uses.entry(port).or_default().push(at);
+    }
+    let mut lines: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+    for (port, line) in reported {
+        lines.entry(*port).or_default().push(line.clone());
+    }
+    uses.into_iter()
+        .filter_map(|(port, uses)| {
+            let reported = lines.remove(&port).unwrap_or_default();
+            (reported.len() != uses.len()).then_some(Mismatch {
+                port,
+                uses,
+                reported,
+                conntrack: Vec::new(),
+            })
+        })
+        .take(MISMATCHED_SHOWN)
+        .collect()
+}
+
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = |t: &SystemTime| {
+            let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+            format!("{}.{:06}", d.as_secs(), d.subsec_micros())
+        };
+        let uses: Vec<String> = self.uses.iter().map(secs).collect();
+        writeln!(
+            f,
+            "    client port {} was used {} times (connects began at {}), the agent reported {}:",
+            self.port,
+            self.uses.len(),
+            uses.join(", "),
+            self.reported.len()
+        )?;
+        for (what, lines) in [("agent", &self.reported), ("conntrack -E", &self.conntrack)] {
+            for line in lines {
+                writeln!(f, "      {what}: {line}")?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A port on 127.0.0.1 free right now, for the agent's metrics endpoint.
@@ -270,7 +393,7 @@ pub fn free_local_port() -> Result<SocketAddr, BenchError> {
     })
 }
 
-/// `conntrack -E -e NEW` on the node, counting the measured connections' DNAT entries.
+/// `conntrack -E -e NEW` on the node, with the time of each event.
 struct ConntrackWatcher {
     child: Child,
     stdout: JoinHandle<String>,
@@ -287,8 +410,13 @@ impl ConntrackWatcher {
             "-E",
             "-e",
             "NEW",
+            "-o",
+            "timestamp",
             "-p",
             "tcp",
+            // A storm's events arrive faster than conntrack prints them.
+            "--buffer-size",
+            "67108864",
         ];
         let mut child = Command::new("ip")
             .args(args)
@@ -326,9 +454,9 @@ impl ConntrackWatcher {
         })
     }
 
-    /// Stops it (SIGINT by pid, so it flushes what it printed) and counts; also whether it
-    /// warned that the kernel dropped events.
-    fn stop(mut self) -> Result<(u64, bool), BenchError> {
+    /// Stops it (SIGINT by pid, so it flushes what it printed); returns what it printed and
+    /// whether it warned that the kernel dropped events.
+    fn stop(mut self) -> Result<(String, bool), BenchError> {
         // SAFETY: kill(2) on our own child's pid (`ip netns exec` execs conntrack in place).
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -343,8 +471,16 @@ impl ConntrackWatcher {
         };
         let stdout = self.stdout.join().map_err(fail)?;
         let stderr = self.stderr.join().map_err(fail)?;
-        Ok((count_conntrack(&stdout), stderr.contains("ENOBUFS")))
+        Ok((stdout, stderr.contains("ENOBUFS")))
     }
+}
+
+/// The original direction's source port of a `conntrack -E` line (its first `sport=`).
+fn orig_sport(line: &str) -> Option<u16> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("sport="))?
+        .parse()
+        .ok()
 }
 
 /// `[NEW]` lines of measured connections; the first src/dst/dport of a line are the original
@@ -394,6 +530,35 @@ mod tests {
             "not json",
         ]
         .map(String::from);
-        assert_eq!(count_agent(&agent), 3);
+        let ports: Vec<u16> = agent_news(&agent).iter().map(|&(p, _)| p).collect();
+        assert_eq!(ports, [40000, 40000, 40003]);
+    }
+
+    #[test]
+    fn a_difference_names_the_ports_reported_another_number_of_times_than_used() {
+        let at = |ms| UNIX_EPOCH + Duration::from_millis(ms);
+        let connections = [(100, at(1)), (200, at(2)), (100, at(3)), (300, at(4))];
+        let reported = [
+            (100, "first".to_string()),
+            (200, "once".to_string()),
+            (200, "twice".to_string()),
+        ];
+        let mismatched = mismatched(&connections, &reported);
+        let named: Vec<(u16, usize, usize)> = mismatched
+            .iter()
+            .map(|m| (m.port, m.uses.len(), m.reported.len()))
+            .collect();
+        assert_eq!(named, [(100, 2, 1), (200, 1, 2), (300, 1, 0)]);
+        assert_eq!(
+            mismatched[0].to_string().lines().next(),
+            Some("    client port 100 was used 2 times (connects began at 0.001000, 0.003000), the agent reported 1:")
+        );
+    }
+
+    #[test]
+    fn reads_the_original_source_port_of_a_conntrack_line() {
+        let line = "[1796174699.819426]\t    [NEW] tcp      6 120 SYN_SENT src=203.0.113.10 dst=192.0.2.10 sport=60228 dport=80 [UNREPLIED] src=10.244.0.10 dst=10.244.0.1 sport=8080 dport=10321";
+        assert_eq!(orig_sport(line), Some(60228));
+        assert_eq!(orig_sport("conntrack v1.4.7: 0 flow events"), None);
     }
 }

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Any single socket operation gives up after this long.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
@@ -196,6 +196,9 @@ pub struct Storm {
     pub failed: u64,
     pub elapsed: Duration,
     pub first_error: Option<String>,
+    /// Each completed connection's source port and when it began, in time order: a shortfall
+    /// can then name the connection missed (the port and its nth use).
+    pub connections: Vec<(u16, SystemTime)>,
 }
 
 impl Storm {
@@ -228,8 +231,9 @@ pub fn storm(
                 let began = Instant::now();
                 let (mut ports, mut failed, mut first_error) = (Vec::new(), 0u64, None);
                 while next.fetch_add(1, Ordering::Relaxed) < count && began.elapsed() < deadline {
+                    let at = SystemTime::now();
                     match connect_once(src, dst) {
-                        Ok(port) => ports.push(port),
+                        Ok(port) => ports.push((port, at)),
                         Err(e) => {
                             failed += 1;
                             first_error.get_or_insert_with(|| e.to_string());
@@ -248,20 +252,23 @@ pub fn storm(
         failed: 0,
         elapsed: Duration::ZERO,
         first_error: None,
+        connections: Vec::new(),
     };
     let results = handles
         .into_iter()
         .map(|h| join(h, "a connection worker"))
         .collect::<Result<Vec<_>, _>>()?;
     total.elapsed = began.elapsed();
-    let mut used = HashSet::new();
     for (ports, failed, first_error) in results {
-        for port in ports {
-            total.ok += 1;
-            total.reused += u64::from(!used.insert(port));
-        }
+        total.connections.extend(ports);
         total.failed += failed;
         total.first_error = total.first_error.or(first_error);
+    }
+    total.connections.sort_by_key(|&(_, at)| at);
+    let mut used = HashSet::new();
+    for &(port, _) in &total.connections {
+        total.ok += 1;
+        total.reused += u64::from(!used.insert(port));
     }
     Ok(total)
 }

@@ -9,6 +9,7 @@ mod cap;
 mod completeness;
 mod cost;
 mod datapath;
+mod entries;
 pub mod error;
 pub mod load;
 pub mod report;
@@ -268,7 +269,14 @@ fn notes(plan: &Plan) -> Vec<String> {
              count is its `new` lines showing the frontend's DNAT, not deduplicated (a client port reused \
              after a reset is a new conntrack entry, and `conntrack -E` counts it so); its lost count \
              is `aksnet_capture_events_lost_total` from `--metrics-listen`, read after it went quiet. \
-             `conntrack -E -e NEW -p tcp` ran in the node namespace at the same time, unfiltered.",
+             The ground truth is the new conntrack entries, counted by a rule at the top of the node's \
+             nat `PREROUTING` chain (netfilter evaluates it once per new entry): a connection whose SYN \
+             reaches the node before the RST of the previous connection on its client port is carried \
+             on that entry (conntrack lets a SYN through an established entry and follows the new \
+             handshake there), with no entry, NAT decision or event of its own. An unaccounted \
+             difference lists the client ports whose uses and reports differ, with the agent's lines \
+             and conntrack's for them. `conntrack -E -e NEW -o timestamp -p tcp` (64 MiB buffer) ran \
+             in the node namespace at the same time, unfiltered.",
             c.connections, c.workers
         ),
         "Userspace: criterion, one thread, the lab's flows; events/s per core is 1 / the median time per event."
