@@ -223,21 +223,6 @@ fn rows(plan: &Plan, samples: &[Vec<Sample>]) -> Vec<Row> {
         ),
         row(
             "agent",
-            "… its first storm after start, its tables and heap still growing".into(),
-            figure(&|s| s.daemon_first_us, "µs", 1),
-        ),
-        row(
-            "agent",
-            "agent CPU while idle, daemon mode (`schedstat`, the second before its second storm), ms per second".into(),
-            figure(&|s| s.idle_ms_per_s, "ms/s", 2),
-        ),
-        row(
-            "agent",
-            "… times its threads were scheduled in, per second".into(),
-            figure(&|s| s.idle_wakeups_per_s, "/s", 0),
-        ),
-        row(
-            "agent",
             "… the same from the threads' `schedstat` run time (ns resolution)".into(),
             figure(&|s| s.daemon_sched_us, "µs", 1),
         ),
@@ -261,6 +246,21 @@ fn rows(plan: &Plan, samples: &[Vec<Sample>]) -> Vec<Row> {
         ));
     }
     rows.extend([
+        row(
+            "agent",
+            "agent CPU per connection, daemon mode, its first storm after start (its tables and heap still growing; `utime+stime`)".into(),
+            figure(&|s| s.daemon_first_us, "µs", 1),
+        ),
+        row(
+            "agent",
+            "agent CPU while idle, daemon mode (`schedstat`, the second before its second storm), ms per second".into(),
+            figure(&|s| s.idle_ms_per_s, "ms/s", 2),
+        ),
+        row(
+            "agent",
+            "… times its threads were scheduled in, per second".into(),
+            figure(&|s| s.idle_wakeups_per_s, "/s", 0),
+        ),
         row(
             "agent",
             "agent CPU per connection, `--dump --output json` to a file (`utime+stime`; second storm)".into(),
