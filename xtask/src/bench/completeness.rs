@@ -1,7 +1,7 @@
 //! Capture completeness under load: as many new connections as the lab can take through the
 //! node's DNAT, counted four ways: by the traffic generator (connections completed), by the
-//! node's nat table (new conntrack entries: the ground truth, see [`entries`](super::entries)), by the agent
-//! (plus what it says it lost), and by `conntrack -E` on the node.
+//! node's nat table (new conntrack entries: the ground truth, see [`entries`](super::entries)),
+//! by the agent (plus what it says it lost), and by `conntrack -E` on the node.
 
 use crate::bench::agent::{scrape, tail, Mode};
 use crate::bench::cap::{CpuGroup, CpuLimit};
@@ -32,7 +32,7 @@ pub struct Plan {
     pub workers: usize,
 }
 
-/// One run's three counts.
+/// One run's counts, and what explains a difference nothing else does.
 #[derive(Clone, Debug)]
 struct Counts {
     /// Connections the storm completed.

@@ -157,12 +157,7 @@ fn rows(plan: &Plan, samples: &[Vec<Sample>]) -> Vec<Row> {
             figure(&|s| s.runs_per_conn, "", 1),
         ),
     ];
-    let programs: BTreeSet<String> = samples
-        .iter()
-        .flatten()
-        .flat_map(|s| s.per_program.keys().cloned())
-        .collect();
-    for name in programs {
+    for name in names_in(samples, |s| s.per_program.keys()) {
         rows.push(row(
             "kernel",
             format!("… of which `{name}`"),
@@ -227,12 +222,7 @@ fn rows(plan: &Plan, samples: &[Vec<Sample>]) -> Vec<Row> {
             figure(&|s| s.daemon_sched_us, "µs", 1),
         ),
     ]);
-    let threads: BTreeSet<String> = samples
-        .iter()
-        .flatten()
-        .flat_map(|s| s.daemon_threads.keys().cloned())
-        .collect();
-    for name in threads {
+    for name in names_in(samples, |s| s.daemon_threads.keys()) {
         let of = |s: &Sample| s.daemon_threads.get(&name).copied().unwrap_or_default();
         rows.push(row(
             "agent",
@@ -273,6 +263,15 @@ fn rows(plan: &Plan, samples: &[Vec<Sample>]) -> Vec<Row> {
         ),
     ]);
     rows
+}
+
+/// Every name `names` gives for any sample of any binary, once each and in order: the rows of a
+/// per-program or per-thread breakdown.
+fn names_in<'a, I>(samples: &'a [Vec<Sample>], names: impl Fn(&'a Sample) -> I) -> BTreeSet<String>
+where
+    I: Iterator<Item = &'a String>,
+{
+    samples.iter().flatten().flat_map(names).cloned().collect()
 }
 
 /// `median (min–max) unit`.
@@ -401,8 +400,7 @@ fn connections(
     let idle_seconds = idle.seconds.max(f64::EPSILON);
     Ok(PerConnection {
         idle_ms_per_s: idle.sched_ns / 1e6 / idle_seconds,
-        idle_wakeups_per_s: idle.threads.values().map(|(_, slices)| slices).sum::<f64>()
-            / idle_seconds,
+        idle_wakeups_per_s: summed(&idle.threads).1 / idle_seconds,
         kernel_ns: busy.bpf_ns / n,
         runs: busy.bpf_runs / n,
         per_program: busy
@@ -451,8 +449,7 @@ fn settle(progress: &dyn Fn() -> f64) {
 fn settle_on_cpu(pid: u32, idle: &Delta) -> Result<(), BenchError> {
     let idle_rate = idle.sched_ns / idle.seconds.max(f64::EPSILON);
     let quiet = 2.0 * idle_rate * SETTLE_QUIET.as_secs_f64() + 1e6;
-    let run_time =
-        || -> Result<f64, BenchError> { Ok(threads(pid)?.values().map(|(ns, _)| ns).sum()) };
+    let run_time = || -> Result<f64, BenchError> { Ok(summed(&threads(pid)?).0) };
     let began = Instant::now();
     let mut last = run_time()?;
     while began.elapsed() < SETTLE_MAX {
@@ -541,7 +538,7 @@ impl Snapshot {
         Ok(Snapshot {
             at: Instant::now(),
             cpu_ns,
-            sched_ns: threads.values().map(|(ns, _)| ns).sum(),
+            sched_ns: summed(&threads).0,
             threads,
             programs: programs(pid)?,
         })
@@ -646,6 +643,13 @@ fn threads(pid: u32) -> Result<BTreeMap<String, (f64, f64)>, BenchError> {
         total.1 += slices;
     }
     Ok(threads)
+}
+
+/// The run time and times scheduled in of all of `threads`.
+fn summed(threads: &BTreeMap<String, (f64, f64)>) -> (f64, f64) {
+    threads
+        .values()
+        .fold((0.0, 0.0), |(ns, slices), (n, s)| (ns + n, slices + s))
 }
 
 /// Run time (ns) and times scheduled in, the first and third fields of `schedstat`.
