@@ -200,13 +200,13 @@ fn metrics(c: &mut Criterion) {
         b.iter_batched(
             || {
                 let open = lb_inbound(n);
-                let close = lb_inbound(n - LIVE_FLOWS).key();
+                let close = lb_inbound(n - LIVE_FLOWS);
                 n += 1;
                 (open, close)
             },
             |(open, close)| {
                 metrics.observe_new(&lb_inbound_observed(black_box(&open)));
-                metrics.observe_end(black_box(&close));
+                metrics.observe_end(black_box(&close.key()), black_box(&close.translated()));
             },
             BatchSize::SmallInput,
         )

@@ -12,7 +12,7 @@ mod wait;
 pub use early::EARLY_END_WINDOW;
 pub use wait::{InterfaceWait, INTERFACES_WAIT};
 
-use crate::events::{EventKind, FlowEvent, FlowKey};
+use crate::events::{EventKind, FlowEvent, FlowKey, Tuple};
 use aksnet_common::ct_status;
 use early::EarlyEnds;
 use entry::Entry;
@@ -36,8 +36,9 @@ pub struct Flow {
 pub enum Update {
     /// A connection not seen before.
     Opened(Flow),
-    /// A known connection whose translation differs from what was reported before.
-    NatChanged(Flow),
+    /// A known connection whose translation differs from what was reported before: `was`, in
+    /// the original direction (as [`FlowEvent::translated`] gives it).
+    NatChanged { flow: Flow, was: Tuple },
     /// A known connection ended; the flow as it was last known.
     Closed(Flow),
     /// A new connection on the tuple of a live one, which therefore ended (its end may still
@@ -123,6 +124,7 @@ impl FlowTable {
             }
             EventKind::New | EventKind::NatChanged => {
                 flow.last_seen = event.ts;
+                let was = flow.event.translated();
                 let nat_changed = flow.event.reply != event.reply;
                 merge_details(&mut flow.event, &event);
                 if nat_changed {
@@ -131,7 +133,7 @@ impl FlowTable {
                 }
                 *self.store.entry_mut(slot) = Entry::new(&flow);
                 if nat_changed {
-                    Update::NatChanged(flow)
+                    Update::NatChanged { flow, was }
                 } else {
                     Update::Unchanged
                 }
@@ -277,7 +279,10 @@ mod tests {
         let mut table = FlowTable::new(10);
         table.apply(event(EventKind::New, 1000, 5000));
         match table.apply(event(EventKind::NatChanged, 1000, 6000)) {
-            Update::NatChanged(flow) => assert_eq!(flow.event.reply.dport, 6000),
+            Update::NatChanged { flow, was } => {
+                assert_eq!(flow.event.reply.dport, 6000);
+                assert_eq!(was.sport, 5000, "the translation reported before");
+            }
             other => panic!("expected NatChanged, got {other:?}"),
         }
     }

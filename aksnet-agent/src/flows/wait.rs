@@ -8,7 +8,9 @@
 
 use super::merge_details;
 use crate::events::{EventKind, FlowEvent, FlowKey};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+use std::iter::Chain;
+use std::option;
 use std::time::{Duration, Instant};
 
 /// How long a packet-less report waits for its packet: the first packet leaves microseconds
@@ -19,10 +21,18 @@ pub const INTERFACES_WAIT: Duration = Duration::from_millis(250);
 /// Packet-less `NEW` events waiting for their xmit follow-up, with deadlines.
 pub struct InterfaceWait {
     wait: Duration,
-    pending: HashMap<FlowKey, Pending>,
+    pending: foldhash::HashMap<FlowKey, Pending>,
     /// Keys in arrival order, which is deadline order; entries no longer pending (or pending
     /// again with a later deadline) are skipped.
     deadlines: VecDeque<(Instant, FlowKey)>,
+}
+
+/// The events an [`InterfaceWait::offer`] releases, in order: none, one, or a held one and then
+/// the offered one. An iterator, not a `Vec`: every event of the capture passes here.
+pub type Released = Chain<option::IntoIter<FlowEvent>, option::IntoIter<FlowEvent>>;
+
+fn released(first: Option<FlowEvent>, then: Option<FlowEvent>) -> Released {
+    first.into_iter().chain(then)
 }
 
 struct Pending {
@@ -34,7 +44,7 @@ impl InterfaceWait {
     pub fn new(wait: Duration) -> InterfaceWait {
         InterfaceWait {
             wait,
-            pending: HashMap::new(),
+            pending: foldhash::HashMap::default(),
             deadlines: VecDeque::new(),
         }
     }
@@ -42,16 +52,21 @@ impl InterfaceWait {
     /// Takes one event from the capture; returns the events ready for the flow table, in order.
     /// A packet-less `NEW` is held; the packet's `NEW` for a held connection releases it merged
     /// (interfaces, counters); any other event of a held connection releases it first.
-    pub fn offer(&mut self, event: FlowEvent, now: Instant) -> Vec<FlowEvent> {
-        let key = event.key();
+    pub fn offer(&mut self, event: FlowEvent, now: Instant) -> Released {
         let is_new = event.kind == EventKind::New;
         let packet_less_new = is_new && event.hook.is_some_and(|h| !h.has_packet());
-        let Some(held) = self.pending.remove(&key) else {
+        // Nothing is held where the kernel reports no packet-less connections: no key to hash.
+        let held = if self.pending.is_empty() {
+            None
+        } else {
+            self.pending.remove(&event.key())
+        };
+        let Some(held) = held else {
             if packet_less_new {
                 self.hold(event, now);
-                return Vec::new();
+                return released(None, None);
             }
-            return vec![event];
+            return released(Some(event), None);
         };
         let mut first = held.event;
         let same_entry = first.instance.map(|i| i.id) == event.instance.map(|i| i.id);
@@ -59,14 +74,14 @@ impl InterfaceWait {
             merge_details(&mut first, &event);
             // The packet's status is later: confirmed, where NAT setup saw it unconfirmed.
             first.status = event.status;
-            return vec![first];
+            return released(Some(first), None);
         }
         if packet_less_new {
             // Another entry on the tuple: the held one goes as it is, this one waits in turn.
             self.hold(event, now);
-            return vec![first];
+            return released(Some(first), None);
         }
-        vec![first, event]
+        released(Some(first), Some(event))
     }
 
     fn hold(&mut self, event: FlowEvent, now: Instant) {
@@ -142,6 +157,10 @@ mod tests {
         }
     }
 
+    fn offer(wait: &mut InterfaceWait, event: FlowEvent, now: Instant) -> Vec<FlowEvent> {
+        wait.offer(event, now).collect()
+    }
+
     fn nat_setup(sport: u16) -> FlowEvent {
         event(EventKind::New, sport, Some(Hook::NatSetup))
     }
@@ -154,9 +173,9 @@ mod tests {
     fn a_packet_less_new_takes_the_interfaces_of_its_follow_up() {
         let mut wait = InterfaceWait::new(WAIT);
         let t0 = Instant::now();
-        assert!(wait.offer(nat_setup(1000), t0).is_empty());
+        assert!(offer(&mut wait, nat_setup(1000), t0).is_empty());
         assert_eq!(wait.next_deadline(), Some(t0 + WAIT));
-        let ready = wait.offer(xmit(1000), t0 + Duration::from_millis(1));
+        let ready = offer(&mut wait, xmit(1000), t0 + Duration::from_millis(1));
         assert_eq!(ready.len(), 1, "one event, so one opened flow: {ready:?}");
         let merged = &ready[0];
         assert_eq!(
@@ -179,8 +198,8 @@ mod tests {
         };
         let mut wait = InterfaceWait::new(WAIT);
         let t0 = Instant::now();
-        assert!(wait.offer(entry(nat_setup(1000), 1), t0).is_empty());
-        let released = wait.offer(entry(nat_setup(1000), 2), t0);
+        assert!(offer(&mut wait, entry(nat_setup(1000), 1), t0).is_empty());
+        let released = offer(&mut wait, entry(nat_setup(1000), 2), t0);
         assert_eq!(released.len(), 1);
         assert_eq!(released[0].instance.map(|i| i.id), Some(1));
         assert_eq!(
@@ -188,7 +207,7 @@ mod tests {
             "entry 1 goes without interfaces"
         );
         // A packet of entry 2 completes entry 2, not entry 1.
-        let ready = wait.offer(entry(xmit(1000), 2), t0);
+        let ready = offer(&mut wait, entry(xmit(1000), 2), t0);
         assert_eq!(ready.len(), 1);
         assert_eq!(ready[0].instance.map(|i| i.id), Some(2));
         assert_eq!(ready[0].in_ifindex, Some(4));
@@ -198,8 +217,8 @@ mod tests {
     fn without_a_follow_up_the_event_is_released_at_its_deadline() {
         let mut wait = InterfaceWait::new(WAIT);
         let t0 = Instant::now();
-        wait.offer(nat_setup(1000), t0);
-        wait.offer(nat_setup(1001), t0 + Duration::from_millis(100));
+        offer(&mut wait, nat_setup(1000), t0);
+        offer(&mut wait, nat_setup(1001), t0 + Duration::from_millis(100));
         assert!(wait.expire(t0 + WAIT - Duration::from_millis(1)).is_empty());
         let ready = wait.expire(t0 + WAIT);
         assert_eq!(ready.len(), 1);
@@ -219,9 +238,9 @@ mod tests {
     fn events_with_a_packet_and_from_other_sources_pass_straight_through() {
         let mut wait = InterfaceWait::new(WAIT);
         let t0 = Instant::now();
-        assert_eq!(wait.offer(xmit(1000), t0), vec![xmit(1000)]);
+        assert_eq!(offer(&mut wait, xmit(1000), t0), vec![xmit(1000)]);
         let netlink = event(EventKind::New, 1001, None);
-        assert_eq!(wait.offer(netlink.clone(), t0), vec![netlink]);
+        assert_eq!(offer(&mut wait, netlink.clone(), t0), vec![netlink]);
         assert_eq!(wait.next_deadline(), None);
     }
 
@@ -229,14 +248,14 @@ mod tests {
     fn another_event_of_a_held_connection_releases_it_first() {
         let mut wait = InterfaceWait::new(WAIT);
         let t0 = Instant::now();
-        wait.offer(nat_setup(1000), t0);
+        offer(&mut wait, nat_setup(1000), t0);
         let end = event(EventKind::Destroy, 1000, Some(Hook::CtDelete));
-        let ready = wait.offer(end.clone(), t0);
+        let ready = offer(&mut wait, end.clone(), t0);
         assert_eq!(ready, vec![nat_setup(1000), end]);
         assert!(wait.expire(t0 + WAIT).is_empty(), "released only once");
         // A later packet-less report of the same key waits again, with its own deadline.
         let t1 = t0 + Duration::from_millis(200);
-        wait.offer(nat_setup(1000), t1);
+        offer(&mut wait, nat_setup(1000), t1);
         assert_eq!(wait.next_deadline(), Some(t1 + WAIT));
         assert!(
             wait.expire(t0 + WAIT).is_empty(),
@@ -252,7 +271,7 @@ mod tests {
         let t0 = Instant::now();
         let mut updates = Vec::new();
         for ev in [nat_setup(1000), xmit(1000)] {
-            for ready in wait.offer(ev, t0) {
+            for ready in offer(&mut wait, ev, t0) {
                 updates.push(table.apply(ready));
             }
         }
@@ -264,11 +283,11 @@ mod tests {
             other => panic!("expected Opened, got {other:?}"),
         }
         // A late follow-up (after the wait) only completes the table's entry.
-        wait.offer(nat_setup(1001), t0);
+        offer(&mut wait, nat_setup(1001), t0);
         for ready in wait.expire(t0 + WAIT) {
             assert!(matches!(table.apply(ready), Update::Opened(_)));
         }
-        for ready in wait.offer(xmit(1001), t0 + WAIT) {
+        for ready in offer(&mut wait, xmit(1001), t0 + WAIT) {
             assert_eq!(table.apply(ready), Update::Unchanged);
         }
         let key = xmit(1001).key();

@@ -111,7 +111,8 @@ impl NatHop {
 }
 
 /// One classified connection, as the metrics need it. Report each connection once, when it is
-/// classified; report its end with [`Metrics::observe_end`] and the same key.
+/// classified; report a change of its translation with [`Metrics::observe_nat_change`] and its
+/// end with [`Metrics::observe_end`], with the same key.
 ///
 /// `path`, `cni`, `verdict` and `deviation` become label values: they must come from the
 /// classifier's fixed vocabulary, never from addresses or free text.
@@ -437,14 +438,23 @@ impl Metrics {
             .snat
             .open(flow.key, flow.translated, outbound, flow.pod);
         drop(state);
+        self.count_conflict(opened, &flow.translated);
+    }
+
+    /// A live connection's translation changed from `was` to `now` (conntrack reported it
+    /// again): its SNAT accounting follows, so that its end finds it.
+    pub fn observe_nat_change(&self, key: &FlowKey, was: &Tuple, now: &Tuple) {
+        let opened = self.lock().snat.retranslate(key, was, now);
+        self.count_conflict(opened, now);
+    }
+
+    fn count_conflict(&self, opened: Option<Opened>, translated: &Tuple) {
         if let Some(Opened::Conflict { stale }) = opened {
             self.snat_conflicts.inc();
             log::debug!(
-                "SNAT tuple {} ({}) still held by {} ({}): its end was missed, dropped it",
-                flow.translated,
-                flow.key.proto,
+                "SNAT tuple {translated} ({}) still held by {}: its end was missed, dropped it",
+                stale.proto,
                 stale.orig,
-                stale.proto
             );
         }
     }
@@ -455,9 +465,10 @@ impl Metrics {
     }
 
     /// A connection ended: it no longer holds a SNAT port on the node, and the outbound device
-    /// keeps its port until the idle timeout.
-    pub fn observe_end(&self, key: &FlowKey) {
-        self.lock().snat.end(key, Instant::now());
+    /// keeps its port until the idle timeout. `translated` is its last translation, as observed
+    /// or changed since.
+    pub fn observe_end(&self, key: &FlowKey, translated: &Tuple) {
+        self.lock().snat.end(key, translated, Instant::now());
     }
 
     /// An inbound connection reached its pod without its client address: `hop` (a short, fixed

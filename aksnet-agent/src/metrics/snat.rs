@@ -2,7 +2,8 @@
 //! the node is to running out of the Azure Load Balancer's SNAT ports.
 //!
 //! Pure bookkeeping (no metrics, no I/O) so that its rules are tested on their own:
-//! - a connection is identified by its conntrack key; reporting it again updates it;
+//! - a connection is identified by its conntrack key and found by the translated tuple it holds,
+//!   which its callers know at its end (the flow table keeps it, and reports its changes);
 //! - one translated source port may serve many destinations at once (the LB reuses a SNAT port
 //!   across destinations), but conntrack never holds two live entries with the same translated
 //!   tuple in one table: such a collision means the older entry's end was missed, so it is dropped
@@ -33,12 +34,12 @@ pub struct SourceDestination {
     pub dest: Destination,
 }
 
-/// What [`SnatTable::open`] did.
+/// What [`SnatTable::open`] or [`SnatTable::retranslate`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Opened {
     /// A connection not seen before.
     New,
-    /// The connection was already live; its entry now holds the latest translation.
+    /// The connection was already live with this translation.
     Updated,
     /// Another live connection held the same translated tuple. conntrack cannot hold both, so
     /// `stale`'s end was missed: it was dropped in favour of the new one.
@@ -46,11 +47,14 @@ pub enum Opened {
 }
 
 /// Live SNAT'ed connections of one node, and the outbound ports ended ones still hold.
+///
+/// One map, keyed by the translated tuple: conntrack keeps those unique per table, so the key
+/// both finds a connection (its callers know its translation) and detects a missed end. Every
+/// connection costs one hash operation to open and one to end, which matters: this runs for
+/// every SNAT'ed connection of the node.
 #[derive(Debug, Default)]
 pub struct SnatTable {
-    live: foldhash::HashMap<FlowKey, Entry>,
-    /// Who holds each translated tuple: conntrack keeps these unique per table (netns, zone).
-    holders: foldhash::HashMap<TranslatedKey, FlowKey>,
+    live: foldhash::HashMap<TranslatedKey, Holder>,
     /// How long the outbound device keeps an ended flow's port; zero: not at all.
     idle_timeout: Duration,
     /// Ports of ended flows the outbound device still holds, per destination: when they are
@@ -59,9 +63,11 @@ pub struct SnatTable {
     held: foldhash::HashMap<Destination, VecDeque<(Instant, u64)>>,
 }
 
+/// The connection holding a translated tuple.
 #[derive(Debug)]
-struct Entry {
-    translated: Tuple,
+struct Holder {
+    /// Its original tuple: with the key's namespace, zone and protocol, its [`FlowKey`].
+    orig: Tuple,
     /// The outbound device (Azure LB outbound rule or NAT gateway) SNATs this connection too, so
     /// it holds one of that device's ports for its destination.
     outbound: bool,
@@ -83,6 +89,16 @@ impl TranslatedKey {
             zone: key.zone,
             proto: key.proto,
             translated: *translated,
+        }
+    }
+
+    /// The connection `holder` is, in this key's table.
+    fn flow_key(&self, holder: &Holder) -> FlowKey {
+        FlowKey {
+            netns: self.netns,
+            zone: self.zone,
+            proto: self.proto,
+            orig: holder.orig,
         }
     }
 }
@@ -136,7 +152,8 @@ impl SnatTable {
     /// Records a live SNAT'ed connection. `translated` is its tuple after NAT in the original
     /// direction; `outbound` says whether the outbound device (LB or NAT gateway) SNATs it as
     /// well; `pod` owns the original source, where known. Protocols without ports (ICMP) hold no
-    /// SNAT port and are ignored.
+    /// SNAT port and are ignored. A later change of its translation goes through
+    /// [`retranslate`](Self::retranslate), and its end names the translation it holds then.
     pub fn open(
         &mut self,
         key: FlowKey,
@@ -147,47 +164,43 @@ impl SnatTable {
         if !key.proto.has_ports() {
             return None;
         }
-        // Two hash operations for a new connection (this runs for every SNAT'ed one): each
-        // insert returns what it replaced.
-        let slot = TranslatedKey::new(&key, &translated);
-        let stale = self
-            .holders
-            .insert(slot, key)
-            .filter(|holder| *holder != key);
-        if let Some(stale) = stale {
-            // Its holder slot is this connection's now, so only its live entry goes.
-            self.close(&stale);
-        }
-        let entry = Entry {
-            translated,
+        let holder = Holder {
+            orig: key.orig,
             outbound,
             pod: pod.map(str::to_owned),
         };
-        let previous = self.live.insert(key, entry);
-        if let Some(previous) = &previous {
-            let old_slot = TranslatedKey::new(&key, &previous.translated);
-            if old_slot != slot {
-                self.release(old_slot, &key);
-            }
-        }
-        Some(match (stale, previous) {
-            (Some(stale), _) => Opened::Conflict { stale },
-            (None, Some(_)) => Opened::Updated,
-            (None, None) => Opened::New,
-        })
+        Some(self.hold(TranslatedKey::new(&key, &translated), holder))
     }
 
-    /// A connection ended at `now`: it leaves the table, and its outbound port stays held until
-    /// the idle timeout. Returns whether it was live here.
-    pub fn end(&mut self, key: &FlowKey, now: Instant) -> bool {
-        let Some(entry) = self.remove(key) else {
+    /// A live connection's translation changed from `was` to `now`: it holds `now`'s tuple
+    /// instead, with what it was opened with. `None` when it was not live here under `was`.
+    pub fn retranslate(&mut self, key: &FlowKey, was: &Tuple, now: &Tuple) -> Option<Opened> {
+        let holder = self.remove(key, was)?;
+        Some(self.hold(TranslatedKey::new(key, now), holder))
+    }
+
+    fn hold(&mut self, slot: TranslatedKey, holder: Holder) -> Opened {
+        let orig = holder.orig;
+        match self.live.insert(slot, holder) {
+            None => Opened::New,
+            Some(previous) if previous.orig == orig => Opened::Updated,
+            Some(previous) => Opened::Conflict {
+                stale: slot.flow_key(&previous),
+            },
+        }
+    }
+
+    /// A connection that held `translated` ended at `now`: it leaves the table, and its outbound
+    /// port stays held until the idle timeout. Returns whether it was live here.
+    pub fn end(&mut self, key: &FlowKey, translated: &Tuple, now: Instant) -> bool {
+        let Some(holder) = self.remove(key, translated) else {
             return false;
         };
-        if entry.outbound && !self.idle_timeout.is_zero() {
+        if holder.outbound && !self.idle_timeout.is_zero() {
             let release = now + self.idle_timeout;
             let queue = self
                 .held
-                .entry(destination(key, &entry.translated))
+                .entry(destination(key.proto, translated))
                 .or_default();
             match queue.back_mut() {
                 Some((at, n))
@@ -203,22 +216,18 @@ impl SnatTable {
 
     /// Forgets a connection without holding its port (its end was missed, or it changed).
     /// Returns whether it was live here.
-    pub fn close(&mut self, key: &FlowKey) -> bool {
-        self.remove(key).is_some()
+    pub fn close(&mut self, key: &FlowKey, translated: &Tuple) -> bool {
+        self.remove(key, translated).is_some()
     }
 
-    fn remove(&mut self, key: &FlowKey) -> Option<Entry> {
-        let entry = self.live.remove(key)?;
-        self.release(TranslatedKey::new(key, &entry.translated), key);
-        Some(entry)
-    }
-
-    /// Frees `slot` if `key` holds it (another connection may have taken it since).
-    fn release(&mut self, slot: TranslatedKey, key: &FlowKey) {
-        if let std::collections::hash_map::Entry::Occupied(holder) = self.holders.entry(slot) {
-            if holder.get() == key {
-                holder.remove();
+    /// Takes `key`'s holder of `translated`, if it still holds it (another connection may have
+    /// taken it since).
+    fn remove(&mut self, key: &FlowKey, translated: &Tuple) -> Option<Holder> {
+        match self.live.entry(TranslatedKey::new(key, translated)) {
+            std::collections::hash_map::Entry::Occupied(slot) if slot.get().orig == key.orig => {
+                Some(slot.remove())
             }
+            _ => None,
         }
     }
 
@@ -246,9 +255,9 @@ impl SnatTable {
     pub fn usage(&self) -> Usage {
         let mut usage = Usage::default();
         let mut ports: HashMap<SourceDestination, HashSet<u16>> = HashMap::new();
-        for (key, entry) in &self.live {
-            let t = &entry.translated;
-            let dest = destination(key, t);
+        for (slot, entry) in &self.live {
+            let t = &slot.translated;
+            let dest = destination(slot.proto, t);
             let sd = SourceDestination { src: t.src, dest };
             *usage
                 .connections
@@ -279,9 +288,9 @@ impl SnatTable {
 }
 
 /// Where a connection goes after the node's NAT: what the outbound device counts ports for.
-fn destination(key: &FlowKey, translated: &Tuple) -> Destination {
+fn destination(proto: Proto, translated: &Tuple) -> Destination {
     Destination {
-        proto: key.proto,
+        proto,
         ip: translated.dst,
         port: translated.dport,
     }
@@ -397,7 +406,12 @@ mod tests {
             Some(Opened::Conflict { stale: old })
         );
         assert_eq!(table.len(), 1);
-        assert!(!table.close(&old), "the stale entry is gone");
+        assert!(!table.close(&old, &t), "the stale entry is gone");
+        assert!(
+            !table.end(&old, &t, Instant::now()),
+            "and its late end frees nothing"
+        );
+        assert_eq!(table.len(), 1);
         let usage = table.usage();
         assert_eq!(usage.lb_flows[&dest("198.51.100.7", 443)], 1);
         assert_eq!(
@@ -427,14 +441,39 @@ mod tests {
         let mut table = SnatTable::default();
         let (k, t) = pod_conn(40000, 50000, "198.51.100.7", 443);
         table.open(k, t, false, None);
+        assert_eq!(table.open(k, t, true, None), Some(Opened::Updated));
+        assert_eq!(table.len(), 1);
+        assert_eq!(table.usage().lb_flows.values().sum::<u64>(), 1);
+    }
+
+    #[test]
+    fn a_changed_translation_moves_the_connection() {
+        let mut table = SnatTable::default();
+        let (k, t) = pod_conn(40000, 50000, "198.51.100.7", 443);
+        table.open(k, t, true, Some("web/a"));
         let moved = Tuple { sport: 50001, ..t };
-        assert_eq!(table.open(k, moved, true, None), Some(Opened::Updated));
+        assert_eq!(table.retranslate(&k, &t, &moved), Some(Opened::New));
         assert_eq!(table.len(), 1);
         let usage = table.usage();
-        assert_eq!(usage.lb_flows.values().sum::<u64>(), 1);
+        assert_eq!(usage.lb_flows.values().sum::<u64>(), 1, "still outbound");
+        assert_eq!(
+            usage.connections.keys().next().unwrap().1.as_deref(),
+            Some("web/a")
+        );
         // The old translated tuple is free again: another connection may take it.
         let (other, _) = pod_conn(40001, 50000, "198.51.100.7", 443);
         assert_eq!(table.open(other, t, true, None), Some(Opened::New));
+        assert!(
+            !table.end(&k, &t, Instant::now()),
+            "not under its old translation"
+        );
+        assert!(table.end(&k, &moved, Instant::now()));
+        assert_eq!(
+            table.retranslate(&k, &moved, &t),
+            None,
+            "ended: nothing to move"
+        );
+        assert_eq!(table.len(), 1);
     }
 
     #[test]
@@ -442,8 +481,8 @@ mod tests {
         let mut table = SnatTable::default();
         let (k, t) = pod_conn(40000, 50000, "198.51.100.7", 443);
         table.open(k, t, true, None);
-        assert!(table.close(&k));
-        assert!(!table.close(&k), "a second end changes nothing");
+        assert!(table.close(&k, &t));
+        assert!(!table.close(&k, &t), "a second end changes nothing");
         assert!(table.is_empty());
         assert_eq!(table.usage(), Usage::default());
     }
@@ -468,19 +507,19 @@ mod tests {
         table.open(k1, t1, true, Some("web/a"));
         table.open(k2, t2, true, Some("web/a"));
         table.open(node_only, t3, false, Some("web/a"));
-        assert!(table.end(&k1, t0));
+        assert!(table.end(&k1, &t1, t0));
         assert!(
-            table.end(&node_only, t0),
+            table.end(&node_only, &t3, t0),
             "ended, but never held an outbound port"
         );
-        assert!(!table.end(&k1, t0), "a second end changes nothing");
+        assert!(!table.end(&k1, &t1, t0), "a second end changes nothing");
         let dest = dest("198.51.100.7", 443);
         let usage = table.usage();
         assert_eq!(usage.lb_flows[&dest], 1);
         assert_eq!(usage.held_after_close[&dest], 1);
         assert_eq!(usage.held_after_close.len(), 1);
         assert_eq!(usage.pressure(4), 2.0 / 4.0, "live plus held");
-        table.end(&k2, t0 + Duration::from_secs(60));
+        table.end(&k2, &t2, t0 + Duration::from_secs(60));
         table.expire(t0 + idle);
         let usage = table.usage();
         assert_eq!(
@@ -499,14 +538,14 @@ mod tests {
         for i in 0..100u16 {
             let (k, t) = pod_conn(40000 + i, 50000 + i, "198.51.100.7", 443);
             table.open(k, t, true, None);
-            table.end(&k, t0 + Duration::from_millis(u64::from(i) * 5));
+            table.end(&k, &t, t0 + Duration::from_millis(u64::from(i) * 5));
         }
         let queue = &table.held[&dest("198.51.100.7", 443)];
         assert_eq!(queue.len(), 1);
         assert_eq!(queue[0].1, 100);
         let (k, t) = pod_conn(41000, 51000, "198.51.100.7", 443);
         table.open(k, t, true, None);
-        assert!(table.close(&k));
+        assert!(table.close(&k, &t));
         assert_eq!(
             table.usage().held_after_close[&dest("198.51.100.7", 443)],
             100

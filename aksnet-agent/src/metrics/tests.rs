@@ -158,8 +158,8 @@ fn counts_snat_translations_per_path_pod_and_hop() {
         let (k, t) = pod_conn(40000 + port, 50000 + port, "198.51.100.7", 443);
         m.observe_new(&observation(k, t, &OUT, Some("default/app")));
     }
-    let (by_ip, t) = pod_conn(41000, 51000, "198.51.100.7", 443);
-    m.observe_new(&observation(by_ip, t, &OUT, Some("10.244.0.5")));
+    let (by_ip, t_by_ip) = pod_conn(41000, 51000, "198.51.100.7", 443);
+    m.observe_new(&observation(by_ip, t_by_ip, &OUT, Some("10.244.0.5")));
     // kubenet pod → vnet: the node's SNAT only.
     let (k, t) = pod_conn(42000, 52000, "10.225.0.4", 80);
     m.observe_new(&FlowObservation {
@@ -193,7 +193,7 @@ fn counts_snat_translations_per_path_pod_and_hop() {
     assert_eq!(at("lb-inbound", "", "node_snat"), Some(1.0));
     assert_eq!(series(&s, snat), 6);
     // A counter: the connection's end does not take it back.
-    m.observe_end(&by_ip);
+    m.observe_end(&by_ip, &t_by_ip);
     let s = scrape(&m);
     let by_ip = [("pod", "10.244.0.5"), ("hop", "node_snat")];
     assert_eq!(value(&s, snat, &by_ip), Some(1.0));
@@ -255,13 +255,13 @@ fn snat_gauges_follow_live_connections() {
     assert_eq!(value(&s, pressure, &[]), Some(2.0 / 8.0));
     assert_eq!(value(&s, "aksnet_lb_snat_ports_allocated", &[]), Some(8.0));
 
-    m.observe_end(&k1);
-    m.observe_end(&k3);
+    m.observe_end(&k1, &t1);
+    m.observe_end(&k3, &t3);
     let s = scrape(&m);
     assert_eq!(value(&s, conns, &web_a), Some(1.0));
     assert_eq!(value(&s, conns, &unknown_pod), None, "ended series go away");
     assert_eq!(value(&s, pressure, &[]), Some(1.0 / 8.0));
-    m.observe_end(&k2);
+    m.observe_end(&k2, &t2);
     let s = scrape(&m);
     assert_eq!(series(&s, conns), 0);
     assert_eq!(series(&s, lb), 0);
@@ -409,7 +409,7 @@ fn exposes_every_family_with_its_type_and_help() {
     m.set_capture(health, SourceKind::Netlink);
     let (ended, t) = pod_conn(40001, 50001, "198.51.100.7", 443);
     m.observe_new(&observation(ended, t, &OUT, Some("web/a")));
-    m.observe_end(&ended);
+    m.observe_end(&ended, &t);
     m.observe_client_address_lost(Some("web/front"), "kube_proxy_masquerade");
     let text = m.render().unwrap();
     let types: BTreeMap<&str, &str> = text
@@ -679,13 +679,33 @@ fn the_top_destinations_name_their_top_pods_and_fold_the_rest() {
 }
 
 #[test]
+fn a_changed_translation_is_followed_to_the_end() {
+    let m = metrics(20);
+    let (k, t) = pod_conn(40000, 50000, "198.51.100.7", 443);
+    m.observe_new(&observation(k, t, &OUT, Some("web/a")));
+    let moved = Tuple { sport: 50001, ..t };
+    m.observe_nat_change(&k, &t, &moved);
+    let s = scrape(&m);
+    let conns = "aksnet_snat_connections";
+    assert_eq!(series(&s, conns), 1);
+    m.observe_end(&k, &moved);
+    let s = scrape(&m);
+    assert_eq!(
+        series(&s, conns),
+        0,
+        "its end found it under the new translation"
+    );
+    assert_eq!(series(&s, "aksnet_lb_snat_destination_flows"), 0);
+}
+
+#[test]
 fn ended_flows_hold_ports_against_the_allocation_until_the_idle_timeout() {
     let m = metrics(20);
     let (k1, t1) = pod_conn(40000, 50000, "198.51.100.7", 443);
     let (k2, t2) = pod_conn(40001, 50001, "198.51.100.7", 443);
     m.observe_new(&observation(k1, t1, &OUT, Some("web/a")));
     m.observe_new(&observation(k2, t2, &OUT, Some("web/a")));
-    m.observe_end(&k1);
+    m.observe_end(&k1, &t1);
     let s = scrape(&m);
     let to_7 = [("dst_ip", "198.51.100.7"), ("dst_port", "443")];
     assert_eq!(
@@ -706,7 +726,7 @@ fn ended_flows_hold_ports_against_the_allocation_until_the_idle_timeout() {
     })
     .unwrap();
     no_hold.observe_new(&observation(k1, t1, &OUT, None));
-    no_hold.observe_end(&k1);
+    no_hold.observe_end(&k1, &t1);
     let s = scrape(&no_hold);
     assert_eq!(series(&s, held), 0);
     assert_eq!(value(&s, pressure, &[]), Some(0.0));

@@ -73,7 +73,7 @@ impl<W: Write> Pipeline<W> {
     /// [`handle`](Self::handle)s events in order, stopping once `--count` lines are shown.
     pub(super) fn handle_all(
         &mut self,
-        events: Vec<FlowEvent>,
+        events: impl IntoIterator<Item = FlowEvent>,
         count: Option<u64>,
     ) -> Result<(), AgentError> {
         for event in events {
@@ -90,12 +90,18 @@ impl<W: Write> Pipeline<W> {
         // Evicted flows' ends will never arrive: close them for the live-SNAT accounting now.
         for flow in self.table.drain_evicted() {
             if let Some(metrics) = &self.metrics {
-                metrics.observe_end(&flow.event.key());
+                metrics.observe_end(&flow.event.key(), &flow.event.translated());
             }
         }
         match update {
             Update::Opened(flow) => self.report(EventKind::New, &flow.event),
-            Update::NatChanged(flow) => self.report(EventKind::NatChanged, &flow.event),
+            Update::NatChanged { flow, was } => {
+                if let Some(metrics) = &self.metrics {
+                    let event = &flow.event;
+                    metrics.observe_nat_change(&event.key(), &was, &event.translated());
+                }
+                self.report(EventKind::NatChanged, &flow.event)
+            }
             Update::Closed(flow) => self.close(&flow.event),
             Update::Replaced { ended, opened } => {
                 self.close(&ended.event)?;
@@ -111,7 +117,7 @@ impl<W: Write> Pipeline<W> {
 
     fn close(&mut self, event: &FlowEvent) -> Result<(), AgentError> {
         if let Some(metrics) = &self.metrics {
-            metrics.observe_end(&event.key());
+            metrics.observe_end(&event.key(), &event.translated());
         }
         if self.show_ends {
             let view = self.view(EventKind::Destroy, event, None);
