@@ -8,6 +8,7 @@ mod decode;
 pub use decode::{decode_conn_event, BootClock, DecodeError};
 
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::fmt;
 use std::net::IpAddr;
 use std::time::SystemTime;
@@ -39,19 +40,25 @@ impl Proto {
     pub fn has_ports(self) -> bool {
         matches!(self, Proto::Tcp | Proto::Udp | Proto::Sctp)
     }
+
+    /// Its name, e.g. `tcp`; allocated only for protocols without one (`proto-N`), so that a
+    /// metric label costs nothing for the common ones.
+    pub fn name(self) -> Cow<'static, str> {
+        match self {
+            Proto::Tcp => "tcp".into(),
+            Proto::Udp => "udp".into(),
+            Proto::Icmp => "icmp".into(),
+            Proto::Icmpv6 => "icmpv6".into(),
+            Proto::Sctp => "sctp".into(),
+            Proto::Other(n) => format!("proto-{n}").into(),
+        }
+    }
 }
 
 impl fmt::Display for Proto {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // `pad` so that width specifiers line up dump columns.
-        match self {
-            Proto::Tcp => f.pad("tcp"),
-            Proto::Udp => f.pad("udp"),
-            Proto::Icmp => f.pad("icmp"),
-            Proto::Icmpv6 => f.pad("icmpv6"),
-            Proto::Sctp => f.pad("sctp"),
-            Proto::Other(n) => f.pad(&format!("proto-{n}")),
-        }
+        f.pad(&self.name())
     }
 }
 

@@ -411,7 +411,7 @@ impl Metrics {
                 .with_label_values(&[flow.path, reason])
                 .inc();
         }
-        let proto = flow.key.proto.to_string();
+        let proto = flow.key.proto.name();
         if flow.hops.is_empty() {
             self.translations.with_label_values(&["none", &proto]).inc();
         }

@@ -38,6 +38,8 @@ pub struct AgentArgs<'a> {
     pub metrics: Option<SocketAddr>,
     /// A cgroup v1 directory (cpu controller) the agent joins as soon as it runs.
     pub cgroup: Option<&'a Path>,
+    /// Environment variables beyond the bench's own.
+    pub env: &'a [(String, String)],
 }
 
 /// One stdout line and when it arrived.
@@ -66,6 +68,7 @@ impl Agent {
             .arg("--config")
             .arg(args.config)
             .env("RUST_LOG", "info")
+            .envs(args.env.iter().map(|(name, value)| (name, value)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -18,18 +18,8 @@ pub struct CpuLimit {
 }
 
 impl CpuLimit {
-    /// `resources.limits.cpu` of the (single) container in `deploy/base/daemonset.yaml`.
-    pub fn of_daemonset(workspace: &Path) -> Result<CpuLimit, BenchError> {
-        let path = workspace.join("deploy/base/daemonset.yaml");
-        let text = std::fs::read_to_string(&path).map_err(FileError::on("cannot read", &path))?;
-        CpuLimit::parse_manifest(&text).ok_or_else(|| BenchError::Parse {
-            what: path.display().to_string(),
-            detail: "no `limits:` block with a `cpu:` quantity (like `cpu: 500m`)".into(),
-        })
-    }
-
     /// The `cpu:` line of the first `limits:` block, as a Kubernetes quantity.
-    fn parse_manifest(text: &str) -> Option<CpuLimit> {
+    pub(super) fn parse_manifest(text: &str) -> Option<CpuLimit> {
         let mut lines = text.lines().map(str::trim);
         lines.find(|l| *l == "limits:")?;
         let quantity = lines

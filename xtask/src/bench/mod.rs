@@ -8,6 +8,7 @@ pub mod agent;
 mod cap;
 mod completeness;
 mod cost;
+mod daemonset;
 mod datapath;
 mod entries;
 pub mod error;
@@ -128,7 +129,8 @@ pub fn run(
     subjects.extend(baseline.map(|b| cost::Subject {
         binary: b.to_path_buf(),
     }));
-    let limit = cap::CpuLimit::of_daemonset(workspace)?;
+    let daemonset = daemonset::DaemonSet::read(workspace)?;
+    let limit = daemonset.limit;
     let mut rows = Vec::new();
     if plan.measures(Section::Userspace) {
         println!("bench: userspace pipeline (criterion)");
@@ -146,7 +148,7 @@ pub fn run(
     ];
     if lab_sections.iter().any(|s| plan.measures(*s)) {
         println!("bench: node lab up (kubenet)");
-        let rig = Rig::up(&agent)?;
+        let rig = Rig::up(&agent, daemonset.env)?;
         let lab_rows = lab_benchmarks(&rig, plan, &subjects, limit);
         // Tear down whether or not the measurements worked; report the measurement error first.
         let down = rig.down();
@@ -225,7 +227,9 @@ fn notes(plan: &Plan) -> Vec<String> {
     vec![
         format!(
             "Cost per connection: CPU time, which holds on this shared machine where wall time does not. \
-             Each run starts the agent as the DaemonSet runs it (no `--dump`, metrics on a local port), \
+             Each run starts the agent as the DaemonSet runs it (no `--dump`, metrics on a local port, \
+             the literal environment variables of `deploy/base/daemonset.yaml`: every agent the bench \
+             starts gets them), \
              waits until it counted a probe, measures 1 s idle, then {} sequential connections from the \
              internet client through the LB frontend; then it flushes the node's conntrack table \
              (`conntrack -F`, before the idle second too), so that every connection's end (netlink \

@@ -44,10 +44,12 @@ pub struct Rig {
     pub lab: Lab,
     pub agent_binary: PathBuf,
     config: PathBuf,
+    /// The DaemonSet's environment, which every agent started here gets.
+    env: Vec<(String, String)>,
 }
 
 impl Rig {
-    pub fn up(agent_binary: &Path) -> Result<Rig, BenchError> {
+    pub fn up(agent_binary: &Path, env: Vec<(String, String)>) -> Result<Rig, BenchError> {
         let lab = Lab::up(LabOptions::new(CniMode::Kubenet))?;
         let pod = lab.netns(Host::PodApp);
         // The lab's app server is socat forking a shell per connection: a few hundred
@@ -60,6 +62,7 @@ impl Rig {
             lab,
             agent_binary: agent_binary.to_path_buf(),
             config,
+            env,
         })
     }
 
@@ -102,6 +105,7 @@ impl Rig {
             count: launch.count,
             metrics: launch.metrics,
             cgroup: launch.cgroup,
+            env: &self.env,
         })?;
         let shown = match (&launch.mode, launch.metrics) {
             (Mode::Dump, _) => self
