@@ -14,7 +14,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Where `ip netns add NAME` bind-mounts its namespaces.
@@ -241,7 +241,8 @@ pub struct IfNames {
     /// AF_INET datagram socket created inside the namespace: SIOCGIFNAME answers for the
     /// socket's namespace, not the calling thread's.
     sock: OwnedFd,
-    cache: Mutex<HashMap<u32, (String, Instant)>>,
+    /// Shared names: every reported connection looks up two, and a clone is a count.
+    cache: Mutex<HashMap<u32, (Arc<str>, Instant)>>,
 }
 
 impl IfNames {
@@ -267,14 +268,14 @@ impl IfNames {
     }
 
     /// The interface's name, or `None` when no interface has that index (any more).
-    pub fn name(&self, ifindex: u32) -> Result<Option<String>, NetnsError> {
+    pub fn name(&self, ifindex: u32) -> Result<Option<Arc<str>>, NetnsError> {
         let mut cache = self.cache.lock().expect("interface name cache poisoned");
         if let Some((name, at)) = cache.get(&ifindex) {
             if at.elapsed() < NAME_TTL {
                 return Ok(Some(name.clone()));
             }
         }
-        let resolved = self.query(ifindex)?;
+        let resolved: Option<Arc<str>> = self.query(ifindex)?.map(Into::into);
         match &resolved {
             Some(name) => {
                 if cache.len() >= NAME_CACHE_MAX {

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// How `--dump` prints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -19,8 +20,8 @@ pub struct FlowView<'a> {
     /// What happened: opened, NAT changed, ended.
     pub kind: EventKind,
     pub event: &'a FlowEvent,
-    pub in_iface: Option<String>,
-    pub out_iface: Option<String>,
+    pub in_iface: Option<Arc<str>>,
+    pub out_iface: Option<Arc<str>>,
     /// `namespace/pod` or `namespace/service` for the addresses the enrichment knows.
     pub names: BTreeMap<IpAddr, String>,
     /// The AKS path and verdict, once classified (a flow's end is shown without).
@@ -280,7 +281,6 @@ fn text_line(view: &FlowView<'_>) -> String {
         EventKind::NatChanged => "nat-changed",
         EventKind::Destroy => "end",
     };
-    let iface = |name: &Option<String>| name.clone().unwrap_or_else(|| "-".into());
     let mut line = format!(
         "{} {kind:<5} {:<4} {} => {} {:<4} in={} out={}",
         rfc3339(ev.ts),
@@ -288,8 +288,8 @@ fn text_line(view: &FlowView<'_>) -> String {
         ev.orig,
         ev.translated(),
         ev.nat(),
-        iface(&view.in_iface),
-        iface(&view.out_iface),
+        view.in_iface.as_deref().unwrap_or("-"),
+        view.out_iface.as_deref().unwrap_or("-"),
     );
     if let Some(class) = view.classification {
         let path = class.path.as_ref().map_or("-", |p| p.0.as_str());
