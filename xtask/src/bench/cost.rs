@@ -12,6 +12,7 @@ use crate::bench::agent::{scrape, Agent, Mode};
 use crate::bench::completeness::free_local_port;
 use crate::bench::datapath::READY_TIMEOUT;
 use crate::bench::error::BenchError;
+use crate::bench::floor::Floor;
 use crate::bench::load;
 use crate::bench::report::{median, Row};
 use crate::bench::rig::{Launch, Rig, EVENTS_METRIC, FRONTEND};
@@ -57,6 +58,9 @@ pub struct Subject {
 struct Sample {
     kernel_us_per_conn: f64,
     runs_per_conn: f64,
+    /// The do-nothing program's time on the same tracepoint ([`Floor`]), per connection and per run.
+    floor_us_per_conn: f64,
+    floor_ns_per_run: f64,
     /// Per program name: kernel µs per connection.
     per_program: BTreeMap<String, f64>,
     ns_per_known_run: f64,
@@ -83,19 +87,22 @@ struct Sample {
 /// times, alternating, and returns one row per figure with the baseline's figure beside it.
 pub fn run(rig: &Rig, plan: &Plan, subjects: &[Subject]) -> Result<Vec<Row>, BenchError> {
     let _stats = BpfStats::enable()?;
+    let floor = Floor::attach()?;
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); subjects.len()];
     for round in 0..plan.runs {
         for i in 0..subjects.len() {
             // Alternate which binary goes first so that drift over the session cancels out.
             let i = (i + round) % subjects.len();
-            let s = once(rig, plan, &subjects[i].binary)?;
+            let s = once(rig, plan, &floor, &subjects[i].binary)?;
             println!(
-                "  run {}/{} {}: kernel {:.2} µs/conn ({:.1} runs), {:.0} ns/run on a known flow ({:.0} ns/datagram), {:.0} ns/run on its replies ({:.0} ns/datagram); agent {:.1} µs/conn daemon ({:.1} on its first storm), {:.1} µs/conn dump",
+                "  run {}/{} {}: kernel {:.2} µs/conn ({:.1} runs; a do-nothing program {:.2} µs/conn, {:.1} ns/run), {:.0} ns/run on a known flow ({:.0} ns/datagram), {:.0} ns/run on its replies ({:.0} ns/datagram); agent {:.1} µs/conn daemon ({:.1} on its first storm), {:.1} µs/conn dump",
                 round + 1,
                 plan.runs,
                 subjects[i].binary.display(),
                 s.kernel_us_per_conn,
                 s.runs_per_conn,
+                s.floor_us_per_conn,
+                s.floor_ns_per_run,
                 s.ns_per_known_run,
                 s.ns_per_datagram,
                 s.reply_ns_per_run,
@@ -155,6 +162,16 @@ fn rows(plan: &Plan, samples: &[Vec<Sample>]) -> Vec<Row> {
             "kernel",
             "… program runs per connection (`run_cnt`; every packet leaving any device of the machine runs it)".into(),
             figure(&|s| s.runs_per_conn, "", 1),
+        ),
+        row(
+            "kernel",
+            "… the floor: a do-nothing program attached beside it to the same tracepoint, per connection (what `bpf_stats` charges any run there: its clock readings, the call)".into(),
+            figure(&|s| s.floor_us_per_conn, "µs", 2),
+        ),
+        row(
+            "kernel",
+            "… the floor per run".into(),
+            figure(&|s| s.floor_ns_per_run, "ns", 1),
         ),
     ];
     for name in names_in(samples, |s| s.per_program.keys()) {
@@ -291,7 +308,7 @@ fn spread(values: &[f64], unit: &str, digits: usize) -> String {
 
 /// One run of one binary: as a daemon (connections, then the known UDP connection), then with
 /// `--dump --output json` to a file (connections).
-fn once(rig: &Rig, plan: &Plan, binary: &Path) -> Result<Sample, BenchError> {
+fn once(rig: &Rig, plan: &Plan, floor: &Floor, binary: &Path) -> Result<Sample, BenchError> {
     let mut sample = Sample::default();
     let metrics = free_local_port()?;
     let daemon = Launch {
@@ -303,18 +320,20 @@ fn once(rig: &Rig, plan: &Plan, binary: &Path) -> Result<Sample, BenchError> {
     };
     let (mut agent, _) = rig.launch(&daemon, READY_TIMEOUT)?;
     let progress = || scrape(metrics, EVENTS_METRIC).unwrap_or(f64::NAN);
-    let first = connections(rig, plan, &mut agent, &progress)?;
+    let first = connections(rig, plan, floor, &mut agent, &progress)?;
     sample.daemon_first_us = first.cpu_ns / 1000.0;
-    let cost = connections(rig, plan, &mut agent, &progress)?;
+    let cost = connections(rig, plan, floor, &mut agent, &progress)?;
     sample.kernel_us_per_conn = cost.kernel_ns / 1000.0;
     sample.runs_per_conn = cost.runs;
+    sample.floor_us_per_conn = cost.floor_ns / 1000.0;
+    sample.floor_ns_per_run = cost.floor_ns / cost.floor_runs;
     sample.per_program = cost.per_program;
     sample.daemon_us = cost.cpu_ns / 1000.0;
     sample.daemon_sched_us = cost.sched_ns / 1000.0;
     sample.daemon_threads = cost.threads;
     sample.idle_ms_per_s = cost.idle_ms_per_s;
     sample.idle_wakeups_per_s = cost.idle_wakeups_per_s;
-    let (known, reply) = known_connection(rig, plan, &mut agent)?;
+    let (known, reply) = known_connection(rig, plan, floor, &mut agent)?;
     sample.ns_per_known_run = known.ns_per_run;
     sample.ns_per_datagram = known.ns_per_datagram;
     sample.runs_per_datagram = known.runs_per_datagram;
@@ -333,8 +352,8 @@ fn once(rig: &Rig, plan: &Plan, binary: &Path) -> Result<Sample, BenchError> {
     };
     let (mut agent, _) = rig.launch(&dump, READY_TIMEOUT)?;
     let progress = || std::fs::metadata(&file).map_or(f64::NAN, |m| m.len() as f64);
-    let cost = connections(rig, plan, &mut agent, &progress)
-        .and_then(|_first| connections(rig, plan, &mut agent, &progress));
+    let cost = connections(rig, plan, floor, &mut agent, &progress)
+        .and_then(|_first| connections(rig, plan, floor, &mut agent, &progress));
     agent.stop();
     let _ = std::fs::remove_file(&file);
     let cost = cost?;
@@ -351,6 +370,9 @@ struct PerConnection {
     idle_wakeups_per_s: f64,
     kernel_ns: f64,
     runs: f64,
+    /// The do-nothing program's time and runs, per connection.
+    floor_ns: f64,
+    floor_runs: f64,
     per_program: BTreeMap<String, f64>,
     cpu_ns: f64,
     sched_ns: f64,
@@ -361,6 +383,7 @@ struct PerConnection {
 fn connections(
     rig: &Rig,
     plan: &Plan,
+    floor: &Floor,
     agent: &mut Agent,
     progress: &dyn Fn() -> f64,
 ) -> Result<PerConnection, BenchError> {
@@ -370,9 +393,9 @@ fn connections(
     })?;
     end_connections(rig)?;
     settle(progress);
-    let idle_start = Snapshot::take(pid)?;
+    let idle_start = Snapshot::take(pid, floor)?;
     std::thread::sleep(IDLE);
-    let start = Snapshot::take(pid)?;
+    let start = Snapshot::take(pid, floor)?;
     let storm = rig.storm(plan.connections, 1, STORM_DEADLINE)?;
     if storm.ok != plan.connections {
         return Err(BenchError::Failed {
@@ -388,7 +411,7 @@ fn connections(
     end_connections(rig)?;
     let idle = start.since(&idle_start);
     settle_on_cpu(pid, &idle)?;
-    let end = Snapshot::take(pid)?;
+    let end = Snapshot::take(pid, floor)?;
     if agent.exited() {
         return Err(BenchError::Failed {
             what: "the cost run".into(),
@@ -403,6 +426,8 @@ fn connections(
         idle_wakeups_per_s: summed(&idle.threads).1 / idle_seconds,
         kernel_ns: busy.bpf_ns / n,
         runs: busy.bpf_runs / n,
+        floor_ns: busy.floor_ns / n,
+        floor_runs: busy.floor_runs / n,
         per_program: busy
             .per_program
             .iter()
@@ -475,14 +500,15 @@ struct Known {
 fn known_connection(
     rig: &Rig,
     plan: &Plan,
+    floor: &Floor,
     agent: &mut Agent,
 ) -> Result<(Known, Known), BenchError> {
     let pid = agent.pid().unwrap_or_default();
     let flow = load::UdpFlow::establish(&rig.pod(), &rig.inet(), UDP_SINK)?;
     // Let its report through first: the streams are what is measured.
     std::thread::sleep(Duration::from_millis(200));
-    let original = stream(pid, plan, || flow.send(plan.datagrams))?;
-    let reply = stream(pid, plan, || flow.answer(plan.datagrams))?;
+    let original = stream(pid, plan, floor, || flow.send(plan.datagrams))?;
+    let reply = stream(pid, plan, floor, || flow.answer(plan.datagrams))?;
     Ok((original, reply))
 }
 
@@ -490,13 +516,14 @@ fn known_connection(
 fn stream(
     pid: u32,
     plan: &Plan,
+    floor: &Floor,
     send: impl FnOnce() -> Result<(), BenchError>,
 ) -> Result<Known, BenchError> {
-    let idle_start = Snapshot::take(pid)?;
+    let idle_start = Snapshot::take(pid, floor)?;
     std::thread::sleep(IDLE);
-    let start = Snapshot::take(pid)?;
+    let start = Snapshot::take(pid, floor)?;
     send()?;
-    let end = Snapshot::take(pid)?;
+    let end = Snapshot::take(pid, floor)?;
     let idle = start.since(&idle_start);
     let busy = end.since(&start).minus_idle(&idle);
     let n = plan.datagrams as f64;
@@ -518,6 +545,8 @@ struct Snapshot {
     threads: BTreeMap<String, (f64, f64)>,
     /// Per program id: name, `run_time_ns`, `run_cnt`.
     programs: BTreeMap<u32, (String, u64, u64)>,
+    /// The do-nothing program's `run_time_ns`, `run_cnt`.
+    floor: (u64, u64),
 }
 
 /// The difference of two snapshots.
@@ -527,12 +556,14 @@ struct Delta {
     sched_ns: f64,
     bpf_ns: f64,
     bpf_runs: f64,
+    floor_ns: f64,
+    floor_runs: f64,
     per_program: BTreeMap<String, f64>,
     threads: BTreeMap<String, (f64, f64)>,
 }
 
 impl Snapshot {
-    fn take(pid: u32) -> Result<Snapshot, BenchError> {
+    fn take(pid: u32, floor: &Floor) -> Result<Snapshot, BenchError> {
         let cpu_ns = cpu_time(pid)?;
         let threads = threads(pid)?;
         Ok(Snapshot {
@@ -541,6 +572,7 @@ impl Snapshot {
             sched_ns: summed(&threads).0,
             threads,
             programs: programs(pid)?,
+            floor: floor.counters()?,
         })
     }
 
@@ -575,6 +607,8 @@ impl Snapshot {
             sched_ns: self.sched_ns - earlier.sched_ns,
             bpf_ns,
             bpf_runs,
+            floor_ns: self.floor.0.saturating_sub(earlier.floor.0) as f64,
+            floor_runs: self.floor.1.saturating_sub(earlier.floor.1) as f64,
             per_program,
             threads,
         }
@@ -593,6 +627,8 @@ impl Delta {
         self.sched_ns -= idle.sched_ns * scale;
         self.bpf_ns -= idle.bpf_ns * scale;
         self.bpf_runs -= idle.bpf_runs * scale;
+        self.floor_ns -= idle.floor_ns * scale;
+        self.floor_runs -= idle.floor_runs * scale;
         for (name, ns) in &mut self.per_program {
             *ns -= idle.per_program.get(name).copied().unwrap_or(0.0) * scale;
         }
@@ -780,6 +816,8 @@ mod tests {
             sched_ns: ns,
             bpf_ns: ns,
             bpf_runs: ns,
+            floor_ns: ns,
+            floor_runs: ns,
             per_program: BTreeMap::from([("p".to_string(), ns)]),
             threads: BTreeMap::from([("t".to_string(), (ns, ns / 10.0))]),
         };
