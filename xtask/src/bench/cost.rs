@@ -66,10 +66,12 @@ struct Sample {
     ns_per_known_run: f64,
     ns_per_datagram: f64,
     runs_per_datagram: f64,
+    floor_ns_per_known_run: f64,
     /// The same known connection's datagrams in its reply direction.
     reply_ns_per_run: f64,
     reply_ns_per_datagram: f64,
     reply_runs_per_datagram: f64,
+    reply_floor_ns_per_run: f64,
     /// The first storm after the agent started, its tables and heap still growing.
     daemon_first_us: f64,
     /// The daemon's CPU and wake-ups while idle (the second before its second storm).
@@ -173,6 +175,11 @@ fn rows(plan: &Plan, samples: &[Vec<Sample>]) -> Vec<Row> {
             "… the floor per run".into(),
             figure(&|s| s.floor_ns_per_run, "ns", 1),
         ),
+        row(
+            "kernel",
+            "… the agent's programs above the floor, per connection (the work they do; the floor follows the machine's phase, this less so)".into(),
+            figure(&|s| s.kernel_us_per_conn - s.floor_us_per_conn, "µs", 2),
+        ),
     ];
     for name in names_in(samples, |s| s.per_program.keys()) {
         rows.push(row(
@@ -189,9 +196,10 @@ fn rows(plan: &Plan, samples: &[Vec<Sample>]) -> Vec<Row> {
         "a known connection's packets (UDP, app pod → node SNAT → internet {UDP_SINK}, {} datagrams after one reply)",
         plan.datagrams
     );
-    // The same three figures for each direction of the known connection.
+    // The same four figures for each direction of the known connection.
     let stream_rows = |what: String,
                        per_run: fn(&Sample) -> f64,
+                       floor: fn(&Sample) -> f64,
                        per_datagram: fn(&Sample) -> f64,
                        runs: fn(&Sample) -> f64| {
         [
@@ -199,6 +207,11 @@ fn rows(plan: &Plan, samples: &[Vec<Sample>]) -> Vec<Row> {
                 "kernel",
                 format!("BPF time per program run, {what}"),
                 figure(&per_run, "ns", 0),
+            ),
+            row(
+                "kernel",
+                "… the floor per run on the same packets (the do-nothing program)".into(),
+                figure(&floor, "ns", 0),
             ),
             row(
                 "kernel",
@@ -215,6 +228,7 @@ fn rows(plan: &Plan, samples: &[Vec<Sample>]) -> Vec<Row> {
     rows.extend(stream_rows(
         stream,
         |s| s.ns_per_known_run,
+        |s| s.floor_ns_per_known_run,
         |s| s.ns_per_datagram,
         |s| s.runs_per_datagram,
     ));
@@ -224,6 +238,7 @@ fn rows(plan: &Plan, samples: &[Vec<Sample>]) -> Vec<Row> {
             plan.datagrams
         ),
         |s| s.reply_ns_per_run,
+        |s| s.reply_floor_ns_per_run,
         |s| s.reply_ns_per_datagram,
         |s| s.reply_runs_per_datagram,
     ));
@@ -337,9 +352,11 @@ fn once(rig: &Rig, plan: &Plan, floor: &Floor, binary: &Path) -> Result<Sample, 
     sample.ns_per_known_run = known.ns_per_run;
     sample.ns_per_datagram = known.ns_per_datagram;
     sample.runs_per_datagram = known.runs_per_datagram;
+    sample.floor_ns_per_known_run = known.floor_ns_per_run;
     sample.reply_ns_per_run = reply.ns_per_run;
     sample.reply_ns_per_datagram = reply.ns_per_datagram;
     sample.reply_runs_per_datagram = reply.runs_per_datagram;
+    sample.reply_floor_ns_per_run = reply.floor_ns_per_run;
     agent.stop();
 
     let file = std::env::temp_dir().join(format!("aksnet-bench-{}-dump.json", std::process::id()));
@@ -492,6 +509,7 @@ struct Known {
     ns_per_run: f64,
     ns_per_datagram: f64,
     runs_per_datagram: f64,
+    floor_ns_per_run: f64,
 }
 
 /// The kernel cost of packets of a connection the agent already reported: one UDP socket from
@@ -529,6 +547,7 @@ fn stream(
     let n = plan.datagrams as f64;
     Ok(Known {
         ns_per_run: busy.bpf_ns / busy.bpf_runs,
+        floor_ns_per_run: busy.floor_ns / busy.floor_runs,
         ns_per_datagram: busy.bpf_ns / n,
         runs_per_datagram: busy.bpf_runs / n,
     })
