@@ -12,6 +12,7 @@ use crate::bench::agent::{scrape, Agent, Mode};
 use crate::bench::completeness::free_local_port;
 use crate::bench::datapath::READY_TIMEOUT;
 use crate::bench::error::BenchError;
+use crate::bench::floor::Floor;
 use crate::bench::load;
 use crate::bench::report::{median, Row};
 use crate::bench::rig::{Launch, Rig, EVENTS_METRIC, FRONTEND};
@@ -57,15 +58,20 @@ pub struct Subject {
 struct Sample {
     kernel_us_per_conn: f64,
     runs_per_conn: f64,
+    /// The do-nothing program's time on the same tracepoint ([`Floor`]), per connection and per run.
+    floor_us_per_conn: f64,
+    floor_ns_per_run: f64,
     /// Per program name: kernel µs per connection.
     per_program: BTreeMap<String, f64>,
     ns_per_known_run: f64,
     ns_per_datagram: f64,
     runs_per_datagram: f64,
+    floor_ns_per_known_run: f64,
     /// The same known connection's datagrams in its reply direction.
     reply_ns_per_run: f64,
     reply_ns_per_datagram: f64,
     reply_runs_per_datagram: f64,
+    reply_floor_ns_per_run: f64,
     /// The first storm after the agent started, its tables and heap still growing.
     daemon_first_us: f64,
     /// The daemon's CPU and wake-ups while idle (the second before its second storm).
@@ -83,19 +89,22 @@ struct Sample {
 /// times, alternating, and returns one row per figure with the baseline's figure beside it.
 pub fn run(rig: &Rig, plan: &Plan, subjects: &[Subject]) -> Result<Vec<Row>, BenchError> {
     let _stats = BpfStats::enable()?;
+    let floor = Floor::attach()?;
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); subjects.len()];
     for round in 0..plan.runs {
         for i in 0..subjects.len() {
             // Alternate which binary goes first so that drift over the session cancels out.
             let i = (i + round) % subjects.len();
-            let s = once(rig, plan, &subjects[i].binary)?;
+            let s = once(rig, plan, &floor, &subjects[i].binary)?;
             println!(
-                "  run {}/{} {}: kernel {:.2} µs/conn ({:.1} runs), {:.0} ns/run on a known flow ({:.0} ns/datagram), {:.0} ns/run on its replies ({:.0} ns/datagram); agent {:.1} µs/conn daemon ({:.1} on its first storm), {:.1} µs/conn dump",
+                "  run {}/{} {}: kernel {:.2} µs/conn ({:.1} runs; a do-nothing program {:.2} µs/conn, {:.1} ns/run), {:.0} ns/run on a known flow ({:.0} ns/datagram), {:.0} ns/run on its replies ({:.0} ns/datagram); agent {:.1} µs/conn daemon ({:.1} on its first storm), {:.1} µs/conn dump",
                 round + 1,
                 plan.runs,
                 subjects[i].binary.display(),
                 s.kernel_us_per_conn,
                 s.runs_per_conn,
+                s.floor_us_per_conn,
+                s.floor_ns_per_run,
                 s.ns_per_known_run,
                 s.ns_per_datagram,
                 s.reply_ns_per_run,
@@ -156,6 +165,21 @@ fn rows(plan: &Plan, samples: &[Vec<Sample>]) -> Vec<Row> {
             "… program runs per connection (`run_cnt`; every packet leaving any device of the machine runs it)".into(),
             figure(&|s| s.runs_per_conn, "", 1),
         ),
+        row(
+            "kernel",
+            "… the floor: a do-nothing program attached beside it to the same tracepoint, per connection (what `bpf_stats` charges any run there: its clock readings, the call)".into(),
+            figure(&|s| s.floor_us_per_conn, "µs", 2),
+        ),
+        row(
+            "kernel",
+            "… the floor per run".into(),
+            figure(&|s| s.floor_ns_per_run, "ns", 1),
+        ),
+        row(
+            "kernel",
+            "… the agent's programs above the floor, per connection (the work they do; the floor follows the machine's phase, this less so)".into(),
+            figure(&|s| s.kernel_us_per_conn - s.floor_us_per_conn, "µs", 2),
+        ),
     ];
     for name in names_in(samples, |s| s.per_program.keys()) {
         rows.push(row(
@@ -172,9 +196,10 @@ fn rows(plan: &Plan, samples: &[Vec<Sample>]) -> Vec<Row> {
         "a known connection's packets (UDP, app pod → node SNAT → internet {UDP_SINK}, {} datagrams after one reply)",
         plan.datagrams
     );
-    // The same three figures for each direction of the known connection.
+    // The same four figures for each direction of the known connection.
     let stream_rows = |what: String,
                        per_run: fn(&Sample) -> f64,
+                       floor: fn(&Sample) -> f64,
                        per_datagram: fn(&Sample) -> f64,
                        runs: fn(&Sample) -> f64| {
         [
@@ -182,6 +207,11 @@ fn rows(plan: &Plan, samples: &[Vec<Sample>]) -> Vec<Row> {
                 "kernel",
                 format!("BPF time per program run, {what}"),
                 figure(&per_run, "ns", 0),
+            ),
+            row(
+                "kernel",
+                "… the floor per run on the same packets (the do-nothing program)".into(),
+                figure(&floor, "ns", 0),
             ),
             row(
                 "kernel",
@@ -198,6 +228,7 @@ fn rows(plan: &Plan, samples: &[Vec<Sample>]) -> Vec<Row> {
     rows.extend(stream_rows(
         stream,
         |s| s.ns_per_known_run,
+        |s| s.floor_ns_per_known_run,
         |s| s.ns_per_datagram,
         |s| s.runs_per_datagram,
     ));
@@ -207,6 +238,7 @@ fn rows(plan: &Plan, samples: &[Vec<Sample>]) -> Vec<Row> {
             plan.datagrams
         ),
         |s| s.reply_ns_per_run,
+        |s| s.reply_floor_ns_per_run,
         |s| s.reply_ns_per_datagram,
         |s| s.reply_runs_per_datagram,
     ));
@@ -291,7 +323,7 @@ fn spread(values: &[f64], unit: &str, digits: usize) -> String {
 
 /// One run of one binary: as a daemon (connections, then the known UDP connection), then with
 /// `--dump --output json` to a file (connections).
-fn once(rig: &Rig, plan: &Plan, binary: &Path) -> Result<Sample, BenchError> {
+fn once(rig: &Rig, plan: &Plan, floor: &Floor, binary: &Path) -> Result<Sample, BenchError> {
     let mut sample = Sample::default();
     let metrics = free_local_port()?;
     let daemon = Launch {
@@ -303,24 +335,28 @@ fn once(rig: &Rig, plan: &Plan, binary: &Path) -> Result<Sample, BenchError> {
     };
     let (mut agent, _) = rig.launch(&daemon, READY_TIMEOUT)?;
     let progress = || scrape(metrics, EVENTS_METRIC).unwrap_or(f64::NAN);
-    let first = connections(rig, plan, &mut agent, &progress)?;
+    let first = connections(rig, plan, floor, &mut agent, &progress)?;
     sample.daemon_first_us = first.cpu_ns / 1000.0;
-    let cost = connections(rig, plan, &mut agent, &progress)?;
+    let cost = connections(rig, plan, floor, &mut agent, &progress)?;
     sample.kernel_us_per_conn = cost.kernel_ns / 1000.0;
     sample.runs_per_conn = cost.runs;
+    sample.floor_us_per_conn = cost.floor_ns / 1000.0;
+    sample.floor_ns_per_run = cost.floor_ns / cost.floor_runs;
     sample.per_program = cost.per_program;
     sample.daemon_us = cost.cpu_ns / 1000.0;
     sample.daemon_sched_us = cost.sched_ns / 1000.0;
     sample.daemon_threads = cost.threads;
     sample.idle_ms_per_s = cost.idle_ms_per_s;
     sample.idle_wakeups_per_s = cost.idle_wakeups_per_s;
-    let (known, reply) = known_connection(rig, plan, &mut agent)?;
+    let (known, reply) = known_connection(rig, plan, floor, &mut agent)?;
     sample.ns_per_known_run = known.ns_per_run;
     sample.ns_per_datagram = known.ns_per_datagram;
     sample.runs_per_datagram = known.runs_per_datagram;
+    sample.floor_ns_per_known_run = known.floor_ns_per_run;
     sample.reply_ns_per_run = reply.ns_per_run;
     sample.reply_ns_per_datagram = reply.ns_per_datagram;
     sample.reply_runs_per_datagram = reply.runs_per_datagram;
+    sample.reply_floor_ns_per_run = reply.floor_ns_per_run;
     agent.stop();
 
     let file = std::env::temp_dir().join(format!("aksnet-bench-{}-dump.json", std::process::id()));
@@ -333,8 +369,8 @@ fn once(rig: &Rig, plan: &Plan, binary: &Path) -> Result<Sample, BenchError> {
     };
     let (mut agent, _) = rig.launch(&dump, READY_TIMEOUT)?;
     let progress = || std::fs::metadata(&file).map_or(f64::NAN, |m| m.len() as f64);
-    let cost = connections(rig, plan, &mut agent, &progress)
-        .and_then(|_first| connections(rig, plan, &mut agent, &progress));
+    let cost = connections(rig, plan, floor, &mut agent, &progress)
+        .and_then(|_first| connections(rig, plan, floor, &mut agent, &progress));
     agent.stop();
     let _ = std::fs::remove_file(&file);
     let cost = cost?;
@@ -351,6 +387,9 @@ struct PerConnection {
     idle_wakeups_per_s: f64,
     kernel_ns: f64,
     runs: f64,
+    /// The do-nothing program's time and runs, per connection.
+    floor_ns: f64,
+    floor_runs: f64,
     per_program: BTreeMap<String, f64>,
     cpu_ns: f64,
     sched_ns: f64,
@@ -361,6 +400,7 @@ struct PerConnection {
 fn connections(
     rig: &Rig,
     plan: &Plan,
+    floor: &Floor,
     agent: &mut Agent,
     progress: &dyn Fn() -> f64,
 ) -> Result<PerConnection, BenchError> {
@@ -370,9 +410,9 @@ fn connections(
     })?;
     end_connections(rig)?;
     settle(progress);
-    let idle_start = Snapshot::take(pid)?;
+    let idle_start = Snapshot::take(pid, floor)?;
     std::thread::sleep(IDLE);
-    let start = Snapshot::take(pid)?;
+    let start = Snapshot::take(pid, floor)?;
     let storm = rig.storm(plan.connections, 1, STORM_DEADLINE)?;
     if storm.ok != plan.connections {
         return Err(BenchError::Failed {
@@ -388,7 +428,7 @@ fn connections(
     end_connections(rig)?;
     let idle = start.since(&idle_start);
     settle_on_cpu(pid, &idle)?;
-    let end = Snapshot::take(pid)?;
+    let end = Snapshot::take(pid, floor)?;
     if agent.exited() {
         return Err(BenchError::Failed {
             what: "the cost run".into(),
@@ -403,6 +443,8 @@ fn connections(
         idle_wakeups_per_s: summed(&idle.threads).1 / idle_seconds,
         kernel_ns: busy.bpf_ns / n,
         runs: busy.bpf_runs / n,
+        floor_ns: busy.floor_ns / n,
+        floor_runs: busy.floor_runs / n,
         per_program: busy
             .per_program
             .iter()
@@ -467,6 +509,7 @@ struct Known {
     ns_per_run: f64,
     ns_per_datagram: f64,
     runs_per_datagram: f64,
+    floor_ns_per_run: f64,
 }
 
 /// The kernel cost of packets of a connection the agent already reported: one UDP socket from
@@ -475,14 +518,15 @@ struct Known {
 fn known_connection(
     rig: &Rig,
     plan: &Plan,
+    floor: &Floor,
     agent: &mut Agent,
 ) -> Result<(Known, Known), BenchError> {
     let pid = agent.pid().unwrap_or_default();
     let flow = load::UdpFlow::establish(&rig.pod(), &rig.inet(), UDP_SINK)?;
     // Let its report through first: the streams are what is measured.
     std::thread::sleep(Duration::from_millis(200));
-    let original = stream(pid, plan, || flow.send(plan.datagrams))?;
-    let reply = stream(pid, plan, || flow.answer(plan.datagrams))?;
+    let original = stream(pid, plan, floor, || flow.send(plan.datagrams))?;
+    let reply = stream(pid, plan, floor, || flow.answer(plan.datagrams))?;
     Ok((original, reply))
 }
 
@@ -490,18 +534,20 @@ fn known_connection(
 fn stream(
     pid: u32,
     plan: &Plan,
+    floor: &Floor,
     send: impl FnOnce() -> Result<(), BenchError>,
 ) -> Result<Known, BenchError> {
-    let idle_start = Snapshot::take(pid)?;
+    let idle_start = Snapshot::take(pid, floor)?;
     std::thread::sleep(IDLE);
-    let start = Snapshot::take(pid)?;
+    let start = Snapshot::take(pid, floor)?;
     send()?;
-    let end = Snapshot::take(pid)?;
+    let end = Snapshot::take(pid, floor)?;
     let idle = start.since(&idle_start);
     let busy = end.since(&start).minus_idle(&idle);
     let n = plan.datagrams as f64;
     Ok(Known {
         ns_per_run: busy.bpf_ns / busy.bpf_runs,
+        floor_ns_per_run: busy.floor_ns / busy.floor_runs,
         ns_per_datagram: busy.bpf_ns / n,
         runs_per_datagram: busy.bpf_runs / n,
     })
@@ -518,6 +564,8 @@ struct Snapshot {
     threads: BTreeMap<String, (f64, f64)>,
     /// Per program id: name, `run_time_ns`, `run_cnt`.
     programs: BTreeMap<u32, (String, u64, u64)>,
+    /// The do-nothing program's `run_time_ns`, `run_cnt`.
+    floor: (u64, u64),
 }
 
 /// The difference of two snapshots.
@@ -527,12 +575,14 @@ struct Delta {
     sched_ns: f64,
     bpf_ns: f64,
     bpf_runs: f64,
+    floor_ns: f64,
+    floor_runs: f64,
     per_program: BTreeMap<String, f64>,
     threads: BTreeMap<String, (f64, f64)>,
 }
 
 impl Snapshot {
-    fn take(pid: u32) -> Result<Snapshot, BenchError> {
+    fn take(pid: u32, floor: &Floor) -> Result<Snapshot, BenchError> {
         let cpu_ns = cpu_time(pid)?;
         let threads = threads(pid)?;
         Ok(Snapshot {
@@ -541,6 +591,7 @@ impl Snapshot {
             sched_ns: summed(&threads).0,
             threads,
             programs: programs(pid)?,
+            floor: floor.counters()?,
         })
     }
 
@@ -575,6 +626,8 @@ impl Snapshot {
             sched_ns: self.sched_ns - earlier.sched_ns,
             bpf_ns,
             bpf_runs,
+            floor_ns: self.floor.0.saturating_sub(earlier.floor.0) as f64,
+            floor_runs: self.floor.1.saturating_sub(earlier.floor.1) as f64,
             per_program,
             threads,
         }
@@ -593,6 +646,8 @@ impl Delta {
         self.sched_ns -= idle.sched_ns * scale;
         self.bpf_ns -= idle.bpf_ns * scale;
         self.bpf_runs -= idle.bpf_runs * scale;
+        self.floor_ns -= idle.floor_ns * scale;
+        self.floor_runs -= idle.floor_runs * scale;
         for (name, ns) in &mut self.per_program {
             *ns -= idle.per_program.get(name).copied().unwrap_or(0.0) * scale;
         }
@@ -780,6 +835,8 @@ mod tests {
             sched_ns: ns,
             bpf_ns: ns,
             bpf_runs: ns,
+            floor_ns: ns,
+            floor_runs: ns,
             per_program: BTreeMap::from([("p".to_string(), ns)]),
             threads: BTreeMap::from([("t".to_string(), (ns, ns / 10.0))]),
         };

@@ -24,6 +24,11 @@ pub enum BenchError {
     },
     #[error("the agent {what}; its stderr:\n{stderr}")]
     Agent { what: String, stderr: String },
+    #[error("cannot {what} with bpf(2) (the bench needs root)")]
+    Bpf {
+        what: &'static str,
+        source: std::io::Error,
+    },
     #[error("{what}: {detail}")]
     Parse { what: String, detail: String },
     #[error("{what} did not finish: {detail}")]

@@ -12,6 +12,7 @@ mod daemonset;
 mod datapath;
 mod entries;
 pub mod error;
+mod floor;
 pub mod load;
 pub mod report;
 pub mod rig;
@@ -242,7 +243,10 @@ fn notes(plan: &Plan) -> Vec<String> {
              set to 1 for the cost runs and restored after; `run_time_ns` and `run_cnt` are summed over \
              the BPF programs the agent's own file descriptors hold (`/proc/PID/fdinfo`). The xmit \
              program runs for every packet leaving any device of the machine, including other users' \
-             traffic: the idle second's rate is subtracted. Agent: `utime+stime` of `/proc/PID/stat` \
+             traffic: the idle second's rate is subtracted. The floor: for the cost runs the bench attaches \
+             a program that does nothing (`r0 = 0; exit`, a raw tracepoint program loaded with `bpf(2)`) to the \
+             same tracepoint; its `run_time_ns` is what the statistics charge any program there (their two \
+             clock readings and the call), idle subtracted the same way. Agent: `utime+stime` of `/proc/PID/stat` \
              (10 ms ticks), idle subtracted, and the threads' `schedstat` run time as a finer check, also \
              per thread with the times each was scheduled in. \
              Known connection: one UDP socket from the app pod to the internet server, answered once \
