@@ -37,7 +37,7 @@ pub struct SourceDestination {
 /// What [`SnatTable::open`] or [`SnatTable::retranslate`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Opened {
-    /// A connection not seen before.
+    /// The translated tuple was free: for [`SnatTable::open`], a connection not seen before.
     New,
     /// The connection was already live with this translation.
     Updated,
@@ -212,12 +212,6 @@ impl SnatTable {
             }
         }
         true
-    }
-
-    /// Forgets a connection without holding its port (its end was missed, or it changed).
-    /// Returns whether it was live here.
-    pub fn close(&mut self, key: &FlowKey, translated: &Tuple) -> bool {
-        self.remove(key, translated).is_some()
     }
 
     /// Takes `key`'s holder of `translated`, if it still holds it (another connection may have
@@ -406,10 +400,9 @@ mod tests {
             Some(Opened::Conflict { stale: old })
         );
         assert_eq!(table.len(), 1);
-        assert!(!table.close(&old, &t), "the stale entry is gone");
         assert!(
             !table.end(&old, &t, Instant::now()),
-            "and its late end frees nothing"
+            "the stale entry is gone: its late end frees nothing"
         );
         assert_eq!(table.len(), 1);
         let usage = table.usage();
@@ -477,12 +470,15 @@ mod tests {
     }
 
     #[test]
-    fn closing_releases_the_connection() {
+    fn ending_releases_the_connection() {
         let mut table = SnatTable::default();
         let (k, t) = pod_conn(40000, 50000, "198.51.100.7", 443);
         table.open(k, t, true, None);
-        assert!(table.close(&k, &t));
-        assert!(!table.close(&k, &t), "a second end changes nothing");
+        assert!(table.end(&k, &t, Instant::now()));
+        assert!(
+            !table.end(&k, &t, Instant::now()),
+            "a second end changes nothing"
+        );
         assert!(table.is_empty());
         assert_eq!(table.usage(), Usage::default());
     }
@@ -543,9 +539,12 @@ mod tests {
         let queue = &table.held[&dest("198.51.100.7", 443)];
         assert_eq!(queue.len(), 1);
         assert_eq!(queue[0].1, 100);
-        let (k, t) = pod_conn(41000, 51000, "198.51.100.7", 443);
-        table.open(k, t, true, None);
-        assert!(table.close(&k, &t));
+        // A connection whose end was missed (another took its tuple) holds no port after it.
+        let (missed, t) = pod_conn(41000, 51000, "198.51.100.7", 443);
+        let (next, _) = pod_conn(41001, 51000, "198.51.100.7", 443);
+        table.open(missed, t, true, None);
+        let conflict = table.open(next, t, true, None);
+        assert_eq!(conflict, Some(Opened::Conflict { stale: missed }));
         assert_eq!(
             table.usage().held_after_close[&dest("198.51.100.7", 443)],
             100
