@@ -1,5 +1,6 @@
-//! The DaemonSet's CPU limit, read from its manifest, applied to the agent with a cgroup v1 cpu
-//! group (`cpu.cfs_quota_us` over `cpu.cfs_period_us`), as the kubelet applies it on a node.
+//! The DaemonSet's CPU limit (its manifest is read by `daemonset`), applied to the agent with a
+//! cgroup v1 cpu group (`cpu.cfs_quota_us` over `cpu.cfs_period_us`), as the kubelet applies it on
+//! a node.
 
 use crate::bench::error::BenchError;
 use crate::file_error::FileError;

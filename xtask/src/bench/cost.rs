@@ -743,7 +743,8 @@ fn programs(pid: u32) -> Result<BTreeMap<u32, (String, u64, u64)>, BenchError> {
     Ok(found)
 }
 
-fn parse_prog_fdinfo(text: &str) -> Option<(u32, u64, u64)> {
+/// A BPF program's id, `run_time_ns` and `run_cnt` from its fdinfo; `None` for other descriptors.
+pub(super) fn parse_prog_fdinfo(text: &str) -> Option<(u32, u64, u64)> {
     let field = |key: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(key))

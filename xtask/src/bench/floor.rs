@@ -10,6 +10,7 @@
 //! it needs no BTF id. Loaded with the `bpf(2)` syscall directly so that nothing of it lives in
 //! the agent's object.
 
+use crate::bench::cost::parse_prog_fdinfo;
 use crate::bench::error::BenchError;
 use crate::file_error::FileError;
 use std::ffi::CStr;
@@ -88,16 +89,11 @@ impl Floor {
     pub fn counters(&self) -> Result<(u64, u64), BenchError> {
         let path = PathBuf::from(format!("/proc/self/fdinfo/{}", self.prog.as_raw_fd()));
         let text = std::fs::read_to_string(&path).map_err(FileError::on("cannot read", &path))?;
-        let field = |key: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
-        match (field("run_time_ns:"), field("run_cnt:")) {
-            (Some(ns), Some(runs)) => Ok((ns, runs)),
-            _ => Err(BenchError::Parse {
+        match parse_prog_fdinfo(&text) {
+            Some((_, ns, runs)) => Ok((ns, runs)),
+            None => Err(BenchError::Parse {
                 what: path.display().to_string(),
-                detail: format!("no run_time_ns/run_cnt in {text:?}"),
+                detail: format!("no prog_id, run_time_ns and run_cnt in {text:?}"),
             }),
         }
     }
