@@ -9,6 +9,7 @@
 //! reported beside it.
 
 use crate::bench::agent::{scrape, Agent, Mode};
+use crate::bench::busy::user_hz;
 use crate::bench::completeness::free_local_port;
 use crate::bench::datapath::READY_TIMEOUT;
 use crate::bench::error::BenchError;
@@ -668,15 +669,13 @@ fn cpu_time(pid: u32) -> Result<f64, BenchError> {
         what: path.display().to_string(),
         detail: format!("no utime/stime fields in {stat:?}"),
     })?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(ticks as f64 * 1e9 / hz)
+    Ok(ticks as f64 * 1e9 / user_hz())
 }
 
 /// The live threads' `schedstat` run time (ns) and times scheduled in, summed per thread name:
 /// which thread takes the time, and how often it wakes up to do so. The main thread, named after
 /// the binary's file, is `main` whatever the binary under test is called.
-fn threads(pid: u32) -> Result<BTreeMap<String, (f64, f64)>, BenchError> {
+pub(super) fn threads(pid: u32) -> Result<BTreeMap<String, (f64, f64)>, BenchError> {
     let process = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
     let tasks = PathBuf::from(format!("/proc/{pid}/task"));
     let mut threads = BTreeMap::new();
@@ -701,7 +700,7 @@ fn threads(pid: u32) -> Result<BTreeMap<String, (f64, f64)>, BenchError> {
 }
 
 /// The run time and times scheduled in of all of `threads`.
-fn summed(threads: &BTreeMap<String, (f64, f64)>) -> (f64, f64) {
+pub(super) fn summed(threads: &BTreeMap<String, (f64, f64)>) -> (f64, f64) {
     threads
         .values()
         .fold((0.0, 0.0), |(ns, slices), (n, s)| (ns + n, slices + s))

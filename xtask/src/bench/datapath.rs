@@ -2,8 +2,9 @@
 //! through its SNAT, without and with the agent attached, in alternating runs.
 
 use crate::bench::agent::Mode;
+use crate::bench::busy::BusyClock;
 use crate::bench::completeness::free_local_port;
-use crate::bench::cost::Subject;
+use crate::bench::cost::{summed, threads, Subject};
 use crate::bench::error::BenchError;
 use crate::bench::load;
 use crate::bench::report::{median, thousands, Row};
@@ -13,6 +14,9 @@ use std::time::Duration;
 
 /// How long the agent may take to show its first probe.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Added to the connection run's CPU-time window, so that the agent's last batch of its events
+/// (it reads every 10 ms) falls in it; an idle machine adds next to nothing.
+const SETTLE: Duration = Duration::from_millis(100);
 /// A storm that has not finished by then is a broken lab, not a slow one.
 const STORM_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -32,6 +36,12 @@ pub struct Plan {
 struct Arm {
     conns_per_s: f64,
     gbit_per_s: f64,
+    /// The whole machine's busy time over the connection run, per connection.
+    cpu_per_conn: Duration,
+    /// The agent's threads' run time over the connection run, per connection (zero without one).
+    agent_cpu_per_conn: Duration,
+    /// The whole machine's busy time over the bulk stream, per MB received.
+    cpu_per_mb: Duration,
 }
 
 /// Runs the alternating rounds (no agent, then each of `subjects` as a daemon) and returns the
@@ -51,79 +61,151 @@ pub fn run(rig: &Rig, plan: &Plan, subjects: &[Subject]) -> Result<Vec<Row>, Ben
             let i = (i + round) % arms.len();
             let arm = arm(rig, plan, arms[i])?;
             println!(
-                "  round {}/{}, agent {}: {} new connections/s, {:.2} Gbit/s",
+                "  round {}/{}, agent {}: {} new connections/s ({:.1} µs CPU each), {:.2} Gbit/s ({:.1} µs CPU a MB)",
                 round + 1,
                 plan.rounds,
                 arms[i].map_or("absent".into(), |b| b.display().to_string()),
                 thousands(arm.conns_per_s),
-                arm.gbit_per_s
+                arm.cpu_per_conn.as_secs_f64() * 1e6,
+                arm.gbit_per_s,
+                arm.cpu_per_mb.as_secs_f64() * 1e6,
             );
             results[i].push(arm);
         }
     }
-    let runs = format!("median of {} runs each, alternating", plan.rounds);
-    let ratio_runs = format!("median of {} rounds", plan.rounds);
-    let without = &results[0];
-    let ratio = |with: &[Arm], f: fn(&Arm) -> f64| -> f64 {
-        median(
-            &without
-                .iter()
-                .zip(with)
-                .map(|(a, b)| f(b) / f(a))
-                .collect::<Vec<_>>(),
-        )
-    };
-    let conns = |a: &Arm| a.conns_per_s;
-    let gbit = |a: &Arm| a.gbit_per_s;
-    let med = |arms: &[Arm], f: fn(&Arm) -> f64| median(&arms.iter().map(f).collect::<Vec<_>>());
-    let what = format!(
-        "new TCP connections/s, internet → LB frontend {FRONTEND} → node DNAT → pod ({} per run, {} clients)",
+    let route = format!(
+        "internet → LB frontend {FRONTEND} → node DNAT → pod ({} per run, {} clients)",
         plan.connections, plan.workers
     );
-    let bulk = format!(
-        "bulk TCP throughput, pod → node SNAT → internet {BULK_SINK} (one stream, {} s per run)",
+    let bulk_route = format!(
+        "pod → node SNAT → internet {BULK_SINK} (one stream, {} s per run)",
         plan.bulk.as_secs_f64()
     );
-    // Value from the subject under test, "before" from the baseline, where there is one.
-    let attached = |what: String, aggregation: &str, value: &dyn Fn(&[Arm]) -> String| {
-        let mut row = Row::new("datapath", what, value(&results[1]), aggregation);
-        row.before = results.get(2).map(|arms| value(arms));
-        row
-    };
-    Ok(vec![
-        Row::new(
-            "datapath",
-            format!("{what}, no agent"),
-            format!("{}/s", thousands(med(without, conns))),
+    let figures = [
+        Figure {
+            what: format!("new TCP connections/s, {route}"),
+            value: |a| a.conns_per_s,
+            show: |v| format!("{}/s", thousands(v)),
+            rows: Rows::Compared {
+                ratio: "connection rate ratio, attached (daemon mode) / no agent",
+                higher_is_better: true,
+            },
+        },
+        Figure {
+            what: format!("the machine's busy CPU time per new TCP connection, {route}"),
+            value: |a| a.cpu_per_conn.as_secs_f64() * 1e6,
+            show: |v| format!("{v:.1} µs"),
+            rows: Rows::Compared {
+                ratio: "connection rate ratio in CPU time, CPU per connection no agent / attached",
+                higher_is_better: false,
+            },
+        },
+        Figure {
+            what: format!(
+                "… of which the agent's own threads (their `schedstat` run time), {route}"
+            ),
+            value: |a| a.agent_cpu_per_conn.as_secs_f64() * 1e6,
+            show: |v| format!("{v:.1} µs"),
+            rows: Rows::AttachedOnly,
+        },
+        Figure {
+            what: format!("bulk TCP throughput, {bulk_route}"),
+            value: |a| a.gbit_per_s,
+            show: |v| format!("{v:.2} Gbit/s"),
+            rows: Rows::Compared {
+                ratio: "throughput ratio, attached (daemon mode) / no agent",
+                higher_is_better: true,
+            },
+        },
+        Figure {
+            what: format!("the machine's busy CPU time per MB of bulk TCP, {bulk_route}"),
+            value: |a| a.cpu_per_mb.as_secs_f64() * 1e6,
+            show: |v| format!("{v:.1} µs"),
+            rows: Rows::Compared {
+                ratio: "throughput ratio in CPU time, CPU per MB no agent / attached",
+                higher_is_better: false,
+            },
+        },
+    ];
+    Ok(figures
+        .iter()
+        .flat_map(|figure| figure.rows(plan.rounds, &results))
+        .collect())
+}
+
+/// One figure of every arm, and the rows it gives.
+struct Figure {
+    what: String,
+    value: fn(&Arm) -> f64,
+    show: fn(f64) -> String,
+    rows: Rows,
+}
+
+enum Rows {
+    /// Without the agent, attached, and their ratio (above 1: the agent cost nothing, or the
+    /// noise hid it).
+    Compared {
+        ratio: &'static str,
+        higher_is_better: bool,
+    },
+    /// A figure of the agent itself: attached only.
+    AttachedOnly,
+}
+
+impl Figure {
+    /// `results[0]` ran without the agent, `results[1]` with the subject under test and
+    /// `results[2]`, if any, with the baseline: its figures go in the "before" column.
+    fn rows(&self, rounds: usize, results: &[Vec<Arm>]) -> Vec<Row> {
+        let runs = format!("median of {rounds} runs each, alternating");
+        let median_of = |arms: &[Arm]| median(&arms.iter().map(self.value).collect::<Vec<_>>());
+        let attached_row =
+            |figure: String, aggregation: String, value: &dyn Fn(&[Arm]) -> String| {
+                let mut row = Row::new("datapath", figure, value(&results[1]), aggregation);
+                row.before = results.get(2).map(|arms| value(arms));
+                row
+            };
+        let attached = attached_row(
+            format!("{}, agent attached (daemon mode)", self.what),
             runs.clone(),
-        ),
-        attached(
-            format!("{what}, agent attached (daemon mode)"),
-            &runs,
-            &|arms| format!("{}/s", thousands(med(arms, conns))),
-        ),
-        attached(
-            "connection rate ratio, attached (daemon mode) / no agent".into(),
-            &ratio_runs,
-            &|arms| format!("{:.3}", ratio(arms, conns)),
-        ),
-        Row::new(
-            "datapath",
-            format!("{bulk}, no agent"),
-            format!("{:.2} Gbit/s", med(without, gbit)),
-            runs.clone(),
-        ),
-        attached(
-            format!("{bulk}, agent attached (daemon mode)"),
-            &runs,
-            &|arms| format!("{:.2} Gbit/s", med(arms, gbit)),
-        ),
-        attached(
-            "throughput ratio, attached (daemon mode) / no agent".into(),
-            &ratio_runs,
-            &|arms| format!("{:.3}", ratio(arms, gbit)),
-        ),
-    ])
+            &|arms| (self.show)(median_of(arms)),
+        );
+        let Rows::Compared {
+            ratio,
+            higher_is_better,
+        } = self.rows
+        else {
+            return vec![attached];
+        };
+        let ratio_of = |with: &[Arm]| {
+            let ratios: Vec<f64> = results[0]
+                .iter()
+                .zip(with)
+                .map(|(alone, attached)| {
+                    let (alone, attached) = ((self.value)(alone), (self.value)(attached));
+                    if higher_is_better {
+                        attached / alone
+                    } else {
+                        alone / attached
+                    }
+                })
+                .collect();
+            format!("{:.3}", median(&ratios))
+        };
+        vec![
+            Row::new(
+                "datapath",
+                format!("{}, no agent", self.what),
+                (self.show)(median_of(&results[0])),
+                runs,
+            ),
+            attached,
+            attached_row(
+                ratio.into(),
+                format!("median of {rounds} rounds"),
+                &ratio_of,
+            ),
+        ]
+    }
 }
 
 fn arm(rig: &Rig, plan: &Plan, binary: Option<&Path>) -> Result<Arm, BenchError> {
@@ -140,7 +222,18 @@ fn arm(rig: &Rig, plan: &Plan, binary: Option<&Path>) -> Result<Arm, BenchError>
         }
         None => None,
     };
+    let agent_run_time = || -> Result<Duration, BenchError> {
+        let Some(pid) = agent.as_ref().and_then(|a| a.pid()) else {
+            return Ok(Duration::ZERO);
+        };
+        Ok(Duration::from_nanos(summed(&threads(pid)?).0 as u64))
+    };
+    let clock = BusyClock::start()?;
+    let agent_before = agent_run_time()?;
     let storm = rig.storm(plan.connections, plan.workers, STORM_DEADLINE)?;
+    std::thread::sleep(SETTLE);
+    let storm_busy = clock.busy()?;
+    let agent_storm = agent_run_time()?.saturating_sub(agent_before);
     if storm.ok != plan.connections {
         return Err(BenchError::Failed {
             what: format!("the connection run to {FRONTEND}"),
@@ -153,7 +246,9 @@ fn arm(rig: &Rig, plan: &Plan, binary: Option<&Path>) -> Result<Arm, BenchError>
             ),
         });
     }
+    let clock = BusyClock::start()?;
     let bulk = load::bulk(&rig.pod(), &rig.inet(), BULK_SINK, plan.bulk)?;
+    let bulk_busy = clock.busy()?;
     if let Some(mut agent) = agent {
         if agent.exited() {
             return Err(agent.fail("exited during a measured run, so the run measured nothing"));
@@ -163,5 +258,8 @@ fn arm(rig: &Rig, plan: &Plan, binary: Option<&Path>) -> Result<Arm, BenchError>
     Ok(Arm {
         conns_per_s: storm.per_second(),
         gbit_per_s: bulk.gbit_per_second(),
+        cpu_per_conn: storm_busy / storm.ok as u32,
+        agent_cpu_per_conn: agent_storm / storm.ok as u32,
+        cpu_per_mb: bulk_busy.div_f64(bulk.bytes as f64 / 1e6),
     })
 }

@@ -5,6 +5,7 @@
 //! writes it to BENCHMARKS.md. Never part of `cargo xtask test`: figures come from here only.
 
 pub mod agent;
+mod busy;
 mod cap;
 mod completeness;
 mod cost;
@@ -265,7 +266,15 @@ fn notes(plan: &Plan) -> Vec<String> {
              replaced by the bench's accept loop so that the node's datapath, not the server, sets the rate. \
              Each round runs once without the agent and once with each agent binary as a daemon (no `--dump`, \
              `--source ebpf`, started and shown ready before the run), rotating which goes first; ratios are \
-             per round, then the median. {} rounds, {} connections per run.",
+             per round, then the median. {} rounds, {} connections per run. Each run's CPU time is the \
+             whole machine's busy time over it (every core's wall time less the idle, I/O-wait and stolen \
+             time of `/proc/stat`, all the lab's processes, the kernel's packet work and the agent \
+             included; the connection run's window ends 100 ms after its last connection, so that the \
+             agent's last batch falls in it), per connection or per MB, and the agent's own share, its \
+             threads' `schedstat` run time over the same window. Most connections' ends (conntrack's \
+             reaping of closed entries, 10 s later) fall outside the window, with or without the agent. Its ratio (no agent's / attached) is the node's work for \
+             the same traffic without and with the agent, and holds where the wall-time ratio does not: \
+             the time other guests take from this machine's cores is stolen time, not counted.",
             d.rounds, d.connections
         ),
         "Bulk throughput: one TCP stream from the app pod to the internet server, through the node's \
