@@ -9,14 +9,14 @@
 //! reported beside it.
 
 use crate::bench::agent::{scrape, Agent, Mode};
-use crate::bench::busy::user_hz;
+use crate::bench::busy::{user_hz, BusyClock};
 use crate::bench::completeness::free_local_port;
 use crate::bench::datapath::READY_TIMEOUT;
 use crate::bench::error::BenchError;
 use crate::bench::floor::Floor;
 use crate::bench::load;
 use crate::bench::report::{median, Row};
-use crate::bench::rig::{Launch, Rig, EVENTS_METRIC, FRONTEND};
+use crate::bench::rig::{Launch, Rig, BULK_SINK, EVENTS_METRIC, FRONTEND};
 use crate::file_error::FileError;
 use crate::lab::layout::plan;
 use std::collections::{BTreeMap, BTreeSet};
@@ -46,6 +46,8 @@ pub struct Plan {
     pub connections: u64,
     /// Datagrams of the known UDP connection per run.
     pub datagrams: u64,
+    /// How long the bulk stream of each run lasts.
+    pub bulk: Duration,
 }
 
 /// An agent binary under test.
@@ -84,6 +86,7 @@ struct Sample {
     daemon_threads: BTreeMap<String, (f64, f64)>,
     dump_us: f64,
     dump_sched_us: f64,
+    bulk: BulkShare,
 }
 
 /// Measures `subjects` (the binary under test first, then its baseline if any) `plan.runs`
@@ -122,6 +125,14 @@ pub fn run(rig: &Rig, plan: &Plan, subjects: &[Subject]) -> Result<Vec<Row>, Ben
             println!(
                 "    daemon threads per connection (run time/times scheduled): {}",
                 threads.join(", ")
+            );
+            println!(
+                "    bulk stream per MB: machine {:.1} µs, agent's programs {:.2} µs (floor {:.2}), its threads {:.2} µs: share {:.2}%",
+                s.bulk.busy_us,
+                s.bulk.bpf_us,
+                s.bulk.floor_us,
+                s.bulk.agent_us,
+                s.bulk.share() * 100.0
             );
             samples[i].push(s);
         }
@@ -295,6 +306,42 @@ fn rows(plan: &Plan, samples: &[Vec<Sample>]) -> Vec<Row> {
             figure(&|s| s.dump_sched_us, "µs", 1),
         ),
     ]);
+    let bulk = format!(
+        "a bulk TCP stream, pod → node SNAT → internet {BULK_SINK} (one stream, {} s, agent attached as a daemon)",
+        plan.bulk.as_secs_f64()
+    );
+    rows.extend([
+        row(
+            "bulk",
+            format!("the machine's busy CPU time per MB, {bulk} (`/proc/stat`, every core)"),
+            figure(&|s| s.bulk.busy_us, "µs", 1),
+        ),
+        row(
+            "bulk",
+            "… the agent's BPF programs per MB (`run_time_ns`, the statistics' own clock readings included)".into(),
+            figure(&|s| s.bulk.bpf_us, "µs", 2),
+        ),
+        row(
+            "bulk",
+            "… the floor per MB (the do-nothing program on the same packets)".into(),
+            figure(&|s| s.bulk.floor_us, "µs", 2),
+        ),
+        row(
+            "bulk",
+            "… the agent's threads per MB (`schedstat`)".into(),
+            figure(&|s| s.bulk.agent_us, "µs", 2),
+        ),
+        row(
+            "bulk",
+            "… the agent's share of the machine's CPU (programs and threads over the busy time), as a throughput ratio: 1 − share".into(),
+            figure(&|s| 1.0 - s.bulk.share(), "", 4),
+        ),
+        row(
+            "bulk",
+            "… the same with the programs' time above the floor (the statistics' own clock readings left out; the true figure lies between)".into(),
+            figure(&|s| 1.0 - s.bulk.share_above_floor(), "", 4),
+        ),
+    ]);
     rows
 }
 
@@ -358,6 +405,7 @@ fn once(rig: &Rig, plan: &Plan, floor: &Floor, binary: &Path) -> Result<Sample, 
     sample.reply_ns_per_datagram = reply.ns_per_datagram;
     sample.reply_runs_per_datagram = reply.runs_per_datagram;
     sample.reply_floor_ns_per_run = reply.floor_ns_per_run;
+    sample.bulk = bulk_share(rig, plan, floor, &agent)?;
     agent.stop();
 
     let file = std::env::temp_dir().join(format!("aksnet-bench-{}-dump.json", std::process::id()));
@@ -551,6 +599,53 @@ fn stream(
         floor_ns_per_run: busy.floor_ns / busy.floor_runs,
         ns_per_datagram: busy.bpf_ns / n,
         runs_per_datagram: busy.bpf_runs / n,
+    })
+}
+
+/// What one bulk stream cost the machine and the agent, per MB received.
+#[derive(Clone, Copy, Debug, Default)]
+struct BulkShare {
+    busy_us: f64,
+    bpf_us: f64,
+    floor_us: f64,
+    agent_us: f64,
+}
+
+impl BulkShare {
+    /// The agent's direct share of the machine's CPU over the stream: its programs and threads.
+    fn share(&self) -> f64 {
+        (self.bpf_us + self.agent_us) / self.busy_us
+    }
+
+    /// The same less the floor, which `bpf_stats` charges any program there: a program's true
+    /// cost without the statistics lies between the two.
+    fn share_above_floor(&self) -> f64 {
+        (self.bpf_us - self.floor_us + self.agent_us) / self.busy_us
+    }
+}
+
+/// A bulk TCP stream from the app pod through the node's SNAT, measured as the datapath section
+/// streams, with the agent attached: the machine's busy time against the agent's programs' and
+/// threads'. Both sides move with the host's phase together, so their ratio holds where the
+/// datapath section's wall-time ratio does not.
+fn bulk_share(
+    rig: &Rig,
+    plan: &Plan,
+    floor: &Floor,
+    agent: &Agent,
+) -> Result<BulkShare, BenchError> {
+    let pid = agent.pid().unwrap_or_default();
+    let start = Snapshot::take(pid, floor)?;
+    let clock = BusyClock::start()?;
+    let bulk = load::bulk(&rig.pod(), &rig.inet(), BULK_SINK, plan.bulk)?;
+    let busy = clock.busy()?;
+    let spent = Snapshot::take(pid, floor)?.since(&start);
+    let mb = bulk.bytes as f64 / 1e6;
+    Ok(BulkShare {
+        busy_us: busy.as_secs_f64() * 1e6 / mb,
+        bpf_us: spent.bpf_ns / 1e3 / mb,
+        floor_us: spent.floor_ns / 1e3 / mb,
+        agent_us: spent.sched_ns / 1e3 / mb,
     })
 }
 

@@ -86,6 +86,7 @@ impl Plan {
                 runs: choose(quick, 5, 2),
                 connections: choose(quick, 4000, 1000),
                 datagrams: choose(quick, 50_000, 10_000),
+                bulk: Duration::from_secs(choose(quick, 3, 1)),
             },
             startup_runs: choose(quick, 5, 2),
             userspace: userspace::Plan {
@@ -251,9 +252,12 @@ fn notes(plan: &Plan) -> Vec<String> {
              (10 ms ticks), idle subtracted, and the threads' `schedstat` run time as a finer check, also \
              per thread with the times each was scheduled in. \
              Known connection: one UDP socket from the app pod to the internet server, answered once \
-             (conntrack established), then {} datagrams; `run_time_ns / run_cnt` over that stream. {} runs; \
+             (conntrack established), then {} datagrams; `run_time_ns / run_cnt` over that stream. Bulk: \
+             the datapath section's stream for {} s with the daemon attached; the machine's busy time over \
+             it (`/proc/stat`: every core's wall time less idle, I/O-wait and stolen time) against the \
+             agent's programs' `run_time_ns` and its threads' `schedstat` time. {} runs; \
              with `--baseline`, each run measures both binaries, alternating which goes first.",
-            k.connections, k.datagrams, k.runs
+            k.connections, k.datagrams, k.bulk.as_secs_f64(), k.runs
         ),
         "Capped completeness: the same storms with the agent (`--dump`, which costs more than the \
          daemon) moved into a cgroup v1 cpu group whose `cpu.cfs_quota_us` over a 100 ms period is \
