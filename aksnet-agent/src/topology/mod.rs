@@ -12,6 +12,7 @@ mod config;
 mod discover;
 mod facts;
 pub mod imds;
+mod index;
 mod iptables;
 mod tool;
 
@@ -21,6 +22,8 @@ pub use config::{FileError, LoadError};
 pub use discover::{discover, Blindness, Discovery};
 pub use facts::{needed_flags, FactEntry, Facts, MissingFact, Source};
 pub use iptables::{parse_iptables_save, KubeProxyRules, MasqRules};
+
+use index::{AddrIndex, Lists};
 
 use crate::events::Proto;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -298,34 +301,37 @@ impl TopologyLayer {
 /// The Azure wireserver: source of every LB health probe (and Azure DNS).
 pub const WIRESERVER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(168, 63, 129, 16));
 
-/// The merged, complete topology the classifier works with.
+/// The merged, complete topology the classifier works with. The address lists are private:
+/// [`Topology::class_of`] looks them up in an index built with them, which must not go stale.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Topology {
     pub cni: CniMode,
     pub dataplane: Dataplane,
     pub node_name: Option<String>,
-    pub node_ips: Vec<IpAddr>,
+    node_ips: Vec<IpAddr>,
     pub vnet_cidrs: Vec<Cidr>,
     pub node_subnets: Vec<Cidr>,
     pub pod_cidrs: Vec<Cidr>,
     pub service_cidrs: Vec<Cidr>,
     pub appgw_subnets: Vec<Cidr>,
     pub agc_subnets: Vec<Cidr>,
-    pub private_endpoints: Vec<IpAddr>,
-    pub health_probe_sources: Vec<IpAddr>,
-    pub lb_outbound_ips: Vec<IpAddr>,
+    private_endpoints: Vec<IpAddr>,
+    health_probe_sources: Vec<IpAddr>,
+    lb_outbound_ips: Vec<IpAddr>,
     pub outbound_type: OutboundType,
-    pub lb_frontends: Vec<LbFrontend>,
-    pub bridge_gateways: Vec<IpAddr>,
-    pub local_pods: Vec<IpAddr>,
-    pub api_server: Vec<IpAddr>,
+    lb_frontends: Vec<LbFrontend>,
+    bridge_gateways: Vec<IpAddr>,
+    local_pods: Vec<IpAddr>,
+    api_server: Vec<IpAddr>,
     pub private_ranges: Vec<Cidr>,
     pub node_pod_cidrs: Vec<Cidr>,
     pub non_masquerade_cidrs: Vec<Cidr>,
     pub masq_link_local: Option<bool>,
-    pub services: Vec<ServicePort>,
-    pub endpoints: Vec<ServiceEndpoint>,
+    services: Vec<ServicePort>,
+    endpoints: Vec<ServiceEndpoint>,
     pub interfaces: Vec<Interface>,
+    #[serde(skip)]
+    index: AddrIndex,
 }
 
 /// Why a topology could not be assembled.
@@ -362,7 +368,7 @@ impl Topology {
     /// The topology of an already merged layer (a [`Facts`]'s).
     pub fn from_merged(l: TopologyLayer) -> Result<Topology, TopologyError> {
         let cni = l.cni.ok_or(TopologyError::NoCni)?;
-        Ok(Topology {
+        let mut t = Topology {
             cni,
             dataplane: l.dataplane.unwrap_or_default(),
             node_name: l.node_name,
@@ -388,7 +394,42 @@ impl Topology {
             services: l.services.unwrap_or_default(),
             endpoints: l.endpoints.unwrap_or_default(),
             interfaces: l.interfaces.unwrap_or_default(),
-        })
+            index: AddrIndex::default(),
+        };
+        t.index = t.address_index();
+        Ok(t)
+    }
+
+    /// The index of every address list [`Topology::class_of`] looks an address up in.
+    fn address_index(&self) -> AddrIndex {
+        let services = |kind: fn(ServiceKind) -> bool| {
+            self.services
+                .iter()
+                .filter(move |s| kind(s.kind))
+                .filter_map(|s| s.ip)
+        };
+        let mut index = AddrIndex::default();
+        index.add(
+            Lists::HEALTH_PROBE,
+            self.health_probe_sources.iter().copied(),
+        );
+        index.add(Lists::LB_FRONTEND, self.lb_frontends.iter().map(|f| f.ip));
+        index.add(
+            Lists::LB_FRONTEND,
+            services(|k| matches!(k, ServiceKind::LoadBalancer | ServiceKind::ExternalIp)),
+        );
+        index.add(Lists::LB_OUTBOUND, self.lb_outbound_ips.iter().copied());
+        index.add(Lists::NODE_IP, self.node_ips.iter().copied());
+        index.add(Lists::BRIDGE_GATEWAY, self.bridge_gateways.iter().copied());
+        index.add(Lists::LOCAL_POD, self.local_pods.iter().copied());
+        index.add(Lists::CLUSTER_IP, services(|k| k == ServiceKind::ClusterIp));
+        index.add(Lists::API_SERVER, self.api_server.iter().copied());
+        index.add(
+            Lists::PRIVATE_ENDPOINT,
+            self.private_endpoints.iter().copied(),
+        );
+        index.add(Lists::ENDPOINT, self.endpoints.iter().map(|e| e.ip));
+        index
     }
 
     /// The class of `ip`: the first that applies in [`AddrClass`]'s order. `pod_side` says the
@@ -399,39 +440,30 @@ impl Topology {
         // is taken for one of this node's: the flows are the same, only the hop text differs.
         let node_share_known = !self.node_pod_cidrs.is_empty() || !self.local_pods.is_empty();
         let cluster_pod = in_any(&self.pod_cidrs);
+        let lists = self.index.lists(ip);
         if ip.is_loopback() {
             AddrClass::Loopback
-        } else if self.health_probe_sources.contains(&ip) {
+        } else if lists.has(Lists::HEALTH_PROBE) {
             AddrClass::HealthProbe
-        } else if self.lb_frontends.iter().any(|f| f.ip == ip)
-            || self.services.iter().any(|s| {
-                s.ip == Some(ip)
-                    && matches!(s.kind, ServiceKind::LoadBalancer | ServiceKind::ExternalIp)
-            })
-        {
+        } else if lists.has(Lists::LB_FRONTEND) {
             AddrClass::LbFrontend
-        } else if self.lb_outbound_ips.contains(&ip) {
+        } else if lists.has(Lists::LB_OUTBOUND) {
             AddrClass::LbOutbound
-        } else if self.node_ips.contains(&ip) {
+        } else if lists.has(Lists::NODE_IP) {
             AddrClass::NodeIp
-        } else if self.bridge_gateways.contains(&ip) {
+        } else if lists.has(Lists::BRIDGE_GATEWAY) {
             AddrClass::BridgeGateway
         } else if pod_side
-            || self.local_pods.contains(&ip)
+            || lists.has(Lists::LOCAL_POD)
             || in_any(&self.node_pod_cidrs)
             || (cluster_pod && !node_share_known)
         {
             AddrClass::Pod
         } else if cluster_pod {
             AddrClass::RemotePod
-        } else if in_any(&self.service_cidrs)
-            || self
-                .services
-                .iter()
-                .any(|s| s.ip == Some(ip) && s.kind == ServiceKind::ClusterIp)
-        {
+        } else if in_any(&self.service_cidrs) || lists.has(Lists::CLUSTER_IP) {
             AddrClass::ServiceIp
-        } else if self.api_server.contains(&ip) {
+        } else if lists.has(Lists::API_SERVER) {
             if self.is_private(ip) {
                 AddrClass::ApiServerPrivate
             } else {
@@ -441,12 +473,12 @@ impl Topology {
             AddrClass::AppgwSubnet
         } else if in_any(&self.agc_subnets) {
             AddrClass::AgcSubnet
-        } else if self.private_endpoints.contains(&ip) {
+        } else if lists.has(Lists::PRIVATE_ENDPOINT) {
             AddrClass::PrivateEndpoint
         } else if in_any(&self.node_subnets) {
             // Flat azure-cni gives pods secondary addresses of the node subnet: one that
             // kube-proxy lists as a Service endpoint is taken for a pod on another node.
-            if self.cni == CniMode::AzureCni && self.endpoints.iter().any(|e| e.ip == ip) {
+            if self.cni == CniMode::AzureCni && lists.has(Lists::ENDPOINT) {
                 AddrClass::RemotePod
             } else {
                 AddrClass::NodeSubnet
@@ -471,7 +503,7 @@ impl Topology {
         in_any(&self.vnet_cidrs)
             || in_any(&self.node_subnets)
             || in_any(&self.private_ranges)
-            || self.private_endpoints.contains(&ip)
+            || self.index.lists(ip).has(Lists::PRIVATE_ENDPOINT)
             || is_private_use(ip)
     }
 
@@ -514,6 +546,24 @@ impl Topology {
             .iter()
             .find(|e| e.ip == ip)
             .map(|e| e.name.split(':').next().unwrap_or(&e.name))
+    }
+
+    /// This node's own addresses.
+    pub fn node_ips(&self) -> &[IpAddr] {
+        &self.node_ips
+    }
+
+    pub fn lb_outbound_ips(&self) -> &[IpAddr] {
+        &self.lb_outbound_ips
+    }
+
+    pub fn lb_frontends(&self) -> &[LbFrontend] {
+        &self.lb_frontends
+    }
+
+    /// kube-proxy's Service ports on this node.
+    pub fn services(&self) -> &[ServicePort] {
+        &self.services
     }
 
     pub fn interface_name(&self, index: u32) -> Option<&str> {

@@ -265,3 +265,277 @@ fn node_subnet_api_server_private_ranges_and_pods_on_other_nodes_have_classes() 
     }
     assert!(UnknownPrivate.describe().contains("private_ranges"));
 }
+
+/// `class_of` as it was before the address index: every list walked in [`AddrClass`]'s order.
+/// The indexed answer must be this one for every address.
+fn class_by_walking(t: &Topology, ip: IpAddr, pod_side: bool) -> AddrClass {
+    use AddrClass::*;
+    let in_any = |cidrs: &[Cidr]| cidrs.iter().any(|c| c.contains(ip));
+    let node_share_known = !t.node_pod_cidrs.is_empty() || !t.local_pods.is_empty();
+    let cluster_pod = in_any(&t.pod_cidrs);
+    let service = |kinds: &[ServiceKind]| {
+        t.services
+            .iter()
+            .any(|s| s.ip == Some(ip) && kinds.contains(&s.kind))
+    };
+    if ip.is_loopback() {
+        Loopback
+    } else if t.health_probe_sources.contains(&ip) {
+        HealthProbe
+    } else if t.lb_frontends.iter().any(|f| f.ip == ip)
+        || service(&[ServiceKind::LoadBalancer, ServiceKind::ExternalIp])
+    {
+        LbFrontend
+    } else if t.lb_outbound_ips.contains(&ip) {
+        LbOutbound
+    } else if t.node_ips.contains(&ip) {
+        NodeIp
+    } else if t.bridge_gateways.contains(&ip) {
+        BridgeGateway
+    } else if pod_side
+        || t.local_pods.contains(&ip)
+        || in_any(&t.node_pod_cidrs)
+        || (cluster_pod && !node_share_known)
+    {
+        Pod
+    } else if cluster_pod {
+        RemotePod
+    } else if in_any(&t.service_cidrs) || service(&[ServiceKind::ClusterIp]) {
+        ServiceIp
+    } else if t.api_server.contains(&ip) {
+        let private = in_any(&t.vnet_cidrs)
+            || in_any(&t.node_subnets)
+            || in_any(&t.private_ranges)
+            || t.private_endpoints.contains(&ip)
+            || is_private_use(ip);
+        if private {
+            ApiServerPrivate
+        } else {
+            ApiServerPublic
+        }
+    } else if in_any(&t.appgw_subnets) {
+        AppgwSubnet
+    } else if in_any(&t.agc_subnets) {
+        AgcSubnet
+    } else if t.private_endpoints.contains(&ip) {
+        PrivateEndpoint
+    } else if in_any(&t.node_subnets) {
+        if t.cni == CniMode::AzureCni && t.endpoints.iter().any(|e| e.ip == ip) {
+            RemotePod
+        } else {
+            NodeSubnet
+        }
+    } else if in_any(&t.vnet_cidrs) {
+        Vnet
+    } else if in_any(&t.private_ranges) {
+        PrivateRange
+    } else if is_link_local(ip) {
+        LinkLocal
+    } else if is_private_use(ip) {
+        UnknownPrivate
+    } else {
+        Internet
+    }
+}
+
+/// A topology whose lists overlap each other and its ranges wherever a real one can: a node IP
+/// that is also an outbound IP, a LoadBalancer Service, a bridge gateway and in the pod CIDR; a
+/// frontend that is a probe source; Service IPs inside and outside the service CIDR, of two
+/// kinds at one address; endpoints in the node subnet, the pod CIDR and the service CIDR; an
+/// API server that is a private endpoint; a listed loopback address.
+fn overlapping_layer(cni: CniMode) -> TopologyLayer {
+    let ips = |list: &[&str]| Some(list.iter().map(|a| ip(a)).collect::<Vec<_>>());
+    let cidrs = |list: &[&str]| Some(list.iter().map(|c| c.parse().unwrap()).collect());
+    let service = |kind, addr: Option<&str>, port| ServicePort {
+        name: format!("default/s{port}:http"),
+        kind,
+        ip: addr.map(ip),
+        proto: Proto::Tcp,
+        port,
+        etp: None,
+    };
+    use ServiceKind::*;
+    TopologyLayer {
+        cni: Some(cni),
+        node_ips: ips(&["10.224.0.4", "10.244.0.4", "127.0.0.2", "fd00:10:224::4"]),
+        vnet_cidrs: cidrs(&["10.224.0.0/12", "fd00:10:224::/48"]),
+        node_subnet: cidrs(&["10.224.0.0/16", "fd00:10:224::/64"]),
+        pod_cidr: cidrs(&["10.244.0.0/16", "fd00:10:244::/56"]),
+        service_cidr: cidrs(&["10.0.0.0/16"]),
+        appgw_subnets: cidrs(&["10.226.0.0/24"]),
+        agc_subnets: cidrs(&["10.228.0.0/24"]),
+        private_endpoints: ips(&["10.227.0.5", "10.224.0.50", "10.229.0.4"]),
+        health_probe_sources: ips(&["168.63.129.16", "192.0.2.10"]),
+        lb_outbound_ips: ips(&["192.0.2.100", "10.224.0.4"]),
+        lb_frontends: Some(
+            ["192.0.2.10", "192.0.2.11", "10.224.0.100", "2001:db8::10"]
+                .iter()
+                .map(|a| LbFrontend {
+                    ip: ip(a),
+                    service: None,
+                    external_traffic_policy: None,
+                })
+                .collect(),
+        ),
+        bridge_gateways: ips(&["10.244.0.1", "10.244.0.4", "fd00:10:244::1"]),
+        local_pods: ips(&["10.244.0.10", "10.224.0.10", "10.0.5.5", "fd00:10:244::10"]),
+        api_server: ips(&["198.51.100.40", "10.229.0.4", "10.0.0.1", "192.168.1.1"]),
+        private_ranges: cidrs(&["172.16.0.0/16"]),
+        node_pod_cidrs: cidrs(&["10.244.0.0/24", "fd00:10:244::/64"]),
+        services: Some(vec![
+            service(ClusterIp, Some("10.0.12.34"), 1),
+            service(ClusterIp, Some("10.96.0.10"), 2),
+            service(ClusterIp, Some("10.224.0.60"), 3),
+            service(LoadBalancer, Some("192.0.2.11"), 4),
+            service(LoadBalancer, Some("192.0.2.12"), 5),
+            service(ClusterIp, Some("192.0.2.12"), 6),
+            service(LoadBalancer, Some("10.224.0.4"), 7),
+            service(ExternalIp, Some("203.0.113.7"), 8),
+            service(ExternalIp, Some("10.244.1.5"), 9),
+            service(NodePort, None, 30080),
+            service(ClusterIp, Some("fd00:10:96::a"), 10),
+        ]),
+        endpoints: Some(
+            [
+                "10.224.0.10",
+                "10.224.0.50",
+                "10.224.1.20",
+                "10.244.1.20",
+                "10.244.0.10",
+                "192.168.5.5",
+                "10.0.12.99",
+                "fd00:10:224::20",
+            ]
+            .iter()
+            .map(|a| ServiceEndpoint {
+                name: "default/s1:http".into(),
+                ip: ip(a),
+                port: 8080,
+                proto: Proto::Tcp,
+            })
+            .collect(),
+        ),
+        ..TopologyLayer::default()
+    }
+}
+
+/// Every listed address, its neighbours, addresses in and around every range, and addresses
+/// drawn at random near them and anywhere.
+fn addresses_to_compare(t: &Topology) -> Vec<IpAddr> {
+    let near = |a: IpAddr, d: i64| match a {
+        IpAddr::V4(v4) => {
+            IpAddr::V4(((i64::from(u32::from(v4)) + d).rem_euclid(1 << 32) as u32).into())
+        }
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6).wrapping_add_signed(d as i128)).into()),
+    };
+    let listed: Vec<IpAddr> = [
+        &t.node_ips,
+        &t.private_endpoints,
+        &t.health_probe_sources,
+        &t.lb_outbound_ips,
+        &t.bridge_gateways,
+        &t.local_pods,
+        &t.api_server,
+    ]
+    .into_iter()
+    .flatten()
+    .copied()
+    .chain(t.lb_frontends.iter().map(|f| f.ip))
+    .chain(t.services.iter().filter_map(|s| s.ip))
+    .chain(t.endpoints.iter().map(|e| e.ip))
+    .chain(
+        [
+            &t.vnet_cidrs,
+            &t.node_subnets,
+            &t.pod_cidrs,
+            &t.service_cidrs,
+            &t.appgw_subnets,
+            &t.agc_subnets,
+            &t.private_ranges,
+            &t.node_pod_cidrs,
+        ]
+        .into_iter()
+        .flatten()
+        .map(Cidr::addr),
+    )
+    .chain(
+        [
+            "127.0.0.1",
+            "::1",
+            "169.254.169.254",
+            "fe80::1",
+            "100.64.0.1",
+            "172.20.0.5",
+            "fc00::5",
+            "8.8.8.8",
+        ]
+        .iter()
+        .map(|a| ip(a)),
+    )
+    .collect();
+    let mut out: Vec<IpAddr> = listed
+        .iter()
+        .flat_map(|&a| [-256, -1, 0, 1, 255, 65_536].map(|d| near(a, d)))
+        .collect();
+    // xorshift64: the same addresses on every run.
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for _ in 0..20_000 {
+        let r = next();
+        out.push(match r % 3 {
+            0 => near(
+                listed[(r >> 8) as usize % listed.len()],
+                (r >> 40) as i64 % 512 - 256,
+            ),
+            1 => IpAddr::V4(std::net::Ipv4Addr::from(
+                0x0a00_0000 | (r >> 32) as u32 & 0x00ff_ffff,
+            )),
+            _ => IpAddr::V4(std::net::Ipv4Addr::from((r >> 32) as u32)),
+        });
+    }
+    out
+}
+
+#[test]
+fn indexed_classes_are_those_of_walking_every_list() {
+    let mut compared = 0;
+    for cni in CniMode::ALL {
+        let full = overlapping_layer(cni);
+        // Whether this node's share of the pod CIDR is known changes the pod classes.
+        let variants = [
+            full.clone(),
+            TopologyLayer {
+                node_pod_cidrs: None,
+                ..full.clone()
+            },
+            TopologyLayer {
+                node_pod_cidrs: None,
+                local_pods: None,
+                ..full.clone()
+            },
+            TopologyLayer {
+                cni: Some(cni),
+                ..TopologyLayer::default()
+            },
+        ];
+        for layer in variants {
+            let t = Topology::from_layers([layer]).unwrap();
+            for addr in addresses_to_compare(&t) {
+                for pod_side in [false, true] {
+                    assert_eq!(
+                        t.class_of(addr, pod_side),
+                        class_by_walking(&t, addr, pod_side),
+                        "{cni}: {addr} (pod side: {pod_side})"
+                    );
+                    compared += 1;
+                }
+            }
+        }
+    }
+    assert!(compared > 400_000, "{compared} comparisons");
+}
