@@ -1,8 +1,10 @@
-//! Which of the topology's address lists an address is in, found with one hash lookup: the
-//! lists grow with the cluster (thousands of Service endpoints), and every new flow classifies
-//! two to three addresses. [`Topology`](super::Topology) builds the index with its lists and
-//! keeps both private, so the index cannot go stale.
+//! Where an address is in the topology's lists, found with one hash lookup: the lists grow with
+//! the cluster (thousands of Service ports and endpoints), and every new flow looks up two to
+//! three addresses and its destination's Service. [`Topology`] builds the index from its lists
+//! when it is built and keeps both private, so the index cannot go stale.
 
+use super::{ServiceKind, Topology};
+use crate::events::Proto;
 use std::fmt;
 use std::net::IpAddr;
 
@@ -30,21 +32,85 @@ impl Lists {
     }
 }
 
-/// Every listed address and the lists it is in.
+/// One address: the lists it is in, and its positions in the lists the topology searches by
+/// address (positions keep the lists' order, so the first match is the one a walk finds).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(super) struct Listed {
+    pub(super) lists: Lists,
+    /// The first LB frontend with this IP.
+    pub(super) lb_frontend: Option<usize>,
+    /// The Service ports with this IP, in order.
+    pub(super) services: Vec<usize>,
+    /// The first Service endpoint with this IP.
+    pub(super) endpoint: Option<usize>,
+}
+
 #[derive(Clone, Default, PartialEq)]
-pub(super) struct AddrIndex(foldhash::HashMap<IpAddr, Lists>);
+pub(super) struct AddrIndex {
+    by_ip: foldhash::HashMap<IpAddr, Listed>,
+    /// The first NodePort (a Service port without an IP) of each protocol and port.
+    node_ports: foldhash::HashMap<(Proto, u16), usize>,
+}
 
 impl AddrIndex {
-    /// Marks every address of `ips` as in `list`.
-    pub(super) fn add(&mut self, list: Lists, ips: impl IntoIterator<Item = IpAddr>) {
-        for ip in ips {
-            self.0.entry(ip).or_default().0 |= list.0;
+    /// The index of `t`'s address lists.
+    pub(super) fn of(t: &Topology) -> AddrIndex {
+        let mut index = AddrIndex::default();
+        index.add(Lists::HEALTH_PROBE, &t.health_probe_sources);
+        index.add(Lists::LB_OUTBOUND, &t.lb_outbound_ips);
+        index.add(Lists::NODE_IP, &t.node_ips);
+        index.add(Lists::BRIDGE_GATEWAY, &t.bridge_gateways);
+        index.add(Lists::LOCAL_POD, &t.local_pods);
+        index.add(Lists::API_SERVER, &t.api_server);
+        index.add(Lists::PRIVATE_ENDPOINT, &t.private_endpoints);
+        for (i, f) in t.lb_frontends.iter().enumerate() {
+            let listed = index.entry(f.ip, Lists::LB_FRONTEND);
+            listed.lb_frontend.get_or_insert(i);
         }
+        for (i, s) in t.services.iter().enumerate() {
+            let Some(ip) = s.ip else {
+                index.node_ports.entry((s.proto, s.port)).or_insert(i);
+                continue;
+            };
+            let list = match s.kind {
+                ServiceKind::LoadBalancer | ServiceKind::ExternalIp => Lists::LB_FRONTEND,
+                ServiceKind::ClusterIp => Lists::CLUSTER_IP,
+                // A NodePort has no IP of its own; one given one is found by address only.
+                ServiceKind::NodePort => Lists::default(),
+            };
+            index.entry(ip, list).services.push(i);
+        }
+        for (i, e) in t.endpoints.iter().enumerate() {
+            index.entry(e.ip, Lists::ENDPOINT).endpoint.get_or_insert(i);
+        }
+        index
+    }
+
+    fn entry(&mut self, ip: IpAddr, list: Lists) -> &mut Listed {
+        let listed = self.by_ip.entry(ip).or_default();
+        listed.lists.0 |= list.0;
+        listed
+    }
+
+    fn add(&mut self, list: Lists, ips: &[IpAddr]) {
+        for &ip in ips {
+            self.entry(ip, list);
+        }
+    }
+
+    /// What the topology lists at `ip`, if anything.
+    pub(super) fn get(&self, ip: IpAddr) -> Option<&Listed> {
+        self.by_ip.get(&ip)
     }
 
     /// The lists `ip` is in (none for an address the topology does not list).
     pub(super) fn lists(&self, ip: IpAddr) -> Lists {
-        self.0.get(&ip).copied().unwrap_or_default()
+        self.get(ip).map_or_else(Lists::default, |l| l.lists)
+    }
+
+    /// The first NodePort of `proto` and `port`.
+    pub(super) fn node_port(&self, proto: Proto, port: u16) -> Option<usize> {
+        self.node_ports.get(&(proto, port)).copied()
     }
 }
 
@@ -52,7 +118,8 @@ impl AddrIndex {
 impl fmt::Debug for AddrIndex {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AddrIndex")
-            .field("addresses", &self.0.len())
+            .field("addresses", &self.by_ip.len())
+            .field("node_ports", &self.node_ports.len())
             .finish()
     }
 }

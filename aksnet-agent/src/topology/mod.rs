@@ -396,40 +396,8 @@ impl Topology {
             interfaces: l.interfaces.unwrap_or_default(),
             index: AddrIndex::default(),
         };
-        t.index = t.address_index();
+        t.index = AddrIndex::of(&t);
         Ok(t)
-    }
-
-    /// The index of every address list [`Topology::class_of`] looks an address up in.
-    fn address_index(&self) -> AddrIndex {
-        let services = |kind: fn(ServiceKind) -> bool| {
-            self.services
-                .iter()
-                .filter(move |s| kind(s.kind))
-                .filter_map(|s| s.ip)
-        };
-        let mut index = AddrIndex::default();
-        index.add(
-            Lists::HEALTH_PROBE,
-            self.health_probe_sources.iter().copied(),
-        );
-        index.add(Lists::LB_FRONTEND, self.lb_frontends.iter().map(|f| f.ip));
-        index.add(
-            Lists::LB_FRONTEND,
-            services(|k| matches!(k, ServiceKind::LoadBalancer | ServiceKind::ExternalIp)),
-        );
-        index.add(Lists::LB_OUTBOUND, self.lb_outbound_ips.iter().copied());
-        index.add(Lists::NODE_IP, self.node_ips.iter().copied());
-        index.add(Lists::BRIDGE_GATEWAY, self.bridge_gateways.iter().copied());
-        index.add(Lists::LOCAL_POD, self.local_pods.iter().copied());
-        index.add(Lists::CLUSTER_IP, services(|k| k == ServiceKind::ClusterIp));
-        index.add(Lists::API_SERVER, self.api_server.iter().copied());
-        index.add(
-            Lists::PRIVATE_ENDPOINT,
-            self.private_endpoints.iter().copied(),
-        );
-        index.add(Lists::ENDPOINT, self.endpoints.iter().map(|e| e.ip));
-        index
     }
 
     /// The class of `ip`: the first that applies in [`AddrClass`]'s order. `pod_side` says the
@@ -510,11 +478,14 @@ impl Topology {
     /// The Service and policy a destination belongs to: an LB frontend, a NodePort on this
     /// node, or a ClusterIP.
     pub fn service_at(&self, proto: Proto, ip: IpAddr, port: u16) -> Option<ServiceRef<'_>> {
-        if let Some(f) = self.lb_frontends.iter().find(|f| f.ip == ip) {
-            let discovered = self
-                .services
+        let listed = self.index.get(ip);
+        let at_ip = listed.map_or(&[][..], |l| &l.services[..]);
+        if let Some(f) = listed.and_then(|l| l.lb_frontend) {
+            let f = &self.lb_frontends[f];
+            let discovered = at_ip
                 .iter()
-                .find(|s| s.ip == Some(ip) && s.port == port);
+                .map(|&i| &self.services[i])
+                .find(|s| s.port == port);
             return Some(ServiceRef {
                 name: f
                     .service
@@ -523,17 +494,21 @@ impl Topology {
                 etp: f.external_traffic_policy.or(discovered.and_then(|s| s.etp)),
             });
         }
-        let node_port = self.node_ips.contains(&ip) || self.bridge_gateways.contains(&ip);
-        self.services
+        let lists = listed.map_or_else(Lists::default, |l| l.lists);
+        let node_port = lists.has(Lists::NODE_IP) || lists.has(Lists::BRIDGE_GATEWAY);
+        // The first Service port a walk of the list would match: one at this IP, or a NodePort.
+        let by_ip = at_ip
             .iter()
-            .find(|s| {
-                s.proto == proto
-                    && s.port == port
-                    && match s.ip {
-                        Some(sip) => sip == ip,
-                        None => node_port,
-                    }
-            })
+            .copied()
+            .find(|&i| self.services[i].proto == proto && self.services[i].port == port);
+        let by_node_port = node_port
+            .then(|| self.index.node_port(proto, port))
+            .flatten();
+        by_ip
+            .into_iter()
+            .chain(by_node_port)
+            .min()
+            .map(|i| &self.services[i])
             .map(|s| ServiceRef {
                 name: Some(s.service()),
                 etp: s.etp,
@@ -542,10 +517,8 @@ impl Topology {
 
     /// The Service whose endpoint `ip` is, if kube-proxy lists it.
     pub fn service_of_endpoint(&self, ip: IpAddr) -> Option<&str> {
-        self.endpoints
-            .iter()
-            .find(|e| e.ip == ip)
-            .map(|e| e.name.split(':').next().unwrap_or(&e.name))
+        let e = &self.endpoints[self.index.get(ip)?.endpoint?];
+        Some(e.name.split(':').next().unwrap_or(&e.name))
     }
 
     /// This node's own addresses.

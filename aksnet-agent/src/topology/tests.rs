@@ -346,14 +346,21 @@ fn class_by_walking(t: &Topology, ip: IpAddr, pod_side: bool) -> AddrClass {
 fn overlapping_layer(cni: CniMode) -> TopologyLayer {
     let ips = |list: &[&str]| Some(list.iter().map(|a| ip(a)).collect::<Vec<_>>());
     let cidrs = |list: &[&str]| Some(list.iter().map(|c| c.parse().unwrap()).collect());
-    let service = |kind, addr: Option<&str>, port| ServicePort {
-        name: format!("default/s{port}:http"),
+    let service = |n: u16, kind, addr: Option<&str>, proto, port| ServicePort {
+        name: format!("default/s{n}:http"),
         kind,
         ip: addr.map(ip),
-        proto: Proto::Tcp,
+        proto,
         port,
-        etp: None,
+        etp: [None, Some(Etp::Cluster), Some(Etp::Local)][usize::from(n % 3)],
     };
+    let endpoint = |n: u16, addr: &str| ServiceEndpoint {
+        name: format!("default/s{n}:http"),
+        ip: ip(addr),
+        port: 8080,
+        proto: Tcp,
+    };
+    use Proto::{Tcp, Udp};
     use ServiceKind::*;
     TopologyLayer {
         cni: Some(cni),
@@ -367,67 +374,78 @@ fn overlapping_layer(cni: CniMode) -> TopologyLayer {
         private_endpoints: ips(&["10.227.0.5", "10.224.0.50", "10.229.0.4"]),
         health_probe_sources: ips(&["168.63.129.16", "192.0.2.10"]),
         lb_outbound_ips: ips(&["192.0.2.100", "10.224.0.4"]),
+        // Two frontends at 192.0.2.10 (the first counts); some without their Service.
         lb_frontends: Some(
-            ["192.0.2.10", "192.0.2.11", "10.224.0.100", "2001:db8::10"]
-                .iter()
-                .map(|a| LbFrontend {
-                    ip: ip(a),
-                    service: None,
-                    external_traffic_policy: None,
-                })
-                .collect(),
+            [
+                ("192.0.2.10", Some("default/app"), Some(Etp::Cluster)),
+                ("192.0.2.10", Some("default/other"), Some(Etp::Local)),
+                ("192.0.2.11", None, None),
+                ("10.224.0.100", Some("default/internal"), None),
+                ("2001:db8::10", None, Some(Etp::Local)),
+            ]
+            .iter()
+            .map(|&(a, service, etp)| LbFrontend {
+                ip: ip(a),
+                service: service.map(str::to_string),
+                external_traffic_policy: etp,
+            })
+            .collect(),
         ),
         bridge_gateways: ips(&["10.244.0.1", "10.244.0.4", "fd00:10:244::1"]),
         local_pods: ips(&["10.244.0.10", "10.224.0.10", "10.0.5.5", "fd00:10:244::10"]),
         api_server: ips(&["198.51.100.40", "10.229.0.4", "10.0.0.1", "192.168.1.1"]),
         private_ranges: cidrs(&["172.16.0.0/16"]),
         node_pod_cidrs: cidrs(&["10.244.0.0/24", "fd00:10:244::/64"]),
+        // Ports that share an address, a protocol or a NodePort's port, in an order where the
+        // first match is sometimes at the address and sometimes the NodePort.
         services: Some(vec![
-            service(ClusterIp, Some("10.0.12.34"), 1),
-            service(ClusterIp, Some("10.96.0.10"), 2),
-            service(ClusterIp, Some("10.224.0.60"), 3),
-            service(LoadBalancer, Some("192.0.2.11"), 4),
-            service(LoadBalancer, Some("192.0.2.12"), 5),
-            service(ClusterIp, Some("192.0.2.12"), 6),
-            service(LoadBalancer, Some("10.224.0.4"), 7),
-            service(ExternalIp, Some("203.0.113.7"), 8),
-            service(ExternalIp, Some("10.244.1.5"), 9),
-            service(NodePort, None, 30080),
-            service(ClusterIp, Some("fd00:10:96::a"), 10),
+            service(1, ClusterIp, Some("10.0.12.34"), Tcp, 80),
+            service(2, ClusterIp, Some("10.0.12.34"), Udp, 80),
+            service(3, ClusterIp, Some("10.0.12.34"), Tcp, 443),
+            service(4, ClusterIp, Some("10.96.0.10"), Udp, 53),
+            service(5, ClusterIp, Some("10.224.0.60"), Tcp, 80),
+            service(6, LoadBalancer, Some("192.0.2.11"), Tcp, 80),
+            service(7, LoadBalancer, Some("192.0.2.11"), Tcp, 443),
+            service(8, LoadBalancer, Some("192.0.2.12"), Tcp, 80),
+            service(9, ClusterIp, Some("192.0.2.12"), Tcp, 80),
+            service(10, LoadBalancer, Some("10.224.0.4"), Tcp, 8080),
+            service(11, NodePort, None, Tcp, 8080),
+            service(12, NodePort, None, Tcp, 30080),
+            service(13, NodePort, None, Tcp, 30080),
+            service(14, NodePort, None, Udp, 30080),
+            service(15, ClusterIp, Some("10.224.0.4"), Tcp, 30080),
+            service(16, ExternalIp, Some("203.0.113.7"), Tcp, 80),
+            service(17, ExternalIp, Some("10.244.1.5"), Tcp, 80),
+            service(18, LoadBalancer, Some("192.0.2.10"), Tcp, 80),
+            service(19, ClusterIp, Some("fd00:10:96::a"), Tcp, 80),
         ]),
-        endpoints: Some(
-            [
-                "10.224.0.10",
-                "10.224.0.50",
-                "10.224.1.20",
-                "10.244.1.20",
-                "10.244.0.10",
-                "192.168.5.5",
-                "10.0.12.99",
-                "fd00:10:224::20",
-            ]
-            .iter()
-            .map(|a| ServiceEndpoint {
-                name: "default/s1:http".into(),
-                ip: ip(a),
-                port: 8080,
-                proto: Proto::Tcp,
-            })
-            .collect(),
-        ),
+        endpoints: Some(vec![
+            endpoint(1, "10.224.0.10"),
+            endpoint(2, "10.224.0.10"),
+            endpoint(3, "10.224.0.50"),
+            endpoint(4, "10.224.1.20"),
+            endpoint(5, "10.244.1.20"),
+            endpoint(6, "10.244.0.10"),
+            endpoint(7, "192.168.5.5"),
+            endpoint(8, "10.0.12.99"),
+            endpoint(9, "fd00:10:224::20"),
+        ]),
         ..TopologyLayer::default()
     }
 }
 
-/// Every listed address, its neighbours, addresses in and around every range, and addresses
-/// drawn at random near them and anywhere.
-fn addresses_to_compare(t: &Topology) -> Vec<IpAddr> {
-    let near = |a: IpAddr, d: i64| match a {
+/// `a` moved by `d`, wrapping around its family's space.
+fn near(a: IpAddr, d: i64) -> IpAddr {
+    match a {
         IpAddr::V4(v4) => {
             IpAddr::V4(((i64::from(u32::from(v4)) + d).rem_euclid(1 << 32) as u32).into())
         }
-        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6).wrapping_add_signed(d as i128)).into()),
-    };
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6).wrapping_add_signed(i128::from(d))).into()),
+    }
+}
+
+/// Every listed address and its neighbours, and addresses in and around every range.
+fn listed_and_near(t: &Topology) -> Vec<IpAddr> {
     let listed: Vec<IpAddr> = [
         &t.node_ips,
         &t.private_endpoints,
@@ -473,10 +491,16 @@ fn addresses_to_compare(t: &Topology) -> Vec<IpAddr> {
         .map(|a| ip(a)),
     )
     .collect();
-    let mut out: Vec<IpAddr> = listed
+    listed
         .iter()
         .flat_map(|&a| [-256, -1, 0, 1, 255, 65_536].map(|d| near(a, d)))
-        .collect();
+        .collect()
+}
+
+/// [`listed_and_near`]'s, and addresses drawn at random near them and anywhere.
+fn addresses_to_compare(t: &Topology) -> Vec<IpAddr> {
+    let listed = listed_and_near(t);
+    let mut out = listed.clone();
     // xorshift64: the same addresses on every run.
     let mut state = 0x9e37_79b9_7f4a_7c15_u64;
     let mut next = move || {
@@ -538,4 +562,65 @@ fn indexed_classes_are_those_of_walking_every_list() {
         }
     }
     assert!(compared > 400_000, "{compared} comparisons");
+}
+
+/// `service_at` as it was before the address index: the frontends, then every Service port.
+fn service_by_walking(t: &Topology, proto: Proto, ip: IpAddr, port: u16) -> Option<ServiceRef<'_>> {
+    if let Some(f) = t.lb_frontends.iter().find(|f| f.ip == ip) {
+        let discovered = t
+            .services
+            .iter()
+            .find(|s| s.ip == Some(ip) && s.port == port);
+        return Some(ServiceRef {
+            name: f
+                .service
+                .as_deref()
+                .or_else(|| discovered.map(ServicePort::service)),
+            etp: f.external_traffic_policy.or(discovered.and_then(|s| s.etp)),
+        });
+    }
+    let node_port = t.node_ips.contains(&ip) || t.bridge_gateways.contains(&ip);
+    t.services
+        .iter()
+        .find(|s| {
+            s.proto == proto
+                && s.port == port
+                && match s.ip {
+                    Some(sip) => sip == ip,
+                    None => node_port,
+                }
+        })
+        .map(|s| ServiceRef {
+            name: Some(s.service()),
+            etp: s.etp,
+        })
+}
+
+#[test]
+fn indexed_services_are_those_of_walking_every_list() {
+    let t = Topology::from_layers([overlapping_layer(CniMode::Kubenet)]).unwrap();
+    let mut ports: Vec<u16> = t.services.iter().map(|s| s.port).collect();
+    ports.extend([9, 8081, 30081]);
+    let mut found = 0;
+    for addr in listed_and_near(&t) {
+        for &port in &ports {
+            for proto in [Proto::Tcp, Proto::Udp] {
+                let walked = service_by_walking(&t, proto, addr, port);
+                assert_eq!(
+                    t.service_at(proto, addr, port),
+                    walked,
+                    "{proto:?} {addr}:{port}"
+                );
+                found += usize::from(walked.is_some());
+            }
+        }
+        let walked = t
+            .endpoints
+            .iter()
+            .find(|e| e.ip == addr)
+            .map(|e| e.name.split(':').next().unwrap_or(&e.name));
+        assert_eq!(t.service_of_endpoint(addr), walked, "endpoint {addr}");
+    }
+    // The comparison covers Services found, not only addresses without one.
+    assert!(found > 100, "{found} Services found");
 }
