@@ -1,6 +1,7 @@
 //! Userspace pipeline cost per event on one core: ring-buffer record decoding, flow-table
 //! correlation, the metrics' counting and SNAT accounting, classification against the built-in
-//! kubenet model, and the `--dump --output json` line. `cargo xtask bench` runs these and reads criterion's medians; run one by hand with
+//! kubenet model (and, on a large cluster's node, the kubenet and azure-cni ones), and the
+//! `--dump --output json` line. `cargo xtask bench` runs these and reads criterion's medians; run one by hand with
 //! `cargo bench -p aksnet-agent --bench pipeline -- decode`.
 //!
 //! The flows are the lab's (xtask::lab): an internet client through the LB frontend to the app
@@ -375,7 +376,7 @@ fn classify(c: &mut Criterion) {
                 CniMode::Kubenet => ev.clone(),
                 _ => on_azure_cni(ev.clone()),
             };
-            g.bench_function(format!("{cni}/{name}"), |b| {
+            g.bench_function(format!("{cni}_{name}"), |b| {
                 b.iter(|| classifier.classify(black_box(&ev)))
             });
         }
