@@ -302,7 +302,8 @@ impl TopologyLayer {
 pub const WIRESERVER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(168, 63, 129, 16));
 
 /// The merged, complete topology the classifier works with. The address lists are private:
-/// [`Topology::class_of`] looks them up in an index built with them, which must not go stale.
+/// [`Topology::class_of`] and the Service lookups find addresses in an index built with them,
+/// which must not go stale.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Topology {
     pub cni: CniMode,
