@@ -6,6 +6,7 @@
 use super::{ServiceKind, Topology};
 use crate::events::Proto;
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 
 /// A set of the address lists, one bit each.
@@ -27,6 +28,7 @@ impl Lists {
     /// A Service endpoint kube-proxy lists.
     pub(super) const ENDPOINT: Lists = Lists(1 << 9);
 
+    #[inline]
     pub(super) fn has(self, list: Lists) -> bool {
         self.0 & list.0 != 0
     }
@@ -45,9 +47,25 @@ pub(super) struct Listed {
     pub(super) endpoint: Option<usize>,
 }
 
+/// An address as a key: one integer to hash (the derived `Hash` of `IpAddr` feeds its variant,
+/// the octets' count and the octets, three calls for every lookup). The family is not hashed:
+/// addresses of the two families may collide, and compare unequal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Key(IpAddr);
+
+impl Hash for Key {
+    #[inline]
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        match self.0 {
+            IpAddr::V4(a) => state.write_u32(a.to_bits()),
+            IpAddr::V6(a) => state.write_u128(a.to_bits()),
+        }
+    }
+}
+
 #[derive(Clone, Default, PartialEq)]
 pub(super) struct AddrIndex {
-    by_ip: foldhash::HashMap<IpAddr, Listed>,
+    by_ip: foldhash::HashMap<Key, Listed>,
     /// The first NodePort (a Service port without an IP) of each protocol and port.
     node_ports: foldhash::HashMap<(Proto, u16), usize>,
 }
@@ -87,7 +105,7 @@ impl AddrIndex {
     }
 
     fn entry(&mut self, ip: IpAddr, list: Lists) -> &mut Listed {
-        let listed = self.by_ip.entry(ip).or_default();
+        let listed = self.by_ip.entry(Key(ip)).or_default();
         listed.lists.0 |= list.0;
         listed
     }
@@ -99,11 +117,13 @@ impl AddrIndex {
     }
 
     /// What the topology lists at `ip`, if anything.
+    #[inline]
     pub(super) fn get(&self, ip: IpAddr) -> Option<&Listed> {
-        self.by_ip.get(&ip)
+        self.by_ip.get(&Key(ip))
     }
 
     /// The lists `ip` is in (none for an address the topology does not list).
+    #[inline]
     pub(super) fn lists(&self, ip: IpAddr) -> Lists {
         self.get(ip).map_or_else(Lists::default, |l| l.lists)
     }
