@@ -1,6 +1,7 @@
 //! Userspace pipeline cost per event on one core: ring-buffer record decoding, flow-table
 //! correlation, the metrics' counting and SNAT accounting, classification against the built-in
-//! kubenet model, and the `--dump --output json` line. `cargo xtask bench` runs these and reads criterion's medians; run one by hand with
+//! kubenet model (and, on a large cluster's node, the kubenet and azure-cni ones), and the
+//! `--dump --output json` line. `cargo xtask bench` runs these and reads criterion's medians; run one by hand with
 //! `cargo bench -p aksnet-agent --bench pipeline -- decode`.
 //!
 //! The flows are the lab's (xtask::lab): an internet client through the LB frontend to the app
@@ -8,12 +9,15 @@
 
 mod common;
 
+use aksnet_agent::events::Proto;
 use aksnet_agent::events::{decode_conn_event, BootClock, EventKind, FlowEvent, Tuple};
 use aksnet_agent::flows::FlowTable;
 use aksnet_agent::metrics::{FlowObservation, Metrics, MetricsConfig, NatHop};
 use aksnet_agent::model::{Classifier, Model};
 use aksnet_agent::output::dump::{Dump, FlowView, Format};
-use aksnet_agent::topology::{CniMode, Topology};
+use aksnet_agent::topology::{
+    CniMode, Etp, ServiceEndpoint, ServiceKind, ServicePort, Topology, TopologyLayer,
+};
 use aksnet_common::{ct_status, event_kind, hook, ConnEvent, RawTuple};
 use common::{lb_inbound, tuple};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
@@ -214,26 +218,168 @@ fn metrics(c: &mut Criterion) {
     g.finish();
 }
 
-fn classifier() -> Classifier {
+/// The lab's agent config for `cni`, as the layer the config file gives.
+fn lab_layer(cni: CniMode) -> TopologyLayer {
     let path = std::env::temp_dir().join(format!("aksnet-bench-{}.toml", std::process::id()));
-    let layout = xtask::lab::Layout::new(CniMode::Kubenet);
+    let layout = xtask::lab::Layout::new(cni);
     std::fs::write(&path, agent_config::render(&layout)).expect("cannot write the bench topology");
-    let topology = Topology::from_file(&path).expect("the lab's agent config loads");
+    let layer = TopologyLayer::from_file(&path).expect("the lab's agent config loads");
     let _ = std::fs::remove_file(&path);
-    let model = Model::load_builtin(CniMode::Kubenet).expect("the built-in kubenet model loads");
-    Classifier::new(model, topology).expect("the kubenet model matches the kubenet topology")
+    layer
+}
+
+fn classifier_of(cni: CniMode, layers: impl IntoIterator<Item = TopologyLayer>) -> Classifier {
+    let topology = Topology::from_layers(layers).expect("the bench topology has a network mode");
+    let model = Model::load_builtin(cni).expect("the built-in model loads");
+    Classifier::new(model, topology).expect("the built-in model matches the topology's mode")
+}
+
+/// Services, endpoints and local pods of a large cluster, as kube-proxy's rules and the node's
+/// routes give them: [`LARGE_SERVICES`] Services (every one a ClusterIP, one in five also a
+/// NodePort, one in ten also a LoadBalancer, one in fifty also an external IP),
+/// [`LARGE_ENDPOINTS`] endpoints on other nodes and [`LARGE_LOCAL_PODS`] pods on this one, the
+/// lab's among them. Pods are in the cluster pod CIDR on kubenet and in the node subnet on
+/// azure-cni. With what discovery adds on the lab's node (its pods, cbr0's address), the lab's
+/// flows classify as they do in the lab.
+fn large_cluster(cni: CniMode) -> TopologyLayer {
+    let v4 = |a: u32| IpAddr::V4(Ipv4Addr::from(a));
+    // Endpoints from the second /24 (kubenet: other nodes' shares of the pod CIDR; azure-cni:
+    // the node subnet past the lab's hosts); local pods: the lab's four (.10 to .13), the rest
+    // from .150 of the first.
+    let (remote_pods, first_24, bridge) = match cni {
+        CniMode::Kubenet => (
+            Ipv4Addr::new(10, 244, 1, 0),
+            Ipv4Addr::new(10, 244, 0, 0),
+            Some(vec![v4(u32::from(Ipv4Addr::new(10, 244, 0, 1)))]),
+        ),
+        _ => (
+            Ipv4Addr::new(10, 224, 1, 0),
+            Ipv4Addr::new(10, 224, 0, 0),
+            None,
+        ),
+    };
+    let (remote_pods, first_24) = (u32::from(remote_pods), u32::from(first_24));
+    let local_pods = (10..14)
+        .chain(150..150 + LARGE_LOCAL_PODS - 4)
+        .map(|last| v4(first_24 + last))
+        .collect();
+    let mut services = Vec::new();
+    for i in 0..LARGE_SERVICES {
+        let name = format!("ns{}/svc{i}:http", i % 40);
+        let port = |kind, ip, port, etp| ServicePort {
+            name: name.clone(),
+            kind,
+            ip,
+            proto: Proto::Tcp,
+            port,
+            etp,
+        };
+        // ClusterIPs from 10.0.100.0, inside the lab's service CIDR 10.0.0.0/16.
+        let cluster_ip = v4(u32::from(Ipv4Addr::new(10, 0, 100, 0)) + i);
+        services.push(port(ServiceKind::ClusterIp, Some(cluster_ip), 80, None));
+        if i % 5 == 0 {
+            let node_port = 30_000 + i as u16;
+            services.push(port(
+                ServiceKind::NodePort,
+                None,
+                node_port,
+                Some(Etp::Cluster),
+            ));
+        }
+        if i % 10 == 0 {
+            // LoadBalancer IPs from the benchmarking range 198.18.0.0/15 (RFC 2544).
+            let lb_ip = v4(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + i);
+            services.push(port(
+                ServiceKind::LoadBalancer,
+                Some(lb_ip),
+                80,
+                Some(Etp::Local),
+            ));
+        }
+        if i % 50 == 0 {
+            let external = v4(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + i);
+            services.push(port(
+                ServiceKind::ExternalIp,
+                Some(external),
+                80,
+                Some(Etp::Cluster),
+            ));
+        }
+    }
+    let endpoints = (0..LARGE_ENDPOINTS)
+        .map(|i| ServiceEndpoint {
+            name: format!("ns{}/svc{}:http", i % 40, i % LARGE_SERVICES),
+            ip: v4(remote_pods + i / 100 * 256 + 10 + i % 100),
+            port: 8080,
+            proto: Proto::Tcp,
+        })
+        .collect();
+    TopologyLayer {
+        services: Some(services),
+        endpoints: Some(endpoints),
+        local_pods: Some(local_pods),
+        bridge_gateways: bridge,
+        ..TopologyLayer::default()
+    }
+}
+
+const LARGE_SERVICES: u32 = 2_000;
+const LARGE_ENDPOINTS: u32 = 5_000;
+const LARGE_LOCAL_PODS: u32 = 100;
+
+/// `ev` on azure-cni: the lab's pods keep their last octet in the node subnet, and what cbr0's
+/// address masqueraded is masqueraded to the node IP (`xtask::lab::layout::pod_ip`,
+/// `masquerade_to_pod_ip`).
+fn on_azure_cni(ev: FlowEvent) -> FlowEvent {
+    let pod = |ip: IpAddr| match ip {
+        IpAddr::V4(a) if a == Ipv4Addr::new(10, 244, 0, 1) => {
+            IpAddr::V4(Ipv4Addr::new(10, 224, 0, 4))
+        }
+        IpAddr::V4(a) if a.octets()[..3] == [10, 244, 0] => {
+            IpAddr::V4(Ipv4Addr::new(10, 224, 0, a.octets()[3]))
+        }
+        other => other,
+    };
+    let moved = |t: Tuple| Tuple {
+        src: pod(t.src),
+        dst: pod(t.dst),
+        ..t
+    };
+    FlowEvent {
+        orig: moved(ev.orig),
+        reply: moved(ev.reply),
+        ..ev
+    }
 }
 
 fn classify(c: &mut Criterion) {
-    let classifier = classifier();
-    let mut g = c.benchmark_group("classify");
-    g.throughput(Throughput::Elements(1));
-    for (name, ev) in [
+    let flows = [
         ("lb_inbound", lb_inbound(40000)),
         ("pod_outbound", pod_outbound()),
         ("pod_to_service", pod_to_service()),
-    ] {
-        g.bench_function(name, |b| b.iter(|| classifier.classify(black_box(&ev))));
+    ];
+    let classifier = classifier_of(CniMode::Kubenet, [lab_layer(CniMode::Kubenet)]);
+    let mut g = c.benchmark_group("classify");
+    g.throughput(Throughput::Elements(1));
+    for (name, ev) in &flows {
+        g.bench_function(*name, |b| b.iter(|| classifier.classify(black_box(ev))));
+    }
+    g.finish();
+    // The same flows on a node of a large cluster: the cost of classifying must not grow with
+    // the cluster.
+    let mut g = c.benchmark_group("classify_large");
+    g.throughput(Throughput::Elements(1));
+    for cni in [CniMode::Kubenet, CniMode::AzureCni] {
+        let classifier = classifier_of(cni, [lab_layer(cni), large_cluster(cni)]);
+        for (name, ev) in &flows {
+            let ev = match cni {
+                CniMode::Kubenet => ev.clone(),
+                _ => on_azure_cni(ev.clone()),
+            };
+            g.bench_function(format!("{cni}_{name}"), |b| {
+                b.iter(|| classifier.classify(black_box(&ev)))
+            });
+        }
     }
     g.finish();
 }

@@ -660,8 +660,8 @@ mod tests {
         let t = k.classify.topology().unwrap();
         assert_eq!(t.cni, CniMode::Kubenet);
         assert_eq!(
-            t.node_ips,
-            vec!["10.224.0.4".parse::<std::net::IpAddr>().unwrap()]
+            t.node_ips(),
+            ["10.224.0.4".parse::<std::net::IpAddr>().unwrap()]
         );
         assert_eq!(k.facts.source("cni"), Some(Source::Flag));
         assert_eq!(k.facts.source("node_ips"), Some(Source::Config));

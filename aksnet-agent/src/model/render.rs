@@ -139,11 +139,15 @@ impl Classifier {
                 Var::DstService => f.dst_service().unwrap_or(unknown).to_string(),
                 Var::Etp => f.dst_etp().map_or(unknown.into(), |e| e.to_string()),
                 Var::Cni => t.cni.to_string(),
-                Var::NodeIp => join(same_family(&t.node_ips, f.orig.src)).unwrap_or(unknown.into()),
+                Var::NodeIp => {
+                    join(same_family(t.node_ips(), f.orig.src)).unwrap_or(unknown.into())
+                }
                 // lb_outbound_ips are the LB's: another outbound type's device has its own.
                 Var::LbOutbound => match t.outbound_type {
-                    OutboundType::LoadBalancer => join(same_family(&t.lb_outbound_ips, f.orig.src))
-                        .unwrap_or_else(|| "not configured".into()),
+                    OutboundType::LoadBalancer => {
+                        join(same_family(t.lb_outbound_ips(), f.orig.src))
+                            .unwrap_or_else(|| "not configured".into())
+                    }
                     _ => "the device's own, not visible from the node".into(),
                 },
                 Var::Outbound => t.outbound_type.snat_device().to_string(),
@@ -277,7 +281,7 @@ impl Classifier {
         let declared = row.etp?;
         let programmed = self
             .topology()
-            .services
+            .services()
             .iter()
             .find(|s| {
                 s.kind == ServiceKind::LoadBalancer
@@ -372,7 +376,7 @@ impl Classifier {
                 };
                 hop.at = Some(format!(
                     "{}{ifaces}",
-                    join(same_family(&self.topology().node_ips, o.src))
+                    join(same_family(self.topology().node_ips(), o.src))
                         .unwrap_or_else(|| "node".into())
                 ));
             }
@@ -404,7 +408,7 @@ impl Classifier {
     /// The address the outbound type's device SNATs to, as far as the topology knows it.
     fn outbound_address(&self, like: IpAddr) -> String {
         let t = self.topology();
-        let configured = same_family(&t.lb_outbound_ips, like);
+        let configured = same_family(t.lb_outbound_ips(), like);
         match (t.outbound_type, configured.first()) {
             (OutboundType::LoadBalancer, Some(IpAddr::V4(ip))) => format!("{ip}:*"),
             (OutboundType::LoadBalancer, Some(IpAddr::V6(ip))) => format!("[{ip}]:*"),

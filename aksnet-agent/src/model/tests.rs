@@ -14,6 +14,11 @@ fn ip(s: &str) -> IpAddr {
 /// The lab's topology for `cni`, dual-stack, plus what discovery adds on the node (NodePorts,
 /// the ingress pod's endpoint, cbr0's addresses, azure-cni's local pods).
 pub(crate) fn lab_topology(cni: CniMode) -> Topology {
+    Topology::from_layers(lab_layers(cni)).unwrap()
+}
+
+/// [`lab_topology`]'s layers, lowest precedence first: what discovery adds, the config file.
+fn lab_layers(cni: CniMode) -> [TopologyLayer; 2] {
     let pods = if cni == CniMode::AzureCni {
         "10.224.0"
     } else {
@@ -104,7 +109,7 @@ pub(crate) fn lab_topology(cni: CniMode) -> Topology {
         }),
         ..Default::default()
     };
-    Topology::from_layers([discovered, config]).unwrap()
+    [discovered, config]
 }
 
 /// A pod on another node: in the pod CIDR outside this node's /24 (kubenet, Overlay), another
@@ -795,15 +800,19 @@ fn model_for_another_cni_is_refused() {
 
 /// The ingress frontend as kube-proxy's rules on the node program it (what discovery adds).
 fn with_programmed_ingress(cni: CniMode, etp: Etp) -> Classifier {
-    let mut t = lab_topology(cni);
-    t.services.push(ServicePort {
-        name: "ingress-nginx/ingress-nginx-controller:http".into(),
-        kind: ServiceKind::LoadBalancer,
-        ip: Some(ip("192.0.2.11")),
-        proto: Tcp,
-        port: 80,
-        etp: Some(etp),
-    });
+    let [mut discovered, config] = lab_layers(cni);
+    discovered
+        .services
+        .get_or_insert_default()
+        .push(ServicePort {
+            name: "ingress-nginx/ingress-nginx-controller:http".into(),
+            kind: ServiceKind::LoadBalancer,
+            ip: Some(ip("192.0.2.11")),
+            proto: Tcp,
+            port: 80,
+            etp: Some(etp),
+        });
+    let t = Topology::from_layers([discovered, config]).unwrap();
     Classifier::new(Model::load_builtin(cni).unwrap(), t).unwrap()
 }
 
@@ -852,9 +861,10 @@ fn snat_of_a_declared_local_frontend_says_what_the_node_programs() {
 
 /// azure-cni with a pod subnet: pods outside this node's (listed) pods are on other nodes.
 fn pod_subnet_classifier() -> Classifier {
-    let mut t = lab_topology(CniMode::AzureCni);
-    t.pod_cidrs = vec!["10.240.0.0/16".parse().unwrap()];
-    t.local_pods = vec![ip("10.240.0.10"), ip("10.240.0.11")];
+    let [discovered, mut config] = lab_layers(CniMode::AzureCni);
+    config.pod_cidr = Some(vec!["10.240.0.0/16".parse().unwrap()]);
+    config.local_pods = Some(vec![ip("10.240.0.10"), ip("10.240.0.11")]);
+    let t = Topology::from_layers([discovered, config]).unwrap();
     Classifier::new(Model::load_builtin(CniMode::AzureCni).unwrap(), t).unwrap()
 }
 

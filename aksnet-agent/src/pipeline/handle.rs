@@ -166,7 +166,7 @@ impl<W: Write> Pipeline<W> {
             .or_else(|| {
                 self.classifier
                     .topology()?
-                    .lb_frontends
+                    .lb_frontends()
                     .iter()
                     .find(|frontend| frontend.ip == dst.dst)
                     .and_then(|frontend| frontend.service.clone())

@@ -12,6 +12,7 @@ mod config;
 mod discover;
 mod facts;
 pub mod imds;
+mod index;
 mod iptables;
 mod tool;
 
@@ -21,6 +22,8 @@ pub use config::{FileError, LoadError};
 pub use discover::{discover, Blindness, Discovery};
 pub use facts::{needed_flags, FactEntry, Facts, MissingFact, Source};
 pub use iptables::{parse_iptables_save, KubeProxyRules, MasqRules};
+
+use index::{AddrIndex, Lists};
 
 use crate::events::Proto;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -298,34 +301,38 @@ impl TopologyLayer {
 /// The Azure wireserver: source of every LB health probe (and Azure DNS).
 pub const WIRESERVER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(168, 63, 129, 16));
 
-/// The merged, complete topology the classifier works with.
+/// The merged, complete topology the classifier works with. The address lists are private:
+/// [`Topology::class_of`] and the Service lookups find addresses in an index built with them,
+/// which must not go stale.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Topology {
     pub cni: CniMode,
     pub dataplane: Dataplane,
     pub node_name: Option<String>,
-    pub node_ips: Vec<IpAddr>,
+    node_ips: Vec<IpAddr>,
     pub vnet_cidrs: Vec<Cidr>,
     pub node_subnets: Vec<Cidr>,
     pub pod_cidrs: Vec<Cidr>,
     pub service_cidrs: Vec<Cidr>,
     pub appgw_subnets: Vec<Cidr>,
     pub agc_subnets: Vec<Cidr>,
-    pub private_endpoints: Vec<IpAddr>,
-    pub health_probe_sources: Vec<IpAddr>,
-    pub lb_outbound_ips: Vec<IpAddr>,
+    private_endpoints: Vec<IpAddr>,
+    health_probe_sources: Vec<IpAddr>,
+    lb_outbound_ips: Vec<IpAddr>,
     pub outbound_type: OutboundType,
-    pub lb_frontends: Vec<LbFrontend>,
-    pub bridge_gateways: Vec<IpAddr>,
-    pub local_pods: Vec<IpAddr>,
-    pub api_server: Vec<IpAddr>,
+    lb_frontends: Vec<LbFrontend>,
+    bridge_gateways: Vec<IpAddr>,
+    local_pods: Vec<IpAddr>,
+    api_server: Vec<IpAddr>,
     pub private_ranges: Vec<Cidr>,
     pub node_pod_cidrs: Vec<Cidr>,
     pub non_masquerade_cidrs: Vec<Cidr>,
     pub masq_link_local: Option<bool>,
-    pub services: Vec<ServicePort>,
-    pub endpoints: Vec<ServiceEndpoint>,
+    services: Vec<ServicePort>,
+    endpoints: Vec<ServiceEndpoint>,
     pub interfaces: Vec<Interface>,
+    #[serde(skip)]
+    index: AddrIndex,
 }
 
 /// Why a topology could not be assembled.
@@ -362,7 +369,7 @@ impl Topology {
     /// The topology of an already merged layer (a [`Facts`]'s).
     pub fn from_merged(l: TopologyLayer) -> Result<Topology, TopologyError> {
         let cni = l.cni.ok_or(TopologyError::NoCni)?;
-        Ok(Topology {
+        let mut t = Topology {
             cni,
             dataplane: l.dataplane.unwrap_or_default(),
             node_name: l.node_name,
@@ -388,7 +395,10 @@ impl Topology {
             services: l.services.unwrap_or_default(),
             endpoints: l.endpoints.unwrap_or_default(),
             interfaces: l.interfaces.unwrap_or_default(),
-        })
+            index: AddrIndex::default(),
+        };
+        t.index = AddrIndex::of(&t);
+        Ok(t)
     }
 
     /// The class of `ip`: the first that applies in [`AddrClass`]'s order. `pod_side` says the
@@ -399,39 +409,30 @@ impl Topology {
         // is taken for one of this node's: the flows are the same, only the hop text differs.
         let node_share_known = !self.node_pod_cidrs.is_empty() || !self.local_pods.is_empty();
         let cluster_pod = in_any(&self.pod_cidrs);
+        let lists = self.index.lists(ip);
         if ip.is_loopback() {
             AddrClass::Loopback
-        } else if self.health_probe_sources.contains(&ip) {
+        } else if lists.has(Lists::HEALTH_PROBE) {
             AddrClass::HealthProbe
-        } else if self.lb_frontends.iter().any(|f| f.ip == ip)
-            || self.services.iter().any(|s| {
-                s.ip == Some(ip)
-                    && matches!(s.kind, ServiceKind::LoadBalancer | ServiceKind::ExternalIp)
-            })
-        {
+        } else if lists.has(Lists::LB_FRONTEND) {
             AddrClass::LbFrontend
-        } else if self.lb_outbound_ips.contains(&ip) {
+        } else if lists.has(Lists::LB_OUTBOUND) {
             AddrClass::LbOutbound
-        } else if self.node_ips.contains(&ip) {
+        } else if lists.has(Lists::NODE_IP) {
             AddrClass::NodeIp
-        } else if self.bridge_gateways.contains(&ip) {
+        } else if lists.has(Lists::BRIDGE_GATEWAY) {
             AddrClass::BridgeGateway
         } else if pod_side
-            || self.local_pods.contains(&ip)
+            || lists.has(Lists::LOCAL_POD)
             || in_any(&self.node_pod_cidrs)
             || (cluster_pod && !node_share_known)
         {
             AddrClass::Pod
         } else if cluster_pod {
             AddrClass::RemotePod
-        } else if in_any(&self.service_cidrs)
-            || self
-                .services
-                .iter()
-                .any(|s| s.ip == Some(ip) && s.kind == ServiceKind::ClusterIp)
-        {
+        } else if in_any(&self.service_cidrs) || lists.has(Lists::CLUSTER_IP) {
             AddrClass::ServiceIp
-        } else if self.api_server.contains(&ip) {
+        } else if lists.has(Lists::API_SERVER) {
             if self.is_private(ip) {
                 AddrClass::ApiServerPrivate
             } else {
@@ -441,12 +442,12 @@ impl Topology {
             AddrClass::AppgwSubnet
         } else if in_any(&self.agc_subnets) {
             AddrClass::AgcSubnet
-        } else if self.private_endpoints.contains(&ip) {
+        } else if lists.has(Lists::PRIVATE_ENDPOINT) {
             AddrClass::PrivateEndpoint
         } else if in_any(&self.node_subnets) {
             // Flat azure-cni gives pods secondary addresses of the node subnet: one that
             // kube-proxy lists as a Service endpoint is taken for a pod on another node.
-            if self.cni == CniMode::AzureCni && self.endpoints.iter().any(|e| e.ip == ip) {
+            if self.cni == CniMode::AzureCni && lists.has(Lists::ENDPOINT) {
                 AddrClass::RemotePod
             } else {
                 AddrClass::NodeSubnet
@@ -471,18 +472,21 @@ impl Topology {
         in_any(&self.vnet_cidrs)
             || in_any(&self.node_subnets)
             || in_any(&self.private_ranges)
-            || self.private_endpoints.contains(&ip)
+            || self.index.lists(ip).has(Lists::PRIVATE_ENDPOINT)
             || is_private_use(ip)
     }
 
     /// The Service and policy a destination belongs to: an LB frontend, a NodePort on this
     /// node, or a ClusterIP.
     pub fn service_at(&self, proto: Proto, ip: IpAddr, port: u16) -> Option<ServiceRef<'_>> {
-        if let Some(f) = self.lb_frontends.iter().find(|f| f.ip == ip) {
-            let discovered = self
-                .services
+        let listed = self.index.get(ip);
+        let at_ip = listed.map_or(&[][..], |l| &l.services[..]);
+        if let Some(f) = listed.and_then(|l| l.lb_frontend) {
+            let f = &self.lb_frontends[f];
+            let discovered = at_ip
                 .iter()
-                .find(|s| s.ip == Some(ip) && s.port == port);
+                .map(|&i| &self.services[i])
+                .find(|s| s.port == port);
             return Some(ServiceRef {
                 name: f
                     .service
@@ -491,17 +495,21 @@ impl Topology {
                 etp: f.external_traffic_policy.or(discovered.and_then(|s| s.etp)),
             });
         }
-        let node_port = self.node_ips.contains(&ip) || self.bridge_gateways.contains(&ip);
-        self.services
+        let lists = listed.map_or_else(Lists::default, |l| l.lists);
+        let node_port = lists.has(Lists::NODE_IP) || lists.has(Lists::BRIDGE_GATEWAY);
+        // The first Service port a walk of the list would match: one at this IP, or a NodePort.
+        let by_ip = at_ip
             .iter()
-            .find(|s| {
-                s.proto == proto
-                    && s.port == port
-                    && match s.ip {
-                        Some(sip) => sip == ip,
-                        None => node_port,
-                    }
-            })
+            .copied()
+            .find(|&i| self.services[i].proto == proto && self.services[i].port == port);
+        let by_node_port = node_port
+            .then(|| self.index.node_port(proto, port))
+            .flatten();
+        by_ip
+            .into_iter()
+            .chain(by_node_port)
+            .min()
+            .map(|i| &self.services[i])
             .map(|s| ServiceRef {
                 name: Some(s.service()),
                 etp: s.etp,
@@ -510,10 +518,26 @@ impl Topology {
 
     /// The Service whose endpoint `ip` is, if kube-proxy lists it.
     pub fn service_of_endpoint(&self, ip: IpAddr) -> Option<&str> {
-        self.endpoints
-            .iter()
-            .find(|e| e.ip == ip)
-            .map(|e| e.name.split(':').next().unwrap_or(&e.name))
+        let e = &self.endpoints[self.index.get(ip)?.endpoint?];
+        Some(e.name.split(':').next().unwrap_or(&e.name))
+    }
+
+    /// This node's own addresses.
+    pub fn node_ips(&self) -> &[IpAddr] {
+        &self.node_ips
+    }
+
+    pub fn lb_outbound_ips(&self) -> &[IpAddr] {
+        &self.lb_outbound_ips
+    }
+
+    pub fn lb_frontends(&self) -> &[LbFrontend] {
+        &self.lb_frontends
+    }
+
+    /// kube-proxy's Service ports on this node.
+    pub fn services(&self) -> &[ServicePort] {
+        &self.services
     }
 
     pub fn interface_name(&self, index: u32) -> Option<&str> {
