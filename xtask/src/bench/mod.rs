@@ -269,7 +269,9 @@ fn notes(plan: &Plan) -> Vec<String> {
              reads one back and closes with a reset. The app pod's socat server (a shell per connection) is \
              replaced by the bench's accept loop so that the node's datapath, not the server, sets the rate. \
              Each round runs once without the agent and once with each agent binary as a daemon (no `--dump`, \
-             `--source ebpf`, started and shown ready before the run), rotating which goes first; ratios are \
+             `--source ebpf`, started and shown ready before the run), rotating which goes first. Each \
+             arm runs the storm twice and measures the second, as the cost section does: a \
+             DaemonSet's agent has its tables and heap grown. Ratios are \
              per round, then the median. {} rounds, {} connections per run. Each run's CPU time is the \
              whole machine's busy time over it (every core's wall time less the idle, I/O-wait and stolen \
              time of `/proc/stat`, all the lab's processes, the kernel's packet work and the agent \
