@@ -40,8 +40,8 @@ struct Arm {
     cpu_per_conn: Duration,
     /// The agent's threads' run time over the connection run, per connection (zero without one).
     agent_cpu_per_conn: Duration,
-    /// The whole machine's busy time over the bulk stream, per MB received.
-    cpu_per_mb: Duration,
+    /// The whole machine's busy time over the bulk stream, µs per MB received.
+    cpu_us_per_mb: f64,
 }
 
 /// Runs the alternating rounds (no agent, then each of `subjects` as a daemon) and returns the
@@ -68,7 +68,7 @@ pub fn run(rig: &Rig, plan: &Plan, subjects: &[Subject]) -> Result<Vec<Row>, Ben
                 thousands(arm.conns_per_s),
                 arm.cpu_per_conn.as_secs_f64() * 1e6,
                 arm.gbit_per_s,
-                arm.cpu_per_mb.as_secs_f64() * 1e6,
+                arm.cpu_us_per_mb,
             );
             results[i].push(arm);
         }
@@ -119,7 +119,7 @@ pub fn run(rig: &Rig, plan: &Plan, subjects: &[Subject]) -> Result<Vec<Row>, Ben
         },
         Figure {
             what: format!("the machine's busy CPU time per MB of bulk TCP, {bulk_route}"),
-            value: |a| a.cpu_per_mb.as_secs_f64() * 1e6,
+            value: |a| a.cpu_us_per_mb,
             show: |v| format!("{v:.1} µs"),
             rows: Rows::Compared {
                 ratio: "throughput ratio in CPU time, CPU per MB no agent / attached",
@@ -264,6 +264,6 @@ fn arm(rig: &Rig, plan: &Plan, binary: Option<&Path>) -> Result<Arm, BenchError>
         gbit_per_s: bulk.gbit_per_second(),
         cpu_per_conn: storm_busy / storm.ok as u32,
         agent_cpu_per_conn: agent_storm / storm.ok as u32,
-        cpu_per_mb: bulk_busy.div_f64(bulk.bytes as f64 / 1e6),
+        cpu_us_per_mb: bulk_busy.as_secs_f64() * 1e6 / (bulk.bytes as f64 / 1e6),
     })
 }
