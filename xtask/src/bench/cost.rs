@@ -540,7 +540,7 @@ fn settle(progress: &dyn Fn() -> f64) {
 fn settle_on_cpu(pid: u32, idle: &Delta) -> Result<(), BenchError> {
     let idle_rate = idle.sched_ns / idle.seconds.max(f64::EPSILON);
     let quiet = 2.0 * idle_rate * SETTLE_QUIET.as_secs_f64() + 1e6;
-    let run_time = || -> Result<f64, BenchError> { Ok(summed(&threads(pid)?).0) };
+    let run_time = || run_time_ns(pid);
     let began = Instant::now();
     let mut last = run_time()?;
     while began.elapsed() < SETTLE_MAX {
@@ -770,7 +770,7 @@ fn cpu_time(pid: u32) -> Result<f64, BenchError> {
 /// The live threads' `schedstat` run time (ns) and times scheduled in, summed per thread name:
 /// which thread takes the time, and how often it wakes up to do so. The main thread, named after
 /// the binary's file, is `main` whatever the binary under test is called.
-pub(super) fn threads(pid: u32) -> Result<BTreeMap<String, (f64, f64)>, BenchError> {
+fn threads(pid: u32) -> Result<BTreeMap<String, (f64, f64)>, BenchError> {
     let process = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
     let tasks = PathBuf::from(format!("/proc/{pid}/task"));
     let mut threads = BTreeMap::new();
@@ -794,8 +794,13 @@ pub(super) fn threads(pid: u32) -> Result<BTreeMap<String, (f64, f64)>, BenchErr
     Ok(threads)
 }
 
+/// The summed `schedstat` run time (ns) of the live threads of `pid`.
+pub(super) fn run_time_ns(pid: u32) -> Result<f64, BenchError> {
+    Ok(summed(&threads(pid)?).0)
+}
+
 /// The run time and times scheduled in of all of `threads`.
-pub(super) fn summed(threads: &BTreeMap<String, (f64, f64)>) -> (f64, f64) {
+fn summed(threads: &BTreeMap<String, (f64, f64)>) -> (f64, f64) {
     threads
         .values()
         .fold((0.0, 0.0), |(ns, slices), (n, s)| (ns + n, slices + s))

@@ -4,7 +4,7 @@
 use crate::bench::agent::Mode;
 use crate::bench::busy::BusyClock;
 use crate::bench::completeness::free_local_port;
-use crate::bench::cost::{summed, threads, Subject};
+use crate::bench::cost::{run_time_ns, Subject};
 use crate::bench::error::BenchError;
 use crate::bench::load;
 use crate::bench::report::{median, thousands, Row};
@@ -36,10 +36,11 @@ pub struct Plan {
 struct Arm {
     conns_per_s: f64,
     gbit_per_s: f64,
-    /// The whole machine's busy time over the connection run, per connection.
-    cpu_per_conn: Duration,
-    /// The agent's threads' run time over the connection run, per connection (zero without one).
-    agent_cpu_per_conn: Duration,
+    /// The whole machine's busy time over the connection run, µs per connection.
+    cpu_us_per_conn: f64,
+    /// The agent's threads' run time over the connection run, µs per connection (zero without
+    /// one).
+    agent_us_per_conn: f64,
     /// The whole machine's busy time over the bulk stream, µs per MB received.
     cpu_us_per_mb: f64,
 }
@@ -66,7 +67,7 @@ pub fn run(rig: &Rig, plan: &Plan, subjects: &[Subject]) -> Result<Vec<Row>, Ben
                 plan.rounds,
                 arms[i].map_or("absent".into(), |b| b.display().to_string()),
                 thousands(arm.conns_per_s),
-                arm.cpu_per_conn.as_secs_f64() * 1e6,
+                arm.cpu_us_per_conn,
                 arm.gbit_per_s,
                 arm.cpu_us_per_mb,
             );
@@ -93,7 +94,7 @@ pub fn run(rig: &Rig, plan: &Plan, subjects: &[Subject]) -> Result<Vec<Row>, Ben
         },
         Figure {
             what: format!("the machine's busy CPU time per new TCP connection, {route}"),
-            value: |a| a.cpu_per_conn.as_secs_f64() * 1e6,
+            value: |a| a.cpu_us_per_conn,
             show: |v| format!("{v:.1} µs"),
             rows: Rows::Compared {
                 ratio: "connection rate ratio in CPU time, CPU per connection no agent / attached",
@@ -104,7 +105,7 @@ pub fn run(rig: &Rig, plan: &Plan, subjects: &[Subject]) -> Result<Vec<Row>, Ben
             what: format!(
                 "… of which the agent's own threads (their `schedstat` run time), {route}"
             ),
-            value: |a| a.agent_cpu_per_conn.as_secs_f64() * 1e6,
+            value: |a| a.agent_us_per_conn,
             show: |v| format!("{v:.1} µs"),
             rows: Rows::AttachedOnly,
         },
@@ -222,11 +223,11 @@ fn arm(rig: &Rig, plan: &Plan, binary: Option<&Path>) -> Result<Arm, BenchError>
         }
         None => None,
     };
-    let agent_run_time = || -> Result<Duration, BenchError> {
-        let Some(pid) = agent.as_ref().and_then(|a| a.pid()) else {
-            return Ok(Duration::ZERO);
-        };
-        Ok(Duration::from_nanos(summed(&threads(pid)?).0 as u64))
+    let agent_run_time = || -> Result<f64, BenchError> {
+        agent
+            .as_ref()
+            .and_then(|a| a.pid())
+            .map_or(Ok(0.0), run_time_ns)
     };
     // The same storm once unmeasured, as the cost section's first: an attached agent's tables
     // and heap have then grown to the run's size, as a DaemonSet's have after days. A fresh
@@ -237,7 +238,7 @@ fn arm(rig: &Rig, plan: &Plan, binary: Option<&Path>) -> Result<Arm, BenchError>
     let storm = rig.storm(plan.connections, plan.workers, STORM_DEADLINE)?;
     std::thread::sleep(SETTLE);
     let storm_busy = clock.busy()?;
-    let agent_storm = agent_run_time()?.saturating_sub(agent_before);
+    let agent_storm_ns = (agent_run_time()? - agent_before).max(0.0);
     if storm.ok != plan.connections {
         return Err(BenchError::Failed {
             what: format!("the connection run to {FRONTEND}"),
@@ -262,8 +263,8 @@ fn arm(rig: &Rig, plan: &Plan, binary: Option<&Path>) -> Result<Arm, BenchError>
     Ok(Arm {
         conns_per_s: storm.per_second(),
         gbit_per_s: bulk.gbit_per_second(),
-        cpu_per_conn: storm_busy / storm.ok as u32,
-        agent_cpu_per_conn: agent_storm / storm.ok as u32,
+        cpu_us_per_conn: storm_busy.as_secs_f64() * 1e6 / storm.ok as f64,
+        agent_us_per_conn: agent_storm_ns / 1e3 / storm.ok as f64,
         cpu_us_per_mb: bulk_busy.as_secs_f64() * 1e6 / (bulk.bytes as f64 / 1e6),
     })
 }
